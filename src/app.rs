@@ -1,0 +1,140 @@
+//! Process assembly: starts the presence workers, the shards and the control thread in
+//! the right order, and tears them down in the right order on a signal.
+//!
+//! Owns no state of its own. Start-up errors come back as [`anyhow::Error`] lines that
+//! name the config key at fault; nothing here runs on a shard.
+
+use std::net::TcpListener as StdTcpListener;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::callback::{CallbackClient, Presence};
+use crate::config::{Config, SocketProtocol};
+use crate::control::{self, Node};
+use crate::shard::{self, ShardDeps};
+
+/// Presence worker threads: enough to overlap a few slow callbacks, few enough that a
+/// message server that is down is not hammered.
+const PRESENCE_WORKERS: usize = 4;
+
+/// Runs a gateway node until SIGTERM/SIGINT has closed every client.
+pub fn run_node(config: Config) -> anyhow::Result<()> {
+    refuse_unbuilt_transports(&config)?;
+    let config = Arc::new(config);
+    log_limits();
+    if config.etcd_endpoints.is_empty() {
+        tracing::info!("etcd_addr is empty: running standalone, not registered anywhere");
+    } else {
+        tracing::warn!(etcd = ?config.etcd_endpoints, "etcd registration is not part of this build yet: running standalone");
+    }
+    let rpc_listener = StdTcpListener::bind(config.rpc_listen)
+        .with_context(|| format!("config key `rpc_addr`: cannot listen on {}", config.rpc_listen))?;
+    rpc_listener.set_nonblocking(true)?;
+
+    let callbacks = callback_client(&config);
+    let (presence, presence_workers) =
+        Presence::start(callbacks.clone(), PRESENCE_WORKERS, config.callback_retries);
+    let (control_link, directory_requests) = control::link();
+    let shards = shard::start(ShardDeps {
+        config: Arc::clone(&config),
+        control: control_link,
+        presence: presence.clone(),
+        callbacks,
+    })?;
+    tracing::info!(
+        shards = config.max_proc,
+        websocket_port = config.websocket_port,
+        rpc_addr = %config.rpc_addr,
+        comet_addr = %config.comet_addr(),
+        "comet ready"
+    );
+
+    let node = Node::new(Arc::clone(&config), shards.handles);
+    run_control(node, directory_requests, rpc_listener, shards.threads)?;
+    drop(presence);
+    tracing::info!("delivering the last presence callbacks");
+    presence_workers.join();
+    tracing::info!("comet stopped");
+    Ok(())
+}
+
+fn refuse_unbuilt_transports(config: &Config) -> anyhow::Result<()> {
+    match config.socket_protocol {
+        SocketProtocol::Ws => Ok(()),
+        other => anyhow::bail!(
+            "config key `socket_protocol`: {} is not available in this build yet (only ws/websocket)",
+            other.scheme()
+        ),
+    }
+}
+
+fn log_limits() {
+    match crate::sys::raise_nofile_limit() {
+        Ok(limits) => tracing::info!(
+            soft_before = limits.before,
+            soft_now = limits.after,
+            hard = limits.hard,
+            "open-files limit raised to the hard limit"
+        ),
+        Err(err) => tracing::warn!(error = %err, "could not raise the open-files limit"),
+    }
+}
+
+fn callback_client(config: &Config) -> Option<CallbackClient> {
+    if config.rpc_api_url.is_empty() {
+        tracing::warn!("rpc_api_url is empty: every token is accepted and presence is not reported");
+        return None;
+    }
+    Some(CallbackClient::new(
+        &config.rpc_api_url,
+        &config.rpc_user_agent,
+        &config.rpc_addr,
+        config.callback_timeout,
+    ))
+}
+
+/// The control thread's runtime: directory, push RPC, and shutdown on a signal.
+fn run_control(
+    node: Rc<Node>,
+    directory_requests: control::DirectoryRequests,
+    rpc_listener: StdTcpListener,
+    shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let listener = tokio::net::TcpListener::from_std(rpc_listener)?;
+        tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));
+        tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), listener));
+
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("signal received: closing every client (a second signal exits at once)");
+        node.shutdown_shards();
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in shard_threads {
+                let _ = thread.join();
+            }
+        });
+        tokio::select! {
+            _ = joined => Ok(()),
+            _ = terminate.recv() => exit_now(),
+            _ = interrupt.recv() => exit_now(),
+        }
+    })
+}
+
+fn exit_now() -> ! {
+    tracing::warn!("second signal: exiting without waiting for clients");
+    std::process::exit(1)
+}

@@ -1,0 +1,233 @@
+//! HTTP callbacks to the message server (COMPAT.md section 4): `checkToken` before an
+//! upgrade, `online`/`offline` after, and the monitor's node events.
+//!
+//! Every call here blocks (ureq), so nothing in this module may run on a shard thread:
+//! `checkToken` runs on a shard's blocking pool, presence events on [`Presence`]'s own
+//! worker threads. Presence events for one conn_id always go to the same worker, so an
+//! `offline` is never delivered before its `online`.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::json;
+
+use crate::transport::ws::handshake::ClientToken;
+
+/// Why a callback did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    /// The message server could not be reached or did not answer in time.
+    #[error("message server unreachable: {0}")]
+    Unreachable(String),
+    /// It answered with an HTTP status other than 200.
+    #[error("message server answered HTTP {0}")]
+    Status(u16),
+    /// It answered 200 with a body that is not the `{code, data, error}` object.
+    #[error("message server answered an unreadable body: {0}")]
+    BadBody(String),
+    /// It answered with a non-zero code: a verdict, not a failure.
+    #[error("refused by message server: {0}")]
+    Refused(String),
+}
+
+impl CallbackError {
+    /// Whether trying again later may succeed (the server was down or broken, not refusing).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, CallbackError::Refused(_))
+    }
+}
+
+/// A blocking client for the message server's callback URL. Cheap to clone (shared agent).
+#[derive(Clone)]
+pub struct CallbackClient {
+    agent: ureq::Agent,
+    url: Arc<str>,
+    user_agent: Arc<str>,
+    rpc_addr: Arc<str>,
+}
+
+impl CallbackClient {
+    /// `rpc_addr` is the node identity sent as the last argument of client callbacks.
+    pub fn new(url: &str, user_agent: &str, rpc_addr: &str, timeout: Duration) -> CallbackClient {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(timeout)
+            // Many handshakes and presence events go to one host at once: keep a pool.
+            .max_idle_connections_per_host(64)
+            .user_agent(user_agent)
+            .build();
+        CallbackClient {
+            agent,
+            url: url.into(),
+            user_agent: user_agent.into(),
+            rpc_addr: rpc_addr.into(),
+        }
+    }
+
+    /// Asks whether a client may connect.
+    pub fn check_token(&self, token: &ClientToken) -> Result<(), CallbackError> {
+        self.call(
+            "checkToken",
+            &[&token.conn_id, &token.token, &token.info, &self.rpc_addr],
+        )
+    }
+
+    /// Reports a presence change.
+    pub fn presence(&self, kind: PresenceKind, conn_id: &str, info: &str) -> Result<(), CallbackError> {
+        self.call(kind.method(), &[conn_id, info, &self.rpc_addr])
+    }
+
+    /// Posts `{"class":"Im","method":..,"args":[..]}` and checks for `{"code":0}`.
+    pub fn call(&self, method: &str, args: &[&str]) -> Result<(), CallbackError> {
+        let body = json!({"class": "Im", "method": method, "args": args});
+        let response = self
+            .agent
+            .post(&self.url)
+            .set("User-Agent", &self.user_agent)
+            .set("Accept", "application/json")
+            .send_json(body);
+        let response = match response {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, _)) => return Err(CallbackError::Status(code)),
+            Err(err) => return Err(CallbackError::Unreachable(err.to_string())),
+        };
+        let reply: serde_json::Value = response
+            .into_json()
+            .map_err(|e| CallbackError::BadBody(e.to_string()))?;
+        match reply.get("code").and_then(serde_json::Value::as_i64) {
+            Some(0) => Ok(()),
+            Some(code) => {
+                let why = reply.get("error").and_then(|e| e.as_str()).unwrap_or("");
+                Err(CallbackError::Refused(format!("code {code}: {why}")))
+            }
+            None => Err(CallbackError::BadBody(format!("no numeric `code` in {reply}"))),
+        }
+    }
+}
+
+/// Which presence callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceKind {
+    /// The client's upgrade completed.
+    Online,
+    /// The client's connection is gone.
+    Offline,
+}
+
+impl PresenceKind {
+    fn method(self) -> &'static str {
+        match self {
+            PresenceKind::Online => "online",
+            PresenceKind::Offline => "offline",
+        }
+    }
+}
+
+struct PresenceEvent {
+    kind: PresenceKind,
+    conn_id: String,
+    info: String,
+}
+
+/// Delivers `online`/`offline` callbacks on worker threads, retrying transient failures
+/// with exponential backoff (bounded by `retries`). Cloneable handle; dropping every
+/// handle and calling [`PresenceWorkers::join`] drains what is queued.
+#[derive(Clone)]
+pub struct Presence {
+    lanes: Arc<[Sender<PresenceEvent>]>,
+    hasher: ahash::RandomState,
+}
+
+/// The threads behind a [`Presence`].
+pub struct PresenceWorkers {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Presence {
+    /// Starts `workers` threads. With no client (no message server configured) events are
+    /// dropped after a debug log line.
+    pub fn start(
+        client: Option<CallbackClient>,
+        workers: usize,
+        retries: u32,
+    ) -> (Presence, PresenceWorkers) {
+        let mut lanes = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            lanes.push(tx);
+            let client = client.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("presence-{index}"))
+                .spawn(move || run_lane(rx, client, retries))
+                .expect("spawning a presence thread");
+            threads.push(thread);
+        }
+        let presence = Presence {
+            lanes: lanes.into(),
+            hasher: ahash::RandomState::new(),
+        };
+        (presence, PresenceWorkers { threads })
+    }
+
+    /// Queues a presence callback; never blocks.
+    pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
+        let lane = (self.hasher.hash_one(conn_id) % self.lanes.len() as u64) as usize;
+        let event = PresenceEvent {
+            kind,
+            conn_id: conn_id.to_owned(),
+            info: info.to_owned(),
+        };
+        if self.lanes[lane].send(event).is_err() {
+            tracing::error!(conn_id, method = kind.method(), "presence worker gone; callback lost");
+        }
+    }
+}
+
+impl PresenceWorkers {
+    /// Waits until every queued event is delivered or given up. Call after every
+    /// [`Presence`] handle is dropped.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+fn run_lane(events: Receiver<PresenceEvent>, client: Option<CallbackClient>, retries: u32) {
+    for event in events {
+        let Some(client) = &client else {
+            tracing::debug!(conn_id = %event.conn_id, method = event.kind.method(), "no rpc_api_url: callback skipped");
+            continue;
+        };
+        deliver_with_retries(client, &event, retries);
+    }
+}
+
+fn deliver_with_retries(client: &CallbackClient, event: &PresenceEvent, retries: u32) {
+    let method = event.kind.method();
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 0..=retries {
+        match client.presence(event.kind, &event.conn_id, &event.info) {
+            Ok(()) => {
+                if attempt > 0 {
+                    tracing::info!(conn_id = %event.conn_id, method, attempt, "callback delivered after retry");
+                }
+                return;
+            }
+            Err(err) if err.is_transient() && attempt < retries => {
+                tracing::warn!(conn_id = %event.conn_id, method, attempt, error = %err, retry_in = ?backoff, "callback failed; will retry");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(err) => {
+                tracing::error!(conn_id = %event.conn_id, method, attempts = attempt + 1, error = %err, "callback given up");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! Configuration: the INI file of the original Comet (both generations of keys) plus
+//! Comet's own tuning keys, parsed into one validated [`Config`].
+//!
+//! This module owns parsing and validation only. It never opens sockets or files other
+//! than the INI file and the PEM files it must prove readable; a bad value is reported
+//! as a [`ConfigError`] naming the key (and line), never silently replaced by a default.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The configuration a node runs with when no `-c` is given and `./comet.ini` is absent:
+/// standalone (no etcd), every token accepted (no message server), local ports.
+pub const EMBEDDED_DEFAULT: &str = "\
+comet_service_name=comet
+etcd_addr=
+rpc_api_url=
+socket_protocol=ws
+websocket_host=127.0.0.1
+websocket_port=:8900
+rpc_addr=127.0.0.1:8901
+";
+
+/// Why a configuration was refused. Every variant names the offending key or line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config line {line}: expected `key=value`, found {text:?}")]
+    Syntax { line: usize, text: String },
+    #[error("config key `{key}`: {reason} (value {value:?})")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("config key `{key}` is required: {reason}")]
+    Missing {
+        key: &'static str,
+        reason: &'static str,
+    },
+}
+
+/// How clients reach this node (`socket_protocol`, or the older `websocket_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketProtocol {
+    /// Plain WebSocket (`websocket` or `ws`).
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+    /// Raw TCP.
+    Tcp,
+}
+
+impl SocketProtocol {
+    /// The scheme written into the advertised comet address.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            SocketProtocol::Ws => "ws",
+            SocketProtocol::Wss => "wss",
+            SocketProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// What happens when a client connects with a conn_id that is already connected here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePolicy {
+    /// Refuse the newcomer with HTTP 400 (the original's behaviour).
+    Reject,
+    /// Close the old connection (it gets its `offline`) and accept the newcomer.
+    Replace,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Number of shards (one pinned executor per core).
+    pub max_proc: usize,
+    /// etcd key prefix name.
+    pub comet_service_name: String,
+    /// etcd endpoints; empty means standalone.
+    pub etcd_endpoints: Vec<String>,
+    /// Message server callback URL; empty means no message server (every token accepted).
+    pub rpc_api_url: String,
+    /// User-Agent of callbacks.
+    pub rpc_user_agent: String,
+    /// Client transport.
+    pub socket_protocol: SocketProtocol,
+    /// Public host name clients use.
+    pub websocket_host: String,
+    /// Client listen port.
+    pub websocket_port: u16,
+    /// PEM files for wss.
+    pub wss_cert_pem: Option<PathBuf>,
+    /// PEM files for wss.
+    pub wss_key_pem: Option<PathBuf>,
+    /// Push RPC listen address and the node's identity.
+    pub rpc_addr: String,
+    /// Parsed form of `rpc_addr`, to listen on.
+    pub rpc_listen: SocketAddr,
+    /// Shared secret of the push RPC; empty means none required.
+    pub comet_rpc_token: String,
+    /// Interval between server pings.
+    pub ping_interval: Duration,
+    /// A client silent for longer than this is dropped.
+    pub heartbeat_timeout: Duration,
+    /// A client that has not completed its upgrade within this is dropped.
+    pub handshake_timeout: Duration,
+    /// Largest message a client may send (bytes).
+    pub max_frame_size: usize,
+    /// Outbound messages a session may have queued before it is a slow consumer.
+    pub outbound_queue_size: usize,
+    /// Join messages queued together into one `\n`-separated frame (the original's framing).
+    pub coalesce_messages: bool,
+    /// What a duplicate conn_id does.
+    pub duplicate_conn_id: DuplicatePolicy,
+    /// Timeout of one callback HTTP request.
+    pub callback_timeout: Duration,
+    /// How many times an `online`/`offline` is retried before it is given up (logged).
+    pub callback_retries: u32,
+    /// Threads per shard that run `checkToken` calls.
+    pub callback_threads: usize,
+    /// Grace for a closing client to answer our close frame.
+    pub close_timeout: Duration,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
+    pub log_level: String,
+}
+
+impl Config {
+    /// Reads and validates an INI file.
+    pub fn load(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses INI text. Returns the config and the warnings (unknown keys) to log.
+    pub fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        let mut raw = RawIni::parse(text)?;
+        let config = Config::from_raw(&mut raw)?;
+        let warnings = raw
+            .unused()
+            .map(|(key, line)| format!("config line {line}: unknown key `{key}` ignored"))
+            .collect();
+        Ok((config, warnings))
+    }
+
+    /// The address clients are told to use, e.g. `ws://comet.demo.com:8900`.
+    pub fn comet_addr(&self) -> String {
+        format!(
+            "{}://{}:{}",
+            self.socket_protocol.scheme(),
+            self.websocket_host,
+            self.websocket_port
+        )
+    }
+
+    fn from_raw(raw: &mut RawIni) -> Result<Config, ConfigError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_proc = match raw.take("max_proc") {
+            None => cores,
+            Some(v) => parse_count("max_proc", &v, 1, 1024)?,
+        };
+        let socket_protocol = parse_socket_protocol(raw)?;
+        let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, socket_protocol)?;
+        let (rpc_addr, rpc_listen) = parse_rpc_addr(raw)?;
+        let websocket_port = match raw.take("websocket_port") {
+            None => 8900,
+            Some(v) => parse_port("websocket_port", &v)?,
+        };
+        let ping_interval = raw.duration("ping_interval", Duration::from_secs(9))?;
+        let heartbeat_timeout = raw.duration("heartbeat_timeout", Duration::from_secs(10))?;
+        if heartbeat_timeout <= ping_interval {
+            return Err(ConfigError::BadValue {
+                key: "heartbeat_timeout",
+                value: format!("{heartbeat_timeout:?}"),
+                reason: format!("must be longer than ping_interval ({ping_interval:?})"),
+            });
+        }
+        Ok(Config {
+            max_proc,
+            comet_service_name: raw.string("comet_service_name", "comet"),
+            etcd_endpoints: parse_endpoints(&raw.string("etcd_addr", "")),
+            rpc_api_url: parse_url(raw)?,
+            rpc_user_agent: raw.string("rpc_user_agent", "Comet/1.0"),
+            socket_protocol,
+            websocket_host: raw.string("websocket_host", "127.0.0.1"),
+            websocket_port,
+            wss_cert_pem,
+            wss_key_pem,
+            rpc_addr,
+            rpc_listen,
+            comet_rpc_token: raw.string("comet_rpc_token", ""),
+            ping_interval,
+            heartbeat_timeout,
+            handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
+            max_frame_size: raw.count("max_frame_size", 512, 2, 16 << 20)?,
+            outbound_queue_size: raw.count("outbound_queue_size", 1024, 1, 1 << 20)?,
+            coalesce_messages: raw.boolean("coalesce_messages", false)?,
+            duplicate_conn_id: parse_duplicate_policy(raw)?,
+            callback_timeout: raw.duration("callback_timeout", Duration::from_secs(5))?,
+            callback_retries: raw.count("callback_retries", 5, 0, 100)? as u32,
+            callback_threads: raw.count("callback_threads", 8, 1, 256)?,
+            close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
+            log_level: raw.string("log_level", "info"),
+        })
+    }
+}
+
+/// The `key=value` pairs of an INI file, with the line each came from; keys are taken
+/// out as they are understood so that the leftovers can be reported as unknown.
+struct RawIni {
+    values: HashMap<String, (String, usize)>,
+}
+
+impl RawIni {
+    fn parse(text: &str) -> Result<RawIni, ConfigError> {
+        let mut values = HashMap::new();
+        for (index, line) in text.lines().enumerate() {
+            let trimmed = line.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+                continue;
+            }
+            // The original's files have no sections; tolerate a `[default]`-style header.
+            if trimmed.starts_with('[') && trimmed.ends_with(']') {
+                continue;
+            }
+            let Some((key, value)) = trimmed.split_once('=') else {
+                return Err(ConfigError::Syntax {
+                    line: index + 1,
+                    text: trimmed.to_owned(),
+                });
+            };
+            let key = key.trim();
+            if key.is_empty() {
+                return Err(ConfigError::Syntax {
+                    line: index + 1,
+                    text: trimmed.to_owned(),
+                });
+            }
+            values.insert(key.to_ascii_lowercase(), (unquote(value.trim()), index + 1));
+        }
+        Ok(RawIni { values })
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key).map(|(value, _)| value)
+    }
+
+    fn string(&mut self, key: &str, default: &str) -> String {
+        self.take(key).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn count(
+        &mut self,
+        key: &'static str,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(value) => parse_count(key, &value, min, max),
+        }
+    }
+
+    fn duration(&mut self, key: &'static str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(value) => parse_duration(&value).map_err(|reason| ConfigError::BadValue {
+                key,
+                value,
+                reason,
+            }),
+        }
+    }
+
+    fn boolean(&mut self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(value) => match value.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(ConfigError::BadValue {
+                    key,
+                    value,
+                    reason: "expected true or false".into(),
+                }),
+            },
+        }
+    }
+
+    fn unused(&self) -> impl Iterator<Item = (&str, usize)> {
+        let mut keys: Vec<_> = self.values.iter().map(|(k, (_, l))| (k.as_str(), *l)).collect();
+        keys.sort_by_key(|(_, line)| *line);
+        keys.into_iter()
+    }
+}
+
+/// Strips one pair of matching quotes: the original's files quote values with spaces.
+fn unquote(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let quoted = bytes.len() >= 2
+        && (bytes[0] == b'"' || bytes[0] == b'\'')
+        && bytes[bytes.len() - 1] == bytes[0];
+    if quoted {
+        value[1..value.len() - 1].to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+fn parse_count(key: &'static str, value: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+    match value.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::BadValue {
+            key,
+            value: value.to_owned(),
+            reason: format!("expected a whole number from {min} to {max}"),
+        }),
+    }
+}
+
+/// Parses `10`, `1.5`, `10s`, `250ms` or `2m` (a bare number is seconds).
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let (number, unit_secs) = if let Some(n) = value.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (value, 1.0)
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n * unit_secs <= 86_400.0 => Ok(Duration::from_secs_f64(n * unit_secs)),
+        _ => Err("expected a positive duration such as 10, 10s or 250ms (at most a day)".into()),
+    }
+}
+
+/// Accepts `8900` and the original's `:8900`.
+fn parse_port(key: &'static str, value: &str) -> Result<u16, ConfigError> {
+    let digits = value.strip_prefix(':').unwrap_or(value);
+    match digits.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(ConfigError::BadValue {
+            key,
+            value: value.to_owned(),
+            reason: "expected a port from 1 to 65535, written 8900 or :8900".into(),
+        }),
+    }
+}
+
+fn parse_socket_protocol(raw: &mut RawIni) -> Result<SocketProtocol, ConfigError> {
+    let older = raw.take("websocket_protocol");
+    let (key, value) = match raw.take("socket_protocol") {
+        Some(v) => ("socket_protocol", v),
+        None => ("websocket_protocol", older.clone().unwrap_or_else(|| "ws".into())),
+    };
+    let protocol = match value.to_ascii_lowercase().as_str() {
+        "websocket" | "ws" => SocketProtocol::Ws,
+        "wss" => SocketProtocol::Wss,
+        "tcp" => SocketProtocol::Tcp,
+        _ => {
+            return Err(ConfigError::BadValue {
+                key,
+                value,
+                reason: "expected websocket, ws, wss or tcp".into(),
+            });
+        }
+    };
+    // `socket_protocol=websocket` + `websocket_protocol=wss` is how the first generation said wss.
+    let older_says_wss = older.is_some_and(|v| v.eq_ignore_ascii_case("wss"));
+    if protocol == SocketProtocol::Ws && older_says_wss {
+        return Ok(SocketProtocol::Wss);
+    }
+    Ok(protocol)
+}
+
+fn parse_tls_files(
+    raw: &mut RawIni,
+    protocol: SocketProtocol,
+) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
+    let cert = raw.take("wss_cert_pem").filter(|v| !v.is_empty());
+    let key = raw.take("wss_key_pem").filter(|v| !v.is_empty());
+    if protocol == SocketProtocol::Wss {
+        for (name, path) in [("wss_cert_pem", &cert), ("wss_key_pem", &key)] {
+            let Some(path) = path else {
+                return Err(ConfigError::Missing {
+                    key: name,
+                    reason: "wss needs both wss_cert_pem and wss_key_pem",
+                });
+            };
+            if let Err(err) = std::fs::File::open(path) {
+                return Err(ConfigError::BadValue {
+                    key: name,
+                    value: path.clone(),
+                    reason: format!("cannot read the file: {err}"),
+                });
+            }
+        }
+    }
+    Ok((cert.map(PathBuf::from), key.map(PathBuf::from)))
+}
+
+fn parse_rpc_addr(raw: &mut RawIni) -> Result<(String, SocketAddr), ConfigError> {
+    let host = raw.take("comet_rpc_addr");
+    let port = raw.take("comet_rpc_port");
+    let (key, addr) = match (raw.take("rpc_addr"), host, port) {
+        (Some(addr), _, _) => ("rpc_addr", addr),
+        (None, Some(host), Some(port)) => {
+            let port = parse_port("comet_rpc_port", &port)?;
+            ("comet_rpc_addr", format!("{host}:{port}"))
+        }
+        (None, Some(_), None) => {
+            return Err(ConfigError::Missing {
+                key: "comet_rpc_port",
+                reason: "comet_rpc_addr needs comet_rpc_port beside it",
+            });
+        }
+        (None, None, _) => ("rpc_addr", "127.0.0.1:8901".to_owned()),
+    };
+    match addr.parse::<SocketAddr>() {
+        Ok(listen) if listen.port() != 0 => Ok((addr, listen)),
+        _ => Err(ConfigError::BadValue {
+            key,
+            value: addr,
+            reason: "expected ip:port with a port from 1 to 65535 (it is also the node's identity)"
+                .into(),
+        }),
+    }
+}
+
+fn parse_url(raw: &mut RawIni) -> Result<String, ConfigError> {
+    let url = raw.string("rpc_api_url", "");
+    if url.is_empty() || url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url)
+    } else {
+        Err(ConfigError::BadValue {
+            key: "rpc_api_url",
+            value: url,
+            reason: "expected an http:// or https:// URL, or empty for no message server".into(),
+        })
+    }
+}
+
+fn parse_duplicate_policy(raw: &mut RawIni) -> Result<DuplicatePolicy, ConfigError> {
+    match raw.take("duplicate_conn_id") {
+        None => Ok(DuplicatePolicy::Reject),
+        Some(v) => match v.to_ascii_lowercase().as_str() {
+            "reject" => Ok(DuplicatePolicy::Reject),
+            "replace" => Ok(DuplicatePolicy::Replace),
+            _ => Err(ConfigError::BadValue {
+                key: "duplicate_conn_id",
+                value: v,
+                reason: "expected reject or replace".into(),
+            }),
+        },
+    }
+}
+
+fn parse_endpoints(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl fmt::Display for DuplicatePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DuplicatePolicy::Reject => "reject",
+            DuplicatePolicy::Replace => "replace",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_generation_file_parses() {
+        let text = "max_proc=2\ncomet_service_name=comet\netcd_addr=127.0.0.1:2379\n\
+            rpc_api_url=http://msg.demo.com/im/index/rpc\nrpc_user_agent=\"CtxImRpc 1.0\"\n\
+            socket_protocol=websocket\nwebsocket_host=comet.demo.com\nwebsocket_port=:8900\n\
+            websocket_protocol=ws\n# wss_cert_pem=/path/fullchain.pem\nrpc_addr=10.0.1.131:8901\n";
+        let (config, warnings) = Config::parse(text).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(config.max_proc, 2);
+        assert_eq!(config.rpc_user_agent, "CtxImRpc 1.0");
+        assert_eq!(config.websocket_port, 8900);
+        assert_eq!(config.rpc_addr, "10.0.1.131:8901");
+        assert_eq!(config.etcd_endpoints, vec!["127.0.0.1:2379"]);
+        assert_eq!(config.comet_addr(), "ws://comet.demo.com:8900");
+    }
+
+    #[test]
+    fn second_generation_split_rpc_addr_and_token() {
+        let text = "comet_rpc_addr=192.168.3.165\ncomet_rpc_port=8901\ncomet_rpc_token=token\n\
+            etcd_addr=10.0.0.1:2379, 10.0.0.2:2379\n";
+        let (config, _) = Config::parse(text).unwrap();
+        assert_eq!(config.rpc_addr, "192.168.3.165:8901");
+        assert_eq!(config.comet_rpc_token, "token");
+        assert_eq!(config.etcd_endpoints.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("websocket_port=99999", "websocket_port"),
+            ("socket_protocol=carrier-pigeon", "socket_protocol"),
+            ("rpc_addr=nowhere", "rpc_addr"),
+            ("max_frame_size=x", "max_frame_size"),
+            ("ping_interval=20\nheartbeat_timeout=10", "heartbeat_timeout"),
+            ("socket_protocol=wss", "wss_cert_pem"),
+            ("comet_rpc_addr=1.2.3.4", "comet_rpc_port"),
+            ("duplicate_conn_id=maybe", "duplicate_conn_id"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = Config::parse("max_proc=1\nthis is not ini\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings() {
+        let (_, warnings) = Config::parse("colour=blue\n").unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("colour"));
+    }
+
+    #[test]
+    fn durations_accept_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn embedded_default_is_standalone() {
+        let (config, warnings) = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert!(warnings.is_empty());
+        assert!(config.etcd_endpoints.is_empty());
+        assert!(config.rpc_api_url.is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! The node-wide conn_id directory: which shard holds each connected conn_id.
+//!
+//! Owned by the control thread alone (no lock): shards ask it to claim a conn_id before
+//! they upgrade a client and tell it when the client is gone; the push RPC reads it to
+//! split recipients per shard. It is the only place a duplicate conn_id across shards can
+//! be seen. Pure state machine: no I/O, no channels beyond the opaque waiter it stores.
+
+use ahash::AHashMap;
+
+use crate::config::DuplicatePolicy;
+
+/// What the directory decided about a claim.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim<W> {
+    /// The conn_id is the claimant's (its waiter is handed back to be answered).
+    Granted(W),
+    /// The conn_id is connected elsewhere on this node (reject policy).
+    Refused(W),
+    /// Replace policy: the holder on `shard` must be kicked; the claimant waits.
+    KickHolder {
+        /// Shard holding the conn_id now.
+        shard: usize,
+        /// A claimant that was waiting before and has now been superseded.
+        superseded: Option<W>,
+    },
+}
+
+struct Entry<W> {
+    shard: usize,
+    waiting: Option<(usize, W)>,
+}
+
+/// conn_id -> shard, with per-shard counts.
+pub struct Directory<W> {
+    entries: AHashMap<String, Entry<W>>,
+    per_shard: Vec<usize>,
+    policy: DuplicatePolicy,
+}
+
+impl<W> Directory<W> {
+    /// An empty directory for `shards` shards.
+    pub fn new(shards: usize, policy: DuplicatePolicy) -> Directory<W> {
+        Directory {
+            entries: AHashMap::new(),
+            per_shard: vec![0; shards],
+            policy,
+        }
+    }
+
+    /// `shard` wants `conn_id` for a client it is about to upgrade. Under the replace
+    /// policy `waiter` is kept until the holder is released.
+    pub fn claim(&mut self, conn_id: &str, shard: usize, waiter: W) -> Claim<W> {
+        let Some(entry) = self.entries.get_mut(conn_id) else {
+            self.entries.insert(
+                conn_id.to_owned(),
+                Entry {
+                    shard,
+                    waiting: None,
+                },
+            );
+            self.per_shard[shard] += 1;
+            return Claim::Granted(waiter);
+        };
+        match self.policy {
+            DuplicatePolicy::Reject => Claim::Refused(waiter),
+            DuplicatePolicy::Replace => {
+                let superseded = entry.waiting.replace((shard, waiter)).map(|(_, w)| w);
+                Claim::KickHolder {
+                    shard: entry.shard,
+                    superseded,
+                }
+            }
+        }
+    }
+
+    /// `shard` no longer holds `conn_id`. Returns the claimant that now owns it, if one
+    /// was waiting: the caller tells it `Granted` (or releases again if it is gone).
+    pub fn release(&mut self, conn_id: &str, shard: usize) -> Option<(usize, W)> {
+        let entry = self.entries.get_mut(conn_id)?;
+        if entry.shard != shard {
+            return None;
+        }
+        self.per_shard[shard] -= 1;
+        match entry.waiting.take() {
+            Some((next_shard, waiter)) => {
+                entry.shard = next_shard;
+                self.per_shard[next_shard] += 1;
+                Some((next_shard, waiter))
+            }
+            None => {
+                self.entries.remove(conn_id);
+                None
+            }
+        }
+    }
+
+    /// The shard holding `conn_id`.
+    pub fn shard_of(&self, conn_id: &str) -> Option<usize> {
+        self.entries.get(conn_id).map(|e| e.shard)
+    }
+
+    /// Every conn_id on this node.
+    pub fn conn_ids(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Connections per shard.
+    pub fn per_shard(&self) -> &[usize] {
+        &self.per_shard
+    }
+
+    /// Connections on this node.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_policy_refuses_a_second_claim_on_any_shard() {
+        let mut dir = Directory::new(2, DuplicatePolicy::Reject);
+        assert_eq!(dir.claim("a", 0, ()), Claim::Granted(()));
+        assert_eq!(dir.claim("a", 1, ()), Claim::Refused(()));
+        assert_eq!(dir.per_shard(), &[1, 0]);
+        assert!(dir.release("a", 0).is_none());
+        assert_eq!(dir.claim("a", 1, ()), Claim::Granted(()));
+        assert_eq!(dir.per_shard(), &[0, 1]);
+    }
+
+    #[test]
+    fn replace_policy_hands_over_on_release() {
+        let mut dir = Directory::new(2, DuplicatePolicy::Replace);
+        assert_eq!(dir.claim("a", 0, "old"), Claim::Granted("old"));
+        assert_eq!(
+            dir.claim("a", 1, "new"),
+            Claim::KickHolder {
+                shard: 0,
+                superseded: None
+            }
+        );
+        assert_eq!(dir.release("a", 0), Some((1, "new")));
+        assert_eq!(dir.shard_of("a"), Some(1));
+        assert_eq!(dir.per_shard(), &[0, 1]);
+    }
+
+    #[test]
+    fn a_newer_claimant_supersedes_a_waiting_one() {
+        let mut dir = Directory::new(1, DuplicatePolicy::Replace);
+        dir.claim("a", 0, 1);
+        dir.claim("a", 0, 2);
+        assert_eq!(
+            dir.claim("a", 0, 3),
+            Claim::KickHolder {
+                shard: 0,
+                superseded: Some(2)
+            }
+        );
+    }
+
+    #[test]
+    fn release_by_a_shard_that_does_not_hold_it_is_ignored() {
+        let mut dir: Directory<()> = Directory::new(2, DuplicatePolicy::Reject);
+        dir.claim("a", 0, ());
+        assert!(dir.release("a", 1).is_none());
+        assert_eq!(dir.len(), 1);
+    }
+}

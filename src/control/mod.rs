@@ -1,0 +1,289 @@
+//! The control thread: one tokio current-thread runtime that owns the conn_id directory,
+//! serves the push RPC, fans pushes out to the shards and runs shutdown.
+//!
+//! It may wait on the network (RPC clients, later etcd) but never on a shard: commands
+//! go out through non-blocking channel sends and replies come back as futures. Shards
+//! reach it only through [`ControlLink`].
+
+pub mod directory;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::session::CloseReason;
+use crate::shard::{BroadcastOutcome, ShardCommand, ShardHandle, ShardStats};
+use crate::transport::ws::frame::EncodedFrame;
+use directory::{Claim, Directory};
+
+/// What shards ask of the directory.
+pub enum DirectoryRequest {
+    /// Claim a conn_id before upgrading a client; the reply says whether it is granted.
+    Claim {
+        conn_id: String,
+        shard: usize,
+        reply: oneshot::Sender<bool>,
+    },
+    /// The client holding this conn_id on this shard is gone.
+    Release { conn_id: String, shard: usize },
+}
+
+/// A shard's non-blocking line to the control thread.
+#[derive(Clone)]
+pub struct ControlLink(mpsc::UnboundedSender<DirectoryRequest>);
+
+impl ControlLink {
+    /// Sends without waiting. A send after the control thread ended is dropped: by then
+    /// the process is exiting and nobody reads the directory.
+    pub fn send(&self, request: DirectoryRequest) {
+        let _ = self.0.send(request);
+    }
+}
+
+/// The receiving end of every [`ControlLink`].
+pub type DirectoryRequests = mpsc::UnboundedReceiver<DirectoryRequest>;
+
+/// A connected link and receiver.
+pub fn link() -> (ControlLink, DirectoryRequests) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (ControlLink(tx), rx)
+}
+
+/// The control thread's view of the node.
+pub struct Node {
+    /// The node configuration.
+    pub config: Arc<Config>,
+    directory: RefCell<Directory<oneshot::Sender<bool>>>,
+    shards: Vec<ShardHandle>,
+    started: Instant,
+    started_unix: u64,
+}
+
+impl Node {
+    /// A node fanning out to `shards`.
+    pub fn new(config: Arc<Config>, shards: Vec<ShardHandle>) -> Rc<Node> {
+        let directory = Directory::new(shards.len(), config.duplicate_conn_id);
+        Rc::new(Node {
+            config,
+            directory: RefCell::new(directory),
+            shards,
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// Applies shards' claims and releases until every shard has hung up.
+    pub async fn serve_directory(self: Rc<Self>, mut requests: DirectoryRequests) {
+        while let Some(request) = requests.recv().await {
+            match request {
+                DirectoryRequest::Claim {
+                    conn_id,
+                    shard,
+                    reply,
+                } => self.claim(conn_id, shard, reply),
+                DirectoryRequest::Release { conn_id, shard } => self.release(&conn_id, shard),
+            }
+        }
+    }
+
+    fn claim(&self, conn_id: String, shard: usize, reply: oneshot::Sender<bool>) {
+        let decision = self.directory.borrow_mut().claim(&conn_id, shard, reply);
+        match decision {
+            Claim::Granted(reply) => {
+                if reply.send(true).is_err() {
+                    // The claimant gave up (timed out) before hearing back.
+                    self.release(&conn_id, shard);
+                }
+            }
+            Claim::Refused(reply) => {
+                let _ = reply.send(false);
+            }
+            Claim::KickHolder {
+                shard: holder,
+                superseded,
+            } => {
+                if let Some(earlier) = superseded {
+                    let _ = earlier.send(false);
+                }
+                self.shards[holder].send(ShardCommand::Kick {
+                    conn_ids: vec![conn_id],
+                    reason: CloseReason::Replaced,
+                    reply: None,
+                });
+            }
+        }
+    }
+
+    fn release(&self, conn_id: &str, shard: usize) {
+        let mut releasing = shard;
+        loop {
+            let next = self.directory.borrow_mut().release(conn_id, releasing);
+            match next {
+                Some((next_shard, waiter)) => match waiter.send(true) {
+                    Ok(()) => return,
+                    // That claimant gave up waiting: release on its behalf and go on.
+                    Err(_) => releasing = next_shard,
+                },
+                None => return,
+            }
+        }
+    }
+
+    /// Delivers `msg` to each of `conn_ids` (duplicates count once); returns those not
+    /// delivered: not on this node, closing, or whose queue was full.
+    pub async fn push(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
+        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
+        let mut failed = Vec::new();
+        let mut seen = HashSet::with_capacity(conn_ids.len());
+        {
+            let directory = self.directory.borrow();
+            for id in conn_ids.iter().filter(|id| seen.insert(id.as_str())) {
+                match directory.shard_of(id) {
+                    Some(shard) => per_shard[shard].push(id.clone()),
+                    None => failed.push(id.clone()),
+                }
+            }
+        }
+        let mut replies = Vec::new();
+        for (shard, ids) in per_shard.into_iter().enumerate() {
+            if ids.is_empty() {
+                continue;
+            }
+            let (reply, outcome) = oneshot::channel();
+            let command = ShardCommand::Push {
+                frame: Arc::clone(&frame),
+                conn_ids: ids.clone(),
+                reply,
+            };
+            if self.shards[shard].send(command) {
+                replies.push((ids, outcome));
+            } else {
+                failed.extend(ids);
+            }
+        }
+        for (ids, outcome) in replies {
+            match outcome.await {
+                Ok(shard_failed) => failed.extend(shard_failed),
+                Err(_) => failed.extend(ids),
+            }
+        }
+        failed
+    }
+
+    /// Delivers `msg` to every client of the node.
+    pub async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
+        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let mut replies = Vec::new();
+        for shard in &self.shards {
+            let (reply, outcome) = oneshot::channel();
+            if shard.send(ShardCommand::Broadcast {
+                frame: Arc::clone(&frame),
+                reply,
+            }) {
+                replies.push(outcome);
+            }
+        }
+        let mut total = BroadcastOutcome::default();
+        for outcome in replies {
+            if let Ok(outcome) = outcome.await {
+                total.delivered += outcome.delivered;
+                total.failed.extend(outcome.failed);
+            }
+        }
+        total
+    }
+
+    /// Closes these clients (each gets its `offline`); returns the ids not on this node.
+    pub async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
+        let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
+        let mut missing = Vec::new();
+        {
+            let directory = self.directory.borrow();
+            for id in conn_ids {
+                match directory.shard_of(id) {
+                    Some(shard) => per_shard[shard].push(id.clone()),
+                    None => missing.push(id.clone()),
+                }
+            }
+        }
+        let mut replies = Vec::new();
+        for (shard, ids) in per_shard.into_iter().enumerate().filter(|(_, ids)| !ids.is_empty()) {
+            let (reply, outcome) = oneshot::channel();
+            self.shards[shard].send(ShardCommand::Kick {
+                conn_ids: ids,
+                reason: CloseReason::Kicked,
+                reply: Some(reply),
+            });
+            replies.push(outcome);
+        }
+        for outcome in replies {
+            missing.extend(outcome.await.unwrap_or_default());
+        }
+        missing
+    }
+
+    /// The subset of `conn_ids` connected to this node.
+    pub fn online(&self, conn_ids: &[String]) -> Vec<String> {
+        let directory = self.directory.borrow();
+        conn_ids
+            .iter()
+            .filter(|id| directory.shard_of(id).is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// Every conn_id connected to this node.
+    pub fn all_connections(&self) -> Vec<String> {
+        self.directory.borrow().conn_ids().map(str::to_owned).collect()
+    }
+
+    /// Figures from every shard.
+    pub async fn shard_stats(&self) -> Vec<ShardStats> {
+        let mut replies = Vec::new();
+        for shard in &self.shards {
+            let (reply, stats) = oneshot::channel();
+            if shard.send(ShardCommand::Stats { reply }) {
+                replies.push(stats);
+            }
+        }
+        let mut all = Vec::new();
+        for stats in replies {
+            if let Ok(stats) = stats.await {
+                all.push(stats);
+            }
+        }
+        all
+    }
+
+    /// The node's identity and connection counts (the `GetNode` answer).
+    pub fn describe(&self) -> serde_json::Value {
+        let directory = self.directory.borrow();
+        serde_json::json!({
+            "rpc_addr": self.config.rpc_addr,
+            "comet_addr": self.config.comet_addr(),
+            "protocol": self.config.socket_protocol.scheme(),
+            "service_name": self.config.comet_service_name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "start_time": self.started_unix,
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "connections": directory.len(),
+            "connections_per_shard": directory.per_shard(),
+            "shards": self.shards.len(),
+        })
+    }
+
+    /// Tells every shard to close its clients and stop.
+    pub fn shutdown_shards(&self) {
+        for shard in &self.shards {
+            shard.send(ShardCommand::Shutdown);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Comet: a long-connection access gateway. Clients hold WebSocket connections to
+//! thread-per-core shards; message servers push to them by conn_id through the push RPC.
+//! See docs/ARCHITECTURE.md for the threads and who owns what.
+
+pub mod app;
+pub mod callback;
+pub mod config;
+pub mod control;
+pub mod rpc;
+pub mod session;
+pub mod shard;
+pub mod sys;
+pub mod transport;

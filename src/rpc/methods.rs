@@ -1,0 +1,206 @@
+//! The push RPC methods of COMPAT.md section 6, in every generation's shape.
+//!
+//! Each method turns one decoded parameter into the reply the original sent for it.
+//! Delivery itself is [`Node`]'s; this module owns the shapes, the token check and the
+//! error texts. It runs on the control thread.
+
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::control::Node;
+
+/// Newest-generation status codes.
+mod code {
+    pub const OK: u32 = 20000;
+    pub const BAD_PARAMS: u32 = 40000;
+    pub const BAD_TOKEN: u32 = 40100;
+    pub const SOME_FAILED: u32 = 50001;
+}
+
+/// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
+pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
+    let name = method.strip_prefix("Server.").unwrap_or(method);
+    match name {
+        "SendToConnections" => match param {
+            Value::String(inner) => send_first_generation(node, &inner).await,
+            Value::Object(fields) => send_second_generation(node, &Fields(fields)).await,
+            other => Err(format!(
+                "SendToConnections takes a JSON string or object, found {}",
+                type_name(&other)
+            )),
+        },
+        "KickConnections" => kick(node, &Fields::from(param)?).await,
+        "Broadcast" => Ok(enveloped(broadcast(node, &Fields::from(param)?).await)),
+        "CheckConnectionsOnline" => Ok(enveloped(check_online(node, &Fields::from(param)?))),
+        "GetAllConnections" => Ok(enveloped(authorised(node, &Fields::from(param)?).map(|()| {
+            json!(node.all_connections())
+        }))),
+        "GetNode" => Ok(enveloped(
+            authorised(node, &Fields::from(param)?).map(|()| node.describe()),
+        )),
+        _ => Err(format!("rpc: can't find method {method}")),
+    }
+}
+
+/// A parameter object whose field names match case-insensitively (Go's decoder does).
+struct Fields(Map<String, Value>);
+
+impl Fields {
+    fn from(param: Value) -> Result<Fields, String> {
+        match param {
+            Value::Object(fields) => Ok(Fields(fields)),
+            Value::Null => Ok(Fields(Map::new())),
+            other => Err(format!("params must be an object, found {}", type_name(&other))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    fn text(&self, name: &str) -> String {
+        match self.get(name) {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        }
+    }
+
+    fn ids(&self, name: &str) -> Result<Vec<String>, String> {
+        match self.get(name) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(format!("{name} must hold strings, found {}", type_name(other))),
+                })
+                .collect(),
+            Some(other) => Err(format!("{name} must be an array, found {}", type_name(other))),
+        }
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Constant-time comparison against `comet_rpc_token`; any token passes when none is set.
+fn token_ok(node: &Node, given: &str) -> bool {
+    let expected = node.config.comet_rpc_token.as_bytes();
+    expected.is_empty() || bool::from(expected.ct_eq(given.as_bytes()))
+}
+
+/// First generation: `P` is a string holding `{"to": [...], "msg": "..."}`.
+async fn send_first_generation(node: &Node, inner: &str) -> Result<Value, String> {
+    let failure = |ids: &[String], info: &str| {
+        Err(json!({"error_ids": ids, "error_info": info}).to_string())
+    };
+    let fields = match serde_json::from_str::<Value>(inner) {
+        Ok(Value::Object(fields)) => Fields(fields),
+        Ok(_) | Err(_) => return failure(&[], "param is not a JSON object string"),
+    };
+    if !token_ok(node, &fields.text("token")) {
+        return failure(&[], "token error.");
+    }
+    let to = match fields.ids("to") {
+        Ok(to) if !to.is_empty() => to,
+        Ok(_) => return failure(&[], "to is empty."),
+        Err(why) => return failure(&[], &why),
+    };
+    let msg = fields.text("msg");
+    if msg.is_empty() {
+        return failure(&[], "msg is empty.");
+    }
+    let failed = node.push(&to, &msg).await;
+    if failed.is_empty() {
+        Ok(json!("ok"))
+    } else {
+        failure(&failed, "some connections could not be reached")
+    }
+}
+
+/// Second generation: `{"connections": [...], "msg": "...", "token": "..."}`.
+async fn send_second_generation(node: &Node, fields: &Fields) -> Result<Value, String> {
+    let failure = |ids: &[String], msg: &str| Err(json!({"ids": ids, "msg": msg}).to_string());
+    if !token_ok(node, &fields.text("token")) {
+        return failure(&[], "token error.");
+    }
+    let connections = match fields.ids("connections") {
+        Ok(ids) if !ids.is_empty() => ids,
+        Ok(_) => return failure(&[], "connections is empty."),
+        Err(why) => return failure(&[], &why),
+    };
+    let msg = fields.text("msg");
+    if msg.is_empty() {
+        return failure(&[], "msg is empty.");
+    }
+    let failed = node.push(&connections, &msg).await;
+    if failed.is_empty() {
+        Ok(json!("ok"))
+    } else {
+        failure(&failed, "some connections could not be reached.")
+    }
+}
+
+async fn kick(node: &Node, fields: &Fields) -> Result<Value, String> {
+    if !token_ok(node, &fields.text("token")) {
+        return Err(json!({"ids": [], "msg": "token error."}).to_string());
+    }
+    let connections = fields.ids("connections")?;
+    if connections.is_empty() {
+        return Err(json!({"ids": [], "msg": "connections is empty."}).to_string());
+    }
+    node.kick(&connections).await;
+    Ok(json!("ok"))
+}
+
+/// A newest-generation answer before it is wrapped: `Ok(data)` or `Err((code, error))`.
+type Enveloped = Result<Value, (u32, String)>;
+
+fn enveloped(answer: Enveloped) -> Value {
+    match answer {
+        Ok(data) => json!({"code": code::OK, "data": data, "error": ""}),
+        Err((code, error)) => json!({"code": code, "data": null, "error": error}),
+    }
+}
+
+fn authorised(node: &Node, fields: &Fields) -> Result<(), (u32, String)> {
+    if token_ok(node, &fields.text("token")) {
+        Ok(())
+    } else {
+        Err((code::BAD_TOKEN, "token error.".into()))
+    }
+}
+
+async fn broadcast(node: &Node, fields: &Fields) -> Enveloped {
+    authorised(node, fields)?;
+    let msg = fields.text("msg");
+    if msg.is_empty() {
+        return Err((code::BAD_PARAMS, "msg is empty.".into()));
+    }
+    let outcome = node.broadcast(&msg).await;
+    if outcome.failed.is_empty() {
+        Ok(json!({"delivered": outcome.delivered}))
+    } else {
+        let error = format!("{} connections could not be reached", outcome.failed.len());
+        Err((code::SOME_FAILED, error))
+    }
+}
+
+fn check_online(node: &Node, fields: &Fields) -> Enveloped {
+    authorised(node, fields)?;
+    let connections = fields.ids("connections").map_err(|why| (code::BAD_PARAMS, why))?;
+    Ok(json!(node.online(&connections)))
+}

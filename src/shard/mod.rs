@@ -1,0 +1,451 @@
+//! Shards: one glommio executor pinned per core, each owning its listener, its session
+//! table and every connection accepted on it for that connection's whole life.
+//!
+//! A shard never blocks and never shares its table: the control thread reaches it only
+//! through its [`ShardHandle`] (a crossbeam channel plus a waker), and it reaches the
+//! control thread only through non-blocking sends. Blocking work (`checkToken`) runs on
+//! the shard's blocking pool, presence callbacks on the presence workers.
+
+pub mod inbox;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
+use glommio::net::TcpListener;
+use glommio::timer::Timer;
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
+use tokio::sync::oneshot;
+
+use crate::callback::{CallbackClient, Presence, PresenceKind};
+use crate::config::Config;
+use crate::control::{ControlLink, DirectoryRequest};
+use crate::session::{CloseReason, Session};
+use crate::transport::ws::frame::EncodedFrame;
+
+pub use inbox::ShardHandle;
+
+/// Bytes read from a socket per read call; shared by every connection of a shard, so an
+/// idle connection holds no read buffer at all.
+const SCRATCH_BYTES: usize = 16 * 1024;
+/// Longest pause of the acceptor after running out of descriptors.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Work the control thread hands to a shard.
+pub enum ShardCommand {
+    /// Deliver one encoded frame to these conn_ids; reply with the ones not delivered.
+    Push {
+        frame: Arc<EncodedFrame>,
+        conn_ids: Vec<String>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    /// Deliver one encoded frame to every session; reply with the counts.
+    Broadcast {
+        frame: Arc<EncodedFrame>,
+        reply: oneshot::Sender<BroadcastOutcome>,
+    },
+    /// Close these sessions; reply (when asked) with the conn_ids not found here.
+    Kick {
+        conn_ids: Vec<String>,
+        reason: CloseReason,
+        reply: Option<oneshot::Sender<Vec<String>>>,
+    },
+    /// Report this shard's figures.
+    Stats { reply: oneshot::Sender<ShardStats> },
+    /// Stop accepting, close every session with 1001, then end the executor.
+    Shutdown,
+}
+
+/// What a broadcast did on one shard.
+#[derive(Debug, Default, Clone)]
+pub struct BroadcastOutcome {
+    /// Sessions that accepted the frame.
+    pub delivered: usize,
+    /// Sessions that did not (closing or slow consumers).
+    pub failed: Vec<String>,
+}
+
+/// One shard's figures.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: usize,
+    /// Sessions in the table.
+    pub connections: usize,
+    /// Messages waiting in outbound queues.
+    pub queued_messages: usize,
+    /// Connections accepted (handshake or not).
+    pub accepted: u64,
+    /// Accepts refused because descriptors ran out.
+    pub accept_fd_exhausted: u64,
+    /// Handshakes refused (any reason).
+    pub handshakes_refused: u64,
+}
+
+/// Everything a shard owns. Lives on the shard's thread only.
+pub struct Shard {
+    /// Shard index.
+    pub id: usize,
+    /// The node configuration.
+    pub config: Arc<Config>,
+    /// Claims and releases of conn_ids.
+    pub control: ControlLink,
+    /// Presence callbacks.
+    pub presence: Presence,
+    /// `checkToken` client; `None` when no message server is configured.
+    pub callbacks: Option<CallbackClient>,
+    sessions: RefCell<AHashMap<Rc<str>, Rc<Session>>>,
+    scratch: RefCell<Box<[u8]>>,
+    draining: Cell<bool>,
+    live_connections: Cell<usize>,
+    ping: Arc<EncodedFrame>,
+    accepted: Cell<u64>,
+    accept_fd_exhausted: Cell<u64>,
+    handshakes_refused: Cell<u64>,
+}
+
+/// Held by a connection task for its whole life, so shutdown knows when all are done.
+pub struct LiveConnection(Rc<Shard>);
+
+impl LiveConnection {
+    /// The shard the connection lives on.
+    pub fn shard(&self) -> &Rc<Shard> {
+        &self.0
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.live_connections.set(self.0.live_connections.get() - 1);
+    }
+}
+
+/// What the shard threads need from the process.
+#[derive(Clone)]
+pub struct ShardDeps {
+    /// The node configuration.
+    pub config: Arc<Config>,
+    /// Link to the control thread's directory.
+    pub control: ControlLink,
+    /// Presence callbacks.
+    pub presence: Presence,
+    /// `checkToken` client.
+    pub callbacks: Option<CallbackClient>,
+}
+
+/// Why the shards could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start shard {shard}: {reason}")]
+    Executor { shard: usize, reason: String },
+    #[error("config key `websocket_port`: cannot listen on port {port}: {source}")]
+    Listen { port: u16, source: io::Error },
+}
+
+/// The running shards: handles for the control thread, threads for `main` to join.
+pub struct Shards {
+    /// One per shard, indexed by shard id.
+    pub handles: Vec<ShardHandle>,
+    /// The executor threads.
+    pub threads: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+/// Starts `config.max_proc` shards, each listening on the client port (SO_REUSEPORT: the
+/// kernel spreads connections over the shards' listeners), and waits until all listen.
+pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
+    let count = deps.config.max_proc;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::with_capacity(count);
+    let mut threads = Vec::with_capacity(count);
+    for id in 0..count {
+        let (handle, inbox) = inbox::channel();
+        let deps = deps.clone();
+        let ready = ready_tx.clone();
+        let thread = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            .name(&format!("shard-{id}"))
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(deps.config.callback_threads))
+            .spawn(move || async move {
+                let port = deps.config.websocket_port;
+                match TcpListener::bind(("0.0.0.0", port)) {
+                    Ok(listener) => {
+                        let _ = ready.send(Ok(()));
+                        run(Rc::new(Shard::new(id, deps)), listener, inbox).await;
+                    }
+                    Err(err) => {
+                        let _ = ready.send(Err(StartError::Listen {
+                            port,
+                            source: err.into(),
+                        }));
+                    }
+                }
+            })
+            .map_err(|e| StartError::Executor {
+                shard: id,
+                reason: e.to_string(),
+            })?;
+        handles.push(handle);
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..count {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: "a shard thread ended during start-up".into(),
+                });
+            }
+        }
+    }
+    Ok(Shards { handles, threads })
+}
+
+async fn run(shard: Rc<Shard>, listener: TcpListener, inbox: inbox::Inbox) {
+    let acceptor = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
+    let heartbeat = glommio::spawn_local(heartbeat_loop(Rc::clone(&shard)));
+    while let Some(command) = inbox.recv().await {
+        if let ShardCommand::Shutdown = command {
+            break;
+        }
+        shard.handle(command);
+    }
+    acceptor.cancel().await;
+    shard.drain().await;
+    heartbeat.cancel().await;
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                backoff = Duration::from_millis(1);
+                shard.accepted.set(shard.accepted.get() + 1);
+                let live = shard.connection_started();
+                glommio::spawn_local(crate::transport::ws::serve(live, stream)).detach();
+            }
+            Err(err) => {
+                let err: io::Error = err.into();
+                // glommio returns EMFILE without yielding: retrying at once would spin the
+                // core and starve every other task here, so back off on a timer.
+                if matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                    shard.accept_fd_exhausted.set(shard.accept_fd_exhausted.get() + 1);
+                    if backoff == Duration::from_millis(1) {
+                        tracing::warn!(shard = shard.id, error = %err, "out of file descriptors; accept backing off");
+                    }
+                } else {
+                    tracing::warn!(shard = shard.id, error = %err, "accept failed");
+                }
+                Timer::new(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(shard: Rc<Shard>) {
+    let tick = heartbeat_tick(&shard.config);
+    loop {
+        Timer::new(tick).await;
+        shard.sweep(Instant::now());
+    }
+}
+
+/// How often sessions are checked: fine enough that a drop lands within a few percent of
+/// the configured window, coarse enough to cost nothing at 9 s / 10 s.
+fn heartbeat_tick(config: &Config) -> Duration {
+    let slack = config.heartbeat_timeout - config.ping_interval;
+    (config.ping_interval.min(slack) / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
+}
+
+impl Shard {
+    fn new(id: usize, deps: ShardDeps) -> Shard {
+        Shard {
+            id,
+            config: deps.config,
+            control: deps.control,
+            presence: deps.presence,
+            callbacks: deps.callbacks,
+            sessions: RefCell::new(AHashMap::new()),
+            scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
+            draining: Cell::new(false),
+            live_connections: Cell::new(0),
+            ping: Arc::new(EncodedFrame::ping()),
+            accepted: Cell::new(0),
+            accept_fd_exhausted: Cell::new(0),
+            handshakes_refused: Cell::new(0),
+        }
+    }
+
+    fn connection_started(self: &Rc<Self>) -> LiveConnection {
+        self.live_connections.set(self.live_connections.get() + 1);
+        LiveConnection(Rc::clone(self))
+    }
+
+    /// The shard-wide read buffer. Borrow it only within one poll, never across an await.
+    pub fn scratch(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
+        self.scratch.borrow_mut()
+    }
+
+    /// Whether the shard is shutting down (new handshakes are refused).
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Counts a refused handshake.
+    pub fn handshake_refused(&self) {
+        self.handshakes_refused.set(self.handshakes_refused.get() + 1);
+    }
+
+    /// Puts an upgraded client in the table and reports it online.
+    pub fn register(&self, session: &Rc<Session>) {
+        self.sessions
+            .borrow_mut()
+            .insert(Rc::clone(&session.conn_id), Rc::clone(session));
+        self.presence
+            .report(PresenceKind::Online, &session.conn_id, &session.info);
+        tracing::info!(shard = self.id, conn_id = %session.conn_id, "client online");
+        if self.is_draining() {
+            // Its handshake passed the draining check before shutdown began.
+            session.request_close(CloseReason::Shutdown);
+        }
+    }
+
+    /// Takes an ended session out of the table, reports it offline and frees its conn_id.
+    /// The `offline` is queued before the release so that a reconnect's `online` follows it.
+    pub fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {
+        let mut sessions = self.sessions.borrow_mut();
+        if sessions
+            .get(&session.conn_id)
+            .is_some_and(|s| Rc::ptr_eq(s, session))
+        {
+            sessions.remove(&session.conn_id);
+        }
+        drop(sessions);
+        self.presence
+            .report(PresenceKind::Offline, &session.conn_id, &session.info);
+        self.control.send(DirectoryRequest::Release {
+            conn_id: session.conn_id.to_string(),
+            shard: self.id,
+        });
+        tracing::info!(shard = self.id, conn_id = %session.conn_id, reason = reason.label(), "client offline");
+    }
+
+    fn handle(&self, command: ShardCommand) {
+        match command {
+            ShardCommand::Push {
+                frame,
+                conn_ids,
+                reply,
+            } => {
+                let _ = reply.send(self.push(&frame, conn_ids));
+            }
+            ShardCommand::Broadcast { frame, reply } => {
+                let _ = reply.send(self.broadcast(&frame));
+            }
+            ShardCommand::Kick {
+                conn_ids,
+                reason,
+                reply,
+            } => {
+                let missing = self.kick(conn_ids, &reason);
+                if let Some(reply) = reply {
+                    let _ = reply.send(missing);
+                }
+            }
+            ShardCommand::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            ShardCommand::Shutdown => {}
+        }
+    }
+
+    fn push(&self, frame: &Arc<EncodedFrame>, conn_ids: Vec<String>) -> Vec<String> {
+        let sessions = self.sessions.borrow();
+        conn_ids
+            .into_iter()
+            .filter(|id| {
+                sessions
+                    .get(id.as_str())
+                    .is_none_or(|s| !s.deliver(frame).accepted())
+            })
+            .collect()
+    }
+
+    fn broadcast(&self, frame: &Arc<EncodedFrame>) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        for session in self.sessions.borrow().values() {
+            if session.deliver(frame).accepted() {
+                outcome.delivered += 1;
+            } else {
+                outcome.failed.push(session.conn_id.to_string());
+            }
+        }
+        outcome
+    }
+
+    fn kick(&self, conn_ids: Vec<String>, reason: &CloseReason) -> Vec<String> {
+        let sessions = self.sessions.borrow();
+        conn_ids
+            .into_iter()
+            .filter(|id| match sessions.get(id.as_str()) {
+                Some(session) => {
+                    session.request_close(reason.clone());
+                    false
+                }
+                None => true,
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> ShardStats {
+        let sessions = self.sessions.borrow();
+        ShardStats {
+            shard: self.id,
+            connections: sessions.len(),
+            queued_messages: sessions.values().map(|s| s.backlog_messages()).sum(),
+            accepted: self.accepted.get(),
+            accept_fd_exhausted: self.accept_fd_exhausted.get(),
+            handshakes_refused: self.handshakes_refused.get(),
+        }
+    }
+
+    /// Pings sessions that have been quiet for a ping interval; closes those silent past
+    /// the heartbeat timeout.
+    fn sweep(&self, now: Instant) {
+        let config = &self.config;
+        for session in self.sessions.borrow().values() {
+            let silent = now.saturating_duration_since(session.last_seen());
+            if silent > config.heartbeat_timeout {
+                session.request_close(CloseReason::HeartbeatTimeout);
+            } else if silent >= config.ping_interval
+                && now.saturating_duration_since(session.last_ping()) >= config.ping_interval
+            {
+                session.deliver(&self.ping);
+                session.pinged(now);
+            }
+        }
+    }
+
+    /// Closes every session with "going away" and waits for their tasks to finish (bounded).
+    async fn drain(&self) {
+        self.draining.set(true);
+        for session in self.sessions.borrow().values() {
+            session.request_close(CloseReason::Shutdown);
+        }
+        let limit = self.config.handshake_timeout + self.config.close_timeout * 2;
+        let deadline = Instant::now() + limit;
+        while self.live_connections.get() > 0 && Instant::now() < deadline {
+            Timer::new(Duration::from_millis(10)).await;
+        }
+        if self.live_connections.get() > 0 {
+            tracing::warn!(shard = self.id, left = self.live_connections.get(), "shutdown: connections still open at the deadline");
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The few raw syscalls Comet makes itself: raising the open-files limit and the
+//! non-blocking `send(2)` that lets a shard deliver a pushed frame without waking the
+//! connection's task.
+//!
+//! Nothing here blocks: every socket call uses `MSG_DONTWAIT`.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// The soft and hard open-files limits before and after [`raise_nofile_limit`].
+#[derive(Debug, Clone, Copy)]
+pub struct NofileLimits {
+    /// Soft limit found at start.
+    pub before: u64,
+    /// Soft limit now (the hard limit unless raising failed).
+    pub after: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: every client is a descriptor.
+pub fn raise_nofile_limit() -> io::Result<NofileLimits> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(NofileLimits {
+        before,
+        after: limit.rlim_max,
+        hard: limit.rlim_max,
+    })
+}
+
+/// Writes as much of `bytes` as the socket takes now. `Ok(0)` with a non-empty slice
+/// means the socket buffer is full (would block).
+pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `bytes` is a valid slice for the duration of the call; `fd` is a socket
+        // owned by the caller's stream, which outlives this call.
+        let sent = unsafe {
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Half-closes the write side so the peer reads EOF after our last frame.
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown on a socket we own; failure (already closed) is harmless.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
+/// Resident set size of this process in bytes, from /proc/self/statm.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}

@@ -1,0 +1,435 @@
+//! WebSocket framing (RFC 6455) for the server side: encoding outbound frames once so that
+//! their bytes can be shared by every recipient, and decoding a client's masked frames
+//! incrementally with a hard bound on what is buffered.
+//!
+//! Header parsing is tungstenite's ([`FrameHeader::parse`]); this module adds the rules a
+//! server enforces (masking, size limits, control-frame limits) and never allocates more
+//! than one frame's worth of bytes per connection. It does no I/O.
+
+use std::io::Cursor;
+
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+
+/// Largest payload of a control frame (RFC 6455 section 5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Largest frame header a client can send.
+const MAX_HEADER: usize = 14;
+
+/// Close codes this server sends.
+pub mod close_code {
+    /// The connection has served its purpose (kick, replaced).
+    pub const NORMAL: u16 = 1000;
+    /// The server is going down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the framing rules.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The client broke a policy (it stopped reading: slow consumer).
+    pub const POLICY: u16 = 1008;
+    /// The client sent a message larger than `max_frame_size`.
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// A complete outbound frame (header + payload). Encoded once per push and shared by
+/// reference among all recipients.
+#[derive(Debug)]
+pub struct EncodedFrame {
+    bytes: Box<[u8]>,
+    payload_at: usize,
+    is_message: bool,
+}
+
+impl EncodedFrame {
+    /// An unmasked, final Text frame carrying `payload`.
+    pub fn text(payload: &[u8]) -> EncodedFrame {
+        EncodedFrame::build(OpCode::Data(Data::Text), payload, true)
+    }
+
+    /// A Ping frame with an empty payload.
+    pub fn ping() -> EncodedFrame {
+        EncodedFrame::build(OpCode::Control(Control::Ping), &[], false)
+    }
+
+    /// A Pong frame echoing `payload` (at most 125 bytes, as the decoder guarantees).
+    pub fn pong(payload: &[u8]) -> EncodedFrame {
+        EncodedFrame::build(OpCode::Control(Control::Pong), payload, false)
+    }
+
+    /// A Close frame with a status code and a short reason.
+    pub fn close(code: u16, reason: &str) -> EncodedFrame {
+        let reason = truncate_utf8(reason, MAX_CONTROL_PAYLOAD - 2);
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason.as_bytes());
+        EncodedFrame::build(OpCode::Control(Control::Close), &payload, false)
+    }
+
+    /// Joins the payloads of several Text frames with `\n` into one Text frame: the framing
+    /// clients of the original Comet expect for messages queued at the same moment.
+    pub fn coalesce<'a>(frames: impl Iterator<Item = &'a EncodedFrame>) -> EncodedFrame {
+        let mut payload = Vec::new();
+        for (i, frame) in frames.enumerate() {
+            if i > 0 {
+                payload.push(b'\n');
+            }
+            payload.extend_from_slice(frame.payload());
+        }
+        EncodedFrame::text(&payload)
+    }
+
+    fn build(opcode: OpCode, payload: &[u8], is_message: bool) -> EncodedFrame {
+        let header = FrameHeader {
+            opcode,
+            ..FrameHeader::default()
+        };
+        let length = payload.len() as u64;
+        let mut bytes = Vec::with_capacity(header.len(length) + payload.len());
+        header
+            .format(length, &mut bytes)
+            .expect("formatting into a Vec cannot fail");
+        let payload_at = bytes.len();
+        bytes.extend_from_slice(payload);
+        EncodedFrame {
+            bytes: bytes.into_boxed_slice(),
+            payload_at,
+            is_message,
+        }
+    }
+
+    /// The wire bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The payload (what the application sees).
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.payload_at..]
+    }
+
+    /// True for application messages (which count against the queue bound and may be
+    /// coalesced), false for control frames.
+    pub fn is_message(&self) -> bool {
+        self.is_message
+    }
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// What a client sent, one complete frame at a time.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A data frame's payload (unmasked); `fin` ends the message.
+    Data { payload: Vec<u8>, fin: bool },
+    /// A ping; the payload must be echoed in a pong.
+    Ping(Vec<u8>),
+    /// A pong (an answer to our heartbeat).
+    Pong,
+    /// The client is closing, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// Why a client's bytes were refused; each maps to the close code the client gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    TooBig { size: u64, limit: usize },
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+}
+
+impl FrameError {
+    /// The close code that tells the client what it did wrong.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            FrameError::TooBig { .. } => close_code::TOO_BIG,
+            FrameError::Protocol(_) => close_code::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// Incremental decoder of client frames. Holds at most one incomplete frame, whose size
+/// is bounded by `max_message` before any of its payload is buffered.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    partial: Vec<u8>,
+    message_len: u64,
+    in_message: bool,
+}
+
+impl Decoder {
+    /// Feeds newly read bytes; calls `on_frame` for every complete frame.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        max_message: usize,
+        mut on_frame: impl FnMut(Inbound),
+    ) -> Result<(), FrameError> {
+        if self.partial.is_empty() {
+            let used = self.decode_all(data, max_message, &mut on_frame)?;
+            self.partial.extend_from_slice(&data[used..]);
+        } else {
+            let mut pending = std::mem::take(&mut self.partial);
+            pending.extend_from_slice(data);
+            let used = self.decode_all(&pending, max_message, &mut on_frame)?;
+            pending.drain(..used);
+            self.partial = pending;
+        }
+        if self.partial.is_empty() {
+            // Give back the capacity an earlier partial frame needed: idle clients hold nothing.
+            self.partial = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn decode_all(
+        &mut self,
+        data: &[u8],
+        max_message: usize,
+        on_frame: &mut impl FnMut(Inbound),
+    ) -> Result<usize, FrameError> {
+        let mut used = 0;
+        while used < data.len() {
+            match self.decode_one(&data[used..], max_message)? {
+                Some((frame, consumed)) => {
+                    used += consumed;
+                    on_frame(frame);
+                }
+                None => break,
+            }
+        }
+        Ok(used)
+    }
+
+    fn decode_one(
+        &mut self,
+        data: &[u8],
+        max_message: usize,
+    ) -> Result<Option<(Inbound, usize)>, FrameError> {
+        let mut cursor = Cursor::new(data);
+        let (header, length) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) if data.len() >= MAX_HEADER => {
+                return Err(FrameError::Protocol("unparseable frame header"));
+            }
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(FrameError::Protocol("invalid frame header")),
+        };
+        self.check_header(&header, length, max_message)?;
+        let header_len = cursor.position() as usize;
+        let Some(end) = header_len.checked_add(length as usize) else {
+            return Err(FrameError::TooBig {
+                size: length,
+                limit: max_message,
+            });
+        };
+        if data.len() < end {
+            return Ok(None);
+        }
+        let mut payload = data[header_len..end].to_vec();
+        if let Some(mask) = header.mask {
+            unmask(&mut payload, mask);
+        }
+        Ok(Some((self.classify(header, payload)?, end)))
+    }
+
+    fn check_header(
+        &mut self,
+        header: &FrameHeader,
+        length: u64,
+        max_message: usize,
+    ) -> Result<(), FrameError> {
+        if header.mask.is_none() {
+            return Err(FrameError::Protocol("client frames must be masked"));
+        }
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(FrameError::Protocol("reserved bits set without an extension"));
+        }
+        match header.opcode {
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                Err(FrameError::Protocol("reserved opcode"))
+            }
+            OpCode::Control(_) if length as usize > MAX_CONTROL_PAYLOAD || !header.is_final => {
+                Err(FrameError::Protocol("control frames must be final and at most 125 bytes"))
+            }
+            OpCode::Control(_) => Ok(()),
+            OpCode::Data(data) => {
+                let continues = data == Data::Continue;
+                if continues != self.in_message {
+                    return Err(FrameError::Protocol(if continues {
+                        "continuation frame without a message to continue"
+                    } else {
+                        "new message before the previous one was finished"
+                    }));
+                }
+                let size = if continues { self.message_len } else { 0 }.saturating_add(length);
+                if size > max_message as u64 {
+                    return Err(FrameError::TooBig {
+                        size,
+                        limit: max_message,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn classify(&mut self, header: FrameHeader, payload: Vec<u8>) -> Result<Inbound, FrameError> {
+        Ok(match header.opcode {
+            OpCode::Data(data) => {
+                let base = if data == Data::Continue { self.message_len } else { 0 };
+                self.message_len = base + payload.len() as u64;
+                self.in_message = !header.is_final;
+                if header.is_final {
+                    self.message_len = 0;
+                }
+                Inbound::Data {
+                    payload,
+                    fin: header.is_final,
+                }
+            }
+            OpCode::Control(Control::Ping) => Inbound::Ping(payload),
+            OpCode::Control(Control::Pong) => Inbound::Pong,
+            OpCode::Control(Control::Close) => Inbound::Close(close_status(&payload)?),
+            OpCode::Control(Control::Reserved(_)) => {
+                return Err(FrameError::Protocol("reserved opcode"));
+            }
+        })
+    }
+}
+
+fn close_status(payload: &[u8]) -> Result<Option<u16>, FrameError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
+        [hi, lo, ..] => Ok(Some(u16::from_be_bytes([*hi, *lo]))),
+    }
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    for (i, byte) in payload.iter_mut().enumerate() {
+        *byte ^= mask[i & 3];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n < 65536 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    fn decode(decoder: &mut Decoder, bytes: &[u8]) -> Result<Vec<Inbound>, FrameError> {
+        let mut frames = Vec::new();
+        decoder.feed(bytes, 512, |f| frames.push(f))?;
+        Ok(frames)
+    }
+
+    #[test]
+    fn text_frame_is_unmasked() {
+        let frames = decode(&mut Decoder::default(), &client_frame(0x81, b"hello")).unwrap();
+        assert_eq!(
+            frames,
+            vec![Inbound::Data {
+                payload: b"hello".to_vec(),
+                fin: true
+            }]
+        );
+    }
+
+    #[test]
+    fn frame_split_across_reads_is_reassembled() {
+        let bytes = client_frame(0x81, b"split me");
+        let mut decoder = Decoder::default();
+        for chunk in bytes.chunks(3).take(bytes.len() / 3) {
+            assert!(decode(&mut decoder, chunk).unwrap().is_empty());
+        }
+        let rest = &bytes[(bytes.len() / 3) * 3..];
+        let frames = decode(&mut decoder, rest).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert!(decoder.partial.is_empty());
+    }
+
+    #[test]
+    fn oversized_message_is_refused_from_its_header() {
+        let header_only = &client_frame(0x81, &[b'x'; 600])[..8];
+        let err = decode(&mut Decoder::default(), header_only).unwrap_err();
+        assert_eq!(err.close_code(), close_code::TOO_BIG);
+    }
+
+    #[test]
+    fn fragments_count_toward_the_limit() {
+        let mut bytes = client_frame(0x01, &[b'a'; 300]);
+        bytes.extend(client_frame(0x80, &[b'b'; 300]));
+        let err = decode(&mut Decoder::default(), &bytes).unwrap_err();
+        assert!(matches!(err, FrameError::TooBig { size: 600, .. }));
+    }
+
+    #[test]
+    fn unmasked_frame_is_a_protocol_error() {
+        let err = decode(&mut Decoder::default(), &[0x81, 0x01, b'x']).unwrap_err();
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn control_frames_are_recognised() {
+        let mut bytes = client_frame(0x89, b"p");
+        bytes.extend(client_frame(0x8A, b""));
+        bytes.extend(client_frame(0x88, &1000u16.to_be_bytes()));
+        let frames = decode(&mut Decoder::default(), &bytes).unwrap();
+        assert_eq!(
+            frames,
+            vec![Inbound::Ping(b"p".to_vec()), Inbound::Pong, Inbound::Close(Some(1000))]
+        );
+    }
+
+    #[test]
+    fn stray_continuation_is_refused() {
+        let err = decode(&mut Decoder::default(), &client_frame(0x80, b"x")).unwrap_err();
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn encoded_text_frame_round_trips_through_tungstenite_header() {
+        let frame = EncodedFrame::text(&[b'z'; 300]);
+        let mut cursor = Cursor::new(frame.bytes());
+        let (header, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+        assert_eq!(len, 300);
+        assert!(header.is_final && header.mask.is_none());
+        assert_eq!(frame.payload().len(), 300);
+    }
+
+    #[test]
+    fn coalesced_frames_join_with_newlines() {
+        let parts = [EncodedFrame::text(b"a"), EncodedFrame::text(b"bc")];
+        assert_eq!(EncodedFrame::coalesce(parts.iter()).payload(), b"a\nbc");
+    }
+
+    #[test]
+    fn close_frame_carries_code_and_reason() {
+        let frame = EncodedFrame::close(1009, "too big");
+        assert_eq!(&frame.payload()[..2], &1009u16.to_be_bytes());
+        assert_eq!(&frame.payload()[2..], b"too big");
+    }
+}
