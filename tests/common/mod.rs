@@ -1,0 +1,285 @@
+//! Test harness: the real `comet` binary, a real HTTP message server that records every
+//! callback (and can refuse, stall or die), real WebSocket clients and a raw TCP
+//! JSON-RPC client.
+#![allow(dead_code)]
+
+pub mod message_server;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tungstenite::protocol::WebSocket;
+
+pub use message_server::MessageServer;
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("comet-test-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 10 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `comet` node. Stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Comet {
+    child: Option<Child>,
+    pub ws_port: u16,
+    pub rpc_port: u16,
+    pub log: PathBuf,
+}
+
+impl Comet {
+    /// Starts a node on free ports with `rpc_api_url` pointing at `server` (if any) and
+    /// the extra INI lines given.
+    pub fn start(server: Option<&MessageServer>, extra: &str) -> Comet {
+        Comet::try_start(server, extra).expect("comet did not start")
+    }
+
+    /// Like [`Comet::start`], but returns the log text when the node exits at start-up.
+    pub fn try_start(server: Option<&MessageServer>, extra: &str) -> Result<Comet, String> {
+        let ws_port = free_port();
+        let rpc_port = free_port();
+        let url = server.map(|s| s.url()).unwrap_or_default();
+        let ini = format!(
+            "max_proc=2\ncomet_service_name=comet\netcd_addr=\nrpc_api_url={url}\n\
+             rpc_user_agent=\"CtxImRpc 1.0\"\nsocket_protocol=websocket\nwebsocket_host=127.0.0.1\n\
+             websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\n{extra}\n"
+        );
+        Comet::spawn_with_ini(&ini, ws_port, rpc_port)
+    }
+
+    /// Starts a node on a complete INI text.
+    pub fn spawn_with_ini(ini: &str, ws_port: u16, rpc_port: u16) -> Result<Comet, String> {
+        let dir = temp_dir("node");
+        let config = dir.join("comet.ini");
+        std::fs::write(&config, ini).unwrap();
+        let log = dir.join("comet.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_comet"))
+            .arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut comet = Comet {
+            child: Some(child),
+            ws_port,
+            rpc_port,
+            log,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            comet.exited() || (port_open(ws_port) && port_open(rpc_port))
+        });
+        if !up || comet.exited() {
+            return Err(comet.log_text());
+        }
+        Ok(comet)
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().unwrap().is_some())
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id(), "TERM");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// A WebSocket URL carrying the token object.
+    pub fn ws_url(&self, conn_id: &str, token: &str, info: &str) -> String {
+        let t = json!({"conn_id": conn_id, "token": token, "info": info}).to_string();
+        let encoded: String = t
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("ws://127.0.0.1:{}/ws?t={encoded}", self.ws_port)
+    }
+
+    /// Connects a WebSocket client.
+    pub fn connect(&self, conn_id: &str, token: &str, info: &str) -> Result<Client, tungstenite::Error> {
+        connect_url(&self.ws_url(conn_id, token, info), self.ws_port)
+    }
+
+    /// A push RPC client.
+    pub fn rpc(&self) -> Rpc {
+        Rpc::connect(self.rpc_port)
+    }
+}
+
+impl Drop for Comet {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.terminate(Duration::from_secs(10));
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+/// Whether something accepts TCP connections on this loopback port.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(100)).is_ok()
+}
+
+/// A connected WebSocket client.
+pub type Client = WebSocket<TcpStream>;
+
+/// Connects to a WebSocket URL on a loopback port, with a 5 s read timeout.
+pub fn connect_url(url: &str, port: u16) -> Result<Client, tungstenite::Error> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).map_err(tungstenite::Error::Io)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    match tungstenite::client::client(url, stream) {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::HandshakeError::Failure(err)) => Err(err),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake interrupted"),
+    }
+}
+
+/// The HTTP status of a refused upgrade.
+pub fn refusal_status(result: Result<Client, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other:?}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
+/// Reads the next text message (answering pings on the way); `None` on timeout/close.
+pub fn next_text(client: &mut Client) -> Option<String> {
+    loop {
+        match client.read() {
+            Ok(tungstenite::Message::Text(text)) => return Some(text.to_string()),
+            Ok(tungstenite::Message::Close(_)) => return None,
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code.
+pub fn close_code(client: &mut Client) -> Option<u16> {
+    loop {
+        match client.read() {
+            Ok(tungstenite::Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A raw TCP JSON-RPC client writing one request per line, as the PHP clients do.
+pub struct Rpc {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    next_id: u64,
+}
+
+impl Rpc {
+    /// Connects to the push RPC port.
+    pub fn connect(port: u16) -> Rpc {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Rpc {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            next_id: 1,
+        }
+    }
+
+    /// Calls `method` with one parameter; returns the whole reply object.
+    pub fn call(&mut self, method: &str, param: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"method": method, "params": [param], "id": id});
+        let reply = self.raw(&format!("{request}\n"));
+        assert_eq!(reply["id"], json!(id), "reply id mismatch: {reply}");
+        reply
+    }
+
+    /// Writes raw bytes and reads one reply line.
+    pub fn raw(&mut self, text: &str) -> Value {
+        self.writer.write_all(text.as_bytes()).unwrap();
+        self.read_reply()
+    }
+
+    /// Reads one reply line.
+    pub fn read_reply(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply line {line:?}: {e}"))
+    }
+
+    /// Second-generation push; returns the reply.
+    pub fn push(&mut self, ids: &[&str], msg: &str, token: &str) -> Value {
+        self.call(
+            "Server.SendToConnections",
+            json!({"connections": ids, "msg": msg, "token": token}),
+        )
+    }
+}

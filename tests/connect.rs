@@ -1,0 +1,211 @@
+//! Client connections end to end: upgrade, token refusal, duplicates, heartbeats,
+//! oversized frames, kicks and shard spreading, against the real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Comet, MessageServer, close_code, refusal_status, wait_until};
+use serde_json::json;
+
+#[test]
+fn good_token_calls_check_token_then_online_with_the_right_args() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let _client = comet.connect("u1", "secret", "{\"room\":7}").unwrap();
+    let rpc_addr = format!("127.0.0.1:{}", comet.rpc_port);
+
+    assert!(wait_until(Duration::from_secs(5), || server.count("online", "u1") == 1));
+    let calls = server.calls();
+    assert_eq!(calls[0].method, "checkToken");
+    assert_eq!(calls[0].args, vec![json!("u1"), json!("secret"), json!("{\"room\":7}"), json!(rpc_addr)]);
+    assert_eq!(calls[0].user_agent, "CtxImRpc 1.0");
+    let online = &server.calls_of("online")[0];
+    assert_eq!(online.args, vec![json!("u1"), json!("{\"room\":7}"), json!(rpc_addr)]);
+    assert!(online.at >= calls[0].at, "online must follow checkToken");
+}
+
+#[test]
+fn refused_or_malformed_token_gets_401_and_no_online() {
+    let server = MessageServer::start();
+    server.refuse_token("bad");
+    let comet = Comet::start(Some(&server), "");
+    assert_eq!(refusal_status(comet.connect("u2", "bad", "")), 401);
+    let no_t = format!("ws://127.0.0.1:{}/ws", comet.ws_port);
+    assert_eq!(refusal_status(common::connect_url(&no_t, comet.ws_port)), 401);
+    let not_json = format!("ws://127.0.0.1:{}/ws?t=%7Bnope", comet.ws_port);
+    assert_eq!(refusal_status(common::connect_url(&not_json, comet.ws_port)), 401);
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.calls_of("checkToken").len(), 1, "malformed tokens never reach checkToken");
+    assert!(server.calls_of("online").is_empty());
+    // The node still serves others.
+    let _ok = comet.connect("u3", "fine", "").unwrap();
+}
+
+#[test]
+fn duplicate_conn_id_gets_400_and_the_first_stays() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let mut first = comet.connect("dup", "t", "").unwrap();
+    // Across both shards: try several times so that both listeners are hit.
+    for _ in 0..6 {
+        assert_eq!(refusal_status(comet.connect("dup", "t", "")), 400);
+    }
+    let reply = comet.rpc().push(&["dup"], "still here", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(common::next_text(&mut first).as_deref(), Some("still here"));
+    assert_eq!(server.count("online", "dup"), 1);
+}
+
+#[test]
+fn replace_policy_closes_the_old_connection_first() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "duplicate_conn_id=replace");
+    let mut old = comet.connect("same", "t", "").unwrap();
+    let mut new = comet.connect("same", "t", "").unwrap();
+    assert_eq!(close_code(&mut old), Some(1008));
+    assert!(wait_until(Duration::from_secs(5), || server.count("online", "same") == 2));
+    let order: Vec<String> = server
+        .calls()
+        .into_iter()
+        .filter(|c| c.method != "checkToken")
+        .map(|c| c.method)
+        .collect();
+    assert_eq!(order, vec!["online", "offline", "online"]);
+    let reply = comet.rpc().push(&["same"], "to the new one", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(common::next_text(&mut new).as_deref(), Some("to the new one"));
+}
+
+#[test]
+fn silent_client_is_dropped_within_the_heartbeat_window() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "ping_interval=200ms\nheartbeat_timeout=600ms");
+    // A client that never reads never answers pings.
+    let _silent = comet.connect("quiet", "t", "").unwrap();
+    let mut lively = comet.connect("lively", "t", "").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server.count("online", "quiet") == 1));
+    let connected = Instant::now();
+    // The lively client answers pings (tungstenite replies while reading).
+    let lively_reader = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < deadline {
+            let _ = lively.read();
+        }
+        lively
+    });
+    assert!(wait_until(Duration::from_secs(3), || server.count("offline", "quiet") == 1));
+    let dropped_after = connected.elapsed();
+    assert!(dropped_after < Duration::from_millis(1200), "dropped after {dropped_after:?}");
+    let _lively = lively_reader.join().unwrap();
+    assert_eq!(server.count("offline", "lively"), 0, "a client answering pings stays");
+}
+
+#[test]
+fn oversized_frame_closes_with_1009_and_offline() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let mut client = comet.connect("big", "t", "").unwrap();
+    client.send(tungstenite::Message::text("x".repeat(600))).unwrap();
+    assert_eq!(close_code(&mut client), Some(1009));
+    assert!(wait_until(Duration::from_secs(5), || server.count("offline", "big") == 1));
+    // A message within the limit is fine.
+    let mut small = comet.connect("small", "t", "").unwrap();
+    small.send(tungstenite::Message::text("x".repeat(500))).unwrap();
+    let reply = comet.rpc().push(&["small"], "after", "");
+    assert_eq!(reply["result"], json!("ok"));
+    assert_eq!(common::next_text(&mut small).as_deref(), Some("after"));
+}
+
+#[test]
+fn kick_closes_the_client_and_reports_offline() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let mut client = comet.connect("kicked", "t", "").unwrap();
+    let reply = comet.rpc().call(
+        "Server.KickConnections",
+        json!({"connections": ["kicked"], "token": ""}),
+    );
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(close_code(&mut client), Some(1000));
+    assert!(wait_until(Duration::from_secs(5), || server.count("offline", "kicked") == 1));
+    let reply = comet.rpc().push(&["kicked"], "gone?", "");
+    assert!(reply["error"].as_str().unwrap().contains("kicked"), "{reply}");
+}
+
+#[test]
+fn clients_spread_over_both_shards() {
+    let comet = Comet::start(None, "max_proc=2");
+    let clients: Vec<_> = (0..40)
+        .map(|i| comet.connect(&format!("s{i}"), "t", "").unwrap())
+        .collect();
+    let node = comet.rpc().call("Server.GetNode", json!({"token": ""}));
+    assert_eq!(node["result"]["code"], json!(20000), "{node}");
+    let per_shard = node["result"]["data"]["connections_per_shard"].as_array().unwrap().clone();
+    assert_eq!(per_shard.len(), 2);
+    assert!(per_shard.iter().all(|n| n.as_u64().unwrap() > 0), "{per_shard:?}");
+    assert_eq!(node["result"]["data"]["connections"], json!(clients.len()));
+}
+
+#[test]
+fn client_close_reports_offline_exactly_once() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let mut client = comet.connect("leaver", "t", "").unwrap();
+    client.close(None).unwrap();
+    while client.read().is_ok() {}
+    drop(client);
+    let abrupt = comet.connect("dropper", "t", "").unwrap();
+    drop(abrupt);
+    assert!(wait_until(Duration::from_secs(5), || {
+        server.count("offline", "leaver") == 1 && server.count("offline", "dropper") == 1
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.count("offline", "leaver"), 1);
+    assert_eq!(server.count("offline", "dropper"), 1);
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001_and_delivers_every_offline() {
+    let server = MessageServer::start();
+    let mut comet = Comet::start(Some(&server), "");
+    let mut clients: Vec<_> = (0..20)
+        .map(|i| comet.connect(&format!("d{i}"), "t", "").unwrap())
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || server.calls_of("online").len() == 20));
+    let status = comet.terminate(Duration::from_secs(10)).expect("comet exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    for client in &mut clients {
+        assert_eq!(close_code(client), Some(1001));
+    }
+    assert_eq!(server.calls_of("offline").len(), 20);
+}
+
+#[test]
+fn slowloris_handshake_is_dropped() {
+    use std::io::{Read, Write};
+    let comet = Comet::start(None, "handshake_timeout=300ms");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", comet.ws_port)).unwrap();
+    stream.write_all(b"GET /ws?t=").unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the server closes without answering");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn bad_config_stops_startup_naming_the_key() {
+    let err = Comet::try_start(None, "websocket_port=70000").err().expect("must not start");
+    assert!(err.contains("websocket_port"), "{err}");
+    let err = Comet::try_start(None, "socket_protocol=pigeon").err().expect("must not start");
+    assert!(err.contains("socket_protocol"), "{err}");
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_comet"))
+        .args(["-c", "/nonexistent/comet.ini"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/comet.ini"));
+}
