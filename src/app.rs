@@ -30,8 +30,12 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     } else {
         tracing::warn!(etcd = ?config.etcd_endpoints, "etcd registration is not part of this build yet: running standalone");
     }
-    let rpc_listener = StdTcpListener::bind(config.rpc_listen)
-        .with_context(|| format!("config key `rpc_addr`: cannot listen on {}", config.rpc_listen))?;
+    let rpc_listener = StdTcpListener::bind(config.rpc_listen).with_context(|| {
+        format!(
+            "config key `rpc_addr`: cannot listen on {}",
+            config.rpc_listen
+        )
+    })?;
     rpc_listener.set_nonblocking(true)?;
 
     let callbacks = callback_client(&config);
@@ -85,7 +89,9 @@ fn log_limits() {
 
 fn callback_client(config: &Config) -> Option<CallbackClient> {
     if config.rpc_api_url.is_empty() {
-        tracing::warn!("rpc_api_url is empty: every token is accepted and presence is not reported");
+        tracing::warn!(
+            "rpc_api_url is empty: every token is accepted and presence is not reported"
+        );
         return None;
     }
     Some(CallbackClient::new(

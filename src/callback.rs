@@ -74,7 +74,12 @@ impl CallbackClient {
     }
 
     /// Reports a presence change.
-    pub fn presence(&self, kind: PresenceKind, conn_id: &str, info: &str) -> Result<(), CallbackError> {
+    pub fn presence(
+        &self,
+        kind: PresenceKind,
+        conn_id: &str,
+        info: &str,
+    ) -> Result<(), CallbackError> {
         self.call(kind.method(), &[conn_id, info, &self.rpc_addr])
     }
 
@@ -101,7 +106,9 @@ impl CallbackClient {
                 let why = reply.get("error").and_then(|e| e.as_str()).unwrap_or("");
                 Err(CallbackError::Refused(format!("code {code}: {why}")))
             }
-            None => Err(CallbackError::BadBody(format!("no numeric `code` in {reply}"))),
+            None => Err(CallbackError::BadBody(format!(
+                "no numeric `code` in {reply}"
+            ))),
         }
     }
 }
@@ -180,7 +187,11 @@ impl Presence {
             info: info.to_owned(),
         };
         if self.lanes[lane].send(event).is_err() {
-            tracing::error!(conn_id, method = kind.method(), "presence worker gone; callback lost");
+            tracing::error!(
+                conn_id,
+                method = kind.method(),
+                "presence worker gone; callback lost"
+            );
         }
     }
 }

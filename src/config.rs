@@ -299,7 +299,11 @@ impl RawIni {
     }
 
     fn unused(&self) -> impl Iterator<Item = (&str, usize)> {
-        let mut keys: Vec<_> = self.values.iter().map(|(k, (_, l))| (k.as_str(), *l)).collect();
+        let mut keys: Vec<_> = self
+            .values
+            .iter()
+            .map(|(k, (_, l))| (k.as_str(), *l))
+            .collect();
         keys.sort_by_key(|(_, line)| *line);
         keys.into_iter()
     }
@@ -318,7 +322,12 @@ fn unquote(value: &str) -> String {
     }
 }
 
-fn parse_count(key: &'static str, value: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+fn parse_count(
+    key: &'static str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
     match value.parse::<usize>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(ConfigError::BadValue {
@@ -363,7 +372,10 @@ fn parse_socket_protocol(raw: &mut RawIni) -> Result<SocketProtocol, ConfigError
     let older = raw.take("websocket_protocol");
     let (key, value) = match raw.take("socket_protocol") {
         Some(v) => ("socket_protocol", v),
-        None => ("websocket_protocol", older.clone().unwrap_or_else(|| "ws".into())),
+        None => (
+            "websocket_protocol",
+            older.clone().unwrap_or_else(|| "ws".into()),
+        ),
     };
     let protocol = match value.to_ascii_lowercase().as_str() {
         "websocket" | "ws" => SocketProtocol::Ws,
@@ -522,7 +534,10 @@ mod tests {
             ("socket_protocol=carrier-pigeon", "socket_protocol"),
             ("rpc_addr=nowhere", "rpc_addr"),
             ("max_frame_size=x", "max_frame_size"),
-            ("ping_interval=20\nheartbeat_timeout=10", "heartbeat_timeout"),
+            (
+                "ping_interval=20\nheartbeat_timeout=10",
+                "heartbeat_timeout",
+            ),
             ("socket_protocol=wss", "wss_cert_pem"),
             ("comet_rpc_addr=1.2.3.4", "comet_rpc_port"),
             ("duplicate_conn_id=maybe", "duplicate_conn_id"),

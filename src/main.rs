@@ -94,7 +94,10 @@ fn load_config(explicit: Option<PathBuf>) -> Result<Loaded, comet::config::Confi
     match explicit {
         Some(path) => Ok((Config::load(&path)?, path.display().to_string())),
         None if default_path.exists() => Ok((Config::load(&default_path)?, "./comet.ini".into())),
-        None => Ok((Config::parse(EMBEDDED_DEFAULT)?, "embedded default (standalone)".into())),
+        None => Ok((
+            Config::parse(EMBEDDED_DEFAULT)?,
+            "embedded default (standalone)".into(),
+        )),
     }
 }
 

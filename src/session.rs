@@ -74,7 +74,10 @@ impl CloseReason {
     pub fn flushes_queue(&self) -> bool {
         matches!(
             self,
-            CloseReason::ClientClosed | CloseReason::Kicked | CloseReason::Replaced | CloseReason::Shutdown
+            CloseReason::ClientClosed
+                | CloseReason::Kicked
+                | CloseReason::Replaced
+                | CloseReason::Shutdown
         )
     }
 }

@@ -15,13 +15,26 @@ fn good_token_calls_check_token_then_online_with_the_right_args() {
     let _client = comet.connect("u1", "secret", "{\"room\":7}").unwrap();
     let rpc_addr = format!("127.0.0.1:{}", comet.rpc_port);
 
-    assert!(wait_until(Duration::from_secs(5), || server.count("online", "u1") == 1));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "u1")
+        == 1));
     let calls = server.calls();
     assert_eq!(calls[0].method, "checkToken");
-    assert_eq!(calls[0].args, vec![json!("u1"), json!("secret"), json!("{\"room\":7}"), json!(rpc_addr)]);
+    assert_eq!(
+        calls[0].args,
+        vec![
+            json!("u1"),
+            json!("secret"),
+            json!("{\"room\":7}"),
+            json!(rpc_addr)
+        ]
+    );
     assert_eq!(calls[0].user_agent, "CtxImRpc 1.0");
     let online = &server.calls_of("online")[0];
-    assert_eq!(online.args, vec![json!("u1"), json!("{\"room\":7}"), json!(rpc_addr)]);
+    assert_eq!(
+        online.args,
+        vec![json!("u1"), json!("{\"room\":7}"), json!(rpc_addr)]
+    );
     assert!(online.at >= calls[0].at, "online must follow checkToken");
 }
 
@@ -32,12 +45,22 @@ fn refused_or_malformed_token_gets_401_and_no_online() {
     let comet = Comet::start(Some(&server), "");
     assert_eq!(refusal_status(comet.connect("u2", "bad", "")), 401);
     let no_t = format!("ws://127.0.0.1:{}/ws", comet.ws_port);
-    assert_eq!(refusal_status(common::connect_url(&no_t, comet.ws_port)), 401);
+    assert_eq!(
+        refusal_status(common::connect_url(&no_t, comet.ws_port)),
+        401
+    );
     let not_json = format!("ws://127.0.0.1:{}/ws?t=%7Bnope", comet.ws_port);
-    assert_eq!(refusal_status(common::connect_url(&not_json, comet.ws_port)), 401);
+    assert_eq!(
+        refusal_status(common::connect_url(&not_json, comet.ws_port)),
+        401
+    );
 
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(server.calls_of("checkToken").len(), 1, "malformed tokens never reach checkToken");
+    assert_eq!(
+        server.calls_of("checkToken").len(),
+        1,
+        "malformed tokens never reach checkToken"
+    );
     assert!(server.calls_of("online").is_empty());
     // The node still serves others.
     let _ok = comet.connect("u3", "fine", "").unwrap();
@@ -65,7 +88,9 @@ fn replace_policy_closes_the_old_connection_first() {
     let mut old = comet.connect("same", "t", "").unwrap();
     let mut new = comet.connect("same", "t", "").unwrap();
     assert_eq!(close_code(&mut old), Some(1008));
-    assert!(wait_until(Duration::from_secs(5), || server.count("online", "same") == 2));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "same")
+        == 2));
     let order: Vec<String> = server
         .calls()
         .into_iter()
@@ -75,17 +100,25 @@ fn replace_policy_closes_the_old_connection_first() {
     assert_eq!(order, vec!["online", "offline", "online"]);
     let reply = comet.rpc().push(&["same"], "to the new one", "");
     assert_eq!(reply["result"], json!("ok"), "{reply}");
-    assert_eq!(common::next_text(&mut new).as_deref(), Some("to the new one"));
+    assert_eq!(
+        common::next_text(&mut new).as_deref(),
+        Some("to the new one")
+    );
 }
 
 #[test]
 fn silent_client_is_dropped_within_the_heartbeat_window() {
     let server = MessageServer::start();
-    let comet = Comet::start(Some(&server), "ping_interval=200ms\nheartbeat_timeout=600ms");
+    let comet = Comet::start(
+        Some(&server),
+        "ping_interval=200ms\nheartbeat_timeout=600ms",
+    );
     // A client that never reads never answers pings.
     let _silent = comet.connect("quiet", "t", "").unwrap();
     let mut lively = comet.connect("lively", "t", "").unwrap();
-    assert!(wait_until(Duration::from_secs(5), || server.count("online", "quiet") == 1));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "quiet")
+        == 1));
     let connected = Instant::now();
     // The lively client answers pings (tungstenite replies while reading).
     let lively_reader = std::thread::spawn(move || {
@@ -95,11 +128,20 @@ fn silent_client_is_dropped_within_the_heartbeat_window() {
         }
         lively
     });
-    assert!(wait_until(Duration::from_secs(3), || server.count("offline", "quiet") == 1));
+    assert!(wait_until(Duration::from_secs(3), || server
+        .count("offline", "quiet")
+        == 1));
     let dropped_after = connected.elapsed();
-    assert!(dropped_after < Duration::from_millis(1200), "dropped after {dropped_after:?}");
+    assert!(
+        dropped_after < Duration::from_millis(1200),
+        "dropped after {dropped_after:?}"
+    );
     let _lively = lively_reader.join().unwrap();
-    assert_eq!(server.count("offline", "lively"), 0, "a client answering pings stays");
+    assert_eq!(
+        server.count("offline", "lively"),
+        0,
+        "a client answering pings stays"
+    );
 }
 
 #[test]
@@ -107,12 +149,18 @@ fn oversized_frame_closes_with_1009_and_offline() {
     let server = MessageServer::start();
     let comet = Comet::start(Some(&server), "");
     let mut client = comet.connect("big", "t", "").unwrap();
-    client.send(tungstenite::Message::text("x".repeat(600))).unwrap();
+    client
+        .send(tungstenite::Message::text("x".repeat(600)))
+        .unwrap();
     assert_eq!(close_code(&mut client), Some(1009));
-    assert!(wait_until(Duration::from_secs(5), || server.count("offline", "big") == 1));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("offline", "big")
+        == 1));
     // A message within the limit is fine.
     let mut small = comet.connect("small", "t", "").unwrap();
-    small.send(tungstenite::Message::text("x".repeat(500))).unwrap();
+    small
+        .send(tungstenite::Message::text("x".repeat(500)))
+        .unwrap();
     let reply = comet.rpc().push(&["small"], "after", "");
     assert_eq!(reply["result"], json!("ok"));
     assert_eq!(common::next_text(&mut small).as_deref(), Some("after"));
@@ -129,9 +177,14 @@ fn kick_closes_the_client_and_reports_offline() {
     );
     assert_eq!(reply["result"], json!("ok"), "{reply}");
     assert_eq!(close_code(&mut client), Some(1000));
-    assert!(wait_until(Duration::from_secs(5), || server.count("offline", "kicked") == 1));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("offline", "kicked")
+        == 1));
     let reply = comet.rpc().push(&["kicked"], "gone?", "");
-    assert!(reply["error"].as_str().unwrap().contains("kicked"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("kicked"),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -142,9 +195,15 @@ fn clients_spread_over_both_shards() {
         .collect();
     let node = comet.rpc().call("Server.GetNode", json!({"token": ""}));
     assert_eq!(node["result"]["code"], json!(20000), "{node}");
-    let per_shard = node["result"]["data"]["connections_per_shard"].as_array().unwrap().clone();
+    let per_shard = node["result"]["data"]["connections_per_shard"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(per_shard.len(), 2);
-    assert!(per_shard.iter().all(|n| n.as_u64().unwrap() > 0), "{per_shard:?}");
+    assert!(
+        per_shard.iter().all(|n| n.as_u64().unwrap() > 0),
+        "{per_shard:?}"
+    );
     assert_eq!(node["result"]["data"]["connections"], json!(clients.len()));
 }
 
@@ -173,8 +232,13 @@ fn sigterm_closes_clients_with_1001_and_delivers_every_offline() {
     let mut clients: Vec<_> = (0..20)
         .map(|i| comet.connect(&format!("d{i}"), "t", "").unwrap())
         .collect();
-    assert!(wait_until(Duration::from_secs(5), || server.calls_of("online").len() == 20));
-    let status = comet.terminate(Duration::from_secs(10)).expect("comet exits after SIGTERM");
+    assert!(wait_until(Duration::from_secs(5), || server
+        .calls_of("online")
+        .len()
+        == 20));
+    let status = comet
+        .terminate(Duration::from_secs(10))
+        .expect("comet exits after SIGTERM");
     assert!(status.success(), "{status:?}");
     for client in &mut clients {
         assert_eq!(close_code(client), Some(1001));
@@ -188,7 +252,9 @@ fn slowloris_handshake_is_dropped() {
     let comet = Comet::start(None, "handshake_timeout=300ms");
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", comet.ws_port)).unwrap();
     stream.write_all(b"GET /ws?t=").unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 64];
     let n = stream.read(&mut buf).unwrap_or(0);
@@ -198,9 +264,13 @@ fn slowloris_handshake_is_dropped() {
 
 #[test]
 fn bad_config_stops_startup_naming_the_key() {
-    let err = Comet::try_start(None, "websocket_port=70000").err().expect("must not start");
+    let err = Comet::try_start(None, "websocket_port=70000")
+        .err()
+        .expect("must not start");
     assert!(err.contains("websocket_port"), "{err}");
-    let err = Comet::try_start(None, "socket_protocol=pigeon").err().expect("must not start");
+    let err = Comet::try_start(None, "socket_protocol=pigeon")
+        .err()
+        .expect("must not start");
     assert!(err.contains("socket_protocol"), "{err}");
     let missing = std::process::Command::new(env!("CARGO_BIN_EXE_comet"))
         .args(["-c", "/nonexistent/comet.ini"])

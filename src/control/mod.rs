@@ -215,7 +215,11 @@ impl Node {
             }
         }
         let mut replies = Vec::new();
-        for (shard, ids) in per_shard.into_iter().enumerate().filter(|(_, ids)| !ids.is_empty()) {
+        for (shard, ids) in per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+        {
             let (reply, outcome) = oneshot::channel();
             self.shards[shard].send(ShardCommand::Kick {
                 conn_ids: ids,
@@ -242,7 +246,11 @@ impl Node {
 
     /// Every conn_id connected to this node.
     pub fn all_connections(&self) -> Vec<String> {
-        self.directory.borrow().conn_ids().map(str::to_owned).collect()
+        self.directory
+            .borrow()
+            .conn_ids()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Figures from every shard.

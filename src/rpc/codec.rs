@@ -62,6 +62,10 @@ impl Decoder {
                 Ok(None)
             }
             Some(Err(err)) => {
+                // Resynchronise at the end of the line where the error is, not the line
+                // where the broken value began: the next line is the next request.
+                let at = error_offset(&self.buf, err.line(), err.column());
+                self.buf.drain(..at);
                 self.skipping_line = true;
                 self.skip_line();
                 Ok(Some(Frame::Malformed(format!("invalid JSON: {err}"))))
@@ -84,6 +88,20 @@ impl Decoder {
             }
         }
     }
+}
+
+/// The byte offset of serde_json's 1-based line and column in `buf`.
+fn error_offset(buf: &[u8], line: usize, column: usize) -> usize {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        buf.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(line - 2)
+            .map_or(buf.len(), |(i, _)| i + 1)
+    };
+    (line_start + column.saturating_sub(1)).min(buf.len())
 }
 
 /// A decoded call.
@@ -110,7 +128,10 @@ pub fn parse_request(value: Value) -> Result<Request, (Value, String)> {
     let param = match object.remove("params") {
         Some(Value::Array(mut params)) if params.len() == 1 => params.remove(0),
         Some(Value::Array(params)) => {
-            return Err((id, format!("params must hold exactly one value, found {}", params.len())));
+            return Err((
+                id,
+                format!("params must hold exactly one value, found {}", params.len()),
+            ));
         }
         Some(other) => other,
         None => Value::Null,
@@ -148,7 +169,10 @@ mod tests {
     #[test]
     fn back_to_back_and_split_objects() {
         let out = frames(&[b"{\"a\":1}{\"b\"", b":2}\n"]);
-        assert_eq!(out, vec![Frame::Value(json!({"a":1})), Frame::Value(json!({"b":2}))]);
+        assert_eq!(
+            out,
+            vec![Frame::Value(json!({"a":1})), Frame::Value(json!({"b":2}))]
+        );
     }
 
     #[test]
@@ -167,6 +191,14 @@ mod tests {
     }
 
     #[test]
+    fn an_object_broken_on_its_second_line_costs_one_error() {
+        let out = frames(&[b"{\"a\": [\nnot json\n{\"b\":1}\n"]);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(out[0], Frame::Malformed(_)));
+        assert_eq!(out[1], Frame::Value(json!({"b": 1})));
+    }
+
+    #[test]
     fn request_shapes() {
         let req = parse_request(json!({"method":"Server.X","params":[{"k":1}],"id":7})).unwrap();
         assert_eq!(req.param, json!({"k":1}));
@@ -181,6 +213,9 @@ mod tests {
     #[test]
     fn reply_has_go_shape() {
         let line = encode_reply(&json!(7), Err("boom".into()));
-        assert_eq!(line, b"{\"error\":\"boom\",\"id\":7,\"result\":null}\n".to_vec());
+        assert_eq!(
+            line,
+            b"{\"error\":\"boom\",\"id\":7,\"result\":null}\n".to_vec()
+        );
     }
 }

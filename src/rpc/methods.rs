@@ -32,9 +32,9 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
         "KickConnections" => kick(node, &Fields::from(param)?).await,
         "Broadcast" => Ok(enveloped(broadcast(node, &Fields::from(param)?).await)),
         "CheckConnectionsOnline" => Ok(enveloped(check_online(node, &Fields::from(param)?))),
-        "GetAllConnections" => Ok(enveloped(authorised(node, &Fields::from(param)?).map(|()| {
-            json!(node.all_connections())
-        }))),
+        "GetAllConnections" => Ok(enveloped(
+            authorised(node, &Fields::from(param)?).map(|()| json!(node.all_connections())),
+        )),
         "GetNode" => Ok(enveloped(
             authorised(node, &Fields::from(param)?).map(|()| node.describe()),
         )),
@@ -50,7 +50,10 @@ impl Fields {
         match param {
             Value::Object(fields) => Ok(Fields(fields)),
             Value::Null => Ok(Fields(Map::new())),
-            other => Err(format!("params must be an object, found {}", type_name(&other))),
+            other => Err(format!(
+                "params must be an object, found {}",
+                type_name(&other)
+            )),
         }
     }
 
@@ -77,10 +80,16 @@ impl Fields {
                 .map(|item| match item {
                     Value::String(s) => Ok(s.clone()),
                     Value::Number(n) => Ok(n.to_string()),
-                    other => Err(format!("{name} must hold strings, found {}", type_name(other))),
+                    other => Err(format!(
+                        "{name} must hold strings, found {}",
+                        type_name(other)
+                    )),
                 })
                 .collect(),
-            Some(other) => Err(format!("{name} must be an array, found {}", type_name(other))),
+            Some(other) => Err(format!(
+                "{name} must be an array, found {}",
+                type_name(other)
+            )),
         }
     }
 }
@@ -104,9 +113,8 @@ fn token_ok(node: &Node, given: &str) -> bool {
 
 /// First generation: `P` is a string holding `{"to": [...], "msg": "..."}`.
 async fn send_first_generation(node: &Node, inner: &str) -> Result<Value, String> {
-    let failure = |ids: &[String], info: &str| {
-        Err(json!({"error_ids": ids, "error_info": info}).to_string())
-    };
+    let failure =
+        |ids: &[String], info: &str| Err(json!({"error_ids": ids, "error_info": info}).to_string());
     let fields = match serde_json::from_str::<Value>(inner) {
         Ok(Value::Object(fields)) => Fields(fields),
         Ok(_) | Err(_) => return failure(&[], "param is not a JSON object string"),
@@ -201,6 +209,8 @@ async fn broadcast(node: &Node, fields: &Fields) -> Enveloped {
 
 fn check_online(node: &Node, fields: &Fields) -> Enveloped {
     authorised(node, fields)?;
-    let connections = fields.ids("connections").map_err(|why| (code::BAD_PARAMS, why))?;
+    let connections = fields
+        .ids("connections")
+        .map_err(|why| (code::BAD_PARAMS, why))?;
     Ok(json!(node.online(&connections)))
 }

@@ -119,7 +119,9 @@ impl LiveConnection {
 
 impl Drop for LiveConnection {
     fn drop(&mut self) {
-        self.0.live_connections.set(self.0.live_connections.get() - 1);
+        self.0
+            .live_connections
+            .set(self.0.live_connections.get() - 1);
     }
 }
 
@@ -235,7 +237,9 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 // glommio returns EMFILE without yielding: retrying at once would spin the
                 // core and starve every other task here, so back off on a timer.
                 if matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
-                    shard.accept_fd_exhausted.set(shard.accept_fd_exhausted.get() + 1);
+                    shard
+                        .accept_fd_exhausted
+                        .set(shard.accept_fd_exhausted.get() + 1);
                     if backoff == Duration::from_millis(1) {
                         tracing::warn!(shard = shard.id, error = %err, "out of file descriptors; accept backing off");
                     }
@@ -261,7 +265,8 @@ async fn heartbeat_loop(shard: Rc<Shard>) {
 /// the configured window, coarse enough to cost nothing at 9 s / 10 s.
 fn heartbeat_tick(config: &Config) -> Duration {
     let slack = config.heartbeat_timeout - config.ping_interval;
-    (config.ping_interval.min(slack) / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
+    (config.ping_interval.min(slack) / 4)
+        .clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
 impl Shard {
@@ -300,7 +305,8 @@ impl Shard {
 
     /// Counts a refused handshake.
     pub fn handshake_refused(&self) {
-        self.handshakes_refused.set(self.handshakes_refused.get() + 1);
+        self.handshakes_refused
+            .set(self.handshakes_refused.get() + 1);
     }
 
     /// Puts an upgraded client in the table and reports it online.
@@ -445,7 +451,11 @@ impl Shard {
             Timer::new(Duration::from_millis(10)).await;
         }
         if self.live_connections.get() > 0 {
-            tracing::warn!(shard = self.id, left = self.live_connections.get(), "shutdown: connections still open at the deadline");
+            tracing::warn!(
+                shard = self.id,
+                left = self.live_connections.get(),
+                "shutdown: connections still open at the deadline"
+            );
         }
     }
 }

@@ -66,7 +66,12 @@ impl MessageServer {
 
     /// checkToken with this token gets code 1.
     pub fn refuse_token(&self, token: &str) {
-        self.shared.behaviour.lock().unwrap().refused_tokens.insert(token.into());
+        self.shared
+            .behaviour
+            .lock()
+            .unwrap()
+            .refused_tokens
+            .insert(token.into());
     }
 
     /// Every call of `method` waits `delay` before answering.
@@ -97,12 +102,18 @@ impl MessageServer {
 
     /// Recorded calls of one method.
     pub fn calls_of(&self, method: &str) -> Vec<Callback> {
-        self.calls().into_iter().filter(|c| c.method == method).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == method)
+            .collect()
     }
 
     /// Recorded calls of one method for one conn_id (first argument).
     pub fn count(&self, method: &str, conn_id: &str) -> usize {
-        self.calls_of(method).iter().filter(|c| c.arg(0) == conn_id).count()
+        self.calls_of(method)
+            .iter()
+            .filter(|c| c.arg(0) == conn_id)
+            .count()
     }
 }
 
@@ -129,7 +140,9 @@ fn spawn_acceptor(listener: TcpListener, shared: Arc<Shared>) {
 
 fn serve(stream: TcpStream, shared: &Shared) {
     stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let mut writer = stream.try_clone().unwrap();
     let mut reader = BufReader::new(stream);
     while shared.alive.load(Ordering::SeqCst) {
@@ -159,12 +172,18 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<(String, Vec
     match reader.read_line(&mut line) {
         Ok(0) => return Err(()),
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
             return Ok(None);
         }
         Err(_) => return Err(()),
     }
-    reader.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut length = 0;
     let mut user_agent = String::new();
     loop {
@@ -184,7 +203,10 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<(String, Vec
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).map_err(|_| ())?;
-    reader.get_ref().set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     Ok(Some((user_agent, body)))
 }
 
@@ -200,7 +222,10 @@ fn handle(shared: &Shared, user_agent: &str, body: &[u8]) -> String {
             .filter(|(m, _)| *m == method)
             .map(|(_, d)| *d);
         let refused = method == "checkToken"
-            && args.get(1).and_then(Value::as_str).is_some_and(|t| behaviour.refused_tokens.contains(t));
+            && args
+                .get(1)
+                .and_then(Value::as_str)
+                .is_some_and(|t| behaviour.refused_tokens.contains(t));
         (stall, refused)
     };
     if let Some(delay) = stall {

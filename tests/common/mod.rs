@@ -19,7 +19,11 @@ pub use message_server::MessageServer;
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh directory under the system temp dir.
@@ -104,7 +108,9 @@ impl Comet {
     }
 
     fn exited(&mut self) -> bool {
-        self.child.as_mut().is_none_or(|c| c.try_wait().unwrap().is_some())
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().unwrap().is_some())
     }
 
     /// The node's log so far.
@@ -159,7 +165,12 @@ impl Comet {
     }
 
     /// Connects a WebSocket client.
-    pub fn connect(&self, conn_id: &str, token: &str, info: &str) -> Result<Client, tungstenite::Error> {
+    pub fn connect(
+        &self,
+        conn_id: &str,
+        token: &str,
+        info: &str,
+    ) -> Result<Client, tungstenite::Error> {
         connect_url(&self.ws_url(conn_id, token, info), self.ws_port)
     }
 
@@ -178,7 +189,10 @@ impl Drop for Comet {
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Whether something accepts TCP connections on this loopback port.
@@ -192,12 +206,16 @@ pub type Client = WebSocket<TcpStream>;
 /// Connects to a WebSocket URL on a loopback port, with a 5 s read timeout.
 pub fn connect_url(url: &str, port: u16) -> Result<Client, tungstenite::Error> {
     let stream = TcpStream::connect(("127.0.0.1", port)).map_err(tungstenite::Error::Io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     stream.set_nodelay(true).unwrap();
     match tungstenite::client::client(url, stream) {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::HandshakeError::Failure(err)) => Err(err),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake interrupted"),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            panic!("blocking handshake interrupted")
+        }
     }
 }
 
@@ -244,7 +262,9 @@ impl Rpc {
     /// Connects to the push RPC port.
     pub fn connect(port: u16) -> Rpc {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         Rpc {
             reader: BufReader::new(stream.try_clone().unwrap()),
             writer: stream,

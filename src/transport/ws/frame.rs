@@ -248,15 +248,17 @@ impl Decoder {
             return Err(FrameError::Protocol("client frames must be masked"));
         }
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(FrameError::Protocol("reserved bits set without an extension"));
+            return Err(FrameError::Protocol(
+                "reserved bits set without an extension",
+            ));
         }
         match header.opcode {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 Err(FrameError::Protocol("reserved opcode"))
             }
-            OpCode::Control(_) if length as usize > MAX_CONTROL_PAYLOAD || !header.is_final => {
-                Err(FrameError::Protocol("control frames must be final and at most 125 bytes"))
-            }
+            OpCode::Control(_) if length as usize > MAX_CONTROL_PAYLOAD || !header.is_final => Err(
+                FrameError::Protocol("control frames must be final and at most 125 bytes"),
+            ),
             OpCode::Control(_) => Ok(()),
             OpCode::Data(data) => {
                 let continues = data == Data::Continue;
@@ -282,7 +284,11 @@ impl Decoder {
     fn classify(&mut self, header: FrameHeader, payload: Vec<u8>) -> Result<Inbound, FrameError> {
         Ok(match header.opcode {
             OpCode::Data(data) => {
-                let base = if data == Data::Continue { self.message_len } else { 0 };
+                let base = if data == Data::Continue {
+                    self.message_len
+                } else {
+                    0
+                };
                 self.message_len = base + payload.len() as u64;
                 self.in_message = !header.is_final;
                 if header.is_final {
@@ -400,7 +406,11 @@ mod tests {
         let frames = decode(&mut Decoder::default(), &bytes).unwrap();
         assert_eq!(
             frames,
-            vec![Inbound::Ping(b"p".to_vec()), Inbound::Pong, Inbound::Close(Some(1000))]
+            vec![
+                Inbound::Ping(b"p".to_vec()),
+                Inbound::Pong,
+                Inbound::Close(Some(1000))
+            ]
         );
     }
 

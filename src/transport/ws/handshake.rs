@@ -104,7 +104,9 @@ fn check_upgrade_headers(headers: &[httparse::Header<'_>]) -> Result<String, Han
         return Err(HandshakeError::NotUpgrade("missing `Connection: Upgrade`"));
     }
     if find("Sec-WebSocket-Version").map(str::trim) != Some("13") {
-        return Err(HandshakeError::NotUpgrade("Sec-WebSocket-Version must be 13"));
+        return Err(HandshakeError::NotUpgrade(
+            "Sec-WebSocket-Version must be 13",
+        ));
     }
     match find("Sec-WebSocket-Key").map(str::trim) {
         Some(key) if !key.is_empty() => Ok(key.to_owned()),
@@ -143,7 +145,9 @@ pub fn token_from_json(json: &[u8]) -> Result<ClientToken, HandshakeError> {
         return Err(HandshakeError::BadToken("conn_id is empty".into()));
     }
     if conn_id.len() > 256 {
-        return Err(HandshakeError::BadToken("conn_id longer than 256 bytes".into()));
+        return Err(HandshakeError::BadToken(
+            "conn_id longer than 256 bytes".into(),
+        ));
     }
     Ok(ClientToken {
         conn_id,
@@ -210,7 +214,11 @@ mod tests {
 
     #[test]
     fn incomplete_request_asks_for_more() {
-        assert!(parse_request(b"GET /ws?t=x HTTP/1.1\r\nHost:", "/ws").unwrap().is_none());
+        assert!(
+            parse_request(b"GET /ws?t=x HTTP/1.1\r\nHost:", "/ws")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -239,7 +247,10 @@ mod tests {
     #[test]
     fn oversized_request_is_refused() {
         let big = format!("GET /ws?t={} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST_BYTES));
-        assert_eq!(parse_request(big.as_bytes(), "/ws").unwrap_err(), HandshakeError::TooLarge);
+        assert_eq!(
+            parse_request(big.as_bytes(), "/ws").unwrap_err(),
+            HandshakeError::TooLarge
+        );
     }
 
     #[test]

@@ -80,7 +80,8 @@ async fn handshake(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Rc<Sessi
             tracing::info!(shard = shard.id, peer = ?peer, reason = %reason, "handshake refused");
             if let Some(status) = status {
                 let response = handshake::refusal_response(status, &reason, retry);
-                let _ = with_deadline(stream.write_all(&response), shard.config.close_timeout).await;
+                let _ =
+                    with_deadline(stream.write_all(&response), shard.config.close_timeout).await;
             }
             None
         }
@@ -182,7 +183,8 @@ async fn run_session(shard: &Shard, stream: &mut TcpStream, session: &Session) -
             if let Some(reason) = session.close_reason() {
                 return Poll::Ready(reason);
             }
-            if let Poll::Ready(Err(_)) = flush(cx, stream, session, shard.config.coalesce_messages) {
+            if let Poll::Ready(Err(_)) = flush(cx, stream, session, shard.config.coalesce_messages)
+            {
                 return Poll::Ready(CloseReason::ClientGone);
             }
             match read_frames(cx, shard, stream, session, &mut decoder) {
@@ -244,7 +246,9 @@ fn read_frames(
     let mut scratch = shard.scratch();
     let n = match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
         Poll::Pending => return Poll::Pending,
-        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Some(CloseReason::ClientGone)),
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+            return Poll::Ready(Some(CloseReason::ClientGone));
+        }
         Poll::Ready(Ok(n)) => n,
     };
     session.touch(Instant::now());

@@ -1,0 +1,110 @@
+//! The push RPC's handling of bad input: wrong tokens, malformed JSON, unknown methods,
+//! wrong shapes. Each gets a precise error and the connection stays usable.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+
+use common::Comet;
+use serde_json::json;
+
+#[test]
+fn wrong_token_is_refused_in_every_generation() {
+    let comet = Comet::start(None, "comet_rpc_token=right");
+    let mut client = comet.connect("c", "t", "").unwrap();
+    let mut rpc = comet.rpc();
+
+    let reply = rpc.push(&["c"], "nope", "wrong");
+    let error: serde_json::Value = serde_json::from_str(reply["error"].as_str().unwrap()).unwrap();
+    assert_eq!(error, json!({"ids": [], "msg": "token error."}));
+
+    let param = json!({"to": ["c"], "msg": "nope"}).to_string();
+    let reply = rpc.call("Server.SendToConnections", json!(param));
+    assert!(
+        reply["error"].as_str().unwrap().contains("token error"),
+        "{reply}"
+    );
+
+    let reply = rpc.call(
+        "Server.KickConnections",
+        json!({"connections": ["c"], "token": "bad"}),
+    );
+    assert!(
+        reply["error"].as_str().unwrap().contains("token error"),
+        "{reply}"
+    );
+
+    let reply = rpc.call("Server.GetNode", json!({"token": "bad"}));
+    assert_eq!(reply["result"]["code"], json!(40100));
+
+    // Nothing was delivered or kicked; the right token works.
+    assert_eq!(rpc.push(&["c"], "yes", "right")["result"], json!("ok"));
+    assert_eq!(common::next_text(&mut client).as_deref(), Some("yes"));
+}
+
+#[test]
+fn malformed_json_gets_an_error_reply_and_the_connection_stays_usable() {
+    let comet = Comet::start(None, "");
+    let mut client = comet.connect("c", "t", "").unwrap();
+    let mut rpc = comet.rpc();
+
+    // An object left open on one line and broken on the next: one error, then resync.
+    let reply =
+        rpc.raw("{\"method\": \"Server.SendToConnections\", \"params\": [\nthis is not json\n");
+    assert!(
+        reply["error"].as_str().unwrap().contains("invalid JSON"),
+        "{reply}"
+    );
+    assert!(reply["id"].is_null());
+
+    let reply = rpc.raw("[1,2,3]\n");
+    assert!(
+        reply["error"].as_str().unwrap().contains("JSON object"),
+        "{reply}"
+    );
+
+    let reply = rpc.call("Server.NoSuchMethod", json!({}));
+    assert_eq!(
+        reply["error"],
+        json!("rpc: can't find method Server.NoSuchMethod")
+    );
+
+    let reply = rpc.call("Server.SendToConnections", json!(42));
+    assert!(
+        reply["error"].as_str().unwrap().contains("a number"),
+        "{reply}"
+    );
+
+    let reply = rpc.raw("{\"method\":\"Server.GetNode\",\"params\":[{},{}],\"id\":9}\n");
+    assert_eq!(reply["id"], json!(9));
+    assert!(
+        reply["error"].as_str().unwrap().contains("exactly one"),
+        "{reply}"
+    );
+
+    assert_eq!(rpc.push(&["c"], "still works", "")["result"], json!("ok"));
+    assert_eq!(
+        common::next_text(&mut client).as_deref(),
+        Some("still works")
+    );
+}
+
+#[test]
+fn calls_written_back_to_back_are_answered_in_order() {
+    let comet = Comet::start(None, "");
+    let _client = comet.connect("c", "t", "").unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", comet.rpc_port)).unwrap();
+    let mut batch = String::new();
+    for id in 0..50 {
+        batch.push_str(&json!({"method": "Server.CheckConnectionsOnline", "params": [{"connections": ["c"]}], "id": id}).to_string());
+    }
+    stream.write_all(batch.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    for id in 0..50 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["id"], json!(id));
+        assert_eq!(reply["result"]["data"], json!(["c"]));
+    }
+}
