@@ -279,3 +279,72 @@ fn bad_config_stops_startup_naming_the_key() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/comet.ini"));
 }
+
+#[test]
+fn presence_survives_a_briefly_dead_message_server() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let client = comet.connect("blip", "t", "").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "blip")
+        == 1));
+    server.die();
+    // While it is down, new clients cannot be verified: 503, not 401.
+    assert_eq!(refusal_status(comet.connect("newcomer", "t", "")), 503);
+    drop(client);
+    std::thread::sleep(Duration::from_millis(700));
+    server.revive();
+    assert!(
+        wait_until(Duration::from_secs(10), || server.count("offline", "blip")
+            == 1),
+        "offline retried until the message server came back"
+    );
+    assert!(
+        server
+            .calls_of("online")
+            .iter()
+            .all(|c| c.arg(0) != "newcomer")
+    );
+}
+
+#[test]
+fn accept_backs_off_without_spinning_when_descriptors_run_out() {
+    // A hard limit of 64 descriptors: the node raises its soft limit to it and no further.
+    let ws_port = common::free_port();
+    let rpc_port = common::free_port();
+    let ini = format!(
+        "max_proc=1\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\nrpc_api_url=\n"
+    );
+    let comet = Comet::spawn_with_ini_limited(&ini, ws_port, rpc_port, 64).unwrap();
+    let mut held = Vec::new();
+    for i in 0..80 {
+        match comet.connect(&format!("fd{i}"), "t", "") {
+            Ok(client) => held.push(client),
+            Err(_) => break,
+        }
+    }
+    // Pile up connections the node cannot accept.
+    let pending: Vec<_> = (0..20)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", ws_port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu_before = comet.cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu_used = comet.cpu_ticks() - cpu_before;
+    assert!(
+        cpu_used < 20,
+        "node used {cpu_used} ticks (of 100/s) while out of descriptors"
+    );
+    let node = comet
+        .rpc_when_possible(&mut held)
+        .call("Server.GetNode", json!({}));
+    let exhausted = node["result"]["data"]["shard_stats"][0]["accept_fd_exhausted"]
+        .as_u64()
+        .unwrap();
+    assert!(exhausted > 0, "{node}");
+    drop(pending);
+    held.clear();
+    assert!(wait_until(Duration::from_secs(5), || comet
+        .connect("after", "t", "")
+        .is_ok()));
+}

@@ -271,8 +271,9 @@ impl Node {
         all
     }
 
-    /// The node's identity and connection counts (the `GetNode` answer).
-    pub fn describe(&self) -> serde_json::Value {
+    /// The node's identity, connection counts and shard figures (the `GetNode` answer).
+    pub async fn describe(&self) -> serde_json::Value {
+        let shard_stats = self.shard_stats().await;
         let directory = self.directory.borrow();
         serde_json::json!({
             "rpc_addr": self.config.rpc_addr,
@@ -285,6 +286,7 @@ impl Node {
             "connections": directory.len(),
             "connections_per_shard": directory.per_shard(),
             "shards": self.shards.len(),
+            "shard_stats": shard_stats,
         })
     }
 

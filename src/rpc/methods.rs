@@ -35,9 +35,10 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
         "GetAllConnections" => Ok(enveloped(
             authorised(node, &Fields::from(param)?).map(|()| json!(node.all_connections())),
         )),
-        "GetNode" => Ok(enveloped(
-            authorised(node, &Fields::from(param)?).map(|()| node.describe()),
-        )),
+        "GetNode" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
+            Ok(()) => Ok(node.describe().await),
+            Err(refused) => Err(refused),
+        })),
         _ => Err(format!("rpc: can't find method {method}")),
     }
 }

@@ -79,11 +79,40 @@ impl Comet {
 
     /// Starts a node on a complete INI text.
     pub fn spawn_with_ini(ini: &str, ws_port: u16, rpc_port: u16) -> Result<Comet, String> {
+        Comet::spawn(
+            Command::new(env!("CARGO_BIN_EXE_comet")),
+            ini,
+            ws_port,
+            rpc_port,
+        )
+    }
+
+    /// Starts a node whose open-files hard limit is `nofile` (through util-linux `prlimit`,
+    /// which execs the node, so the pid is the node's).
+    pub fn spawn_with_ini_limited(
+        ini: &str,
+        ws_port: u16,
+        rpc_port: u16,
+        nofile: u32,
+    ) -> Result<Comet, String> {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(env!("CARGO_BIN_EXE_comet"));
+        Comet::spawn(command, ini, ws_port, rpc_port)
+    }
+
+    fn spawn(
+        mut command: Command,
+        ini: &str,
+        ws_port: u16,
+        rpc_port: u16,
+    ) -> Result<Comet, String> {
         let dir = temp_dir("node");
         let config = dir.join("comet.ini");
         std::fs::write(&config, ini).unwrap();
         let log = dir.join("comet.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_comet"))
+        let child = command
             .arg("-c")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -131,6 +160,31 @@ impl Comet {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
+    }
+
+    /// utime + stime of the process, in clock ticks (100 per second).
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// An RPC client, closing WebSocket clients from `held` until a descriptor frees up
+    /// (the RPC listener shares the node's descriptor budget).
+    pub fn rpc_when_possible(&self, held: &mut Vec<Client>) -> Rpc {
+        loop {
+            let stream = TcpStream::connect(("127.0.0.1", self.rpc_port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut probe = Rpc::from_stream(stream);
+            if probe.try_call("Server.GetNode", json!({})).is_some() {
+                return probe;
+            }
+            held.pop().expect("no client left to close");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status (at most `limit`).
@@ -213,8 +267,9 @@ pub fn connect_url(url: &str, port: u16) -> Result<Client, tungstenite::Error> {
     match tungstenite::client::client(url, stream) {
         Ok((socket, _)) => Ok(socket),
         Err(tungstenite::HandshakeError::Failure(err)) => Err(err),
+        // The read timeout fired mid-handshake: the server never answered.
         Err(tungstenite::HandshakeError::Interrupted(_)) => {
-            panic!("blocking handshake interrupted")
+            Err(tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))
         }
     }
 }
@@ -265,6 +320,11 @@ impl Rpc {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        Rpc::from_stream(stream)
+    }
+
+    /// Wraps a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Rpc {
         Rpc {
             reader: BufReader::new(stream.try_clone().unwrap()),
             writer: stream,
@@ -280,6 +340,17 @@ impl Rpc {
         let reply = self.raw(&format!("{request}\n"));
         assert_eq!(reply["id"], json!(id), "reply id mismatch: {reply}");
         reply
+    }
+
+    /// Like [`Rpc::call`], but `None` when no reply arrives.
+    pub fn try_call(&mut self, method: &str, param: Value) -> Option<Value> {
+        let request = json!({"method": method, "params": [param], "id": 0});
+        self.writer
+            .write_all(format!("{request}\n").as_bytes())
+            .ok()?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
     }
 
     /// Writes raw bytes and reads one reply line.
