@@ -571,6 +571,12 @@ mod tests {
     }
 
     #[test]
+    fn example_file_documents_only_known_keys() {
+        let (_, warnings) = Config::parse(include_str!("../comet.example.ini")).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
     fn embedded_default_is_standalone() {
         let (config, warnings) = Config::parse(EMBEDDED_DEFAULT).unwrap();
         assert!(warnings.is_empty());

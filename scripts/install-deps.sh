@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build, run and test Comet.
+# Idempotent: installs only missing packages. Uses sudo when not root.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)   # etcd-client's build
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)           # tests: a real etcd
+command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)          # README quickstart
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)         # tests: descriptor limits
+command -v cc >/dev/null 2>&1 || need+=(build-essential)         # mimalloc's C code
+
+if ((${#need[@]})); then
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+    echo "installing: ${need[*]}"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
