@@ -9,7 +9,9 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let conn_id = args.next().unwrap_or_else(|| "user-1".to_owned());
     let token = args.next().unwrap_or_else(|| "any".to_owned());
-    let base = args.next().unwrap_or_else(|| "ws://127.0.0.1:8900".to_owned());
+    let base = args
+        .next()
+        .unwrap_or_else(|| "ws://127.0.0.1:8900".to_owned());
     let t = serde_json::json!({"conn_id": conn_id, "token": token, "info": ""}).to_string();
     let encoded = percent_encoding::utf8_percent_encode(&t, percent_encoding::NON_ALPHANUMERIC);
     let url = format!("{base}/ws?t={encoded}");
