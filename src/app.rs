@@ -7,13 +7,14 @@
 use std::net::TcpListener as StdTcpListener;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::callback::{CallbackClient, Presence};
+use crate::callback::{CallbackClient, CallbackStats, Presence};
 use crate::config::{Config, SocketProtocol};
-use crate::control::{self, Node};
+use crate::control::{self, Node, NodeParts};
 use crate::shard::{self, ShardDeps};
 
 /// Presence worker threads: enough to overlap a few slow callbacks, few enough that a
@@ -27,8 +28,6 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     log_limits();
     if config.etcd_endpoints.is_empty() {
         tracing::info!("etcd_addr is empty: running standalone, not registered anywhere");
-    } else {
-        tracing::warn!(etcd = ?config.etcd_endpoints, "etcd registration is not part of this build yet: running standalone");
     }
     let rpc_listener = StdTcpListener::bind(config.rpc_listen).with_context(|| {
         format!(
@@ -38,7 +37,9 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     })?;
     rpc_listener.set_nonblocking(true)?;
 
-    let callbacks = callback_client(&config);
+    let callback_stats = Arc::new(CallbackStats::default());
+    let refuse_new_clients = Arc::new(AtomicBool::new(false));
+    let callbacks = callback_client(&config, &callback_stats);
     let (presence, presence_workers) =
         Presence::start(callbacks.clone(), PRESENCE_WORKERS, config.callback_retries);
     let (control_link, directory_requests) = control::link();
@@ -47,6 +48,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         control: control_link,
         presence: presence.clone(),
         callbacks,
+        refuse_new_clients: Arc::clone(&refuse_new_clients),
     })?;
     tracing::info!(
         shards = config.max_proc,
@@ -56,13 +58,18 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         "comet ready"
     );
 
-    let node = Node::new(Arc::clone(&config), shards.handles);
-    run_control(node, directory_requests, rpc_listener, shards.threads)?;
+    let node = Node::new(NodeParts {
+        config: Arc::clone(&config),
+        shards: shards.handles,
+        refuse_new_clients,
+        callback_stats,
+    });
+    let outcome = run_control(node, directory_requests, rpc_listener, shards.threads);
     drop(presence);
     tracing::info!("delivering the last presence callbacks");
     presence_workers.join();
     tracing::info!("comet stopped");
-    Ok(())
+    outcome
 }
 
 fn refuse_unbuilt_transports(config: &Config) -> anyhow::Result<()> {
@@ -87,7 +94,7 @@ fn log_limits() {
     }
 }
 
-fn callback_client(config: &Config) -> Option<CallbackClient> {
+fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<CallbackClient> {
     if config.rpc_api_url.is_empty() {
         tracing::warn!(
             "rpc_api_url is empty: every token is accepted and presence is not reported"
@@ -99,10 +106,12 @@ fn callback_client(config: &Config) -> Option<CallbackClient> {
         &config.rpc_user_agent,
         &config.rpc_addr,
         config.callback_timeout,
+        Arc::clone(stats),
     ))
 }
 
-/// The control thread's runtime: directory, push RPC, and shutdown on a signal.
+/// The control thread's runtime: directory, push RPC, registration, load self-check,
+/// and shutdown on a signal (or on a registration conflict, which is fatal).
 fn run_control(
     node: Rc<Node>,
     directory_requests: control::DirectoryRequests,
@@ -120,12 +129,23 @@ fn run_control(
         let listener = tokio::net::TcpListener::from_std(rpc_listener)?;
         tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));
         tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), listener));
+        let interval = node.config.load_check_interval;
+        tokio::task::spawn_local(Rc::clone(&node).check_load(interval));
+        let registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());
 
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+        let fatal = tokio::select! {
+            _ = terminate.recv() => None,
+            _ = interrupt.recv() => None,
+            conflict = registration => Some(conflict),
+        };
+        match &fatal {
+            Some(Ok(conflict)) => tracing::error!("{conflict}; shutting down"),
+            Some(Err(panic)) => tracing::error!("registration task failed: {panic}; shutting down"),
+            None => {
+                tracing::info!("signal received: leaving etcd, then closing every client (a second signal exits at once)");
+                node.deregister().await;
+            }
         }
-        tracing::info!("signal received: closing every client (a second signal exits at once)");
         node.shutdown_shards();
         let joined = tokio::task::spawn_blocking(move || {
             for thread in shard_threads {
@@ -133,9 +153,14 @@ fn run_control(
             }
         });
         tokio::select! {
-            _ = joined => Ok(()),
+            _ = joined => {}
             _ = terminate.recv() => exit_now(),
             _ = interrupt.recv() => exit_now(),
+        }
+        match fatal {
+            Some(Ok(conflict)) => Err(conflict.into()),
+            Some(Err(panic)) => Err(anyhow::anyhow!("registration task failed: {panic}")),
+            None => Ok(()),
         }
     })
 }

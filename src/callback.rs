@@ -7,8 +7,9 @@
 //! `offline` is never delivered before its `online`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::json;
@@ -39,6 +40,58 @@ impl CallbackError {
     }
 }
 
+/// Upper bounds (milliseconds) of the callback latency histogram's buckets; a last,
+/// unbounded bucket follows.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// Callback counters shared by every thread that makes callbacks (lock-free).
+#[derive(Debug, Default)]
+pub struct CallbackStats {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    refusals: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl CallbackStats {
+    fn record(&self, elapsed: Duration, outcome: &Result<(), CallbackError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => {}
+            Err(CallbackError::Refused(_)) => {
+                self.refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let ms = elapsed.as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&bound| ms < bound)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A JSON snapshot: counts and the latency histogram (`le_ms` upper bounds).
+    pub fn snapshot(&self) -> serde_json::Value {
+        let counts: Vec<u64> = self.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let calls = self.calls.load(Ordering::Relaxed);
+        let sum_us = self.latency_sum_us.load(Ordering::Relaxed);
+        json!({
+            "calls": calls,
+            "failures": self.failures.load(Ordering::Relaxed),
+            "refusals": self.refusals.load(Ordering::Relaxed),
+            "mean_latency_ms": if calls == 0 { 0.0 } else { sum_us as f64 / calls as f64 / 1000.0 },
+            "latency_le_ms": LATENCY_BUCKETS_MS,
+            "latency_counts": counts,
+        })
+    }
+}
+
 /// A blocking client for the message server's callback URL. Cheap to clone (shared agent).
 #[derive(Clone)]
 pub struct CallbackClient {
@@ -46,11 +99,19 @@ pub struct CallbackClient {
     url: Arc<str>,
     user_agent: Arc<str>,
     rpc_addr: Arc<str>,
+    stats: Arc<CallbackStats>,
 }
 
 impl CallbackClient {
-    /// `rpc_addr` is the node identity sent as the last argument of client callbacks.
-    pub fn new(url: &str, user_agent: &str, rpc_addr: &str, timeout: Duration) -> CallbackClient {
+    /// `rpc_addr` is the node identity sent as the last argument of client callbacks;
+    /// every call is counted in `stats`.
+    pub fn new(
+        url: &str,
+        user_agent: &str,
+        rpc_addr: &str,
+        timeout: Duration,
+        stats: Arc<CallbackStats>,
+    ) -> CallbackClient {
         let agent = ureq::AgentBuilder::new()
             .timeout(timeout)
             // Many handshakes and presence events go to one host at once: keep a pool.
@@ -62,6 +123,7 @@ impl CallbackClient {
             url: url.into(),
             user_agent: user_agent.into(),
             rpc_addr: rpc_addr.into(),
+            stats,
         }
     }
 
@@ -85,6 +147,13 @@ impl CallbackClient {
 
     /// Posts `{"class":"Im","method":..,"args":[..]}` and checks for `{"code":0}`.
     pub fn call(&self, method: &str, args: &[&str]) -> Result<(), CallbackError> {
+        let started = Instant::now();
+        let outcome = self.post(method, args);
+        self.stats.record(started.elapsed(), &outcome);
+        outcome
+    }
+
+    fn post(&self, method: &str, args: &[&str]) -> Result<(), CallbackError> {
         let body = json!({"class": "Im", "method": method, "args": args});
         let response = self
             .agent

@@ -130,6 +130,32 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
+    /// TTL of the node's etcd lease.
+    pub etcd_lease_ttl: Duration,
+    /// Interval between lease keepalives.
+    pub etcd_keepalive_interval: Duration,
+    /// Load thresholds that make the node advertise itself overloaded / refuse new clients.
+    pub overload: OverloadThresholds,
+    /// How often the load self-check samples.
+    pub load_check_interval: Duration,
+}
+
+/// Load self-check thresholds. `None` disables a threshold. A soft threshold sets
+/// `overloaded: true` in the node's etcd value; a hard one makes new handshakes get 503.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OverloadThresholds {
+    /// Connected clients.
+    pub soft_connections: Option<u64>,
+    /// Connected clients.
+    pub hard_connections: Option<u64>,
+    /// Resident memory, bytes.
+    pub soft_rss: Option<u64>,
+    /// Resident memory, bytes.
+    pub hard_rss: Option<u64>,
+    /// Messages waiting in outbound queues.
+    pub soft_queued: Option<u64>,
+    /// Messages waiting in outbound queues.
+    pub hard_queued: Option<u64>,
 }
 
 impl Config {
@@ -211,6 +237,11 @@ impl Config {
             callback_threads: raw.count("callback_threads", 8, 1, 256)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),
+            etcd_lease_ttl: parse_lease_ttl(raw)?,
+            etcd_keepalive_interval: raw
+                .duration("etcd_keepalive_interval", Duration::from_secs(1))?,
+            overload: parse_overload(raw)?,
+            load_check_interval: raw.duration("load_check_interval", Duration::from_secs(1))?,
         })
     }
 }
@@ -477,6 +508,53 @@ fn parse_duplicate_policy(raw: &mut RawIni) -> Result<DuplicatePolicy, ConfigErr
             }),
         },
     }
+}
+
+/// etcd leases are granted in whole seconds.
+fn parse_lease_ttl(raw: &mut RawIni) -> Result<Duration, ConfigError> {
+    let ttl = raw.duration("etcd_lease_ttl", Duration::from_secs(3))?;
+    if ttl < Duration::from_secs(1) || ttl.subsec_nanos() != 0 {
+        return Err(ConfigError::BadValue {
+            key: "etcd_lease_ttl",
+            value: format!("{ttl:?}"),
+            reason: "etcd leases are whole seconds, at least 1".into(),
+        });
+    }
+    Ok(ttl)
+}
+
+fn parse_overload(raw: &mut RawIni) -> Result<OverloadThresholds, ConfigError> {
+    let mut limit = |key: &'static str, scale: u64| -> Result<Option<u64>, ConfigError> {
+        match raw.count(key, 0, 0, usize::MAX)? {
+            0 => Ok(None),
+            n => Ok(Some(n as u64 * scale)),
+        }
+    };
+    let thresholds = OverloadThresholds {
+        soft_connections: limit("overload_soft_connections", 1)?,
+        hard_connections: limit("overload_hard_connections", 1)?,
+        soft_rss: limit("overload_soft_rss_mb", 1 << 20)?,
+        hard_rss: limit("overload_hard_rss_mb", 1 << 20)?,
+        soft_queued: limit("overload_soft_queued", 1)?,
+        hard_queued: limit("overload_hard_queued", 1)?,
+    };
+    let pairs = [
+        ("overload_hard_connections", thresholds.soft_connections, thresholds.hard_connections),
+        ("overload_hard_rss_mb", thresholds.soft_rss, thresholds.hard_rss),
+        ("overload_hard_queued", thresholds.soft_queued, thresholds.hard_queued),
+    ];
+    for (key, soft, hard) in pairs {
+        if let (Some(soft), Some(hard)) = (soft, hard) {
+            if hard < soft {
+                return Err(ConfigError::BadValue {
+                    key,
+                    value: hard.to_string(),
+                    reason: "the hard threshold must not be below the soft one".into(),
+                });
+            }
+        }
+    }
+    Ok(thresholds)
 }
 
 fn parse_endpoints(value: &str) -> Vec<String> {

@@ -1,25 +1,33 @@
 //! The control thread: one tokio current-thread runtime that owns the conn_id directory,
-//! serves the push RPC, fans pushes out to the shards and runs shutdown.
+//! serves the push RPC, fans pushes out to the shards, keeps the etcd registration, runs
+//! the load self-check and runs shutdown.
 //!
-//! It may wait on the network (RPC clients, later etcd) but never on a shard: commands
-//! go out through non-blocking channel sends and replies come back as futures. Shards
-//! reach it only through [`ControlLink`].
+//! It may wait on the network (RPC clients, etcd) but never on a shard: commands go out
+//! through non-blocking channel sends and replies come back as futures. Shards reach it
+//! only through [`ControlLink`].
 
 pub mod directory;
+pub mod etcd;
+pub mod load;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::callback::CallbackStats;
 use crate::config::Config;
 use crate::session::CloseReason;
 use crate::shard::{BroadcastOutcome, ShardCommand, ShardHandle, ShardStats};
 use crate::transport::ws::frame::EncodedFrame;
 use directory::{Claim, Directory};
+use etcd::{Published, Registrar};
+use load::{LoadCheck, LoadSample, LoadState};
 
 /// What shards ask of the directory.
 pub enum DirectoryRequest {
@@ -54,29 +62,139 @@ pub fn link() -> (ControlLink, DirectoryRequests) {
     (ControlLink(tx), rx)
 }
 
+/// Push RPC counters.
+#[derive(Debug, Default)]
+struct PushCounters {
+    calls: Cell<u64>,
+    recipients: Cell<u64>,
+    delivered: Cell<u64>,
+    failed: Cell<u64>,
+    broadcasts: Cell<u64>,
+    kicks: Cell<u64>,
+}
+
+fn bump(counter: &Cell<u64>, by: usize) {
+    counter.set(counter.get() + by as u64);
+}
+
+/// What the node needs besides its shards.
+pub struct NodeParts {
+    /// The node configuration.
+    pub config: Arc<Config>,
+    /// One handle per shard.
+    pub shards: Vec<ShardHandle>,
+    /// Shared with the shards: new handshakes get 503 while set.
+    pub refuse_new_clients: Arc<AtomicBool>,
+    /// Shared with every callback client.
+    pub callback_stats: Arc<CallbackStats>,
+}
+
 /// The control thread's view of the node.
 pub struct Node {
     /// The node configuration.
     pub config: Arc<Config>,
     directory: RefCell<Directory<oneshot::Sender<bool>>>,
     shards: Vec<ShardHandle>,
+    registrar: Option<Registrar>,
+    load: RefCell<LoadCheck>,
+    last_sample: Cell<LoadSample>,
+    refuse_new_clients: Arc<AtomicBool>,
+    callback_stats: Arc<CallbackStats>,
+    counters: PushCounters,
     started: Instant,
     started_unix: u64,
 }
 
 impl Node {
-    /// A node fanning out to `shards`.
-    pub fn new(config: Arc<Config>, shards: Vec<ShardHandle>) -> Rc<Node> {
+    /// A node fanning out to `parts.shards`.
+    pub fn new(parts: NodeParts) -> Rc<Node> {
+        let NodeParts {
+            config,
+            shards,
+            refuse_new_clients,
+            callback_stats,
+        } = parts;
         let directory = Directory::new(shards.len(), config.duplicate_conn_id);
         Rc::new(Node {
-            config,
             directory: RefCell::new(directory),
+            registrar: Registrar::new(&config),
+            load: RefCell::new(LoadCheck::new(config.overload)),
+            last_sample: Cell::new(LoadSample::default()),
+            refuse_new_clients,
+            callback_stats,
+            counters: PushCounters::default(),
+            config,
             shards,
             started: Instant::now(),
             started_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         })
+    }
+
+    /// Keeps the node registered in etcd. Returns only if registration is impossible
+    /// (another process holds this node's key); standalone nodes never return.
+    pub async fn keep_registered(self: Rc<Self>) -> etcd::RegistrationError {
+        match &self.registrar {
+            Some(registrar) => registrar.run(&self).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Removes the node's etcd key now (first step of a graceful shutdown).
+    pub async fn deregister(&self) {
+        if let Some(registrar) = &self.registrar {
+            registrar.deregister().await;
+        }
+    }
+
+    /// The value of the node's etcd key, and the load figures it carries.
+    pub fn registration_value(&self) -> (String, Published) {
+        let connections = self.directory.borrow().len() as u64;
+        let overloaded = self.load.borrow().state().overloaded;
+        let value = json!({
+            "Protocol": self.config.socket_protocol.scheme(),
+            "RpcAddr": self.config.rpc_addr,
+            "CometAddr": self.config.comet_addr(),
+            "connections": connections,
+            "shards": self.shards.len(),
+            "overloaded": overloaded,
+            "version": env!("CARGO_PKG_VERSION"),
+            "start_time": self.started_unix,
+        });
+        (
+            value.to_string(),
+            Published {
+                connections,
+                overloaded,
+            },
+        )
+    }
+
+    /// Samples the load every `interval` and applies the thresholds.
+    pub async fn check_load(self: Rc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let queued = self.shard_stats().await.iter().map(|s| s.queued_messages as u64).sum();
+            let sample = LoadSample {
+                connections: self.directory.borrow().len() as u64,
+                rss: crate::sys::rss_bytes().unwrap_or(0),
+                queued,
+            };
+            self.last_sample.set(sample);
+            let before = self.load.borrow().state();
+            let after = self.load.borrow_mut().update(sample);
+            if before != after {
+                tracing::warn!(?sample, overloaded = after.overloaded, refusing_new_clients = after.refusing, "load state changed");
+                self.refuse_new_clients.store(after.refusing, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The load state.
+    pub fn load_state(&self) -> LoadState {
+        self.load.borrow().state()
     }
 
     /// Applies shards' claims and releases until every shard has hung up.
@@ -139,6 +257,15 @@ impl Node {
     /// Delivers `msg` to each of `conn_ids` (duplicates count once); returns those not
     /// delivered: not on this node, closing, or whose queue was full.
     pub async fn push(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
+        let failed = self.fan_out(conn_ids, msg).await;
+        bump(&self.counters.calls, 1);
+        bump(&self.counters.recipients, conn_ids.len());
+        bump(&self.counters.failed, failed.len());
+        bump(&self.counters.delivered, conn_ids.len().saturating_sub(failed.len()));
+        failed
+    }
+
+    async fn fan_out(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
         let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
         let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
         let mut failed = Vec::new();
@@ -198,11 +325,15 @@ impl Node {
                 total.failed.extend(outcome.failed);
             }
         }
+        bump(&self.counters.broadcasts, 1);
+        bump(&self.counters.delivered, total.delivered);
+        bump(&self.counters.failed, total.failed.len());
         total
     }
 
     /// Closes these clients (each gets its `offline`); returns the ids not on this node.
     pub async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
+        bump(&self.counters.kicks, conn_ids.len());
         let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
         let mut missing = Vec::new();
         {
@@ -287,6 +418,31 @@ impl Node {
             "connections_per_shard": directory.per_shard(),
             "shards": self.shards.len(),
             "shard_stats": shard_stats,
+        })
+    }
+
+    /// Everything `Server.Status` reports.
+    pub async fn status(&self) -> serde_json::Value {
+        let c = &self.counters;
+        json!({
+            "node": self.describe().await,
+            "pushes": {
+                "calls": c.calls.get(),
+                "recipients": c.recipients.get(),
+                "delivered": c.delivered.get(),
+                "failed": c.failed.get(),
+                "broadcasts": c.broadcasts.get(),
+                "kicked": c.kicks.get(),
+            },
+            "callbacks": self.callback_stats.snapshot(),
+            "registration": match &self.registrar {
+                Some(registrar) => serde_json::to_value(registrar.status()).unwrap_or_default(),
+                None => json!({"state": "standalone"}),
+            },
+            "load": {
+                "sample": self.last_sample.get(),
+                "state": self.load_state(),
+            },
         })
     }
 

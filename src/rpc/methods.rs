@@ -39,6 +39,10 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
             Ok(()) => Ok(node.describe().await),
             Err(refused) => Err(refused),
         })),
+        "Status" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
+            Ok(()) => Ok(node.status().await),
+            Err(refused) => Err(refused),
+        })),
         _ => Err(format!("rpc: can't find method {method}")),
     }
 }

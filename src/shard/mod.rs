@@ -12,6 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -97,6 +98,7 @@ pub struct Shard {
     pub presence: Presence,
     /// `checkToken` client; `None` when no message server is configured.
     pub callbacks: Option<CallbackClient>,
+    refuse_new_clients: Arc<AtomicBool>,
     sessions: RefCell<AHashMap<Rc<str>, Rc<Session>>>,
     scratch: RefCell<Box<[u8]>>,
     draining: Cell<bool>,
@@ -136,6 +138,8 @@ pub struct ShardDeps {
     pub presence: Presence,
     /// `checkToken` client.
     pub callbacks: Option<CallbackClient>,
+    /// Set by the control thread's load self-check past a hard threshold.
+    pub refuse_new_clients: Arc<AtomicBool>,
 }
 
 /// Why the shards could not start.
@@ -277,6 +281,7 @@ impl Shard {
             control: deps.control,
             presence: deps.presence,
             callbacks: deps.callbacks,
+            refuse_new_clients: deps.refuse_new_clients,
             sessions: RefCell::new(AHashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
@@ -301,6 +306,11 @@ impl Shard {
     /// Whether the shard is shutting down (new handshakes are refused).
     pub fn is_draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Whether the node is past a hard load threshold (new handshakes get 503).
+    pub fn is_saturated(&self) -> bool {
+        self.refuse_new_clients.load(Ordering::Relaxed)
     }
 
     /// Counts a refused handshake.

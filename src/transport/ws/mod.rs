@@ -57,6 +57,7 @@ enum Refusal {
     MessageServer(String),
     Duplicate,
     Draining,
+    Saturated,
     TimedOut,
     Gone,
 }
@@ -74,6 +75,7 @@ async fn handshake(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Rc<Sessi
                 Refusal::MessageServer(_) | Refusal::Draining => {
                     (Some("503 Service Unavailable"), Some(1))
                 }
+                Refusal::Saturated => (Some("503 Service Unavailable"), Some(5)),
                 Refusal::TimedOut | Refusal::Gone => (None, None),
             };
             let reason = refusal_text(&refusal);
@@ -95,6 +97,7 @@ fn refusal_text(refusal: &Refusal) -> String {
         Refusal::MessageServer(why) => format!("cannot verify token now: {why}"),
         Refusal::Duplicate => "conn_id already connected".into(),
         Refusal::Draining => "node is shutting down".into(),
+        Refusal::Saturated => "node is overloaded; try another node".into(),
         Refusal::TimedOut => "handshake not completed in time".into(),
         Refusal::Gone => "client left during the handshake".into(),
     }
@@ -106,6 +109,9 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream) -> Result<Rc<Session
         .ok_or(Refusal::TimedOut)??;
     if shard.is_draining() {
         return Err(Refusal::Draining);
+    }
+    if shard.is_saturated() {
+        return Err(Refusal::Saturated);
     }
     check_token(shard, &request.token).await?;
     claim(shard, &request.token.conn_id).await?;
