@@ -78,7 +78,11 @@ impl CallbackStats {
 
     /// A JSON snapshot: counts and the latency histogram (`le_ms` upper bounds).
     pub fn snapshot(&self) -> serde_json::Value {
-        let counts: Vec<u64> = self.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .latency
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         let calls = self.calls.load(Ordering::Relaxed);
         let sum_us = self.latency_sum_us.load(Ordering::Relaxed);
         json!({
@@ -129,31 +133,53 @@ impl CallbackClient {
 
     /// Asks whether a client may connect.
     pub fn check_token(&self, token: &ClientToken) -> Result<(), CallbackError> {
-        self.call(
-            "checkToken",
-            &[&token.conn_id, &token.token, &token.info, &self.rpc_addr],
-        )
+        let args = [&token.conn_id, &token.token, &token.info, &*self.rpc_addr];
+        self.call("checkToken", &args.map(|a| json!(a)))
     }
 
-    /// Reports a presence change.
-    pub fn presence(
+    /// Like [`CallbackClient::call`], retrying transient failures `retries` times with
+    /// exponential backoff (blocking the calling thread meanwhile). `id` names what the
+    /// call is about (a conn_id, a node key) in the logs.
+    pub fn call_with_retries(
         &self,
-        kind: PresenceKind,
-        conn_id: &str,
-        info: &str,
+        method: &str,
+        args: &[serde_json::Value],
+        retries: u32,
+        id: &str,
     ) -> Result<(), CallbackError> {
-        self.call(kind.method(), &[conn_id, info, &self.rpc_addr])
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0;
+        loop {
+            match self.call(method, args) {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(id, method, attempt, "callback delivered after retry");
+                    }
+                    return Ok(());
+                }
+                Err(err) if err.is_transient() && attempt < retries => {
+                    tracing::warn!(id, method, attempt, error = %err, retry_in = ?backoff, "callback failed; will retry");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    attempt += 1;
+                }
+                Err(err) => {
+                    tracing::error!(id, method, attempts = attempt + 1, error = %err, "callback given up");
+                    return Err(err);
+                }
+            }
+        }
     }
 
     /// Posts `{"class":"Im","method":..,"args":[..]}` and checks for `{"code":0}`.
-    pub fn call(&self, method: &str, args: &[&str]) -> Result<(), CallbackError> {
+    pub fn call(&self, method: &str, args: &[serde_json::Value]) -> Result<(), CallbackError> {
         let started = Instant::now();
         let outcome = self.post(method, args);
         self.stats.record(started.elapsed(), &outcome);
         outcome
     }
 
-    fn post(&self, method: &str, args: &[&str]) -> Result<(), CallbackError> {
+    fn post(&self, method: &str, args: &[serde_json::Value]) -> Result<(), CallbackError> {
         let body = json!({"class": "Im", "method": method, "args": args});
         let response = self
             .agent
@@ -284,30 +310,8 @@ fn run_lane(events: Receiver<PresenceEvent>, client: Option<CallbackClient>, ret
             tracing::debug!(conn_id = %event.conn_id, method = event.kind.method(), "no rpc_api_url: callback skipped");
             continue;
         };
-        deliver_with_retries(client, &event, retries);
-    }
-}
-
-fn deliver_with_retries(client: &CallbackClient, event: &PresenceEvent, retries: u32) {
-    let method = event.kind.method();
-    let mut backoff = FIRST_BACKOFF;
-    for attempt in 0..=retries {
-        match client.presence(event.kind, &event.conn_id, &event.info) {
-            Ok(()) => {
-                if attempt > 0 {
-                    tracing::info!(conn_id = %event.conn_id, method, attempt, "callback delivered after retry");
-                }
-                return;
-            }
-            Err(err) if err.is_transient() && attempt < retries => {
-                tracing::warn!(conn_id = %event.conn_id, method, attempt, error = %err, retry_in = ?backoff, "callback failed; will retry");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-            Err(err) => {
-                tracing::error!(conn_id = %event.conn_id, method, attempts = attempt + 1, error = %err, "callback given up");
-                return;
-            }
-        }
+        let args = [&event.conn_id, &event.info, &*client.rpc_addr].map(|a| json!(a));
+        // Failures are logged inside; a lost presence event is not fatal to anyone.
+        let _ = client.call_with_retries(event.kind.method(), &args, retries, &event.conn_id);
     }
 }

@@ -539,19 +539,31 @@ fn parse_overload(raw: &mut RawIni) -> Result<OverloadThresholds, ConfigError> {
         hard_queued: limit("overload_hard_queued", 1)?,
     };
     let pairs = [
-        ("overload_hard_connections", thresholds.soft_connections, thresholds.hard_connections),
-        ("overload_hard_rss_mb", thresholds.soft_rss, thresholds.hard_rss),
-        ("overload_hard_queued", thresholds.soft_queued, thresholds.hard_queued),
+        (
+            "overload_hard_connections",
+            thresholds.soft_connections,
+            thresholds.hard_connections,
+        ),
+        (
+            "overload_hard_rss_mb",
+            thresholds.soft_rss,
+            thresholds.hard_rss,
+        ),
+        (
+            "overload_hard_queued",
+            thresholds.soft_queued,
+            thresholds.hard_queued,
+        ),
     ];
     for (key, soft, hard) in pairs {
-        if let (Some(soft), Some(hard)) = (soft, hard) {
-            if hard < soft {
-                return Err(ConfigError::BadValue {
-                    key,
-                    value: hard.to_string(),
-                    reason: "the hard threshold must not be below the soft one".into(),
-                });
-            }
+        if let (Some(soft), Some(hard)) = (soft, hard)
+            && hard < soft
+        {
+            return Err(ConfigError::BadValue {
+                key,
+                value: hard.to_string(),
+                reason: "the hard threshold must not be below the soft one".into(),
+            });
         }
     }
     Ok(thresholds)

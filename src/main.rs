@@ -38,11 +38,12 @@ fn main() -> ExitCode {
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    if args.monitor {
-        tracing::error!("monitor mode (-m) is not available in this build yet");
-        return ExitCode::from(2);
-    }
-    match comet::app::run_node(config) {
+    let outcome = if args.monitor {
+        comet::control::monitor::run(config)
+    } else {
+        comet::app::run_node(config)
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -22,6 +22,41 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// long enough for the lease of a node that just died (SIGKILL) to expire.
 const TAKEOVER_GRACE: Duration = Duration::from_secs(2);
 
+/// The configured etcd endpoints, used one at a time. etcd-client balances requests
+/// over every endpoint it is given, so with one member down every other request fails;
+/// talking to one member and moving to the next when it fails gives clean fail-over.
+#[derive(Debug)]
+pub struct Endpoints {
+    list: Vec<String>,
+    current: Cell<usize>,
+}
+
+impl Endpoints {
+    /// Endpoints in configured order (at least one).
+    pub fn new(list: Vec<String>) -> Endpoints {
+        assert!(!list.is_empty(), "at least one etcd endpoint");
+        Endpoints {
+            list,
+            current: Cell::new(0),
+        }
+    }
+
+    /// Connects to the current endpoint.
+    pub async fn connect(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_require_leader(true)
+            .with_keep_alive(Duration::from_secs(1), timeout);
+        Client::connect([self.list[self.current.get()].as_str()], Some(options)).await
+    }
+
+    /// Moves to the next endpoint after a failure.
+    pub fn rotate(&self) {
+        self.current.set((self.current.get() + 1) % self.list.len());
+    }
+}
+
 /// Why a registration session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -75,7 +110,7 @@ impl Published {
 
 /// Keeps the node registered.
 pub struct Registrar {
-    endpoints: Vec<String>,
+    endpoints: Endpoints,
     key: String,
     ttl: Duration,
     keepalive: Duration,
@@ -92,7 +127,7 @@ impl Registrar {
         }
         let key = format!("/{}/{}", config.comet_service_name, config.rpc_addr);
         Some(Registrar {
-            endpoints: config.etcd_endpoints.clone(),
+            endpoints: Endpoints::new(config.etcd_endpoints.clone()),
             status: RefCell::new(RegistrationStatus {
                 state: "connecting",
                 key: key.clone(),
@@ -131,6 +166,7 @@ impl Registrar {
                 retry = Duration::from_millis(100);
             }
             self.current.borrow_mut().take();
+            self.endpoints.rotate();
             let was = self.status.borrow().state;
             let next = if was == "registered" { "lost" } else { was };
             if was == "registered" || self.status.borrow().last_error.is_none() {
@@ -150,20 +186,19 @@ impl Registrar {
         if let Some((mut client, lease)) = current {
             match tokio::time::timeout(self.ttl, client.lease_revoke(lease)).await {
                 Ok(Ok(_)) => tracing::info!(key = %self.key, "etcd key removed"),
-                Ok(Err(err)) => tracing::warn!(key = %self.key, error = %err, "could not revoke lease; key expires with its TTL"),
-                Err(_) => tracing::warn!(key = %self.key, "etcd did not answer the revoke; key expires with its TTL"),
+                Ok(Err(err)) => {
+                    tracing::warn!(key = %self.key, error = %err, "could not revoke lease; key expires with its TTL")
+                }
+                Err(_) => {
+                    tracing::warn!(key = %self.key, "etcd did not answer the revoke; key expires with its TTL")
+                }
             }
         }
         self.set_state("deregistered", None, None);
     }
 
     async fn session(&self, node: &Node) -> Result<std::convert::Infallible, RegistrationError> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(self.ttl)
-            .with_timeout(self.ttl)
-            .with_require_leader(true)
-            .with_keep_alive(self.keepalive, self.ttl);
-        let mut client = self.timed(Client::connect(&self.endpoints, Some(options))).await?;
+        let mut client = self.timed(self.endpoints.connect(self.ttl)).await?;
         let lease = self
             .timed(client.lease_grant(self.ttl.as_secs() as i64, None))
             .await?
@@ -185,7 +220,11 @@ impl Registrar {
             }
             let (value, now) = node.registration_value();
             if published.differs_meaningfully(&now) {
-                let put = client.put(self.key.as_str(), value, Some(PutOptions::new().with_lease(lease)));
+                let put = client.put(
+                    self.key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                );
                 self.timed(put).await?;
                 tracing::info!(key = %self.key, connections = now.connections, overloaded = now.overloaded, "etcd value refreshed");
                 published = now;
@@ -196,13 +235,26 @@ impl Registrar {
     /// Puts the key if nobody holds it. A key held by our own earlier lease is taken
     /// over; one held by another lease is waited on for one TTL (a node that just died
     /// leaves its key until its lease expires), then is a conflict.
-    async fn claim(&self, client: &mut Client, lease: i64, value: &str) -> Result<(), RegistrationError> {
+    async fn claim(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        value: &str,
+    ) -> Result<(), RegistrationError> {
         let deadline = Instant::now() + self.ttl + TAKEOVER_GRACE;
         let mut logged = false;
         loop {
-            let put = TxnOp::put(self.key.as_str(), value, Some(PutOptions::new().with_lease(lease)));
+            let put = TxnOp::put(
+                self.key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            );
             let txn = Txn::new()
-                .when([Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0)])
+                .when([Compare::create_revision(
+                    self.key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                )])
                 .and_then([put])
                 .or_else([TxnOp::get(self.key.as_str(), None)]);
             let reply = self.timed(client.txn(txn)).await?;
@@ -218,7 +270,11 @@ impl Registrar {
                 })
                 .unwrap_or(0);
             if holder != 0 && Some(holder) == self.previous_lease.get() {
-                let put = client.put(self.key.as_str(), value, Some(PutOptions::new().with_lease(lease)));
+                let put = client.put(
+                    self.key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                );
                 self.timed(put).await?;
                 let _ = self.timed(client.lease_revoke(holder)).await;
                 return Ok(());

@@ -76,9 +76,9 @@ fn next(active: bool, figures: &[(u64, Option<u64>)]) -> bool {
     let reached = figures
         .iter()
         .any(|(value, limit)| limit.is_some_and(|limit| *value >= limit));
-    let all_clear = figures
-        .iter()
-        .all(|(value, limit)| limit.is_none_or(|limit| (*value as f64) < limit as f64 * CLEAR_RATIO));
+    let all_clear = figures.iter().all(|(value, limit)| {
+        limit.is_none_or(|limit| (*value as f64) < limit as f64 * CLEAR_RATIO)
+    });
     if active { !all_clear } else { reached }
 }
 
@@ -107,7 +107,10 @@ mod tests {
         let mut check = check();
         assert!(!check.update(conns(99)).overloaded);
         assert!(check.update(conns(100)).overloaded);
-        assert!(check.update(conns(95)).overloaded, "within the hysteresis band");
+        assert!(
+            check.update(conns(95)).overloaded,
+            "within the hysteresis band"
+        );
         assert!(!check.update(conns(89)).overloaded);
     }
 
@@ -136,7 +139,10 @@ mod tests {
             queued: 0,
             ..LoadSample::default()
         };
-        assert!(check.update(still).overloaded, "connections within the band keep it");
+        assert!(
+            check.update(still).overloaded,
+            "connections within the band keep it"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod directory;
 pub mod etcd;
 pub mod load;
+pub mod monitor;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -176,7 +177,12 @@ impl Node {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
-            let queued = self.shard_stats().await.iter().map(|s| s.queued_messages as u64).sum();
+            let queued = self
+                .shard_stats()
+                .await
+                .iter()
+                .map(|s| s.queued_messages as u64)
+                .sum();
             let sample = LoadSample {
                 connections: self.directory.borrow().len() as u64,
                 rss: crate::sys::rss_bytes().unwrap_or(0),
@@ -186,8 +192,14 @@ impl Node {
             let before = self.load.borrow().state();
             let after = self.load.borrow_mut().update(sample);
             if before != after {
-                tracing::warn!(?sample, overloaded = after.overloaded, refusing_new_clients = after.refusing, "load state changed");
-                self.refuse_new_clients.store(after.refusing, Ordering::Relaxed);
+                tracing::warn!(
+                    ?sample,
+                    overloaded = after.overloaded,
+                    refusing_new_clients = after.refusing,
+                    "load state changed"
+                );
+                self.refuse_new_clients
+                    .store(after.refusing, Ordering::Relaxed);
             }
         }
     }
@@ -261,7 +273,10 @@ impl Node {
         bump(&self.counters.calls, 1);
         bump(&self.counters.recipients, conn_ids.len());
         bump(&self.counters.failed, failed.len());
-        bump(&self.counters.delivered, conn_ids.len().saturating_sub(failed.len()));
+        bump(
+            &self.counters.delivered,
+            conn_ids.len().saturating_sub(failed.len()),
+        );
         failed
     }
 

@@ -3,6 +3,7 @@
 //! JSON-RPC client.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod message_server;
 
 use std::io::{BufRead, BufReader, Write};
@@ -187,6 +188,33 @@ impl Comet {
         }
     }
 
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL: no goodbye to etcd or to clients.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The etcd key of this node.
+    pub fn etcd_key(&self) -> String {
+        format!("/comet/127.0.0.1:{}", self.rpc_port)
+    }
+
     /// Sends SIGTERM and waits for the exit status (at most `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
@@ -239,6 +267,54 @@ impl Drop for Comet {
         if self.child.is_some() {
             self.terminate(Duration::from_secs(10));
         }
+    }
+}
+
+/// A running monitor (`comet -m`). Stopped with SIGTERM when dropped.
+pub struct Monitor {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Monitor {
+    /// Starts a monitor reporting to `server` about the nodes in `etcd_addr`.
+    pub fn start(server: &MessageServer, etcd_addr: &str) -> Monitor {
+        let dir = temp_dir("monitor");
+        let config = dir.join("comet.ini");
+        let ini = format!(
+            "comet_service_name=comet\netcd_addr={etcd_addr}\nrpc_api_url={}\ncallback_retries=20\n",
+            server.url()
+        );
+        std::fs::write(&config, ini).unwrap();
+        let log = dir.join("monitor.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_comet"))
+            .arg("-m")
+            .arg("-c")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Monitor {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id(), "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
