@@ -7,7 +7,7 @@
 //! a compaction it re-lists and reconciles: a node that left while nobody was watching
 //! still gets its `removeCometServer`. It opens no listener and holds no clients.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -69,6 +69,9 @@ struct Monitor {
     /// The first listing announces every node (as the original did at start); later
     /// ones, after a lost watch, announce only what changed.
     announced_all: Cell<bool>,
+    /// Mirror of the records: node key -> the value last announced for it. A PUT that
+    /// changes nothing (a node renewing its lease) is not forwarded.
+    announced: RefCell<HashMap<String, String>>,
     prefix: String,
     records: String,
     callbacks: CallbackClient,
@@ -81,6 +84,7 @@ impl Monitor {
         Monitor {
             endpoints: Endpoints::new(config.etcd_endpoints.clone()),
             announced_all: Cell::new(false),
+            announced: RefCell::new(HashMap::new()),
             prefix: format!("/{name}/"),
             records: format!("/{name}.monitor/announced"),
             callbacks: CallbackClient::new(
@@ -125,7 +129,7 @@ impl Monitor {
                 match event.event_type() {
                     EventType::Put => {
                         let value = String::from_utf8_lossy(kv.value()).into_owned();
-                        self.add(&mut client, &key, &value).await?;
+                        self.add(&mut client, &key, &value, false).await?;
                     }
                     EventType::Delete => self.remove(&mut client, &key, kv.mod_revision()).await?,
                 }
@@ -156,7 +160,7 @@ impl Monitor {
             Some(GetOptions::new().with_prefix()),
         ))
         .await?;
-        let announced: HashMap<String, String> = records
+        let recorded: HashMap<String, String> = records
             .kvs()
             .iter()
             .filter_map(|kv| {
@@ -165,10 +169,12 @@ impl Monitor {
                 Some((node, String::from_utf8_lossy(kv.value()).into_owned()))
             })
             .collect();
-        let gone: Vec<&String> = announced
+        let gone: Vec<String> = recorded
             .keys()
             .filter(|node| !present.contains_key(*node))
+            .cloned()
             .collect();
+        *self.announced.borrow_mut() = recorded;
         tracing::info!(
             present = present.len(),
             gone = gone.len(),
@@ -177,9 +183,7 @@ impl Monitor {
         );
         let announce_all = !self.announced_all.get();
         for (key, value) in &present {
-            if announce_all || announced.get(key) != Some(value) {
-                self.add(client, key, value).await?;
-            }
+            self.add(client, key, value, announce_all).await?;
         }
         self.announced_all.set(true);
         for key in &gone {
@@ -188,13 +192,27 @@ impl Monitor {
         Ok(revision)
     }
 
-    async fn add(&self, client: &mut Client, key: &str, value: &str) -> Result<(), SessionEnd> {
+    /// Announces a node unless the same value was announced already (`force`: anyway).
+    async fn add(
+        &self,
+        client: &mut Client,
+        key: &str,
+        value: &str,
+        force: bool,
+    ) -> Result<(), SessionEnd> {
+        let unchanged = self.announced.borrow().get(key).map(String::as_str) == Some(value);
+        if unchanged && !force {
+            return Ok(());
+        }
         if self
             .notify("addCometServer", vec![json!(key), json!(value)], key)
             .await
             .is_ok()
         {
             timed(client.put(self.record_key(key), value, None)).await?;
+            self.announced
+                .borrow_mut()
+                .insert(key.to_owned(), value.to_owned());
         }
         Ok(())
     }
@@ -211,6 +229,7 @@ impl Monitor {
             .is_ok()
         {
             timed(client.delete(self.record_key(key), None)).await?;
+            self.announced.borrow_mut().remove(key);
         }
         Ok(())
     }
