@@ -138,6 +138,8 @@ pub struct Config {
     pub overload: OverloadThresholds,
     /// How often the load self-check samples.
     pub load_check_interval: Duration,
+    /// Shutdown closes clients spread over this window (zero: all at once).
+    pub drain_window: Duration,
 }
 
 /// Load self-check thresholds. `None` disables a threshold. A soft threshold sets
@@ -242,6 +244,7 @@ impl Config {
                 .duration("etcd_keepalive_interval", Duration::from_secs(1))?,
             overload: parse_overload(raw)?,
             load_check_interval: raw.duration("load_check_interval", Duration::from_secs(1))?,
+            drain_window: raw.duration_or_zero("drain_window", Duration::from_secs(5))?,
         })
     }
 }
@@ -311,6 +314,21 @@ impl RawIni {
                 value,
                 reason,
             }),
+        }
+    }
+
+    /// Like [`RawIni::duration`], but `0` is allowed (the feature is off).
+    fn duration_or_zero(
+        &mut self,
+        key: &'static str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match self.values.get(key).map(|(v, _)| v.trim()) {
+            Some("0") => {
+                self.take(key);
+                Ok(Duration::ZERO)
+            }
+            _ => self.duration(key, default),
         }
     }
 

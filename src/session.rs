@@ -124,6 +124,7 @@ pub struct Session {
     close: RefCell<Option<CloseReason>>,
     last_seen: Cell<Instant>,
     last_ping: Cell<Instant>,
+    groups: RefCell<Vec<Rc<str>>>,
 }
 
 impl Session {
@@ -142,6 +143,7 @@ impl Session {
             close: RefCell::new(None),
             last_seen: Cell::new(now),
             last_ping: Cell::new(now),
+            groups: RefCell::new(Vec::new()),
         }
     }
 
@@ -254,6 +256,21 @@ impl Session {
     /// Records a heartbeat ping sent at `now`.
     pub fn pinged(&self, now: Instant) {
         self.last_ping.set(now);
+    }
+
+    /// Records membership of a group (the shard's group table holds the other side).
+    pub fn joined(&self, group: Rc<str>) {
+        self.groups.borrow_mut().push(group);
+    }
+
+    /// Forgets membership of a group.
+    pub fn left(&self, group: &str) {
+        self.groups.borrow_mut().retain(|g| &**g != group);
+    }
+
+    /// The groups this session is in, emptied (it is leaving them all).
+    pub fn take_groups(&self) -> Vec<Rc<str>> {
+        std::mem::take(&mut *self.groups.borrow_mut())
     }
 
     /// Stores the connection task's waker so that pushes and close requests can wake it.

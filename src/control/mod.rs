@@ -71,6 +71,7 @@ struct PushCounters {
     delivered: Cell<u64>,
     failed: Cell<u64>,
     broadcasts: Cell<u64>,
+    group_pushes: Cell<u64>,
     kicks: Cell<u64>,
 }
 
@@ -282,15 +283,31 @@ impl Node {
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
         let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
+            frame: Arc::clone(&frame),
+            conn_ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Splits `conn_ids` (each once) by the shard holding them, sends each shard the
+    /// command `make` builds for its share, and returns every id that was not on this
+    /// node or that its shard answered back (not found, or not delivered).
+    async fn to_holders(
+        &self,
+        conn_ids: &[String],
+        make: impl Fn(Vec<String>, oneshot::Sender<Vec<String>>) -> ShardCommand,
+    ) -> Vec<String> {
         let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
-        let mut failed = Vec::new();
+        let mut missing = Vec::new();
         let mut seen = HashSet::with_capacity(conn_ids.len());
         {
             let directory = self.directory.borrow();
             for id in conn_ids.iter().filter(|id| seen.insert(id.as_str())) {
                 match directory.shard_of(id) {
                     Some(shard) => per_shard[shard].push(id.clone()),
-                    None => failed.push(id.clone()),
+                    None => missing.push(id.clone()),
                 }
             }
         }
@@ -299,85 +316,100 @@ impl Node {
             if ids.is_empty() {
                 continue;
             }
-            let (reply, outcome) = oneshot::channel();
-            let command = ShardCommand::Push {
-                frame: Arc::clone(&frame),
-                conn_ids: ids.clone(),
-                reply,
-            };
-            if self.shards[shard].send(command) {
-                replies.push((ids, outcome));
+            let (reply, answer) = oneshot::channel();
+            if self.shards[shard].send(make(ids.clone(), reply)) {
+                replies.push((ids, answer));
             } else {
-                failed.extend(ids);
+                missing.extend(ids);
             }
         }
-        for (ids, outcome) in replies {
-            match outcome.await {
-                Ok(shard_failed) => failed.extend(shard_failed),
-                Err(_) => failed.extend(ids),
+        for (ids, answer) in replies {
+            // A shard that ended without answering delivered nothing.
+            missing.extend(answer.await.unwrap_or(ids));
+        }
+        missing
+    }
+
+    /// Sends every shard the command `make` builds and collects the replies.
+    async fn to_every_shard<R>(&self, make: impl Fn(oneshot::Sender<R>) -> ShardCommand) -> Vec<R> {
+        let mut replies = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (reply, answer) = oneshot::channel();
+            if shard.send(make(reply)) {
+                replies.push(answer);
             }
         }
-        failed
+        let mut answers = Vec::with_capacity(replies.len());
+        for answer in replies {
+            if let Ok(answer) = answer.await {
+                answers.push(answer);
+            }
+        }
+        answers
     }
 
     /// Delivers `msg` to every client of the node.
     pub async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
         let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
-        let mut replies = Vec::new();
-        for shard in &self.shards {
-            let (reply, outcome) = oneshot::channel();
-            if shard.send(ShardCommand::Broadcast {
+        let outcomes = self
+            .to_every_shard(|reply| ShardCommand::Broadcast {
                 frame: Arc::clone(&frame),
                 reply,
-            }) {
-                replies.push(outcome);
-            }
-        }
-        let mut total = BroadcastOutcome::default();
-        for outcome in replies {
-            if let Ok(outcome) = outcome.await {
-                total.delivered += outcome.delivered;
-                total.failed.extend(outcome.failed);
-            }
-        }
+            })
+            .await;
         bump(&self.counters.broadcasts, 1);
-        bump(&self.counters.delivered, total.delivered);
-        bump(&self.counters.failed, total.failed.len());
-        total
+        self.count_outcome(BroadcastOutcome::merge(outcomes))
+    }
+
+    /// Delivers `msg` to every member of `group` (the frame is encoded once, for all).
+    pub async fn group_push(&self, group: &str, msg: &str) -> BroadcastOutcome {
+        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let outcomes = self
+            .to_every_shard(|reply| ShardCommand::GroupPush {
+                group: group.to_owned(),
+                frame: Arc::clone(&frame),
+                reply,
+            })
+            .await;
+        bump(&self.counters.group_pushes, 1);
+        self.count_outcome(BroadcastOutcome::merge(outcomes))
+    }
+
+    fn count_outcome(&self, outcome: BroadcastOutcome) -> BroadcastOutcome {
+        bump(&self.counters.delivered, outcome.delivered);
+        bump(&self.counters.failed, outcome.failed.len());
+        outcome
+    }
+
+    /// Adds these clients to `group`; returns the ids not on this node.
+    pub async fn join_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
+        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupJoin {
+            group: group.to_owned(),
+            conn_ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes these clients from `group`; returns the ids not on this node.
+    pub async fn leave_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
+        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupLeave {
+            group: group.to_owned(),
+            conn_ids,
+            reply,
+        })
+        .await
     }
 
     /// Closes these clients (each gets its `offline`); returns the ids not on this node.
     pub async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
         bump(&self.counters.kicks, conn_ids.len());
-        let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
-        let mut missing = Vec::new();
-        {
-            let directory = self.directory.borrow();
-            for id in conn_ids {
-                match directory.shard_of(id) {
-                    Some(shard) => per_shard[shard].push(id.clone()),
-                    None => missing.push(id.clone()),
-                }
-            }
-        }
-        let mut replies = Vec::new();
-        for (shard, ids) in per_shard
-            .into_iter()
-            .enumerate()
-            .filter(|(_, ids)| !ids.is_empty())
-        {
-            let (reply, outcome) = oneshot::channel();
-            self.shards[shard].send(ShardCommand::Kick {
-                conn_ids: ids,
-                reason: CloseReason::Kicked,
-                reply: Some(reply),
-            });
-            replies.push(outcome);
-        }
-        for outcome in replies {
-            missing.extend(outcome.await.unwrap_or_default());
-        }
-        missing
+        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::Kick {
+            conn_ids,
+            reason: CloseReason::Kicked,
+            reply: Some(reply),
+        })
+        .await
     }
 
     /// The subset of `conn_ids` connected to this node.
@@ -401,20 +433,8 @@ impl Node {
 
     /// Figures from every shard.
     pub async fn shard_stats(&self) -> Vec<ShardStats> {
-        let mut replies = Vec::new();
-        for shard in &self.shards {
-            let (reply, stats) = oneshot::channel();
-            if shard.send(ShardCommand::Stats { reply }) {
-                replies.push(stats);
-            }
-        }
-        let mut all = Vec::new();
-        for stats in replies {
-            if let Ok(stats) = stats.await {
-                all.push(stats);
-            }
-        }
-        all
+        self.to_every_shard(|reply| ShardCommand::Stats { reply })
+            .await
     }
 
     /// The node's identity, connection counts and shard figures (the `GetNode` answer).
@@ -447,6 +467,7 @@ impl Node {
                 "delivered": c.delivered.get(),
                 "failed": c.failed.get(),
                 "broadcasts": c.broadcasts.get(),
+                "group_pushes": c.group_pushes.get(),
                 "kicked": c.kicks.get(),
             },
             "callbacks": self.callback_stats.snapshot(),

@@ -39,6 +39,13 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
             Ok(()) => Ok(node.describe().await),
             Err(refused) => Err(refused),
         })),
+        "JoinGroup" => Ok(enveloped(
+            change_group(node, &Fields::from(param)?, Membership::Join).await,
+        )),
+        "LeaveGroup" => Ok(enveloped(
+            change_group(node, &Fields::from(param)?, Membership::Leave).await,
+        )),
+        "SendToGroup" => Ok(enveloped(send_to_group(node, &Fields::from(param)?).await)),
         "Status" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
             Ok(()) => Ok(node.status().await),
             Err(refused) => Err(refused),
@@ -179,43 +186,111 @@ async fn kick(node: &Node, fields: &Fields) -> Result<Value, String> {
     Ok(json!("ok"))
 }
 
-/// A newest-generation answer before it is wrapped: `Ok(data)` or `Err((code, error))`.
-type Enveloped = Result<Value, (u32, String)>;
+/// A newest-generation failure: its code, its text, and any data worth returning (the
+/// ids that failed).
+struct Failure {
+    code: u32,
+    error: String,
+    data: Value,
+}
+
+impl Failure {
+    fn new(code: u32, error: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            error: error.into(),
+            data: Value::Null,
+        }
+    }
+}
+
+/// A newest-generation answer before it is wrapped: `Ok(data)` or a failure.
+type Enveloped = Result<Value, Failure>;
 
 fn enveloped(answer: Enveloped) -> Value {
     match answer {
         Ok(data) => json!({"code": code::OK, "data": data, "error": ""}),
-        Err((code, error)) => json!({"code": code, "data": null, "error": error}),
+        Err(failure) => json!({"code": failure.code, "data": failure.data, "error": failure.error}),
     }
 }
 
-fn authorised(node: &Node, fields: &Fields) -> Result<(), (u32, String)> {
+fn authorised(node: &Node, fields: &Fields) -> Result<(), Failure> {
     if token_ok(node, &fields.text("token")) {
         Ok(())
     } else {
-        Err((code::BAD_TOKEN, "token error.".into()))
+        Err(Failure::new(code::BAD_TOKEN, "token error."))
     }
+}
+
+/// `data` as the answer, or a 50001 failure carrying it when `failed` is not empty.
+fn partial(data: Value, failed: &[String], what: &str) -> Enveloped {
+    if failed.is_empty() {
+        return Ok(data);
+    }
+    Err(Failure {
+        code: code::SOME_FAILED,
+        error: format!("{} connections {what}", failed.len()),
+        data,
+    })
 }
 
 async fn broadcast(node: &Node, fields: &Fields) -> Enveloped {
     authorised(node, fields)?;
     let msg = fields.text("msg");
     if msg.is_empty() {
-        return Err((code::BAD_PARAMS, "msg is empty.".into()));
+        return Err(Failure::new(code::BAD_PARAMS, "msg is empty."));
     }
     let outcome = node.broadcast(&msg).await;
-    if outcome.failed.is_empty() {
-        Ok(json!({"delivered": outcome.delivered}))
-    } else {
-        let error = format!("{} connections could not be reached", outcome.failed.len());
-        Err((code::SOME_FAILED, error))
+    let data = json!({"delivered": outcome.delivered, "failed": outcome.failed});
+    partial(data, &outcome.failed, "could not be reached")
+}
+
+fn group_name(fields: &Fields) -> Result<String, Failure> {
+    let group = fields.text("group");
+    if group.is_empty() {
+        return Err(Failure::new(code::BAD_PARAMS, "group is empty."));
     }
+    Ok(group)
+}
+
+enum Membership {
+    Join,
+    Leave,
+}
+
+async fn change_group(node: &Node, fields: &Fields, change: Membership) -> Enveloped {
+    authorised(node, fields)?;
+    let group = group_name(fields)?;
+    let connections = fields
+        .ids("connections")
+        .map_err(|why| Failure::new(code::BAD_PARAMS, why))?;
+    if connections.is_empty() {
+        return Err(Failure::new(code::BAD_PARAMS, "connections is empty."));
+    }
+    let not_found = match change {
+        Membership::Join => node.join_group(&group, &connections).await,
+        Membership::Leave => node.leave_group(&group, &connections).await,
+    };
+    let data = json!({"group": group, "not_found": not_found});
+    partial(data, &not_found, "are not on this node")
+}
+
+async fn send_to_group(node: &Node, fields: &Fields) -> Enveloped {
+    authorised(node, fields)?;
+    let group = group_name(fields)?;
+    let msg = fields.text("msg");
+    if msg.is_empty() {
+        return Err(Failure::new(code::BAD_PARAMS, "msg is empty."));
+    }
+    let outcome = node.group_push(&group, &msg).await;
+    let data = json!({"group": group, "delivered": outcome.delivered, "failed": outcome.failed});
+    partial(data, &outcome.failed, "could not be reached")
 }
 
 fn check_online(node: &Node, fields: &Fields) -> Enveloped {
     authorised(node, fields)?;
     let connections = fields
         .ids("connections")
-        .map_err(|why| (code::BAD_PARAMS, why))?;
+        .map_err(|why| Failure::new(code::BAD_PARAMS, why))?;
     Ok(json!(node.online(&connections)))
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
@@ -54,10 +54,31 @@ pub enum ShardCommand {
         reason: CloseReason,
         reply: Option<oneshot::Sender<Vec<String>>>,
     },
+    /// Add these sessions to a group; reply with the conn_ids not found here.
+    GroupJoin {
+        group: String,
+        conn_ids: Vec<String>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    /// Remove these sessions from a group; reply with the conn_ids not found here.
+    GroupLeave {
+        group: String,
+        conn_ids: Vec<String>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    /// Deliver one encoded frame to every member of a group on this shard.
+    GroupPush {
+        group: String,
+        frame: Arc<EncodedFrame>,
+        reply: oneshot::Sender<BroadcastOutcome>,
+    },
     /// Report this shard's figures.
     Stats { reply: oneshot::Sender<ShardStats> },
-    /// Stop accepting, close every session with 1001, then end the executor.
+    /// Stop accepting, close every session with 1001 spread over `drain_window`, then
+    /// end the executor. Pushes are still served to sessions not yet closed.
     Shutdown,
+    /// Sent by the shard to itself when its drain has finished.
+    Drained,
 }
 
 /// What a broadcast did on one shard.
@@ -67,6 +88,18 @@ pub struct BroadcastOutcome {
     pub delivered: usize,
     /// Sessions that did not (closing or slow consumers).
     pub failed: Vec<String>,
+}
+
+impl BroadcastOutcome {
+    /// Sums the outcomes of several shards.
+    pub fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
+        let mut total = BroadcastOutcome::default();
+        for outcome in outcomes {
+            total.delivered += outcome.delivered;
+            total.failed.extend(outcome.failed);
+        }
+        total
+    }
 }
 
 /// One shard's figures.
@@ -100,6 +133,7 @@ pub struct Shard {
     pub callbacks: Option<CallbackClient>,
     refuse_new_clients: Arc<AtomicBool>,
     sessions: RefCell<AHashMap<Rc<str>, Rc<Session>>>,
+    groups: RefCell<AHashMap<Rc<str>, AHashSet<Rc<str>>>>,
     scratch: RefCell<Box<[u8]>>,
     draining: Cell<bool>,
     live_connections: Cell<usize>,
@@ -169,6 +203,7 @@ pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
     let mut threads = Vec::with_capacity(count);
     for id in 0..count {
         let (handle, inbox) = inbox::channel();
+        let own_handle = handle.clone();
         let deps = deps.clone();
         let ready = ready_tx.clone();
         let thread = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
@@ -179,7 +214,7 @@ pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
                 match TcpListener::bind(("0.0.0.0", port)) {
                     Ok(listener) => {
                         let _ = ready.send(Ok(()));
-                        run(Rc::new(Shard::new(id, deps)), listener, inbox).await;
+                        run(Rc::new(Shard::new(id, deps)), listener, inbox, own_handle).await;
                     }
                     Err(err) => {
                         let _ = ready.send(Err(StartError::Listen {
@@ -212,17 +247,30 @@ pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
     Ok(Shards { handles, threads })
 }
 
-async fn run(shard: Rc<Shard>, listener: TcpListener, inbox: inbox::Inbox) {
-    let acceptor = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
+async fn run(shard: Rc<Shard>, listener: TcpListener, inbox: inbox::Inbox, own: ShardHandle) {
+    let mut acceptor = Some(glommio::spawn_local(accept_loop(
+        Rc::clone(&shard),
+        listener,
+    )));
     let heartbeat = glommio::spawn_local(heartbeat_loop(Rc::clone(&shard)));
     while let Some(command) = inbox.recv().await {
-        if let ShardCommand::Shutdown = command {
-            break;
+        match command {
+            ShardCommand::Shutdown => {
+                if let Some(acceptor) = acceptor.take() {
+                    acceptor.cancel().await;
+                    let draining = Rc::clone(&shard);
+                    let own = own.clone();
+                    glommio::spawn_local(async move {
+                        draining.drain().await;
+                        own.send(ShardCommand::Drained);
+                    })
+                    .detach();
+                }
+            }
+            ShardCommand::Drained => break,
+            command => shard.handle(command),
         }
-        shard.handle(command);
     }
-    acceptor.cancel().await;
-    shard.drain().await;
     heartbeat.cancel().await;
 }
 
@@ -283,6 +331,7 @@ impl Shard {
             callbacks: deps.callbacks,
             refuse_new_clients: deps.refuse_new_clients,
             sessions: RefCell::new(AHashMap::new()),
+            groups: RefCell::new(AHashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
@@ -344,6 +393,7 @@ impl Shard {
             sessions.remove(&session.conn_id);
         }
         drop(sessions);
+        self.leave_all_groups(session);
         self.presence
             .report(PresenceKind::Offline, &session.conn_id, &session.info);
         self.control.send(DirectoryRequest::Release {
@@ -375,11 +425,108 @@ impl Shard {
                     let _ = reply.send(missing);
                 }
             }
+            ShardCommand::GroupJoin {
+                group,
+                conn_ids,
+                reply,
+            } => {
+                let _ = reply.send(self.join_group(&group, conn_ids));
+            }
+            ShardCommand::GroupLeave {
+                group,
+                conn_ids,
+                reply,
+            } => {
+                let _ = reply.send(self.leave_group(&group, conn_ids));
+            }
+            ShardCommand::GroupPush {
+                group,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.group_push(&group, &frame));
+            }
             ShardCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
-            ShardCommand::Shutdown => {}
+            ShardCommand::Shutdown | ShardCommand::Drained => {}
         }
+    }
+
+    fn join_group(&self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
+        let sessions = self.sessions.borrow();
+        let mut groups = self.groups.borrow_mut();
+        let name: Rc<str> = match groups.get_key_value(group) {
+            Some((name, _)) => Rc::clone(name),
+            None => group.into(),
+        };
+        let members = groups.entry(Rc::clone(&name)).or_default();
+        let missing = conn_ids
+            .into_iter()
+            .filter(|id| match sessions.get(id.as_str()) {
+                Some(session) => {
+                    if members.insert(Rc::clone(&session.conn_id)) {
+                        session.joined(Rc::clone(&name));
+                    }
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        if members.is_empty() {
+            groups.remove(group);
+        }
+        missing
+    }
+
+    fn leave_group(&self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
+        let sessions = self.sessions.borrow();
+        let mut groups = self.groups.borrow_mut();
+        let missing = conn_ids
+            .into_iter()
+            .filter(|id| {
+                let Some(session) = sessions.get(id.as_str()) else {
+                    return true;
+                };
+                if let Some(members) = groups.get_mut(group) {
+                    members.remove(id.as_str());
+                }
+                session.left(group);
+                false
+            })
+            .collect();
+        if groups.get(group).is_some_and(|members| members.is_empty()) {
+            groups.remove(group);
+        }
+        missing
+    }
+
+    fn leave_all_groups(&self, session: &Session) {
+        let mut groups = self.groups.borrow_mut();
+        for group in session.take_groups() {
+            if let Some(members) = groups.get_mut(&group) {
+                members.remove(&session.conn_id);
+                if members.is_empty() {
+                    groups.remove(&group);
+                }
+            }
+        }
+    }
+
+    fn group_push(&self, group: &str, frame: &Arc<EncodedFrame>) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        let groups = self.groups.borrow();
+        let Some(members) = groups.get(group) else {
+            return outcome;
+        };
+        let sessions = self.sessions.borrow();
+        for member in members {
+            match sessions.get(member) {
+                Some(session) if session.deliver(frame).accepted() => outcome.delivered += 1,
+                _ => outcome.failed.push(member.to_string()),
+            }
+        }
+        outcome
     }
 
     fn push(&self, frame: &Arc<EncodedFrame>, conn_ids: Vec<String>) -> Vec<String> {
@@ -449,11 +596,28 @@ impl Shard {
         }
     }
 
-    /// Closes every session with "going away" and waits for their tasks to finish (bounded).
+    /// Closes every session with "going away", spread evenly over `drain_window` so that
+    /// clients do not all reconnect at once, and waits for their tasks to finish (bounded).
     async fn drain(&self) {
         self.draining.set(true);
-        for session in self.sessions.borrow().values() {
-            session.request_close(CloseReason::Shutdown);
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        let window = self.config.drain_window.as_secs_f64();
+        let started = Instant::now();
+        let mut closed = 0;
+        while closed < sessions.len() {
+            let share = if window > 0.0 {
+                started.elapsed().as_secs_f64() / window
+            } else {
+                1.0
+            };
+            let due = ((share * sessions.len() as f64).ceil() as usize).min(sessions.len());
+            for session in sessions.get(closed..due).unwrap_or_default() {
+                session.request_close(CloseReason::Shutdown);
+            }
+            closed = closed.max(due);
+            if closed < sessions.len() {
+                Timer::new(Duration::from_millis(10)).await;
+            }
         }
         let limit = self.config.handshake_timeout + self.config.close_timeout * 2;
         let deadline = Instant::now() + limit;

@@ -73,7 +73,7 @@ impl Comet {
         let ini = format!(
             "max_proc=2\ncomet_service_name=comet\netcd_addr=\nrpc_api_url={url}\n\
              rpc_user_agent=\"CtxImRpc 1.0\"\nsocket_protocol=websocket\nwebsocket_host=127.0.0.1\n\
-             websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\n{extra}\n"
+             websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\ndrain_window=0\n{extra}\n"
         );
         Comet::spawn_with_ini(&ini, ws_port, rpc_port)
     }

@@ -1,0 +1,145 @@
+//! Operations: graceful drain spread over a window, groups.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Comet, MessageServer, close_code, next_text, wait_until};
+use serde_json::json;
+
+fn connect_many(comet: &Comet, prefix: &str, n: usize) -> Vec<(String, Client)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            (id.clone(), comet.connect(&id, "t", "").unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn drain_spreads_closes_over_the_window_and_delivers_every_offline() {
+    let server = MessageServer::start();
+    let mut comet = Comet::start(Some(&server), "drain_window=2s");
+    let clients = connect_many(&comet, "drain", 40);
+    assert!(wait_until(Duration::from_secs(5), || server
+        .calls_of("online")
+        .len()
+        == 40));
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(_, mut client)| {
+            client
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let code = close_code(&mut client);
+                (code, Instant::now())
+            })
+        })
+        .collect();
+    let signalled = Instant::now();
+    let status = comet
+        .terminate(Duration::from_secs(15))
+        .expect("exits after the drain");
+    assert!(status.success(), "{status:?}");
+    let mut closes: Vec<Duration> = Vec::new();
+    for reader in readers {
+        let (code, at) = reader.join().unwrap();
+        assert_eq!(code, Some(1001), "going away");
+        closes.push(at.duration_since(signalled));
+    }
+    closes.sort();
+    assert!(
+        closes[0] < Duration::from_millis(600),
+        "first close at {:?}",
+        closes[0]
+    );
+    assert!(
+        closes[39] > Duration::from_millis(1400),
+        "last close at {:?}",
+        closes[39]
+    );
+    assert!(
+        closes[19] > Duration::from_millis(600),
+        "closes are spread: median {:?}",
+        closes[19]
+    );
+    assert_eq!(server.calls_of("offline").len(), 40);
+}
+
+#[test]
+fn group_push_reaches_a_thousand_members_across_shards_once() {
+    let comet = Comet::start(None, "comet_rpc_token=k");
+    let mut rpc = comet.rpc();
+    let mut members = connect_many(&comet, "g", 1000);
+    let mut outsider = comet.connect("outsider", "t", "").unwrap();
+    let node = rpc.call("Server.GetNode", json!({"token": "k"}));
+    let per_shard = node["result"]["data"]["connections_per_shard"].clone();
+    assert!(
+        per_shard
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.as_u64().unwrap() > 100),
+        "{per_shard}"
+    );
+
+    let ids: Vec<String> = members.iter().map(|(id, _)| id.clone()).collect();
+    let reply = rpc.call(
+        "Server.JoinGroup",
+        json!({"group": "room", "connections": ids, "token": "k"}),
+    );
+    assert_eq!(reply["result"]["code"], json!(20000), "{reply}");
+    let reply = rpc.call(
+        "Server.SendToGroup",
+        json!({"group": "room", "msg": "to the room", "token": "k"}),
+    );
+    assert_eq!(reply["result"]["data"]["delivered"], json!(1000), "{reply}");
+    for (id, client) in members.iter_mut() {
+        assert_eq!(next_text(client).as_deref(), Some("to the room"), "{id}");
+    }
+    outsider
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert_eq!(next_text(&mut outsider), None, "non-members get nothing");
+
+    // Leaving: explicitly, and by disconnecting (membership is cleaned with the session).
+    let leavers = &ids[..10];
+    let reply = rpc.call(
+        "Server.LeaveGroup",
+        json!({"group": "room", "connections": leavers, "token": "k"}),
+    );
+    assert_eq!(reply["result"]["code"], json!(20000), "{reply}");
+    let (_, gone) = members.pop().unwrap();
+    drop(gone);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let online = comet.rpc().call(
+            "Server.CheckConnectionsOnline",
+            json!({"connections": ["g999"], "token": "k"}),
+        );
+        online["result"]["data"] == json!([])
+    }));
+    let reply = rpc.call(
+        "Server.SendToGroup",
+        json!({"group": "room", "msg": "second", "token": "k"}),
+    );
+    assert_eq!(reply["result"]["code"], json!(20000), "{reply}");
+    assert_eq!(reply["result"]["data"]["delivered"], json!(989));
+    for (i, (id, client)) in members.iter_mut().enumerate().skip(10) {
+        assert_eq!(next_text(client).as_deref(), Some("second"), "{id} ({i})");
+    }
+
+    let reply = rpc.call(
+        "Server.JoinGroup",
+        json!({"group": "room", "connections": ["nobody"], "token": "k"}),
+    );
+    assert_eq!(reply["result"]["code"], json!(50001));
+    assert_eq!(reply["result"]["data"]["not_found"], json!(["nobody"]));
+    let reply = rpc.call(
+        "Server.SendToGroup",
+        json!({"group": "", "msg": "x", "token": "k"}),
+    );
+    assert_eq!(reply["result"]["code"], json!(40000));
+}
