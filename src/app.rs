@@ -16,6 +16,7 @@ use crate::callback::{CallbackClient, CallbackStats, Presence};
 use crate::config::{Config, SocketProtocol};
 use crate::control::{self, Node, NodeParts};
 use crate::shard::{self, ShardDeps};
+use crate::token::TokenVerifier;
 
 /// Presence worker threads: enough to overlap a few slow callbacks, few enough that a
 /// message server that is down is not hammered.
@@ -49,6 +50,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         presence: presence.clone(),
         callbacks,
         refuse_new_clients: Arc::clone(&refuse_new_clients),
+        verifier: token_verifier(&config),
     })?;
     tracing::info!(
         shards = config.max_proc,
@@ -94,11 +96,29 @@ fn log_limits() {
     }
 }
 
+fn token_verifier(config: &Config) -> Option<TokenVerifier> {
+    if config.token_secrets.is_empty() {
+        return None;
+    }
+    tracing::info!(
+        secrets = config.token_secrets.len(),
+        "signed tokens verified locally; checkToken is not called"
+    );
+    Some(TokenVerifier::new(
+        config.token_secrets.clone(),
+        config.token_leeway.as_secs(),
+    ))
+}
+
 fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<CallbackClient> {
     if config.rpc_api_url.is_empty() {
-        tracing::warn!(
-            "rpc_api_url is empty: every token is accepted and presence is not reported"
-        );
+        if config.token_secrets.is_empty() {
+            tracing::warn!(
+                "rpc_api_url is empty: every token is accepted and presence is not reported"
+            );
+        } else {
+            tracing::warn!("rpc_api_url is empty: presence is not reported");
+        }
         return None;
     }
     Some(CallbackClient::new(

@@ -140,6 +140,11 @@ pub struct Config {
     pub load_check_interval: Duration,
     /// Shutdown closes clients spread over this window (zero: all at once).
     pub drain_window: Duration,
+    /// Secrets for signed (HS256 JWT) client tokens, current first; empty: tokens are
+    /// checked by the `checkToken` callback.
+    pub token_secrets: Vec<Vec<u8>>,
+    /// Clock skew tolerated on signed tokens' time claims.
+    pub token_leeway: Duration,
 }
 
 /// Load self-check thresholds. `None` disables a threshold. A soft threshold sets
@@ -245,6 +250,8 @@ impl Config {
             overload: parse_overload(raw)?,
             load_check_interval: raw.duration("load_check_interval", Duration::from_secs(1))?,
             drain_window: raw.duration_or_zero("drain_window", Duration::from_secs(5))?,
+            token_secrets: parse_token_secrets(raw)?,
+            token_leeway: raw.duration_or_zero("token_leeway", Duration::from_secs(30))?,
         })
     }
 }
@@ -585,6 +592,29 @@ fn parse_overload(raw: &mut RawIni) -> Result<OverloadThresholds, ConfigError> {
         }
     }
     Ok(thresholds)
+}
+
+fn parse_token_secrets(raw: &mut RawIni) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let current = raw.string("token_secret", "");
+    let previous = raw.string("token_secret_previous", "");
+    if current.is_empty() && !previous.is_empty() {
+        return Err(ConfigError::Missing {
+            key: "token_secret",
+            reason: "token_secret_previous is only used beside a current token_secret",
+        });
+    }
+    if !current.is_empty() && current.len() < 16 {
+        return Err(ConfigError::BadValue {
+            key: "token_secret",
+            value: "(hidden)".into(),
+            reason: "use at least 16 bytes of secret".into(),
+        });
+    }
+    Ok([current, previous]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(String::into_bytes)
+        .collect())
 }
 
 fn parse_endpoints(value: &str) -> Vec<String> {

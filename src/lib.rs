@@ -10,4 +10,5 @@ pub mod rpc;
 pub mod session;
 pub mod shard;
 pub mod sys;
+pub mod token;
 pub mod transport;

@@ -143,3 +143,105 @@ fn group_push_reaches_a_thousand_members_across_shards_once() {
     );
     assert_eq!(reply["result"]["code"], json!(40000));
 }
+
+/// Signs a token with the documented Python example signer.
+fn python_token(secret: &str, conn_id: &str, ttl: i64, info: &str, now: Option<u64>) -> String {
+    let signer = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sign_token.py");
+    let mut command = std::process::Command::new("python3");
+    command.args([signer, secret, conn_id, &ttl.to_string(), info]);
+    if let Some(now) = now {
+        command.arg(now.to_string());
+    }
+    let output = command.output().expect("python3 runs the example signer");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn signed_tokens_are_verified_locally_with_key_rotation() {
+    const CURRENT: &str = "current-secret-0123456789";
+    const PREVIOUS: &str = "previous-secret-0123456789";
+    let server = MessageServer::start();
+    let comet = Comet::start(
+        Some(&server),
+        &format!("token_secret={CURRENT}\ntoken_secret_previous={PREVIOUS}\ntoken_leeway=5s"),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    let valid = python_token(CURRENT, "alice", 60, "{\"vip\":true}", None);
+    let _alice = comet
+        .connect("alice", &valid, "unsigned info is ignored")
+        .unwrap();
+    let rotated = python_token(PREVIOUS, "bob", 60, "", None);
+    let _bob = comet.connect("bob", &rotated, "plain").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .calls_of("online")
+        .len()
+        == 2));
+    let alice_online = server
+        .calls_of("online")
+        .into_iter()
+        .find(|c| c.arg(0) == "alice")
+        .unwrap();
+    assert_eq!(
+        alice_online.arg(1),
+        "{\"vip\":true}",
+        "the signed info wins"
+    );
+    assert!(
+        server.calls_of("checkToken").is_empty(),
+        "no checkToken round trip"
+    );
+
+    let expired = python_token(CURRENT, "carol", -60, "", None);
+    assert_eq!(
+        common::refusal_status(comet.connect("carol", &expired, "")),
+        401
+    );
+    let future = python_token(CURRENT, "dave", 60, "", Some(now + 3600));
+    assert_eq!(
+        common::refusal_status(comet.connect("dave", &future, "")),
+        401
+    );
+    let mut tampered = python_token(CURRENT, "erin", 60, "", None).into_bytes();
+    let at = tampered.iter().position(|b| *b == b'.').unwrap() + 5;
+    tampered[at] = if tampered[at] == b'x' { b'y' } else { b'x' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    assert_eq!(
+        common::refusal_status(comet.connect("erin", &tampered, "")),
+        401
+    );
+    let stolen = python_token(CURRENT, "alice", 60, "", None);
+    assert_eq!(
+        common::refusal_status(comet.connect("mallory", &stolen, "")),
+        401
+    );
+    let foreign = python_token("some-other-secret-0123", "frank", 60, "", None);
+    assert_eq!(
+        common::refusal_status(comet.connect("frank", &foreign, "")),
+        401
+    );
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        server.calls_of("online").len(),
+        2,
+        "no refused client came online"
+    );
+    let log = comet.log_text();
+    for reason in [
+        "expired at",
+        "issued in the future",
+        "bad signature",
+        "is for conn_id",
+    ] {
+        assert!(log.contains(reason), "log names the reason {reason:?}");
+    }
+}

@@ -25,6 +25,7 @@ use crate::callback::{CallbackClient, Presence, PresenceKind};
 use crate::config::Config;
 use crate::control::{ControlLink, DirectoryRequest};
 use crate::session::{CloseReason, Session};
+use crate::token::TokenVerifier;
 use crate::transport::ws::frame::EncodedFrame;
 
 pub use inbox::ShardHandle;
@@ -131,6 +132,8 @@ pub struct Shard {
     pub presence: Presence,
     /// `checkToken` client; `None` when no message server is configured.
     pub callbacks: Option<CallbackClient>,
+    /// Local verifier of signed tokens (skips `checkToken`).
+    pub verifier: Option<TokenVerifier>,
     refuse_new_clients: Arc<AtomicBool>,
     sessions: RefCell<AHashMap<Rc<str>, Rc<Session>>>,
     groups: RefCell<AHashMap<Rc<str>, AHashSet<Rc<str>>>>,
@@ -174,6 +177,8 @@ pub struct ShardDeps {
     pub callbacks: Option<CallbackClient>,
     /// Set by the control thread's load self-check past a hard threshold.
     pub refuse_new_clients: Arc<AtomicBool>,
+    /// Local verifier of signed tokens; `None`: tokens go to `checkToken`.
+    pub verifier: Option<TokenVerifier>,
 }
 
 /// Why the shards could not start.
@@ -330,6 +335,7 @@ impl Shard {
             presence: deps.presence,
             callbacks: deps.callbacks,
             refuse_new_clients: deps.refuse_new_clients,
+            verifier: deps.verifier,
             sessions: RefCell::new(AHashMap::new()),
             groups: RefCell::new(AHashMap::new()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),

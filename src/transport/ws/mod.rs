@@ -113,7 +113,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream) -> Result<Rc<Session
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
     }
-    check_token(shard, &request.token).await?;
+    let signed_info = check_token(shard, &request.token).await?;
     claim(shard, &request.token.conn_id).await?;
     let accepted = handshake::accept_response(&request.key);
     let written = with_deadline(stream.write_all(&accepted), shard.config.handshake_timeout).await;
@@ -125,6 +125,7 @@ async fn upgrade(shard: &Rc<Shard>, stream: &mut TcpStream) -> Result<Rc<Session
         return Err(Refusal::Gone);
     }
     let ClientToken { conn_id, info, .. } = request.token;
+    let info = signed_info.unwrap_or(info);
     let session = Rc::new(Session::new(
         conn_id.into(),
         info,
@@ -150,16 +151,27 @@ async fn read_request(stream: &mut TcpStream) -> Result<UpgradeRequest, Refusal>
     }
 }
 
-async fn check_token(shard: &Shard, token: &ClientToken) -> Result<(), Refusal> {
+/// Verifies the token: locally when signed tokens are configured (returning the signed
+/// `info`, if any), otherwise with `checkToken` on the shard's blocking pool.
+async fn check_token(shard: &Shard, token: &ClientToken) -> Result<Option<String>, Refusal> {
+    if let Some(verifier) = &shard.verifier {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return verifier
+            .verify(&token.token, &token.conn_id, now)
+            .map(|verified| verified.info)
+            .map_err(|err| Refusal::Token(err.to_string()));
+    }
     let Some(client) = shard.callbacks.clone() else {
-        return Ok(());
+        return Ok(None);
     };
     let token = token.clone();
     let verdict = glommio::executor()
         .spawn_blocking(move || client.check_token(&token))
         .await;
     match verdict {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(None),
         Err(CallbackError::Refused(why)) => Err(Refusal::Token(why)),
         Err(err) => Err(Refusal::MessageServer(err.to_string())),
     }
