@@ -37,6 +37,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         )
     })?;
     rpc_listener.set_nonblocking(true)?;
+    let admin_listener = bind_admin(&config)?;
 
     let callback_stats = Arc::new(CallbackStats::default());
     let refuse_new_clients = Arc::new(AtomicBool::new(false));
@@ -66,7 +67,11 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         refuse_new_clients,
         callback_stats,
     });
-    let outcome = run_control(node, directory_requests, rpc_listener, shards.threads);
+    let listeners = ControlListeners {
+        rpc: rpc_listener,
+        admin: admin_listener,
+    };
+    let outcome = run_control(node, directory_requests, listeners, shards.threads);
     drop(presence);
     tracing::info!("delivering the last presence callbacks");
     presence_workers.join();
@@ -94,6 +99,24 @@ fn log_limits() {
         ),
         Err(err) => tracing::warn!(error = %err, "could not raise the open-files limit"),
     }
+}
+
+fn bind_admin(config: &Config) -> anyhow::Result<Option<StdTcpListener>> {
+    let Some(addr) = config.admin_addr else {
+        return Ok(None);
+    };
+    let listener = StdTcpListener::bind(addr)
+        .with_context(|| format!("config key `admin_addr`: cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(%addr, "admin listener: /healthz /readyz /status /metrics");
+    Ok(Some(listener))
+}
+
+/// The control thread's listeners, bound before anything starts so that a taken port
+/// is a start-up error.
+struct ControlListeners {
+    rpc: StdTcpListener,
+    admin: Option<StdTcpListener>,
 }
 
 fn token_verifier(config: &Config) -> Option<TokenVerifier> {
@@ -135,7 +158,7 @@ fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<Callba
 fn run_control(
     node: Rc<Node>,
     directory_requests: control::DirectoryRequests,
-    rpc_listener: StdTcpListener,
+    listeners: ControlListeners,
     shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -146,9 +169,13 @@ fn run_control(
     local.block_on(&runtime, async move {
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-        let listener = tokio::net::TcpListener::from_std(rpc_listener)?;
+        let rpc = tokio::net::TcpListener::from_std(listeners.rpc)?;
         tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));
-        tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), listener));
+        tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), rpc));
+        if let Some(admin) = listeners.admin {
+            let admin = tokio::net::TcpListener::from_std(admin)?;
+            tokio::task::spawn_local(crate::control::admin::serve(Rc::clone(&node), admin));
+        }
         let interval = node.config.load_check_interval;
         tokio::task::spawn_local(Rc::clone(&node).check_load(interval));
         let registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());

@@ -76,24 +76,39 @@ impl CallbackStats {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// A JSON snapshot: counts and the latency histogram (`le_ms` upper bounds).
-    pub fn snapshot(&self) -> serde_json::Value {
-        let counts: Vec<u64> = self
-            .latency
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let calls = self.calls.load(Ordering::Relaxed);
-        let sum_us = self.latency_sum_us.load(Ordering::Relaxed);
-        json!({
-            "calls": calls,
-            "failures": self.failures.load(Ordering::Relaxed),
-            "refusals": self.refusals.load(Ordering::Relaxed),
-            "mean_latency_ms": if calls == 0 { 0.0 } else { sum_us as f64 / calls as f64 / 1000.0 },
-            "latency_le_ms": LATENCY_BUCKETS_MS,
-            "latency_counts": counts,
-        })
+    /// The figures now.
+    pub fn figures(&self) -> CallbackFigures {
+        CallbackFigures {
+            calls: self.calls.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            refusals: self.refusals.load(Ordering::Relaxed),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
+            latency_le_ms: LATENCY_BUCKETS_MS,
+            latency_counts: self
+                .latency
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+        }
     }
+}
+
+/// A snapshot of [`CallbackStats`]. `latency_counts[i]` counts calls that took less than
+/// `latency_le_ms[i]` (and at least the bound before); the last entry counts the rest.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CallbackFigures {
+    /// Callbacks made.
+    pub calls: u64,
+    /// Callbacks that failed (unreachable, HTTP error, bad body).
+    pub failures: u64,
+    /// Callbacks answered with a non-zero code.
+    pub refusals: u64,
+    /// Sum of latencies, microseconds.
+    pub latency_sum_us: u64,
+    /// Bucket upper bounds, milliseconds.
+    pub latency_le_ms: [u64; LATENCY_BUCKETS_MS.len()],
+    /// Per-bucket counts (not cumulative), one more than the bounds.
+    pub latency_counts: Vec<u64>,
 }
 
 /// A blocking client for the message server's callback URL. Cheap to clone (shared agent).

@@ -145,6 +145,10 @@ pub struct Config {
     pub token_secrets: Vec<Vec<u8>>,
     /// Clock skew tolerated on signed tokens' time claims.
     pub token_leeway: Duration,
+    /// Admin HTTP listener (`/healthz`, `/readyz`, `/status`, `/metrics`); `None`: off.
+    pub admin_addr: Option<SocketAddr>,
+    /// Token `/status` and `/metrics` require; empty: none (only allowed on loopback).
+    pub admin_token: String,
 }
 
 /// Load self-check thresholds. `None` disables a threshold. A soft threshold sets
@@ -252,7 +256,23 @@ impl Config {
             drain_window: raw.duration_or_zero("drain_window", Duration::from_secs(5))?,
             token_secrets: parse_token_secrets(raw)?,
             token_leeway: raw.duration_or_zero("token_leeway", Duration::from_secs(30))?,
+            admin_addr: parse_admin_addr(raw)?,
+            admin_token: raw.string("admin_token", ""),
         })
+        .and_then(Config::check_admin_exposure)
+    }
+
+    /// An admin listener reachable from other hosts must be protected.
+    fn check_admin_exposure(self) -> Result<Config, ConfigError> {
+        match self.admin_addr {
+            Some(addr) if !addr.ip().is_loopback() && self.admin_token.is_empty() => {
+                Err(ConfigError::Missing {
+                    key: "admin_token",
+                    reason: "an admin_addr reachable from other hosts needs a token",
+                })
+            }
+            _ => Ok(self),
+        }
     }
 }
 
@@ -594,6 +614,18 @@ fn parse_overload(raw: &mut RawIni) -> Result<OverloadThresholds, ConfigError> {
     Ok(thresholds)
 }
 
+fn parse_admin_addr(raw: &mut RawIni) -> Result<Option<SocketAddr>, ConfigError> {
+    let value = raw.string("admin_addr", "");
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| ConfigError::BadValue {
+        key: "admin_addr",
+        value,
+        reason: "expected ip:port, e.g. 127.0.0.1:8902".into(),
+    })
+}
+
 fn parse_token_secrets(raw: &mut RawIni) -> Result<Vec<Vec<u8>>, ConfigError> {
     let current = raw.string("token_secret", "");
     let previous = raw.string("token_secret_previous", "");
@@ -679,6 +711,9 @@ mod tests {
             ("socket_protocol=wss", "wss_cert_pem"),
             ("comet_rpc_addr=1.2.3.4", "comet_rpc_port"),
             ("duplicate_conn_id=maybe", "duplicate_conn_id"),
+            ("admin_addr=0.0.0.0:8902", "admin_token"),
+            ("admin_addr=localhost", "admin_addr"),
+            ("token_secret=short", "token_secret"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();

@@ -245,3 +245,99 @@ fn signed_tokens_are_verified_locally_with_key_rotation() {
         assert!(log.contains(reason), "log names the reason {reason:?}");
     }
 }
+
+fn http_get(port: u16, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut request = ureq::get(&format!("http://127.0.0.1:{port}{path}"));
+    if let Some(token) = bearer {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    match request.call() {
+        Ok(response) => (response.status(), response.into_string().unwrap()),
+        Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap()),
+        Err(err) => panic!("admin listener unreachable: {err}"),
+    }
+}
+
+/// The value of a metric line (`name{labels} value`), summed over every label set.
+fn metric(text: &str, name: &str, label_filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(label_filter))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn admin_listener_serves_health_status_and_metrics_that_move() {
+    let server = MessageServer::start();
+    server.refuse_token("bad");
+    let admin = common::free_port();
+    let comet = Comet::start(
+        Some(&server),
+        &format!(
+            "admin_addr=127.0.0.1:{admin}\nadmin_token=sekrit\noverload_hard_connections=3\nload_check_interval=50ms"
+        ),
+    );
+    assert_eq!(http_get(admin, "/healthz", None), (200, "ok\n".into()));
+    assert_eq!(http_get(admin, "/readyz", None).0, 200);
+    assert_eq!(http_get(admin, "/metrics", None).0, 401, "token required");
+    assert_eq!(http_get(admin, "/metrics?token=wrong", None).0, 401);
+
+    let (_, before) = http_get(admin, "/metrics", Some("sekrit"));
+    assert_eq!(metric(&before, "comet_connections", ""), 0.0);
+    assert_eq!(metric(&before, "comet_push_calls_total", ""), 0.0);
+
+    let mut client = comet.connect("m1", "good", "").unwrap();
+    assert_eq!(common::refusal_status(comet.connect("m2", "bad", "")), 401);
+    let reply = comet.rpc().push(&["m1", "ghost"], "hello", "");
+    assert!(
+        reply["error"].as_str().unwrap().contains("ghost"),
+        "{reply}"
+    );
+    assert_eq!(next_text(&mut client).as_deref(), Some("hello"));
+    assert!(wait_until(Duration::from_secs(5), || server
+        .calls_of("online")
+        .len()
+        == 1));
+
+    let (status, after) = http_get(admin, "/metrics?token=sekrit", None);
+    assert_eq!(status, 200);
+    assert_eq!(metric(&after, "comet_connections", "transport=\"ws\""), 1.0);
+    assert_eq!(metric(&after, "comet_push_calls_total", ""), 1.0);
+    assert_eq!(metric(&after, "comet_deliveries_total", ""), 1.0);
+    assert_eq!(metric(&after, "comet_delivery_not_on_node_total", ""), 1.0);
+    assert_eq!(
+        metric(&after, "comet_handshake_refusals_total", "reason=\"token\""),
+        1.0
+    );
+    assert!(
+        metric(&after, "comet_callbacks_total", "") >= 3.0,
+        "checkToken x2 + online"
+    );
+    assert!(
+        metric(
+            &after,
+            "comet_callback_latency_seconds_bucket",
+            "le=\"+Inf\""
+        ) >= 3.0
+    );
+    assert_eq!(metric(&after, "comet_overloaded", ""), 0.0);
+
+    let (status, body) = http_get(admin, "/status", Some("sekrit"));
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["pushes"]["calls"], serde_json::json!(1));
+    assert_eq!(json["node"]["connections"], serde_json::json!(1));
+
+    // Past the hard threshold the node is not ready.
+    let _more: Vec<_> = (0..2)
+        .map(|i| comet.connect(&format!("x{i}"), "good", "").unwrap())
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || http_get(
+        admin, "/readyz", None
+    )
+    .0 == 503));
+    let (_, overloaded) = http_get(admin, "/metrics", Some("sekrit"));
+    assert_eq!(metric(&overloaded, "comet_refusing_new_clients", ""), 1.0);
+}

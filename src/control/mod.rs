@@ -6,9 +6,11 @@
 //! through non-blocking channel sends and replies come back as futures. Shards reach it
 //! only through [`ControlLink`].
 
+pub mod admin;
 pub mod directory;
 pub mod etcd;
 pub mod load;
+pub mod metrics;
 pub mod monitor;
 
 use std::cell::{Cell, RefCell};
@@ -73,10 +75,26 @@ struct PushCounters {
     broadcasts: Cell<u64>,
     group_pushes: Cell<u64>,
     kicks: Cell<u64>,
+    not_on_node: Cell<u64>,
 }
 
 fn bump(counter: &Cell<u64>, by: usize) {
     counter.set(counter.get() + by as u64);
+}
+
+/// The ids a shard-routed command did not reach.
+struct HolderAnswers {
+    /// Not in the directory: not on this node.
+    not_here: Vec<String>,
+    /// Named by the shard that holds them (not found there, or not delivered).
+    answered: Vec<String>,
+}
+
+impl HolderAnswers {
+    fn all(mut self) -> Vec<String> {
+        self.not_here.extend(self.answered);
+        self.not_here
+    }
 }
 
 /// What the node needs besides its shards.
@@ -103,6 +121,7 @@ pub struct Node {
     refuse_new_clients: Arc<AtomicBool>,
     callback_stats: Arc<CallbackStats>,
     counters: PushCounters,
+    draining: Cell<bool>,
     started: Instant,
     started_unix: u64,
 }
@@ -125,6 +144,7 @@ impl Node {
             refuse_new_clients,
             callback_stats,
             counters: PushCounters::default(),
+            draining: Cell::new(false),
             config,
             shards,
             started: Instant::now(),
@@ -143,8 +163,10 @@ impl Node {
         }
     }
 
-    /// Removes the node's etcd key now (first step of a graceful shutdown).
+    /// Removes the node's etcd key now (first step of a graceful shutdown); from here on
+    /// `/readyz` says "draining".
     pub async fn deregister(&self) {
+        self.draining.set(true);
         if let Some(registrar) = &self.registrar {
             registrar.deregister().await;
         }
@@ -283,22 +305,25 @@ impl Node {
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
         let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
-        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
-            frame: Arc::clone(&frame),
-            conn_ids,
-            reply,
-        })
-        .await
+        let answers = self
+            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
+                frame: Arc::clone(&frame),
+                conn_ids,
+                reply,
+            })
+            .await;
+        bump(&self.counters.not_on_node, answers.not_here.len());
+        answers.all()
     }
 
-    /// Splits `conn_ids` (each once) by the shard holding them, sends each shard the
-    /// command `make` builds for its share, and returns every id that was not on this
-    /// node or that its shard answered back (not found, or not delivered).
+    /// Splits `conn_ids` (each once) by the shard holding them and sends each shard the
+    /// command `make` builds for its share. Returns the ids not on this node, and the ids
+    /// the shards answered back (not found there, or not delivered).
     async fn to_holders(
         &self,
         conn_ids: &[String],
         make: impl Fn(Vec<String>, oneshot::Sender<Vec<String>>) -> ShardCommand,
-    ) -> Vec<String> {
+    ) -> HolderAnswers {
         let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
         let mut missing = Vec::new();
         let mut seen = HashSet::with_capacity(conn_ids.len());
@@ -312,6 +337,7 @@ impl Node {
             }
         }
         let mut replies = Vec::new();
+        let mut answered = Vec::new();
         for (shard, ids) in per_shard.into_iter().enumerate() {
             if ids.is_empty() {
                 continue;
@@ -320,14 +346,17 @@ impl Node {
             if self.shards[shard].send(make(ids.clone(), reply)) {
                 replies.push((ids, answer));
             } else {
-                missing.extend(ids);
+                answered.extend(ids);
             }
         }
         for (ids, answer) in replies {
             // A shard that ended without answering delivered nothing.
-            missing.extend(answer.await.unwrap_or(ids));
+            answered.extend(answer.await.unwrap_or(ids));
         }
-        missing
+        HolderAnswers {
+            not_here: missing,
+            answered,
+        }
     }
 
     /// Sends every shard the command `make` builds and collects the replies.
@@ -389,6 +418,7 @@ impl Node {
             reply,
         })
         .await
+        .all()
     }
 
     /// Removes these clients from `group`; returns the ids not on this node.
@@ -399,6 +429,7 @@ impl Node {
             reply,
         })
         .await
+        .all()
     }
 
     /// Closes these clients (each gets its `offline`); returns the ids not on this node.
@@ -410,6 +441,7 @@ impl Node {
             reply: Some(reply),
         })
         .await
+        .all()
     }
 
     /// The subset of `conn_ids` connected to this node.
@@ -469,8 +501,9 @@ impl Node {
                 "broadcasts": c.broadcasts.get(),
                 "group_pushes": c.group_pushes.get(),
                 "kicked": c.kicks.get(),
+                "not_on_node": c.not_on_node.get(),
             },
-            "callbacks": self.callback_stats.snapshot(),
+            "callbacks": self.callback_stats.figures(),
             "registration": match &self.registrar {
                 Some(registrar) => serde_json::to_value(registrar.status()).unwrap_or_default(),
                 None => json!({"state": "standalone"}),
@@ -482,8 +515,80 @@ impl Node {
         })
     }
 
+    /// Why the node should not get new clients now (`/readyz`), if it should not.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        let load = self.load_state();
+        if self.draining.get() {
+            Some("draining")
+        } else if load.overloaded || load.refusing {
+            Some("overloaded")
+        } else {
+            None
+        }
+    }
+
+    /// The Prometheus exposition (`/metrics`).
+    pub async fn metrics(&self) -> String {
+        let shards = self.shard_stats().await;
+        let c = &self.counters;
+        let pushes = [
+            (
+                "comet_push_calls_total",
+                "SendToConnections calls.",
+                c.calls.get(),
+            ),
+            (
+                "comet_push_recipients_total",
+                "Recipients named in SendToConnections calls.",
+                c.recipients.get(),
+            ),
+            (
+                "comet_deliveries_total",
+                "Messages handed to clients (pushes, broadcasts, group pushes).",
+                c.delivered.get(),
+            ),
+            (
+                "comet_delivery_failed_total",
+                "Messages that could not be handed to a client.",
+                c.failed.get(),
+            ),
+            (
+                "comet_delivery_not_on_node_total",
+                "Push recipients not connected to this node.",
+                c.not_on_node.get(),
+            ),
+            (
+                "comet_broadcasts_total",
+                "Broadcast calls.",
+                c.broadcasts.get(),
+            ),
+            (
+                "comet_group_pushes_total",
+                "SendToGroup calls.",
+                c.group_pushes.get(),
+            ),
+            (
+                "comet_kicks_total",
+                "Clients named in KickConnections calls.",
+                c.kicks.get(),
+            ),
+        ];
+        let registration = self.registrar.as_ref().map(Registrar::status);
+        metrics::render(&metrics::Figures {
+            shards: &shards,
+            pushes: &pushes,
+            callbacks: &self.callback_stats.figures(),
+            registered: registration.as_ref().map(|r| r.state == "registered"),
+            registrations: registration.map_or(0, |r| r.registrations),
+            load: (self.last_sample.get(), self.load_state()),
+            uptime_secs: self.started.elapsed().as_secs(),
+            draining: self.draining.get(),
+        })
+    }
+
     /// Tells every shard to close its clients and stop.
     pub fn shutdown_shards(&self) {
+        self.draining.set(true);
         for shard in &self.shards {
             shard.send(ShardCommand::Shutdown);
         }

@@ -9,6 +9,7 @@
 pub mod inbox;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tokio::sync::oneshot;
 use crate::callback::{CallbackClient, Presence, PresenceKind};
 use crate::config::Config;
 use crate::control::{ControlLink, DirectoryRequest};
-use crate::session::{CloseReason, Session};
+use crate::session::{CloseReason, Delivery, Session};
 use crate::token::TokenVerifier;
 use crate::transport::ws::frame::EncodedFrame;
 
@@ -116,8 +117,12 @@ pub struct ShardStats {
     pub accepted: u64,
     /// Accepts refused because descriptors ran out.
     pub accept_fd_exhausted: u64,
-    /// Handshakes refused (any reason).
-    pub handshakes_refused: u64,
+    /// Clients upgraded.
+    pub upgraded: u64,
+    /// Handshakes refused, by reason.
+    pub handshake_refusals: BTreeMap<&'static str, u64>,
+    /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
+    pub delivery_failures: BTreeMap<&'static str, u64>,
 }
 
 /// Everything a shard owns. Lives on the shard's thread only.
@@ -143,7 +148,9 @@ pub struct Shard {
     ping: Arc<EncodedFrame>,
     accepted: Cell<u64>,
     accept_fd_exhausted: Cell<u64>,
-    handshakes_refused: Cell<u64>,
+    upgraded: Cell<u64>,
+    handshake_refusals: RefCell<BTreeMap<&'static str, u64>>,
+    delivery_failures: RefCell<BTreeMap<&'static str, u64>>,
 }
 
 /// Held by a connection task for its whole life, so shutdown knows when all are done.
@@ -344,7 +351,9 @@ impl Shard {
             ping: Arc::new(EncodedFrame::ping()),
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),
-            handshakes_refused: Cell::new(0),
+            upgraded: Cell::new(0),
+            handshake_refusals: RefCell::new(BTreeMap::new()),
+            delivery_failures: RefCell::new(BTreeMap::new()),
         }
     }
 
@@ -368,10 +377,27 @@ impl Shard {
         self.refuse_new_clients.load(Ordering::Relaxed)
     }
 
-    /// Counts a refused handshake.
-    pub fn handshake_refused(&self) {
-        self.handshakes_refused
-            .set(self.handshakes_refused.get() + 1);
+    /// Counts a refused handshake under its reason.
+    pub fn handshake_refused(&self, reason: &'static str) {
+        *self
+            .handshake_refusals
+            .borrow_mut()
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Counts a delivery that failed, under its reason.
+    fn delivery_failed(&self, delivery: Option<Delivery>) {
+        let reason = match delivery {
+            None => "unknown",
+            Some(Delivery::Overflow) => "queue_full",
+            Some(_) => "closed",
+        };
+        *self
+            .delivery_failures
+            .borrow_mut()
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// Puts an upgraded client in the table and reports it online.
@@ -379,6 +405,7 @@ impl Shard {
         self.sessions
             .borrow_mut()
             .insert(Rc::clone(&session.conn_id), Rc::clone(session));
+        self.upgraded.set(self.upgraded.get() + 1);
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
         tracing::info!(shard = self.id, conn_id = %session.conn_id, "client online");
@@ -527,9 +554,10 @@ impl Shard {
         };
         let sessions = self.sessions.borrow();
         for member in members {
-            match sessions.get(member) {
-                Some(session) if session.deliver(frame).accepted() => outcome.delivered += 1,
-                _ => outcome.failed.push(member.to_string()),
+            if self.deliver_to(sessions.get(member), frame) {
+                outcome.failed.push(member.to_string());
+            } else {
+                outcome.delivered += 1;
             }
         }
         outcome
@@ -539,21 +567,27 @@ impl Shard {
         let sessions = self.sessions.borrow();
         conn_ids
             .into_iter()
-            .filter(|id| {
-                sessions
-                    .get(id.as_str())
-                    .is_none_or(|s| !s.deliver(frame).accepted())
-            })
+            .filter(|id| self.deliver_to(sessions.get(id.as_str()), frame))
             .collect()
+    }
+
+    /// Delivers to one session (if there is one); true when that failed.
+    fn deliver_to(&self, session: Option<&Rc<Session>>, frame: &Arc<EncodedFrame>) -> bool {
+        let delivery = session.map(|s| s.deliver(frame));
+        let failed = !delivery.is_some_and(Delivery::accepted);
+        if failed {
+            self.delivery_failed(delivery);
+        }
+        failed
     }
 
     fn broadcast(&self, frame: &Arc<EncodedFrame>) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         for session in self.sessions.borrow().values() {
-            if session.deliver(frame).accepted() {
-                outcome.delivered += 1;
-            } else {
+            if self.deliver_to(Some(session), frame) {
                 outcome.failed.push(session.conn_id.to_string());
+            } else {
+                outcome.delivered += 1;
             }
         }
         outcome
@@ -581,7 +615,9 @@ impl Shard {
             queued_messages: sessions.values().map(|s| s.backlog_messages()).sum(),
             accepted: self.accepted.get(),
             accept_fd_exhausted: self.accept_fd_exhausted.get(),
-            handshakes_refused: self.handshakes_refused.get(),
+            upgraded: self.upgraded.get(),
+            handshake_refusals: self.handshake_refusals.borrow().clone(),
+            delivery_failures: self.delivery_failures.borrow().clone(),
         }
     }
 

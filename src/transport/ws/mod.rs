@@ -67,7 +67,7 @@ async fn handshake(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Rc<Sessi
     match upgrade(shard, stream).await {
         Ok(session) => Some(session),
         Err(refusal) => {
-            shard.handshake_refused();
+            shard.handshake_refused(refusal.label());
             let (status, retry) = match &refusal {
                 Refusal::Request(err) => (Some(err.status()), None),
                 Refusal::Token(_) => (Some("401 Unauthorized"), None),
@@ -86,6 +86,22 @@ async fn handshake(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Rc<Sessi
                     with_deadline(stream.write_all(&response), shard.config.close_timeout).await;
             }
             None
+        }
+    }
+}
+
+impl Refusal {
+    /// The reason as a metric label.
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Request(_) => "bad_request",
+            Refusal::Token(_) => "token",
+            Refusal::MessageServer(_) => "message_server",
+            Refusal::Duplicate => "duplicate",
+            Refusal::Draining => "draining",
+            Refusal::Saturated => "overloaded",
+            Refusal::TimedOut => "timeout",
+            Refusal::Gone => "gone",
         }
     }
 }

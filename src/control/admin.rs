@@ -1,0 +1,154 @@
+//! The admin HTTP listener (`admin_addr`, off by default): `/healthz`, `/readyz`,
+//! `/status` and `/metrics` for load balancers, operators and Prometheus.
+//!
+//! Runs on the control thread's runtime; one short-lived task per request, bounded in
+//! size and time. `/status` and `/metrics` require `admin_token` (as `Authorization:
+//! Bearer <token>` or `?token=`) when one is set; the health endpoints never do, so that
+//! probes need no secret. Never touches shard state except through [`Node`].
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::control::Node;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves admin requests until the runtime stops.
+pub async fn serve(node: Rc<Node>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::task::spawn_local(answer(Rc::clone(&node), stream));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct Response {
+    status: &'static str,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: &'static str, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{body}\n"),
+        }
+    }
+}
+
+async fn answer(node: Rc<Node>, mut stream: TcpStream) {
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Some(head)) => route(&node, &head).await,
+        Ok(None) => Response::text("400 Bad Request", "malformed request"),
+        Err(_) => return,
+    };
+    let head = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(response.body.as_bytes()).await;
+}
+
+/// A request's method, path (with query) and `Authorization` header.
+struct Head {
+    method: String,
+    target: String,
+    authorization: Option<String>,
+}
+
+async fn read_head(stream: &mut TcpStream) -> Option<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let authorization = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_owned);
+                return Some(Head {
+                    method: request.method?.to_owned(),
+                    target: request.path?.to_owned(),
+                    authorization,
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST => continue,
+            _ => return None,
+        }
+    }
+}
+
+async fn route(node: &Node, head: &Head) -> Response {
+    if head.method != "GET" {
+        return Response::text("405 Method Not Allowed", "only GET");
+    }
+    let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+    match path {
+        "/healthz" => Response::text("200 OK", "ok"),
+        "/readyz" => match node.not_ready_because() {
+            None => Response::text("200 OK", "ready"),
+            Some(why) => Response::text("503 Service Unavailable", why),
+        },
+        "/status" | "/metrics" if !authorised(node, head, query) => {
+            Response::text("401 Unauthorized", "admin token required")
+        }
+        "/status" => Response {
+            status: "200 OK",
+            content_type: "application/json",
+            body: node.status().await.to_string(),
+        },
+        "/metrics" => Response {
+            status: "200 OK",
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: node.metrics().await,
+        },
+        _ => Response::text(
+            "404 Not Found",
+            "try /healthz, /readyz, /status or /metrics",
+        ),
+    }
+}
+
+fn authorised(node: &Node, head: &Head, query: &str) -> bool {
+    let expected = node.config.admin_token.as_bytes();
+    if expected.is_empty() {
+        return true;
+    }
+    let bearer = head
+        .authorization
+        .as_deref()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let from_query = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="));
+    [bearer, from_query]
+        .into_iter()
+        .flatten()
+        .any(|given| bool::from(expected.ct_eq(given.as_bytes())))
+}

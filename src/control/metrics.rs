@@ -1,0 +1,283 @@
+//! Prometheus text exposition of the node's figures (`/metrics` on the admin listener).
+//!
+//! Rendering only: the figures are gathered by [`crate::control::Node`] on the control
+//! thread (shards answer a `Stats` command), so scraping never touches a shard's state.
+
+use std::collections::BTreeMap;
+use std::fmt::{Display, Write};
+
+use crate::callback::CallbackFigures;
+use crate::control::load::{LoadSample, LoadState};
+use crate::shard::ShardStats;
+
+/// Everything one scrape shows.
+pub struct Figures<'a> {
+    /// Per-shard figures.
+    pub shards: &'a [ShardStats],
+    /// Push RPC counters: (name, help, value).
+    pub pushes: &'a [(&'static str, &'static str, u64)],
+    /// Callback figures.
+    pub callbacks: &'a CallbackFigures,
+    /// Whether the node's etcd key is in place (`None`: standalone).
+    pub registered: Option<bool>,
+    /// Times the key was put on a fresh lease.
+    pub registrations: u64,
+    /// Last load sample and verdict.
+    pub load: (LoadSample, LoadState),
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Whether the node is shutting down.
+    pub draining: bool,
+}
+
+/// The exposition text.
+pub fn render(figures: &Figures<'_>) -> String {
+    let mut out = Exposition::default();
+    shards(&mut out, figures.shards);
+    for (name, help, value) in figures.pushes {
+        out.family(name, "counter", help);
+        out.sample(name, &[], value);
+    }
+    callbacks(&mut out, figures.callbacks);
+    node(&mut out, figures);
+    out.0
+}
+
+/// A per-shard gauge or counter: name, type, help, and how to read it.
+type ShardFigure = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardStats) -> u64,
+);
+/// A per-shard counter split by reason: name, help, and where the reasons are.
+type ShardReasons = (
+    &'static str,
+    &'static str,
+    fn(&ShardStats) -> &BTreeMap<&'static str, u64>,
+);
+
+fn shards(out: &mut Exposition, shards: &[ShardStats]) {
+    let per_shard: [ShardFigure; 5] = [
+        ("comet_connections", "gauge", "Connected clients.", |s| {
+            s.connections as u64
+        }),
+        (
+            "comet_queued_messages",
+            "gauge",
+            "Messages waiting in outbound queues.",
+            |s| s.queued_messages as u64,
+        ),
+        (
+            "comet_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            |s| s.accepted,
+        ),
+        (
+            "comet_handshakes_total",
+            "counter",
+            "Clients upgraded.",
+            |s| s.upgraded,
+        ),
+        (
+            "comet_accept_fd_exhausted_total",
+            "counter",
+            "Accepts deferred because descriptors ran out.",
+            |s| s.accept_fd_exhausted,
+        ),
+    ];
+    for (name, kind, help, value) in per_shard {
+        out.family(name, kind, help);
+        for stats in shards {
+            let shard = stats.shard.to_string();
+            out.sample(
+                name,
+                &[("shard", &shard), ("transport", "ws")],
+                value(stats),
+            );
+        }
+    }
+    let by_reason: [ShardReasons; 2] = [
+        (
+            "comet_handshake_refusals_total",
+            "Handshakes refused, by reason.",
+            |s| &s.handshake_refusals,
+        ),
+        (
+            "comet_delivery_failures_total",
+            "Deliveries that failed on a shard, by reason.",
+            |s| &s.delivery_failures,
+        ),
+    ];
+    for (name, help, reasons) in by_reason {
+        out.family(name, "counter", help);
+        for stats in shards {
+            let shard = stats.shard.to_string();
+            for (reason, count) in reasons(stats) {
+                out.sample(name, &[("shard", &shard), ("reason", reason)], count);
+            }
+        }
+    }
+}
+
+fn callbacks(out: &mut Exposition, figures: &CallbackFigures) {
+    for (name, help, value) in [
+        (
+            "comet_callbacks_total",
+            "Callbacks made to the message server.",
+            figures.calls,
+        ),
+        (
+            "comet_callback_failures_total",
+            "Callbacks that failed (unreachable, HTTP error).",
+            figures.failures,
+        ),
+        (
+            "comet_callback_refusals_total",
+            "Callbacks answered with a non-zero code.",
+            figures.refusals,
+        ),
+    ] {
+        out.family(name, "counter", help);
+        out.sample(name, &[], value);
+    }
+    let name = "comet_callback_latency_seconds";
+    out.family(name, "histogram", "Callback latency.");
+    let mut cumulative = 0;
+    for (bound_ms, count) in figures.latency_le_ms.iter().zip(&figures.latency_counts) {
+        cumulative += count;
+        let le = format!("{}", *bound_ms as f64 / 1000.0);
+        out.sample(
+            "comet_callback_latency_seconds_bucket",
+            &[("le", &le)],
+            cumulative,
+        );
+    }
+    out.sample(
+        "comet_callback_latency_seconds_bucket",
+        &[("le", "+Inf")],
+        figures.calls,
+    );
+    out.sample(
+        "comet_callback_latency_seconds_sum",
+        &[],
+        figures.latency_sum_us as f64 / 1e6,
+    );
+    out.sample("comet_callback_latency_seconds_count", &[], figures.calls);
+}
+
+fn node(out: &mut Exposition, figures: &Figures<'_>) {
+    let (sample, state) = figures.load;
+    let flag = |b: bool| u64::from(b);
+    let gauges = [
+        (
+            "comet_etcd_registered",
+            "1 when the node's etcd key is in place (absent when standalone).",
+            figures.registered.map(flag),
+        ),
+        (
+            "comet_overloaded",
+            "1 while a soft load threshold is crossed.",
+            Some(flag(state.overloaded)),
+        ),
+        (
+            "comet_refusing_new_clients",
+            "1 while a hard load threshold is crossed.",
+            Some(flag(state.refusing)),
+        ),
+        (
+            "comet_draining",
+            "1 while shutting down.",
+            Some(flag(figures.draining)),
+        ),
+        (
+            "comet_rss_bytes",
+            "Resident memory at the last load sample.",
+            Some(sample.rss),
+        ),
+        (
+            "comet_uptime_seconds",
+            "Seconds since start.",
+            Some(figures.uptime_secs),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        if let Some(value) = value {
+            out.family(name, "gauge", help);
+            out.sample(name, &[], value);
+        }
+    }
+    out.family(
+        "comet_etcd_registrations_total",
+        "counter",
+        "Times the key was put on a fresh lease.",
+    );
+    out.sample("comet_etcd_registrations_total", &[], figures.registrations);
+}
+
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (key, label)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let escaped = label
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.0, "{key}=\"{escaped}\"");
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_labels_are_escaped() {
+        let callbacks = CallbackFigures {
+            calls: 3,
+            failures: 1,
+            refusals: 0,
+            latency_sum_us: 3_500,
+            latency_le_ms: crate::callback::LATENCY_BUCKETS_MS,
+            latency_counts: vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        };
+        let mut stats = ShardStats::default();
+        stats.handshake_refusals.insert("to\"ken", 2);
+        let text = render(&Figures {
+            shards: &[stats],
+            pushes: &[("comet_push_calls_total", "Push calls.", 5)],
+            callbacks: &callbacks,
+            registered: None,
+            registrations: 0,
+            load: (LoadSample::default(), LoadState::default()),
+            uptime_secs: 9,
+            draining: false,
+        });
+        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.001\"} 1\n"));
+        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.002\"} 2\n"));
+        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("reason=\"to\\\"ken\"} 2\n"));
+        assert!(text.contains("comet_push_calls_total 5\n"));
+        assert!(
+            !text.contains("comet_etcd_registered "),
+            "standalone nodes have no such gauge"
+        );
+    }
+}
