@@ -4,7 +4,8 @@
 //! Owns no state of its own. Start-up errors come back as [`anyhow::Error`] lines that
 //! name the config key at fault; nothing here runs on a shard.
 
-use std::net::TcpListener as StdTcpListener;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -15,6 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::callback::{CallbackClient, CallbackStats, Presence};
 use crate::config::{Config, SocketProtocol};
 use crate::control::{self, Node, NodeParts};
+use crate::handover::{self, Handover, Inherited};
 use crate::shard::{self, ShardDeps};
 use crate::token::TokenVerifier;
 
@@ -22,7 +24,8 @@ use crate::token::TokenVerifier;
 /// message server that is down is not hammered.
 const PRESENCE_WORKERS: usize = 4;
 
-/// Runs a gateway node until SIGTERM/SIGINT has closed every client.
+/// Runs a gateway node until SIGTERM/SIGINT has closed every client, or until a
+/// successor started by SIGUSR2 has taken over.
 pub fn run_node(config: Config) -> anyhow::Result<()> {
     refuse_unbuilt_transports(&config)?;
     let config = Arc::new(config);
@@ -30,14 +33,8 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     if config.etcd_endpoints.is_empty() {
         tracing::info!("etcd_addr is empty: running standalone, not registered anywhere");
     }
-    let rpc_listener = StdTcpListener::bind(config.rpc_listen).with_context(|| {
-        format!(
-            "config key `rpc_addr`: cannot listen on {}",
-            config.rpc_listen
-        )
-    })?;
-    rpc_listener.set_nonblocking(true)?;
-    let admin_listener = bind_admin(&config)?;
+    let mut inherited = Inherited::from_env()?;
+    let listeners = Listeners::open(&config, &mut inherited)?;
 
     let callback_stats = Arc::new(CallbackStats::default());
     let refuse_new_clients = Arc::new(AtomicBool::new(false));
@@ -45,19 +42,22 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     let (presence, presence_workers) =
         Presence::start(callbacks.clone(), PRESENCE_WORKERS, config.callback_retries);
     let (control_link, directory_requests) = control::link();
-    let shards = shard::start(ShardDeps {
+    let deps = ShardDeps {
         config: Arc::clone(&config),
         control: control_link,
         presence: presence.clone(),
         callbacks,
         refuse_new_clients: Arc::clone(&refuse_new_clients),
         verifier: token_verifier(&config),
-    })?;
+    };
+    let shards = shard::start(deps, listeners.client)?;
+    inherited.signal_ready();
     tracing::info!(
         shards = config.max_proc,
         websocket_port = config.websocket_port,
         rpc_addr = %config.rpc_addr,
         comet_addr = %config.comet_addr(),
+        handover = inherited.is_handover(),
         "comet ready"
     );
 
@@ -66,17 +66,76 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         shards: shards.handles,
         refuse_new_clients,
         callback_stats,
+        inherited_lease: inherited.lease,
     });
-    let listeners = ControlListeners {
-        rpc: rpc_listener,
-        admin: admin_listener,
+    let handover = Handover {
+        client: shards.listener_fds,
+        rpc: listeners.rpc.as_raw_fd(),
+        admin: listeners.admin.as_ref().map(AsRawFd::as_raw_fd),
+        lease: None,
     };
-    let outcome = run_control(node, directory_requests, listeners, shards.threads);
+    let control_listeners = ControlListeners {
+        rpc: StdTcpListener::from(listeners.rpc),
+        admin: listeners.admin.map(StdTcpListener::from),
+        handover,
+    };
+    let outcome = run_control(node, directory_requests, control_listeners, shards.threads);
     drop(presence);
     tracing::info!("delivering the last presence callbacks");
     presence_workers.join();
     tracing::info!("comet stopped");
     outcome
+}
+
+/// Every listening socket of the node: inherited from a predecessor, or bound now.
+struct Listeners {
+    client: Vec<OwnedFd>,
+    rpc: OwnedFd,
+    admin: Option<OwnedFd>,
+}
+
+impl Listeners {
+    fn open(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Listeners> {
+        let port = config.websocket_port;
+        let mut client = std::mem::take(&mut inherited.client);
+        for fd in &client {
+            handover::check_listener(fd, port)?;
+        }
+        let client_addr = SocketAddr::from(([0, 0, 0, 0], port));
+        while client.len() < config.max_proc {
+            let fd = handover::bind_listener(client_addr, true).with_context(|| {
+                format!("config key `websocket_port`: cannot listen on port {port}")
+            })?;
+            client.push(fd);
+        }
+        let rpc = match inherited.rpc.take() {
+            Some(fd) => {
+                handover::check_listener(&fd, config.rpc_listen.port())?;
+                fd
+            }
+            None => handover::bind_listener(config.rpc_listen, false).with_context(|| {
+                format!(
+                    "config key `rpc_addr`: cannot listen on {}",
+                    config.rpc_listen
+                )
+            })?,
+        };
+        let admin = match (config.admin_addr, inherited.admin.take()) {
+            (None, _) => None,
+            (Some(addr), Some(fd)) => {
+                handover::check_listener(&fd, addr.port())?;
+                Some(fd)
+            }
+            (Some(addr), None) => Some(
+                handover::bind_listener(addr, false)
+                    .with_context(|| format!("config key `admin_addr`: cannot listen on {addr}"))?,
+            ),
+        };
+        if admin.is_some() {
+            tracing::info!("admin listener: /healthz /readyz /status /metrics");
+        }
+        Ok(Listeners { client, rpc, admin })
+    }
 }
 
 fn refuse_unbuilt_transports(config: &Config) -> anyhow::Result<()> {
@@ -101,22 +160,19 @@ fn log_limits() {
     }
 }
 
-fn bind_admin(config: &Config) -> anyhow::Result<Option<StdTcpListener>> {
-    let Some(addr) = config.admin_addr else {
-        return Ok(None);
-    };
-    let listener = StdTcpListener::bind(addr)
-        .with_context(|| format!("config key `admin_addr`: cannot listen on {addr}"))?;
-    listener.set_nonblocking(true)?;
-    tracing::info!(%addr, "admin listener: /healthz /readyz /status /metrics");
-    Ok(Some(listener))
-}
-
 /// The control thread's listeners, bound before anything starts so that a taken port
-/// is a start-up error.
+/// is a start-up error, and what a hand-over passes on.
 struct ControlListeners {
     rpc: StdTcpListener,
     admin: Option<StdTcpListener>,
+    handover: Handover,
+}
+
+/// How the control thread's run ended.
+enum Ending {
+    Signal,
+    Conflict(anyhow::Error),
+    HandedOver(u32),
 }
 
 fn token_verifier(config: &Config) -> Option<TokenVerifier> {
@@ -153,8 +209,9 @@ fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<Callba
     ))
 }
 
-/// The control thread's runtime: directory, push RPC, registration, load self-check,
-/// and shutdown on a signal (or on a registration conflict, which is fatal).
+/// The control thread's runtime: directory, push RPC, admin, registration, load
+/// self-check; shutdown on SIGTERM/SIGINT (or a registration conflict, which is fatal);
+/// hand-over to a successor on SIGUSR2.
 fn run_control(
     node: Rc<Node>,
     directory_requests: control::DirectoryRequests,
@@ -169,28 +226,55 @@ fn run_control(
     local.block_on(&runtime, async move {
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut restart = signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?;
+        listeners.rpc.set_nonblocking(true)?;
         let rpc = tokio::net::TcpListener::from_std(listeners.rpc)?;
         tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));
-        tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), rpc));
-        if let Some(admin) = listeners.admin {
-            let admin = tokio::net::TcpListener::from_std(admin)?;
-            tokio::task::spawn_local(crate::control::admin::serve(Rc::clone(&node), admin));
-        }
+        let rpc_task = tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), rpc));
+        let admin_task = match listeners.admin {
+            Some(admin) => {
+                admin.set_nonblocking(true)?;
+                let admin = tokio::net::TcpListener::from_std(admin)?;
+                Some(tokio::task::spawn_local(crate::control::admin::serve(Rc::clone(&node), admin)))
+            }
+            None => None,
+        };
         let interval = node.config.load_check_interval;
         tokio::task::spawn_local(Rc::clone(&node).check_load(interval));
-        let registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());
+        let mut registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());
+        let mut handover = listeners.handover;
 
-        let fatal = tokio::select! {
-            _ = terminate.recv() => None,
-            _ = interrupt.recv() => None,
-            conflict = registration => Some(conflict),
+        let ending = loop {
+            tokio::select! {
+                _ = terminate.recv() => break Ending::Signal,
+                _ = interrupt.recv() => break Ending::Signal,
+                conflict = &mut registration => break Ending::Conflict(match conflict {
+                    Ok(conflict) => conflict.into(),
+                    Err(panic) => anyhow::anyhow!("registration task failed: {panic}"),
+                }),
+                _ = restart.recv() => {
+                    handover.lease = node.current_lease();
+                    match hand_over(&handover).await {
+                        Ok(pid) => break Ending::HandedOver(pid),
+                        Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
+                    }
+                }
+            }
         };
-        match &fatal {
-            Some(Ok(conflict)) => tracing::error!("{conflict}; shutting down"),
-            Some(Err(panic)) => tracing::error!("registration task failed: {panic}; shutting down"),
-            None => {
+        match &ending {
+            Ending::Signal => {
                 tracing::info!("signal received: leaving etcd, then closing every client (a second signal exits at once)");
                 node.deregister().await;
+            }
+            Ending::Conflict(conflict) => tracing::error!("{conflict}; shutting down"),
+            Ending::HandedOver(pid) => {
+                tracing::info!(successor = pid, "successor serving: draining this process");
+                // The successor owns the key (it took our lease over) and the listeners.
+                registration.abort();
+                rpc_task.abort();
+                if let Some(admin) = admin_task {
+                    admin.abort();
+                }
             }
         }
         node.shutdown_shards();
@@ -204,13 +288,41 @@ fn run_control(
             _ = terminate.recv() => exit_now(),
             _ = interrupt.recv() => exit_now(),
         }
-        match fatal {
-            Some(Ok(conflict)) => Err(conflict.into()),
-            Some(Err(panic)) => Err(anyhow::anyhow!("registration task failed: {panic}")),
-            None => Ok(()),
+        match ending {
+            Ending::Conflict(conflict) => Err(conflict),
+            Ending::Signal | Ending::HandedOver(_) => Ok(()),
         }
     })
 }
+
+/// Starts the successor and waits (bounded) until it serves; kills it if it does not.
+async fn hand_over(handover: &Handover) -> anyhow::Result<u32> {
+    let successor = handover.spawn_successor()?;
+    let pid = successor.pid;
+    tracing::info!(
+        successor = pid,
+        "SIGUSR2: successor started with our listeners"
+    );
+    let ready = tokio::task::spawn_blocking(move || successor.wait_ready());
+    match tokio::time::timeout(SUCCESSOR_READY_TIMEOUT, ready).await {
+        Ok(Ok(true)) => Ok(pid),
+        outcome => {
+            // SAFETY: kill on a pid we started; at worst it has already exited.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            match outcome {
+                Err(_) => {
+                    anyhow::bail!("successor {pid} not ready within {SUCCESSOR_READY_TIMEOUT:?}")
+                }
+                _ => anyhow::bail!("successor {pid} exited before it was ready (see its log)"),
+            }
+        }
+    }
+}
+
+/// How long a successor may take to start serving.
+const SUCCESSOR_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn exit_now() -> ! {
     tracing::warn!("second signal: exiting without waiting for clients");

@@ -6,6 +6,7 @@ pub mod app;
 pub mod callback;
 pub mod config;
 pub mod control;
+pub mod handover;
 pub mod rpc;
 pub mod session;
 pub mod shard;

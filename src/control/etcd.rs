@@ -121,7 +121,8 @@ pub struct Registrar {
 
 impl Registrar {
     /// A registrar for this node; `None` when `etcd_addr` is empty (standalone).
-    pub fn new(config: &Config) -> Option<Registrar> {
+    /// `inherited_lease` is a predecessor's lease on the key, taken over without a gap.
+    pub fn new(config: &Config, inherited_lease: Option<i64>) -> Option<Registrar> {
         if config.etcd_endpoints.is_empty() {
             return None;
         }
@@ -140,7 +141,7 @@ impl Registrar {
             ttl: config.etcd_lease_ttl,
             keepalive: config.etcd_keepalive_interval,
             current: RefCell::new(None),
-            previous_lease: Cell::new(None),
+            previous_lease: Cell::new(inherited_lease),
         })
     }
 

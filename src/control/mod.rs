@@ -107,6 +107,8 @@ pub struct NodeParts {
     pub refuse_new_clients: Arc<AtomicBool>,
     /// Shared with every callback client.
     pub callback_stats: Arc<CallbackStats>,
+    /// A predecessor's etcd lease holding this node's key (zero-downtime restart).
+    pub inherited_lease: Option<i64>,
 }
 
 /// The control thread's view of the node.
@@ -134,11 +136,12 @@ impl Node {
             shards,
             refuse_new_clients,
             callback_stats,
+            inherited_lease,
         } = parts;
         let directory = Directory::new(shards.len(), config.duplicate_conn_id);
         Rc::new(Node {
             directory: RefCell::new(directory),
-            registrar: Registrar::new(&config),
+            registrar: Registrar::new(&config, inherited_lease),
             load: RefCell::new(LoadCheck::new(config.overload)),
             last_sample: Cell::new(LoadSample::default()),
             refuse_new_clients,
@@ -161,6 +164,11 @@ impl Node {
             Some(registrar) => registrar.run(&self).await,
             None => std::future::pending().await,
         }
+    }
+
+    /// The etcd lease holding the node's key, if registered.
+    pub fn current_lease(&self) -> Option<i64> {
+        self.registrar.as_ref().and_then(|r| r.status().lease)
     }
 
     /// Removes the node's etcd key now (first step of a graceful shutdown); from here on

@@ -11,6 +11,7 @@ pub mod inbox;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -193,8 +194,6 @@ pub struct ShardDeps {
 pub enum StartError {
     #[error("cannot start shard {shard}: {reason}")]
     Executor { shard: usize, reason: String },
-    #[error("config key `websocket_port`: cannot listen on port {port}: {source}")]
-    Listen { port: u16, source: io::Error },
 }
 
 /// The running shards: handles for the control thread, threads for `main` to join.
@@ -203,17 +202,27 @@ pub struct Shards {
     pub handles: Vec<ShardHandle>,
     /// The executor threads.
     pub threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// The client listeners' descriptors (valid while the shards accept), for a hand-over.
+    pub listener_fds: Vec<RawFd>,
 }
 
-/// Starts `config.max_proc` shards, each listening on the client port (SO_REUSEPORT: the
-/// kernel spreads connections over the shards' listeners), and waits until all listen.
-pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
+/// Starts `config.max_proc` shards on the given client listeners (bound with
+/// SO_REUSEPORT, or inherited from a predecessor): listener `j` goes to shard
+/// `j % max_proc`, so every listener has a shard accepting on it and every shard has at
+/// least one when there are enough. Waits until all shards run.
+pub fn start(deps: ShardDeps, listeners: Vec<OwnedFd>) -> Result<Shards, StartError> {
     let count = deps.config.max_proc;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let listener_fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut per_shard: Vec<Vec<RawFd>> = vec![Vec::new(); count];
+    for (j, listener) in listeners.into_iter().enumerate() {
+        // Ownership moves to the shard's glommio listener, which closes it.
+        per_shard[j % count].push(listener.into_raw_fd());
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
-    for id in 0..count {
+    for (id, fds) in per_shard.into_iter().enumerate() {
         let (handle, inbox) = inbox::channel();
         let own_handle = handle.clone();
         let deps = deps.clone();
@@ -222,19 +231,14 @@ pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
             .name(&format!("shard-{id}"))
             .blocking_thread_pool_placement(PoolPlacement::Unbound(deps.config.callback_threads))
             .spawn(move || async move {
-                let port = deps.config.websocket_port;
-                match TcpListener::bind(("0.0.0.0", port)) {
-                    Ok(listener) => {
-                        let _ = ready.send(Ok(()));
-                        run(Rc::new(Shard::new(id, deps)), listener, inbox, own_handle).await;
-                    }
-                    Err(err) => {
-                        let _ = ready.send(Err(StartError::Listen {
-                            port,
-                            source: err.into(),
-                        }));
-                    }
-                }
+                // SAFETY: each descriptor is a listening socket whose ownership was given
+                // to this shard alone above.
+                let listeners = fds
+                    .into_iter()
+                    .map(|fd| unsafe { TcpListener::from_raw_fd(fd) })
+                    .collect();
+                let _ = ready.send(());
+                run(Rc::new(Shard::new(id, deps)), listeners, inbox, own_handle).await;
             })
             .map_err(|e| StartError::Executor {
                 shard: id,
@@ -245,31 +249,33 @@ pub fn start(deps: ShardDeps) -> Result<Shards, StartError> {
     }
     drop(ready_tx);
     for _ in 0..count {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => return Err(err),
-            Err(_) => {
-                return Err(StartError::Executor {
-                    shard: 0,
-                    reason: "a shard thread ended during start-up".into(),
-                });
-            }
+        if ready_rx.recv().is_err() {
+            return Err(StartError::Executor {
+                shard: 0,
+                reason: "a shard thread ended during start-up".into(),
+            });
         }
     }
-    Ok(Shards { handles, threads })
+    Ok(Shards {
+        handles,
+        threads,
+        listener_fds,
+    })
 }
 
-async fn run(shard: Rc<Shard>, listener: TcpListener, inbox: inbox::Inbox, own: ShardHandle) {
-    let mut acceptor = Some(glommio::spawn_local(accept_loop(
-        Rc::clone(&shard),
-        listener,
-    )));
+async fn run(shard: Rc<Shard>, listeners: Vec<TcpListener>, inbox: inbox::Inbox, own: ShardHandle) {
+    let mut acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| glommio::spawn_local(accept_loop(Rc::clone(&shard), listener)))
+        .collect();
     let heartbeat = glommio::spawn_local(heartbeat_loop(Rc::clone(&shard)));
     while let Some(command) = inbox.recv().await {
         match command {
             ShardCommand::Shutdown => {
-                if let Some(acceptor) = acceptor.take() {
-                    acceptor.cancel().await;
+                if !acceptors.is_empty() {
+                    for acceptor in acceptors.drain(..) {
+                        acceptor.cancel().await;
+                    }
                     let draining = Rc::clone(&shard);
                     let own = own.clone();
                     glommio::spawn_local(async move {

@@ -1,0 +1,269 @@
+//! Zero-downtime restart by listener hand-over (the nginx binary-upgrade pattern).
+//!
+//! On SIGUSR2 a node starts its successor (the same executable path and arguments) with
+//! its listening sockets inherited: the client listeners of every shard, the push RPC
+//! listener and the admin listener, plus its etcd lease id so the successor can take
+//! the node's key over without a gap. The successor adopts the sockets instead of
+//! binding, starts, and says so through a pipe; only then does the old process stop
+//! accepting and drain. Because the sockets themselves are shared (not re-bound), their
+//! accept queues are never dropped: no connection attempt is refused during a restart.
+//!
+//! The hand-over travels in one environment variable, `COMET_HANDOVER`, e.g.
+//! `ws=5,6;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9`.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// The environment variable carrying the hand-over.
+pub const ENV: &str = "COMET_HANDOVER";
+/// Backlog of every listener (the kernel caps it at `net.core.somaxconn`).
+const BACKLOG: i32 = 4096;
+
+/// Why a hand-over could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("malformed {ENV}: {0}")]
+    Malformed(String),
+    #[error("inherited descriptor {fd} is not a TCP listener on port {port}")]
+    NotOurListener { fd: RawFd, port: u16 },
+    #[error("cannot start the successor: {0}")]
+    Spawn(io::Error),
+}
+
+/// What a successor inherited from its predecessor.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    /// Client listeners (one per shard of the predecessor).
+    pub client: Vec<OwnedFd>,
+    /// The push RPC listener.
+    pub rpc: Option<OwnedFd>,
+    /// The admin listener.
+    pub admin: Option<OwnedFd>,
+    /// The predecessor's etcd lease, holding the node's key.
+    pub lease: Option<i64>,
+    /// Where to say "ready".
+    ready: Option<OwnedFd>,
+    from_predecessor: bool,
+}
+
+impl Inherited {
+    /// Reads the hand-over from the environment; empty when this is a fresh start.
+    pub fn from_env() -> Result<Inherited, HandoverError> {
+        match std::env::var(ENV) {
+            Ok(value) if !value.is_empty() => Inherited::parse(&value),
+            _ => Ok(Inherited::default()),
+        }
+    }
+
+    fn parse(value: &str) -> Result<Inherited, HandoverError> {
+        let mut inherited = Inherited {
+            from_predecessor: true,
+            ..Inherited::default()
+        };
+        for part in value.split(';').filter(|p| !p.is_empty()) {
+            let (key, list) = part
+                .split_once('=')
+                .ok_or_else(|| HandoverError::Malformed(part.to_owned()))?;
+            match key {
+                "ws" => inherited.client = list.split(',').map(adopt).collect::<Result<_, _>>()?,
+                "rpc" => inherited.rpc = Some(adopt(list)?),
+                "admin" => inherited.admin = Some(adopt(list)?),
+                "ready" => inherited.ready = Some(adopt(list)?),
+                "lease" => {
+                    let lease = i64::from_str_radix(list, 16)
+                        .map_err(|_| HandoverError::Malformed(part.to_owned()))?;
+                    inherited.lease = Some(lease);
+                }
+                _ => return Err(HandoverError::Malformed(part.to_owned())),
+            }
+        }
+        Ok(inherited)
+    }
+
+    /// Whether this process was started by a predecessor.
+    pub fn is_handover(&self) -> bool {
+        self.from_predecessor
+    }
+
+    /// Tells the predecessor this process is serving (it then stops accepting).
+    pub fn signal_ready(&mut self) {
+        if let Some(fd) = self.ready.take() {
+            let mut pipe = std::fs::File::from(fd);
+            let _ = pipe.write_all(b"R");
+        }
+    }
+}
+
+fn adopt(text: &str) -> Result<OwnedFd, HandoverError> {
+    let fd: RawFd = text
+        .parse()
+        .map_err(|_| HandoverError::Malformed(text.to_owned()))?;
+    // SAFETY: the predecessor passed this descriptor to us for us to own; it is used
+    // nowhere else in this process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_raw_fd(), true);
+    Ok(owned)
+}
+
+/// A close-on-exec TCP listener on `addr`; `reuse_port` lets every shard bind one.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Checks an inherited descriptor is a TCP listener on `port`.
+pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
+    let socket = socket2::SockRef::from(fd);
+    let listening = socket.is_listener().unwrap_or(false);
+    let local_port = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.port());
+    if listening && local_port == Some(port) {
+        Ok(())
+    } else {
+        Err(HandoverError::NotOurListener {
+            fd: fd.as_raw_fd(),
+            port,
+        })
+    }
+}
+
+/// The descriptors a running node hands over.
+pub struct Handover {
+    /// Client listeners, one per shard.
+    pub client: Vec<RawFd>,
+    /// The push RPC listener.
+    pub rpc: RawFd,
+    /// The admin listener.
+    pub admin: Option<RawFd>,
+    /// The etcd lease holding the node's key.
+    pub lease: Option<i64>,
+}
+
+/// A started successor and the pipe it will say "ready" on.
+pub struct Successor {
+    /// Its process id.
+    pub pid: u32,
+    ready: std::fs::File,
+}
+
+impl Successor {
+    /// Blocks until the successor is serving (`true`) or has exited (`false`). Run it on
+    /// a blocking thread, bounded by a timeout.
+    pub fn wait_ready(mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.ready.read(&mut byte), Ok(1))
+    }
+}
+
+impl Handover {
+    /// Starts the successor with the listeners inherited.
+    pub fn spawn_successor(&self) -> Result<Successor, HandoverError> {
+        let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
+        let mut inherited: Vec<RawFd> = self.client.clone();
+        inherited.push(self.rpc);
+        inherited.extend(self.admin);
+        inherited.push(ready_write.as_raw_fd());
+        let mut value = format!(
+            "ws={};rpc={};ready={}",
+            join(&self.client),
+            self.rpc,
+            ready_write.as_raw_fd()
+        );
+        if let Some(admin) = self.admin {
+            value.push_str(&format!(";admin={admin}"));
+        }
+        if let Some(lease) = self.lease {
+            value.push_str(&format!(";lease={lease:x}"));
+        }
+        let mut args = std::env::args_os();
+        let program = args.next().unwrap_or_default();
+        let mut command = Command::new(program);
+        command.args(args).env(ENV, value);
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // fcntl, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in &inherited {
+                    set_cloexec(*fd, false);
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(HandoverError::Spawn)?;
+        drop(ready_write);
+        Ok(Successor {
+            pid: child.id(),
+            ready: std::fs::File::from(ready_read),
+        })
+    }
+}
+
+fn join(fds: &[RawFd]) -> String {
+    fds.iter()
+        .map(RawFd::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn set_cloexec(fd: RawFd, on: bool) {
+    // SAFETY: fcntl on a descriptor number; a stale number fails harmlessly.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            let flags = if on {
+                flags | libc::FD_CLOEXEC
+            } else {
+                flags & !libc::FD_CLOEXEC
+            };
+            libc::fcntl(fd, libc::F_SETFD, flags);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_handover_is_refused() {
+        assert!(Inherited::parse("ws").is_err());
+        assert!(Inherited::parse("colour=blue").is_err());
+        assert!(Inherited::parse("lease=xyz").is_err());
+        assert!(Inherited::parse("ws=notanumber").is_err());
+    }
+
+    #[test]
+    fn a_bound_listener_passes_the_check_and_a_wrong_port_does_not() {
+        let fd = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let port = socket2::SockRef::from(&fd)
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap()
+            .port();
+        assert!(check_listener(&fd, port).is_ok());
+        assert!(check_listener(&fd, port.wrapping_add(1)).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! Zero-downtime restart: SIGUSR2 hands the listeners and the etcd key to a successor
+//! while the old process drains, under a steady connect load.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::etcd::{self, Etcd};
+use common::{Comet, MessageServer, Monitor, close_code, next_text, wait_until};
+use serde_json::json;
+
+/// Stops a process we did not start ourselves (the successor) when dropped.
+struct Reap(u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.to_string())
+            .status();
+        wait_until(Duration::from_secs(10), || {
+            !std::path::Path::new(&format!("/proc/{}", self.0)).exists()
+        });
+    }
+}
+
+fn successor_pid(log: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains("successor started"))?;
+    let digits: String = line
+        .split("successor=")
+        .nth(1)?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn sigusr2_restart_refuses_no_connection_and_every_old_client_gets_close_and_offline() {
+    let etcd = Etcd::start();
+    let server = MessageServer::start();
+    let _monitor = Monitor::start(&server, &etcd.endpoint());
+    let mut old = Comet::start(
+        Some(&server),
+        &format!(
+            "etcd_addr={}\netcd_lease_ttl=3\ndrain_window=1s",
+            etcd.endpoint()
+        ),
+    );
+    let key = old.etcd_key();
+    assert!(wait_until(Duration::from_secs(10), || server
+        .calls_of("addCometServer")
+        .len()
+        == 1));
+
+    let old_clients: Vec<_> = (0..20)
+        .map(|i| comet_client(&old, &format!("old{i}")))
+        .collect();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .calls_of("online")
+        .len()
+        == 20));
+    let closes: Vec<_> = old_clients
+        .into_iter()
+        .map(|mut client| std::thread::spawn(move || close_code(&mut client)))
+        .collect();
+
+    // A steady connect load through the whole restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let url_base = old.ws_url("X", "t", "");
+    let port = old.ws_port;
+    let load = {
+        let (stop, attempts, failures) = (stop.clone(), attempts.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let url = url_base.replace("%22X%22", &format!("%22load{n}%22"));
+                attempts.fetch_add(1, Ordering::SeqCst);
+                match common::connect_url(&url, port) {
+                    Ok(client) => drop(client),
+                    Err(err) => {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        errors.push(err.to_string());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        })
+    };
+
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    let status = old
+        .wait_exit(Duration::from_secs(20))
+        .expect("the old process drains and exits");
+    assert!(status.success(), "{status:?}");
+    let successor = successor_pid(&old.log_text()).expect("the log names the successor");
+    let _reap = Reap(successor);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let errors = load.join().unwrap();
+
+    assert!(
+        attempts.load(Ordering::SeqCst) > 50,
+        "the load kept connecting"
+    );
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "refused or failed connects: {errors:?}"
+    );
+    for close in closes {
+        assert_eq!(close.join().unwrap(), Some(1001));
+    }
+    for i in 0..20 {
+        assert_eq!(server.count("offline", &format!("old{i}")), 1, "old{i}");
+    }
+
+    // The successor serves on the same ports and holds the same etcd key throughout.
+    let mut fresh = comet_client(&old, "fresh");
+    let mut rpc = old.rpc();
+    assert_eq!(
+        rpc.push(&["fresh"], "after restart", "")["result"],
+        json!("ok")
+    );
+    assert_eq!(next_text(&mut fresh).as_deref(), Some("after restart"));
+    let entry = etcd::key(&[etcd.endpoint()], &key).expect("key still registered");
+    assert!(entry.value.contains("RpcAddr"));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        etcd::key(&[etcd.endpoint()], &key).is_some(),
+        "the successor keeps it alive"
+    );
+    assert!(
+        server.calls_of("removeCometServer").is_empty(),
+        "routers never saw the node leave"
+    );
+}
+
+fn comet_client(comet: &Comet, id: &str) -> common::Client {
+    let mut client = comet.connect(id, "t", "").unwrap();
+    client
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    client
+}
