@@ -52,6 +52,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     };
     let shards = shard::start(deps, listeners.client)?;
     inherited.signal_ready();
+    crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     tracing::info!(
         shards = config.max_proc,
         websocket_port = config.websocket_port,
@@ -277,6 +278,7 @@ fn run_control(
                 }
             }
         }
+        crate::sys::notify_systemd("STOPPING=1");
         node.shutdown_shards();
         let joined = tokio::task::spawn_blocking(move || {
             for thread in shard_threads {

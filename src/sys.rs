@@ -83,3 +83,27 @@ pub fn rss_bytes() -> Option<u64> {
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * page.max(1) as u64)
 }
+
+/// Tells systemd (`Type=notify`) about this process, when started under it: `READY=1`
+/// once serving, `MAINPID=` so that a successor started by a zero-downtime restart
+/// becomes the unit's main process, `STOPPING=1` when draining. No-op elsewhere.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+        }
+        None => socket.send_to(state.as_bytes(), &path),
+    };
+    if let Err(err) = sent {
+        tracing::warn!(error = %err, "could not notify systemd");
+    }
+}

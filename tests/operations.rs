@@ -341,3 +341,56 @@ fn admin_listener_serves_health_status_and_metrics_that_move() {
     let (_, overloaded) = http_get(admin, "/metrics", Some("sekrit"));
     assert_eq!(metric(&overloaded, "comet_refusing_new_clients", ""), 1.0);
 }
+
+#[test]
+fn tuning_check_reads_the_machine_and_changes_nothing() {
+    let watched = [
+        "fs/nr_open",
+        "net/core/somaxconn",
+        "net/ipv4/tcp_mem",
+        "net/ipv4/tcp_rmem",
+    ];
+    let read = || -> Vec<String> {
+        watched
+            .iter()
+            .map(|p| std::fs::read_to_string(format!("/proc/sys/{p}")).unwrap_or_default())
+            .collect()
+    };
+    let before = read();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/check.sh");
+    let output = std::process::Command::new("bash")
+        .args([script, "--target", "5000000"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("connections here, limited by"), "{text}");
+    assert!(
+        text.contains("fs.nr_open") && text.contains("net.core.somaxconn"),
+        "{text}"
+    );
+    assert!(
+        text.contains("To reach 5000000, change:"),
+        "five million is out of reach here: {text}"
+    );
+    assert_eq!(read(), before, "the check changed kernel settings");
+}
+
+#[test]
+fn systemd_is_told_when_the_node_is_ready() {
+    let dir = common::temp_dir("notify");
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let comet = Comet::start_with_env(None, "", &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap();
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(message, format!("READY=1\nMAINPID={}", comet.pid()));
+}

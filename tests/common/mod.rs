@@ -65,8 +65,26 @@ impl Comet {
         Comet::try_start(server, extra).expect("comet did not start")
     }
 
+    /// Like [`Comet::start`], with extra environment variables.
+    pub fn start_with_env(
+        server: Option<&MessageServer>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Comet {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_comet"));
+        command.envs(env.iter().copied());
+        let (ini, ws_port, rpc_port) = Comet::ini(server, extra);
+        Comet::spawn(command, &ini, ws_port, rpc_port).expect("comet did not start")
+    }
+
     /// Like [`Comet::start`], but returns the log text when the node exits at start-up.
     pub fn try_start(server: Option<&MessageServer>, extra: &str) -> Result<Comet, String> {
+        let (ini, ws_port, rpc_port) = Comet::ini(server, extra);
+        Comet::spawn_with_ini(&ini, ws_port, rpc_port)
+    }
+
+    /// A node's INI on fresh ports, and those ports.
+    fn ini(server: Option<&MessageServer>, extra: &str) -> (String, u16, u16) {
         let ws_port = free_port();
         let rpc_port = free_port();
         let url = server.map(|s| s.url()).unwrap_or_default();
@@ -75,7 +93,7 @@ impl Comet {
              rpc_user_agent=\"CtxImRpc 1.0\"\nsocket_protocol=websocket\nwebsocket_host=127.0.0.1\n\
              websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\ndrain_window=0\n{extra}\n"
         );
-        Comet::spawn_with_ini(&ini, ws_port, rpc_port)
+        (ini, ws_port, rpc_port)
     }
 
     /// Starts a node on a complete INI text.

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Reads this machine's settings and prints what limits how many connections a Comet
+# node can hold here, and what to change. Runs unprivileged and changes nothing unless
+# given --apply (which needs root and installs 99-comet.conf with sysctl).
+#
+#   bash tuning/check.sh [--target N] [--apply]
+set -euo pipefail
+
+target=1000000
+apply=false
+while (($#)); do
+    case "$1" in
+        --target) target="$2"; shift 2 ;;
+        --apply) apply=true; shift ;;
+        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+here="$(cd "$(dirname "$0")" && pwd)"
+read_sysctl() { cat "/proc/sys/${1//.//}" 2>/dev/null || echo "n/a"; }
+advice=()
+verdict() { # name current wanted explanation
+    local name="$1" current="$2" wanted="$3" why="$4"
+    local mark="ok  "
+    if [[ "$current" == "n/a" ]]; then
+        mark="n/a "
+    elif ((current < wanted)); then
+        mark="LOW "
+        advice+=("$name: $current -> $wanted ($why)")
+    fi
+    printf '%s %-34s %12s   (want >= %s)\n' "$mark" "$name" "$current" "$wanted"
+}
+
+echo "Comet capacity check for $target connections on $(hostname) ($(uname -r))"
+echo
+soft=$(ulimit -Sn); hard=$(ulimit -Hn)
+[[ "$hard" == "unlimited" ]] && hard=$((1 << 30))
+[[ "$soft" == "unlimited" ]] && soft=$hard
+echo "Descriptors (each client is one; Comet raises soft to hard at start):"
+verdict "ulimit -Hn (this shell)" "$hard" "$((target + 1024))" "LimitNOFILE in comet.service"
+verdict "fs.nr_open" "$(read_sysctl fs.nr_open)" "$((target + 1024))" "ceiling for LimitNOFILE"
+verdict "fs.file-max" "$(read_sysctl fs.file-max)" "$((target + 65536))" "system-wide descriptors"
+echo
+echo "Accept queues (reconnect storms):"
+verdict "net.core.somaxconn" "$(read_sysctl net.core.somaxconn)" 4096 "listen backlog cap"
+verdict "net.ipv4.tcp_max_syn_backlog" "$(read_sysctl net.ipv4.tcp_max_syn_backlog)" 4096 "half-open connections"
+echo
+echo "Memory:"
+mem_kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
+tcp_mem_max=$(awk '{print $3}' /proc/sys/net/ipv4/tcp_mem 2>/dev/null || echo 0)
+rmem_default=$(awk '{print $2}' /proc/sys/net/ipv4/tcp_rmem 2>/dev/null || echo 0)
+wmem_default=$(awk '{print $2}' /proc/sys/net/ipv4/tcp_wmem 2>/dev/null || echo 0)
+# Measured: ~10 KB kernel per loopback connection pair; ~1.5-3 KB in Comet per idle client.
+per_conn=$((5 * 1024 + 3 * 1024))
+by_memory=$((mem_kib * 1024 * 7 / 10 / per_conn))
+by_tcp_mem=$((tcp_mem_max * 4096 / (5 * 1024)))
+printf '     %-34s %12s KiB\n' "MemTotal" "$mem_kib"
+printf '     %-34s %12s pages (max)\n' "net.ipv4.tcp_mem" "$tcp_mem_max"
+printf '     %-34s %12s / %s bytes\n' "tcp_rmem / tcp_wmem default" "$rmem_default" "$wmem_default"
+echo
+if [[ -r /proc/sys/net/netfilter/nf_conntrack_max ]]; then
+    echo "Connection tracking is loaded:"
+    verdict "net.netfilter.nf_conntrack_max" "$(read_sysctl net.netfilter.nf_conntrack_max)" "$((target * 2))" "full table drops new connections"
+    echo
+fi
+
+limit=$hard
+reason="open-files hard limit"
+nr_open=$(read_sysctl fs.nr_open)
+if [[ "$nr_open" != "n/a" ]] && ((nr_open < limit)); then limit=$nr_open; reason="fs.nr_open"; fi
+if ((by_memory < limit)); then limit=$by_memory; reason="memory (70% of RAM at ~8 KiB per connection)"; fi
+if ((by_tcp_mem > 0 && by_tcp_mem < limit)); then limit=$by_tcp_mem; reason="net.ipv4.tcp_mem"; fi
+echo "=> about $limit connections here, limited by $reason."
+if ((${#advice[@]})); then
+    echo
+    echo "To reach $target, change:"
+    printf '   - %s\n' "${advice[@]}"
+    echo "   (tuning/99-comet.conf and tuning/comet.service carry these values; see tuning/README.md)"
+fi
+
+if $apply; then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "--apply needs root" >&2
+        exit 1
+    fi
+    install -m 0644 "$here/99-comet.conf" /etc/sysctl.d/99-comet.conf
+    sysctl --system >/dev/null
+    echo "applied /etc/sysctl.d/99-comet.conf"
+fi
