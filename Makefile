@@ -1,5 +1,5 @@
 # The two set-up commands of README.md: `make run` and `make test`.
-.PHONY: deps run test lint
+.PHONY: deps run test lint bench
 
 deps:
 	bash scripts/install-deps.sh
@@ -13,5 +13,10 @@ test: deps
 	cargo test --locked
 
 lint:
-	cargo fmt --check
-	cargo clippy --locked --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --locked --workspace --all-targets -- -D warnings
+
+## A short benchmark suite (a few minutes): results in bench/results, report in bench/RESULTS.md.
+bench: deps
+	cargo build --release --locked --workspace
+	./target/release/comet-bench run --n 19000 --churn 20000

@@ -1,0 +1,140 @@
+//! The gateway under test: started from a built binary with a bench configuration (signed
+//! tokens, so connects measure the gateway and not a message server), or an external
+//! server given by address. Reads its CPU time and RSS from /proc.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The server being measured.
+pub struct Gateway {
+    child: Option<Child>,
+    /// Its process id, when known (CPU and memory are read from /proc).
+    pub pid: Option<u32>,
+    /// Client address.
+    pub ws: SocketAddr,
+    /// Push RPC address.
+    pub rpc: SocketAddr,
+}
+
+/// How to start a Comet node for a run.
+pub struct Launch<'a> {
+    /// The `comet` binary.
+    pub binary: &'a Path,
+    /// Shards.
+    pub shards: usize,
+    /// Signed-token secret.
+    pub secret: &'a str,
+    /// Scratch directory for the config and log.
+    pub dir: &'a Path,
+}
+
+impl Gateway {
+    /// Starts a node on free loopback ports and waits until it listens.
+    pub fn start(launch: &Launch<'_>) -> anyhow::Result<Gateway> {
+        let ws_port = free_port()?;
+        let rpc_port = free_port()?;
+        std::fs::create_dir_all(launch.dir)?;
+        let config = launch.dir.join("bench.ini");
+        let log = launch.dir.join("comet.log");
+        std::fs::write(
+            &config,
+            format!(
+                "max_proc={}\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\n\
+                 token_secret={}\nlog_level=warn\nping_interval=60s\nheartbeat_timeout=120s\n\
+                 drain_window=0\n",
+                launch.shards, launch.secret
+            ),
+        )?;
+        let child = Command::new(launch.binary)
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", launch.binary.display()))?;
+        let gateway = Gateway {
+            pid: Some(child.id()),
+            child: Some(child),
+            ws: SocketAddr::from(([127, 0, 0, 1], ws_port)),
+            rpc: SocketAddr::from(([127, 0, 0, 1], rpc_port)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(gateway.ws).is_ok() && TcpStream::connect(gateway.rpc).is_ok() {
+                return Ok(gateway);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the gateway did not start listening; see {}", log.display())
+    }
+
+    /// A server somebody else started.
+    pub fn external(ws: SocketAddr, rpc: SocketAddr, pid: Option<u32>) -> Gateway {
+        Gateway {
+            child: None,
+            pid,
+            ws,
+            rpc,
+        }
+    }
+
+    /// utime + stime, seconds.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid?)).ok()?;
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Some(ticks as f64 / hz)
+    }
+
+    /// Resident memory, bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Kernel memory held by all TCP sockets (from /proc/net/sockstat), bytes.
+pub fn kernel_tcp_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages: u64 = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let at = fields.iter().position(|f| *f == "mem")?;
+            fields.get(at + 1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

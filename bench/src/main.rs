@@ -1,0 +1,179 @@
+//! `comet-bench`: the load generator and benchmark harness.
+//!
+//! `comet-bench run` starts a release build of the gateway (signed tokens, so connects
+//! measure the gateway), worker processes holding the clients, and drives the scenarios:
+//! connect, idle memory, broadcast (burst and spaced), unicast through the push RPC, and
+//! churn. It writes a JSON result and re-renders `bench/RESULTS.md` with plots.
+
+mod clock;
+mod gateway;
+mod report;
+mod run;
+mod token;
+mod worker;
+mod ws;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+/// Comet's benchmark harness.
+#[derive(FromArgs)]
+struct Args {
+    #[argh(subcommand)]
+    command: Sub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Sub {
+    Run(RunArgs),
+    Render(RenderArgs),
+    Worker(WorkerArgs),
+}
+
+/// Run the suite: connect, idle memory, broadcast, unicast, churn.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "run")]
+struct RunArgs {
+    /// clients at full size (default 19000)
+    #[argh(option, default = "19000")]
+    n: usize,
+    /// broadcasts per broadcast scenario (default 20)
+    #[argh(option, default = "20")]
+    broadcasts: usize,
+    /// message payload bytes (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// offered unicast rate, pushes/s (default 20000)
+    #[argh(option, default = "20000")]
+    unicast_rate: u64,
+    /// seconds of each unicast phase (default 3)
+    #[argh(option, default = "3")]
+    unicast_secs: u64,
+    /// connect/disconnect cycles in the churn phase (default 20000)
+    #[argh(option, default = "20000")]
+    churn: usize,
+    /// handshakes in flight per worker (default 32)
+    #[argh(option, default = "32")]
+    concurrency: usize,
+    /// gateway shards (default 2)
+    #[argh(option, default = "2")]
+    shards: usize,
+    /// the comet binary (default target/release/comet)
+    #[argh(option, default = "PathBuf::from(\"target/release/comet\")")]
+    binary: PathBuf,
+    /// an already running server's client address instead of starting one (ip:port)
+    #[argh(option)]
+    ws: Option<SocketAddr>,
+    /// its push RPC address (ip:port), with --ws
+    #[argh(option)]
+    rpc: Option<SocketAddr>,
+    /// its pid, to measure its CPU and memory, with --ws
+    #[argh(option)]
+    pid: Option<u32>,
+    /// its signed-token secret, with --ws
+    #[argh(option, default = "String::from(\"bench-secret-0123456789\")")]
+    secret: String,
+    /// where results go (default bench/results)
+    #[argh(option, default = "PathBuf::from(\"bench/results\")")]
+    out: PathBuf,
+}
+
+/// Re-render bench/RESULTS.md from the stored results.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "render")]
+struct RenderArgs {
+    /// results directory (default bench/results)
+    #[argh(option, default = "PathBuf::from(\"bench/results\")")]
+    results: PathBuf,
+}
+
+/// (internal) a load worker process.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "worker")]
+struct WorkerArgs {
+    #[argh(option)]
+    /// server address
+    server: SocketAddr,
+    #[argh(option)]
+    /// source address
+    source: IpAddr,
+    #[argh(option)]
+    /// conn_id prefix
+    prefix: String,
+    #[argh(option)]
+    /// connections
+    count: usize,
+    #[argh(option)]
+    /// handshakes in flight
+    concurrency: usize,
+    #[argh(option)]
+    /// token secret
+    secret: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Args = argh::from_env();
+    match args.command {
+        Sub::Worker(w) => worker::run(worker::WorkerPlan {
+            server: w.server,
+            source: w.source,
+            prefix: w.prefix,
+            count: w.count,
+            concurrency: w.concurrency,
+            secret: w.secret,
+        }),
+        Sub::Render(r) => report::render(&r.results, &PathBuf::from("bench/RESULTS.md")),
+        Sub::Run(r) => run_suite(r),
+    }
+}
+
+fn run_suite(args: RunArgs) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("comet-bench-{}", std::process::id()));
+    let gateway = match (args.ws, args.rpc) {
+        (Some(ws), Some(rpc)) => gateway::Gateway::external(ws, rpc, args.pid),
+        (None, None) => gateway::Gateway::start(&gateway::Launch {
+            binary: &args.binary,
+            shards: args.shards,
+            secret: &args.secret,
+            dir: &scratch,
+        })?,
+        _ => anyhow::bail!("--ws and --rpc go together"),
+    };
+    let plan = run::Plan {
+        n: args.n,
+        broadcasts: args.broadcasts,
+        payload: args.payload.max(40),
+        unicast_rate: args.unicast_rate,
+        unicast_secs: args.unicast_secs,
+        churn: args.churn,
+        concurrency: args.concurrency,
+        secret: args.secret,
+    };
+    eprintln!(
+        "comet-bench: {} clients against {} (pid {:?})",
+        plan.n, gateway.ws, gateway.pid
+    );
+    let mut results = run::suite(&gateway, &plan)?;
+    results.gateway = if args.ws.is_some() {
+        format!("external server at {}", gateway.ws)
+    } else {
+        format!("comet {} ({} shards)", args.binary.display(), args.shards)
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = results.date.replace([' ', ':'], "-");
+    let path = args.out.join(format!("{stamp}-n{}.json", plan.n));
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    eprintln!("comet-bench: wrote {}", path.display());
+    report::render(
+        &args.out,
+        &args
+            .out
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("RESULTS.md"),
+    )?;
+    Ok(())
+}
