@@ -33,8 +33,21 @@ pub struct Launch<'a> {
 }
 
 impl Gateway {
-    /// Starts a node on free loopback ports and waits until it listens.
+    /// Starts a node on free loopback ports and waits until it listens. A port found
+    /// free can be taken before the node binds it (the load generator's clients use
+    /// ephemeral ports too), so a few attempts are made.
     pub fn start(launch: &Launch<'_>) -> anyhow::Result<Gateway> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Gateway::start_once(launch) {
+                Ok(gateway) => return Ok(gateway),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+
+    fn start_once(launch: &Launch<'_>) -> anyhow::Result<Gateway> {
         let ws_port = free_port()?;
         let rpc_port = free_port()?;
         std::fs::create_dir_all(launch.dir)?;
@@ -57,7 +70,7 @@ impl Gateway {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .with_context(|| format!("cannot start {}", launch.binary.display()))?;
-        let gateway = Gateway {
+        let mut gateway = Gateway {
             pid: Some(child.id()),
             child: Some(child),
             ws: SocketAddr::from(([127, 0, 0, 1], ws_port)),
@@ -65,6 +78,9 @@ impl Gateway {
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
+            if gateway.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                break;
+            }
             if TcpStream::connect(gateway.ws).is_ok() && TcpStream::connect(gateway.rpc).is_ok() {
                 return Ok(gateway);
             }

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod methods;
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,23 +39,31 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream) {
     let mut decoder = Decoder::default();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut replies = Vec::new();
+    let mut calls = VecDeque::new();
     loop {
         let n = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         decoder.extend(&chunk[..n]);
-        loop {
+        // Every call that arrived together is started at once (a pipelining client gets
+        // its pushes batched per shard) and answered in order. Tasks run in spawn order,
+        // so two pushes to one client reach its shard in the order they were sent.
+        let too_large = loop {
             match decoder.next_frame() {
-                Ok(Some(frame)) => replies.extend(answer(&node, frame).await),
-                Ok(None) => break,
-                Err(err) => {
-                    tracing::warn!(peer = ?peer, error = %err, "rpc connection closed");
-                    let reply = codec::encode_reply(&serde_json::Value::Null, Err(err.to_string()));
-                    let _ = stream.write_all(&reply).await;
-                    return;
-                }
+                Ok(Some(frame)) => calls.push_back(tokio::task::spawn_local(answer(Rc::clone(&node), frame))),
+                Ok(None) => break None,
+                Err(err) => break Some(err),
             }
+        };
+        while let Some(call) = calls.pop_front() {
+            replies.extend(call.await.unwrap_or_default());
+        }
+        if let Some(err) = too_large {
+            tracing::warn!(peer = ?peer, error = %err, "rpc connection closed");
+            replies.extend(codec::encode_reply(&serde_json::Value::Null, Err(err.to_string())));
+            let _ = stream.write_all(&replies).await;
+            return;
         }
         if !replies.is_empty() {
             if stream.write_all(&replies).await.is_err() {
@@ -65,14 +74,14 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream) {
     }
 }
 
-async fn answer(node: &Node, frame: Frame) -> Vec<u8> {
+async fn answer(node: Rc<Node>, frame: Frame) -> Vec<u8> {
     let request = match frame {
         Frame::Value(value) => codec::parse_request(value),
         Frame::Malformed(why) => Err((serde_json::Value::Null, why)),
     };
     match request {
         Ok(request) => {
-            let result = methods::dispatch(node, &request.method, request.param).await;
+            let result = methods::dispatch(&node, &request.method, request.param).await;
             if let Err(error) = &result {
                 tracing::debug!(method = %request.method, error = %error, "rpc call failed");
             }
