@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::clock;
+
 /// The server being measured.
 pub struct Gateway {
     child: Option<Child>,
@@ -99,15 +101,16 @@ impl Gateway {
         }
     }
 
-    /// utime + stime, seconds.
-    pub fn cpu_secs(&self) -> Option<f64> {
+    /// (utime, stime) in seconds: user-space work, and the kernel's work on its behalf
+    /// (on loopback that includes the receiving side of every packet it sends).
+    pub fn cpu_split(&self) -> Option<(f64, f64)> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid?)).ok()?;
         let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-        let ticks: u64 =
-            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let user: f64 = fields.get(11)?.parse().ok()?;
+        let system: f64 = fields.get(12)?.parse().ok()?;
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        Some(ticks as f64 / hz)
+        Some((user / hz, system / hz))
     }
 
     /// Resident memory, bytes.
@@ -149,8 +152,18 @@ pub fn kernel_tcp_bytes() -> u64 {
     pages * 4096
 }
 
+/// A free port below the ephemeral range (32768 up by default), which the load
+/// generator's tens of thousands of client sockets (and their TIME_WAIT) occupy.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let mut seed = clock::now_ns() | 1;
+    for _ in 0..100 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = 20_000 + (seed % 12_000) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between 20000 and 32000")
 }

@@ -48,6 +48,8 @@ pub struct Connect {
     pub per_sec: f64,
     pub gateway_cpu_secs: f64,
     pub per_cpu_sec: f64,
+    /// Per second of the gateway's user-space CPU (its own code, without the kernel).
+    pub per_user_cpu_sec: f64,
 }
 
 /// A delivery phase (broadcast or unicast).
@@ -59,6 +61,8 @@ pub struct Delivery {
     pub per_sec: f64,
     pub gateway_cpu_secs: f64,
     pub per_cpu_sec: f64,
+    /// Per second of the gateway's user-space CPU (its own code, without the kernel).
+    pub per_user_cpu_sec: f64,
     pub spaced: bool,
     pub latency: Latency,
     /// Per broadcast: time until its last recipient had it.
@@ -75,7 +79,7 @@ impl Delivery {
         delivered: u64,
         expected: u64,
         secs: f64,
-        gateway_cpu_secs: f64,
+        (gateway_cpu_secs, user_cpu_secs): (f64, f64),
         latency: &Histogram<u64>,
         last_receipt_us: Option<Vec<u64>>,
         spaced: bool,
@@ -100,6 +104,7 @@ impl Delivery {
             per_sec: delivered as f64 / secs,
             gateway_cpu_secs,
             per_cpu_sec: delivered as f64 / gateway_cpu_secs,
+            per_user_cpu_sec: delivered as f64 / user_cpu_secs,
             spaced,
             latency: Latency::of(latency),
             last_receipt,
@@ -306,18 +311,24 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
     }
     let _ = writeln!(
         md,
-        "\n## Connects (signed tokens)\n\n| clients | wall s | handshakes/s | gateway CPU s | handshakes per gateway CPU-second | failed |\n|---|---|---|---|---|---|"
+        "\n## Connects (signed tokens)\n\n| clients | wall s | handshakes/s | gateway CPU s | handshakes per gateway CPU-second | per user CPU-second | failed |\n|---|---|---|---|---|---|---|"
     );
     for c in &latest.connect {
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {:.0} | {:.2} | **{:.0}** | {} |",
-            c.clients, c.secs, c.per_sec, c.gateway_cpu_secs, c.per_cpu_sec, c.failed
+            "| {} | {:.2} | {:.0} | {:.2} | **{:.0}** | {:.0} | {} |",
+            c.clients,
+            c.secs,
+            c.per_sec,
+            c.gateway_cpu_secs,
+            c.per_cpu_sec,
+            c.per_user_cpu_sec,
+            c.failed
         );
     }
     let _ = writeln!(
         md,
-        "\n## Deliveries\n\n| scenario | delivered / expected | deliveries/s | per gateway CPU-second | p50 ms | p99 ms | p99.9 ms | max ms | last receipt p99 ms |\n|---|---|---|---|---|---|---|---|---|"
+        "\n## Deliveries\n\n| scenario | delivered / expected | deliveries/s | per gateway CPU-second | per user CPU-second | p50 ms | p99 ms | p99.9 ms | max ms | last receipt p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut rows: Vec<(String, &Delivery)> = latest
         .broadcast_burst
@@ -344,11 +355,12 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
         let last = d.last_receipt.as_ref().map_or("-".into(), |l| ms(l.p99_us));
         let _ = writeln!(
             md,
-            "| {name} | {} / {} | {:.0} | **{:.0}** | {} | {} | {} | {} | {} |",
+            "| {name} | {} / {} | {:.0} | **{:.0}** | {:.0} | {} | {} | {} | {} | {} |",
             d.delivered,
             d.expected,
             d.per_sec,
             d.per_cpu_sec,
+            d.per_user_cpu_sec,
             ms(d.latency.p50_us),
             ms(d.latency.p99_us),
             ms(d.latency.p999_us),

@@ -226,8 +226,17 @@ impl Rpc {
     }
 }
 
-fn cpu(gateway: &Gateway) -> f64 {
-    gateway.cpu_secs().unwrap_or(f64::NAN)
+/// Gateway CPU time so far: (user + system, user), seconds.
+fn cpu(gateway: &Gateway) -> (f64, f64) {
+    gateway
+        .cpu_split()
+        .map_or((f64::NAN, f64::NAN), |(user, system)| (user + system, user))
+}
+
+/// CPU used since `before`: (total, user).
+fn cpu_since(gateway: &Gateway, before: (f64, f64)) -> (f64, f64) {
+    let now = cpu(gateway);
+    (now.0 - before.0, now.1 - before.1)
 }
 
 /// Runs the whole suite against `gateway`.
@@ -289,7 +298,7 @@ fn grow(
     }
     let (ok, failed, errors) = added.connected()?;
     let secs = started.elapsed().as_secs_f64();
-    let cpu_secs = cpu(gateway) - cpu_before;
+    let (cpu_secs, user_secs) = cpu_since(gateway, cpu_before);
     fleet.0.append(&mut added.0);
     if failed > 0 {
         eprintln!("  {failed} connects failed, e.g. {errors:?}");
@@ -301,6 +310,7 @@ fn grow(
         per_sec: ok as f64 / secs,
         gateway_cpu_secs: cpu_secs,
         per_cpu_sec: ok as f64 / cpu_secs,
+        per_user_cpu_sec: ok as f64 / user_secs,
     })
 }
 
@@ -330,12 +340,12 @@ fn broadcast(
     let expected = clients * plan.broadcasts as u64;
     let (messages, latency, last) = fleet.collect(expected, Duration::from_secs(60))?;
     let secs = started.elapsed().as_secs_f64();
-    let cpu_secs = cpu(gateway) - cpu_before;
+    let cpu = cpu_since(gateway, cpu_before);
     Ok(Delivery::new(
         messages,
         expected,
         secs,
-        cpu_secs,
+        cpu,
         &latency,
         Some(last),
         spacing.is_some(),
@@ -409,7 +419,7 @@ fn unicast(
         std::thread::sleep(Duration::from_millis(10));
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu_secs = cpu(gateway) - cpu_before;
+    let cpu = cpu_since(gateway, cpu_before);
     drop(writer);
     let _ = closer.shutdown(std::net::Shutdown::Both);
     let (messages, latency, _) =
@@ -419,7 +429,7 @@ fn unicast(
         messages,
         seq,
         secs,
-        cpu_secs,
+        cpu,
         &latency,
         None,
         rate.is_some(),
@@ -436,7 +446,7 @@ fn churn(gateway: &Gateway, plan: &Plan, fleet: &mut Fleet) -> anyhow::Result<Ch
     let started = Instant::now();
     let reports = fleet.each(json!({"cmd": "churn", "cycles": per_worker}), "churned")?;
     let secs = started.elapsed().as_secs_f64();
-    let cpu_secs = cpu(gateway) - cpu_before;
+    let (cpu_secs, _) = cpu_since(gateway, cpu_before);
     let failed: u64 = reports
         .iter()
         .map(|r| r["failed"].as_u64().unwrap_or(0))

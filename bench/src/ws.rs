@@ -32,6 +32,20 @@ pub async fn connect(
     } else {
         TcpSocket::new_v6()?
     };
+    // Let connect() pick the source port knowing the destination: with a bare bind the
+    // port must be unique per source address, and tens of thousands of TIME_WAIT sockets
+    // left by a churn phase make that search slow.
+    let yes: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&yes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     socket.bind(SocketAddr::new(source, 0))?;
     let mut stream = socket.connect(server).await?;
     stream.set_nodelay(true)?;
