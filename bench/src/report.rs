@@ -301,6 +301,15 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
             kb(kernel)
         );
     }
+    if let (Some(empty), Some(full)) = (latest.idle.first(), latest.idle.last()) {
+        let average = (full.rss_bytes as f64 - empty.rss_bytes as f64) / full.clients.max(1) as f64;
+        let _ = writeln!(
+            md,
+            "Average from the empty node to {} clients: **{} bytes per connection** (includes the allocator's warm-up and memory the handshakes used and freed; the slope is the cost of one more idle client).",
+            full.clients,
+            kb(average)
+        );
+    }
     if let (Some(after), Some(last)) = (latest.rss_after_broadcasts, latest.idle.last()) {
         let _ = writeln!(
             md,
@@ -383,6 +392,11 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
         );
     }
     let _ = writeln!(md, "\n## The bar\n\n{BARS}");
+    let _ = writeln!(
+        md,
+        "What limits each figure, with the profile behind it: [bench/README.md](README.md).\n"
+    );
+    let _ = writeln!(md, "What limits each figure, with the profile behind it: [bench/README.md](README.md).\n");
     let _ = writeln!(
         md,
         "## History\n\n| date | N | bytes/conn | broadcast per CPU-s | unicast per CPU-s | handshakes per CPU-s |\n|---|---|---|---|---|---|"
