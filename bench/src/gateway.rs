@@ -80,7 +80,11 @@ impl Gateway {
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if gateway.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+            if gateway
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
                 break;
             }
             if TcpStream::connect(gateway.ws).is_ok() && TcpStream::connect(gateway.rpc).is_ok() {

@@ -396,7 +396,6 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
         md,
         "What limits each figure, with the profile behind it: [bench/README.md](README.md).\n"
     );
-    let _ = writeln!(md, "What limits each figure, with the profile behind it: [bench/README.md](README.md).\n");
     let _ = writeln!(
         md,
         "## History\n\n| date | N | bytes/conn | broadcast per CPU-s | unicast per CPU-s | handshakes per CPU-s |\n|---|---|---|---|---|---|"

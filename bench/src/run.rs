@@ -425,15 +425,7 @@ fn unicast(
     let (messages, latency, _) =
         fleet.collect(seq - failed.load(Ordering::SeqCst), Duration::from_secs(30))?;
     let _ = reading.join();
-    let mut delivery = Delivery::new(
-        messages,
-        seq,
-        secs,
-        cpu,
-        &latency,
-        None,
-        rate.is_some(),
-    );
+    let mut delivery = Delivery::new(messages, seq, secs, cpu, &latency, None, rate.is_some());
     delivery.offered_rate = rate;
     delivery.rpc_failures = failed.load(Ordering::SeqCst);
     Ok(delivery)

@@ -51,7 +51,9 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream) {
         // so two pushes to one client reach its shard in the order they were sent.
         let too_large = loop {
             match decoder.next_frame() {
-                Ok(Some(frame)) => calls.push_back(tokio::task::spawn_local(answer(Rc::clone(&node), frame))),
+                Ok(Some(frame)) => {
+                    calls.push_back(tokio::task::spawn_local(answer(Rc::clone(&node), frame)))
+                }
                 Ok(None) => break None,
                 Err(err) => break Some(err),
             }
@@ -61,7 +63,10 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream) {
         }
         if let Some(err) = too_large {
             tracing::warn!(peer = ?peer, error = %err, "rpc connection closed");
-            replies.extend(codec::encode_reply(&serde_json::Value::Null, Err(err.to_string())));
+            replies.extend(codec::encode_reply(
+                &serde_json::Value::Null,
+                Err(err.to_string()),
+            ));
             let _ = stream.write_all(&replies).await;
             return;
         }
