@@ -66,7 +66,9 @@ fn presence_ledger_holds_across_every_kind_of_ending() {
     let mut refused = 0;
     let started = Instant::now();
     let mut round = 0;
-    while started.elapsed() < Duration::from_secs(8) {
+    // A fixed number of events (bounded in time too), so that a slow machine runs the
+    // same mix as a fast one.
+    while round < 250 && started.elapsed() < Duration::from_secs(60) {
         round += 1;
         let id = format!("c{}", dice.roll(60));
         match dice.roll(10) {

@@ -64,6 +64,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
+/// A change to the records of what was announced.
+#[derive(Clone)]
+enum Record {
+    Put(String, String),
+    Delete(String),
+}
+
 struct Monitor {
     endpoints: Endpoints,
     /// The first listing announces every node (as the original did at start); later
@@ -72,6 +79,8 @@ struct Monitor {
     /// Mirror of the records: node key -> the value last announced for it. A PUT that
     /// changes nothing (a node renewing its lease) is not forwarded.
     announced: RefCell<HashMap<String, String>>,
+    /// Announcements made but not yet written to the records.
+    unrecorded: RefCell<Vec<Record>>,
     prefix: String,
     records: String,
     callbacks: CallbackClient,
@@ -85,6 +94,7 @@ impl Monitor {
             endpoints: Endpoints::new(config.etcd_endpoints.clone()),
             announced_all: Cell::new(false),
             announced: RefCell::new(HashMap::new()),
+            unrecorded: RefCell::new(Vec::new()),
             prefix: format!("/{name}/"),
             records: format!("/{name}.monitor/announced"),
             callbacks: CallbackClient::new(
@@ -113,6 +123,7 @@ impl Monitor {
 
     async fn session(&self) -> Result<std::convert::Infallible, SessionEnd> {
         let mut client = timed(self.endpoints.connect(ETCD_TIMEOUT)).await?;
+        self.write_records(&mut client).await?;
         let revision = self.reconcile(&mut client).await?;
         let watch = WatchOptions::new()
             .with_prefix()
@@ -204,17 +215,16 @@ impl Monitor {
         if unchanged && !force {
             return Ok(());
         }
-        if self
-            .notify("addCometServer", vec![json!(key), json!(value)], key)
-            .await
-            .is_ok()
-        {
-            timed(client.put(self.record_key(key), value, None)).await?;
+        let args = vec![json!(key), json!(value)];
+        if self.notify("addCometServer", args, key).await.is_ok() {
             self.announced
                 .borrow_mut()
                 .insert(key.to_owned(), value.to_owned());
+            self.unrecorded
+                .borrow_mut()
+                .push(Record::Put(key.to_owned(), value.to_owned()));
         }
-        Ok(())
+        self.write_records(client).await
     }
 
     async fn remove(
@@ -223,15 +233,34 @@ impl Monitor {
         key: &str,
         revision: i64,
     ) -> Result<(), SessionEnd> {
-        if self
-            .notify("removeCometServer", vec![json!(key), json!(revision)], key)
-            .await
-            .is_ok()
-        {
-            timed(client.delete(self.record_key(key), None)).await?;
+        let args = vec![json!(key), json!(revision)];
+        if self.notify("removeCometServer", args, key).await.is_ok() {
             self.announced.borrow_mut().remove(key);
+            self.unrecorded
+                .borrow_mut()
+                .push(Record::Delete(key.to_owned()));
         }
-        Ok(())
+        self.write_records(client).await
+    }
+
+    /// Writes what was announced to etcd, oldest first. A write that fails stays queued
+    /// (and the session ends); the next session writes it before it lists anything, so
+    /// the record never disagrees with what the message server was told.
+    async fn write_records(&self, client: &mut Client) -> Result<(), SessionEnd> {
+        loop {
+            let Some(record) = self.unrecorded.borrow().first().cloned() else {
+                return Ok(());
+            };
+            match &record {
+                Record::Put(key, value) => {
+                    timed(client.put(self.record_key(key), value.as_str(), None)).await?;
+                }
+                Record::Delete(key) => {
+                    timed(client.delete(self.record_key(key), None)).await?;
+                }
+            }
+            self.unrecorded.borrow_mut().remove(0);
+        }
     }
 
     fn record_key(&self, node_key: &str) -> String {
