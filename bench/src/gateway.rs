@@ -14,6 +14,7 @@ use crate::clock;
 /// The server being measured.
 pub struct Gateway {
     child: Option<Child>,
+    etcd: Option<Child>,
     /// Its process id, when known (CPU and memory are read from /proc).
     pub pid: Option<u32>,
     /// Client address.
@@ -32,6 +33,8 @@ pub struct Launch<'a> {
     pub secret: &'a str,
     /// Scratch directory for the config and log.
     pub dir: &'a Path,
+    /// Start a local etcd and register the gateway in it.
+    pub etcd: bool,
 }
 
 impl Gateway {
@@ -53,6 +56,12 @@ impl Gateway {
         let ws_port = free_port()?;
         let rpc_port = free_port()?;
         std::fs::create_dir_all(launch.dir)?;
+        let (etcd, etcd_addr) = if launch.etcd {
+            let (child, addr) = start_etcd(launch.dir)?;
+            (Some(child), addr)
+        } else {
+            (None, String::new())
+        };
         let config = launch.dir.join("bench.ini");
         let log = launch.dir.join("comet.log");
         std::fs::write(
@@ -60,7 +69,7 @@ impl Gateway {
             format!(
                 "max_proc={}\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\n\
                  token_secret={}\nlog_level=warn\nping_interval=60s\nheartbeat_timeout=120s\n\
-                 drain_window=0\n",
+                 drain_window=0\netcd_addr={etcd_addr}\n",
                 launch.shards, launch.secret
             ),
         )?;
@@ -75,6 +84,7 @@ impl Gateway {
         let mut gateway = Gateway {
             pid: Some(child.id()),
             child: Some(child),
+            etcd,
             ws: SocketAddr::from(([127, 0, 0, 1], ws_port)),
             rpc: SocketAddr::from(([127, 0, 0, 1], rpc_port)),
         };
@@ -99,6 +109,7 @@ impl Gateway {
     pub fn external(ws: SocketAddr, rpc: SocketAddr, pid: Option<u32>) -> Gateway {
         Gateway {
             child: None,
+            etcd: None,
             pid,
             ws,
             rpc,
@@ -134,11 +145,47 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in [self.child.take(), self.etcd.take()].into_iter().flatten() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// A single-member etcd (Debian's etcd-server) on free ports in `dir`.
+fn start_etcd(dir: &Path) -> anyhow::Result<(Child, String)> {
+    let (client, peer) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
+        .spawn()
+        .context("cannot start etcd (Debian package etcd-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", client)).is_ok() {
+            return Ok((child, format!("127.0.0.1:{client}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("etcd did not start; see {}", dir.join("etcd.log").display())
 }
 
 /// Kernel memory held by all TCP sockets (from /proc/net/sockstat), bytes.

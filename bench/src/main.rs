@@ -58,6 +58,12 @@ struct RunArgs {
     /// handshakes in flight per worker (default 32)
     #[argh(option, default = "32")]
     concurrency: usize,
+    /// connects per second across all workers (default 0: as fast as they go)
+    #[argh(option, default = "0")]
+    rate: u64,
+    /// start a local etcd and register the gateway in it (measures with registration on)
+    #[argh(switch)]
+    etcd: bool,
     /// gateway shards (default 2)
     #[argh(option, default = "2")]
     shards: usize,
@@ -112,6 +118,9 @@ struct WorkerArgs {
     #[argh(option)]
     /// token secret
     secret: String,
+    #[argh(option, default = "0")]
+    /// connects per second
+    rate: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,9 +132,10 @@ fn main() -> anyhow::Result<()> {
             prefix: w.prefix,
             count: w.count,
             concurrency: w.concurrency,
+            rate: w.rate,
             secret: w.secret,
         }),
-        Sub::Render(r) => report::render(&r.results, &PathBuf::from("bench/RESULTS.md")),
+        Sub::Render(r) => report::render(&r.results, &results_page(&r.results)),
         Sub::Run(r) => run_suite(r),
     }
 }
@@ -139,6 +149,7 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
             shards: args.shards,
             secret: &args.secret,
             dir: &scratch,
+            etcd: args.etcd,
         })?,
         _ => anyhow::bail!("--ws and --rpc go together"),
     };
@@ -150,6 +161,7 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
         unicast_secs: args.unicast_secs,
         churn: args.churn,
         concurrency: args.concurrency,
+        rate: args.rate,
         secret: args.secret,
     };
     eprintln!(
@@ -167,13 +179,14 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
     let path = args.out.join(format!("{stamp}-n{}.json", plan.n));
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     eprintln!("comet-bench: wrote {}", path.display());
-    report::render(
-        &args.out,
-        &args
-            .out
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("RESULTS.md"),
-    )?;
+    report::render(&args.out, &results_page(&args.out))?;
     Ok(())
+}
+
+/// `RESULTS.md` beside the results directory (bench/results -> bench/RESULTS.md).
+fn results_page(results: &std::path::Path) -> PathBuf {
+    results
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("RESULTS.md")
 }

@@ -20,6 +20,16 @@ pub struct Latency {
     pub samples: u64,
 }
 
+/// `count / secs`, or 0 when no time was measured (CPU time comes in 10 ms ticks, so a
+/// short phase can show none); JSON has no infinity.
+pub fn per(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 && secs.is_finite() {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
 /// Memory with `clients` idle clients connected.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Idle {
@@ -101,10 +111,10 @@ impl Delivery {
             delivered,
             expected,
             secs,
-            per_sec: delivered as f64 / secs,
+            per_sec: per(delivered, secs),
             gateway_cpu_secs,
-            per_cpu_sec: delivered as f64 / gateway_cpu_secs,
-            per_user_cpu_sec: delivered as f64 / user_cpu_secs,
+            per_cpu_sec: per(delivered, gateway_cpu_secs),
+            per_user_cpu_sec: per(delivered, user_cpu_secs),
             spaced,
             latency: Latency::of(latency),
             last_receipt,

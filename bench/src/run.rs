@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::clock;
 use crate::gateway::{self, Gateway};
-use crate::report::{Churn, Connect, Delivery, Idle, Latency, Results};
+use crate::report::{Churn, Connect, Delivery, Idle, Latency, Results, per};
 
 /// Connections one worker process holds at most (descriptor limit 20,000 here).
 pub const PER_WORKER: usize = 9_500;
@@ -37,6 +37,8 @@ pub struct Plan {
     pub churn: usize,
     /// Handshakes in flight per worker.
     pub concurrency: usize,
+    /// Connects per second, all workers together (0: as fast as they go).
+    pub rate: u64,
     /// Signed-token secret the gateway was started with.
     pub secret: String,
 }
@@ -70,6 +72,7 @@ impl Worker {
                 &source.to_string(),
             ])
             .args(["--prefix", &prefix, "--count", &count.to_string()])
+            .args(["--rate", &(plan.rate / workers_at_once(plan)).to_string()])
             .args([
                 "--concurrency",
                 &plan.concurrency.to_string(),
@@ -107,6 +110,12 @@ impl Worker {
             if value["event"] == event {
                 return Ok(value);
             }
+            if value["event"] == "progress" {
+                eprint!(
+                    "\r  {}: {:>6} / {} connected ",
+                    self.prefix, value["done"], value["of"]
+                );
+            }
         }
     }
 }
@@ -117,6 +126,11 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Workers that connect at the same time (one connect phase adds at most this many).
+fn workers_at_once(plan: &Plan) -> u64 {
+    (plan.n / 2).div_ceil(PER_WORKER).max(1) as u64
 }
 
 /// The workers of a run, together.
@@ -297,6 +311,7 @@ fn grow(
         remaining -= count;
     }
     let (ok, failed, errors) = added.connected()?;
+    eprintln!();
     let secs = started.elapsed().as_secs_f64();
     let (cpu_secs, user_secs) = cpu_since(gateway, cpu_before);
     fleet.0.append(&mut added.0);
@@ -307,10 +322,10 @@ fn grow(
         clients: ok,
         failed,
         secs,
-        per_sec: ok as f64 / secs,
+        per_sec: per(ok, secs),
         gateway_cpu_secs: cpu_secs,
-        per_cpu_sec: ok as f64 / cpu_secs,
-        per_user_cpu_sec: ok as f64 / user_secs,
+        per_cpu_sec: per(ok, cpu_secs),
+        per_user_cpu_sec: per(ok, user_secs),
     })
 }
 
@@ -449,8 +464,8 @@ fn churn(gateway: &Gateway, plan: &Plan, fleet: &mut Fleet) -> anyhow::Result<Ch
         cycles,
         failed,
         secs,
-        per_sec: cycles as f64 / secs,
-        per_cpu_sec: cycles as f64 / cpu_secs,
+        per_sec: per(cycles, secs),
+        per_cpu_sec: per(cycles, cpu_secs),
         rss_before,
         rss_after: gateway.rss_bytes().unwrap_or(0),
         kernel_tcp_bytes: gateway::kernel_tcp_bytes(),

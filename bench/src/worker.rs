@@ -31,6 +31,8 @@ pub struct WorkerPlan {
     pub count: usize,
     /// Connections opened at once.
     pub concurrency: usize,
+    /// Connections opened per second by this worker (0: as fast as `concurrency` allows).
+    pub rate: u64,
     /// Signed-token secret.
     pub secret: String,
 }
@@ -122,11 +124,12 @@ async fn open(
             readers.clone(),
             received.clone(),
         );
-        let (server, source, secret, prefix) = (
+        let (server, source, secret, prefix, rate) = (
             plan.server,
             plan.source,
             plan.secret.clone(),
             prefix.to_owned(),
+            plan.rate,
         );
         lanes.push(tokio::task::spawn_local(async move {
             loop {
@@ -135,6 +138,10 @@ async fn open(
                     break;
                 }
                 next.set(i + 1);
+                if rate > 0 {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let id = format!("{prefix}{i}");
                 let path = token::ws_path(&id, &token::sign(&secret, &id));
                 match ws::connect(source, server, &path).await {
@@ -146,9 +153,20 @@ async fn open(
             }
         }));
     }
+    let progress = {
+        let (readers, failures) = (readers.clone(), failures.clone());
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let done = readers.borrow().len() + failures.borrow().len();
+                emit(json!({"event": "progress", "done": done, "of": count}));
+            }
+        })
+    };
     for lane in lanes {
         let _ = lane.await;
     }
+    progress.abort();
     let failed = failures.borrow();
     emit(json!({
         "event": "connected",
