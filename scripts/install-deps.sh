@@ -5,6 +5,9 @@ set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)   # etcd-client's build
+# protoc's well-known types (descriptor.proto, struct.proto): only a "Recommends" of
+# protobuf-compiler, so --no-install-recommends would leave etcd-client unbuildable.
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)           # tests: a real etcd
 command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)          # README quickstart
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)         # tests: descriptor limits
