@@ -12,6 +12,9 @@ command -v etcd >/dev/null 2>&1 || need+=(etcd-server)           # tests: a real
 command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)          # README quickstart
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)         # tests: descriptor limits
 command -v cc >/dev/null 2>&1 || need+=(build-essential)         # mimalloc's C code
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)      # tests: stock Redis clients
+[[ -x /usr/bin/python3 ]] || need+=(python3)                     # tests: example signer
+/usr/bin/python3 -c 'import redis' >/dev/null 2>&1 || need+=(python3-redis)
 
 if ((${#need[@]})); then
     sudo=""

@@ -5,7 +5,7 @@
 //! name the config key at fault; nothing here runs on a shard.
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,8 +17,9 @@ use crate::callback::{CallbackClient, CallbackStats, Presence};
 use crate::config::{Config, SocketProtocol};
 use crate::control::{self, Node, NodeParts};
 use crate::handover::{self, Handover, Inherited};
-use crate::shard::{self, ShardDeps};
+use crate::shard::{self, ClientListener, ShardDeps};
 use crate::token::TokenVerifier;
+use crate::transport::{Entry, EntryKind, tls};
 
 /// Presence worker threads: enough to overlap a few slow callbacks, few enough that a
 /// message server that is down is not hammered.
@@ -27,7 +28,6 @@ const PRESENCE_WORKERS: usize = 4;
 /// Runs a gateway node until SIGTERM/SIGINT has closed every client, or until a
 /// successor started by SIGUSR2 has taken over.
 pub fn run_node(config: Config) -> anyhow::Result<()> {
-    refuse_unbuilt_transports(&config)?;
     let config = Arc::new(config);
     log_limits();
     if config.etcd_endpoints.is_empty() {
@@ -50,12 +50,15 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         refuse_new_clients: Arc::clone(&refuse_new_clients),
         verifier: token_verifier(&config),
     };
+    let handover_client = listeners.client_fds(EntryKind::WebSocket, &config);
+    let handover_tcp = listeners.client_fds(EntryKind::Tcp, &config);
     let shards = shard::start(deps, listeners.client)?;
     inherited.signal_ready();
     crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     tracing::info!(
         shards = config.max_proc,
         websocket_port = config.websocket_port,
+        tcp_port = config.tcp_port,
         rpc_addr = %config.rpc_addr,
         comet_addr = %config.comet_addr(),
         handover = inherited.is_handover(),
@@ -70,7 +73,8 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         inherited_lease: inherited.lease,
     });
     let handover = Handover {
-        client: shards.listener_fds,
+        client: handover_client,
+        tcp: handover_tcp,
         rpc: listeners.rpc.as_raw_fd(),
         admin: listeners.admin.as_ref().map(AsRawFd::as_raw_fd),
         lease: None,
@@ -90,24 +94,45 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
 
 /// Every listening socket of the node: inherited from a predecessor, or bound now.
 struct Listeners {
-    client: Vec<OwnedFd>,
+    client: Vec<ClientListener>,
     rpc: OwnedFd,
     admin: Option<OwnedFd>,
 }
 
 impl Listeners {
     fn open(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Listeners> {
-        let port = config.websocket_port;
-        let mut client = std::mem::take(&mut inherited.client);
-        for fd in &client {
-            handover::check_listener(fd, port)?;
-        }
-        let client_addr = SocketAddr::from(([0, 0, 0, 0], port));
-        while client.len() < config.max_proc {
-            let fd = handover::bind_listener(client_addr, true).with_context(|| {
-                format!("config key `websocket_port`: cannot listen on port {port}")
-            })?;
-            client.push(fd);
+        let tls = tls_acceptor(config)?;
+        let main_kind = match config.socket_protocol {
+            SocketProtocol::Tcp => EntryKind::Tcp,
+            SocketProtocol::Ws | SocketProtocol::Wss => EntryKind::WebSocket,
+        };
+        let main_tls = match config.socket_protocol {
+            SocketProtocol::Ws => false,
+            SocketProtocol::Wss => true,
+            SocketProtocol::Tcp => config.tcp_tls,
+        };
+        let main = Entry {
+            kind: main_kind,
+            tls: tls.clone().filter(|_| main_tls),
+        };
+        let mut client = client_listeners(
+            config,
+            std::mem::take(&mut inherited.client),
+            ("websocket_port", config.websocket_port),
+            main,
+        )?;
+        if let Some(port) = config.tcp_port {
+            let raw_tcp = Entry {
+                kind: EntryKind::Tcp,
+                tls: tls.filter(|_| config.tcp_tls),
+            };
+            let inherited_tcp = std::mem::take(&mut inherited.tcp);
+            client.extend(client_listeners(
+                config,
+                inherited_tcp,
+                ("tcp_port", port),
+                raw_tcp,
+            )?);
         }
         let rpc = match inherited.rpc.take() {
             Some(fd) => {
@@ -137,15 +162,58 @@ impl Listeners {
         }
         Ok(Listeners { client, rpc, admin })
     }
+
+    /// The descriptors of the client listeners on one port, for a hand-over: the
+    /// client port's (`ws=`) or the extra raw TCP port's (`tcp=`).
+    fn client_fds(&self, kind: EntryKind, config: &Config) -> Vec<RawFd> {
+        let port = match kind {
+            EntryKind::Tcp if config.socket_protocol != SocketProtocol::Tcp => config.tcp_port,
+            EntryKind::WebSocket if config.socket_protocol == SocketProtocol::Tcp => None,
+            _ => Some(config.websocket_port),
+        };
+        self.client
+            .iter()
+            .filter(|l| l.entry.kind == kind && Some(l.port) == port)
+            .map(|l| l.fd.as_raw_fd())
+            .collect()
+    }
 }
 
-fn refuse_unbuilt_transports(config: &Config) -> anyhow::Result<()> {
-    match config.socket_protocol {
-        SocketProtocol::Ws => Ok(()),
-        other => anyhow::bail!(
-            "config key `socket_protocol`: {} is not available in this build yet (only ws/websocket)",
-            other.scheme()
-        ),
+/// One SO_REUSEPORT listener per shard on `port` (inherited ones first).
+fn client_listeners(
+    config: &Config,
+    inherited: Vec<OwnedFd>,
+    (key, port): (&str, u16),
+    entry: Entry,
+) -> anyhow::Result<Vec<ClientListener>> {
+    let mut fds = inherited;
+    for fd in &fds {
+        handover::check_listener(fd, port)?;
+    }
+    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    while fds.len() < config.max_proc {
+        let fd = handover::bind_listener(addr, true)
+            .with_context(|| format!("config key `{key}`: cannot listen on port {port}"))?;
+        fds.push(fd);
+    }
+    Ok(fds
+        .into_iter()
+        .map(|fd| ClientListener {
+            fd,
+            port,
+            entry: entry.clone(),
+        })
+        .collect())
+}
+
+fn tls_acceptor(config: &Config) -> anyhow::Result<Option<tls::Acceptor>> {
+    match (&config.wss_cert_pem, &config.wss_key_pem) {
+        (Some(cert), Some(key))
+            if config.socket_protocol == SocketProtocol::Wss || config.tcp_tls =>
+        {
+            Ok(Some(tls::acceptor(cert, key)?))
+        }
+        _ => Ok(None),
     }
 }
 

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::transport::ws::handshake::UpgradePolicy;
+
 /// The configuration a node runs with when no `-c` is given and `./comet.ini` is absent:
 /// standalone (no etcd), every token accepted (no message server), local ports.
 pub const EMBEDDED_DEFAULT: &str = "\
@@ -96,10 +98,19 @@ pub struct Config {
     pub websocket_host: String,
     /// Client listen port.
     pub websocket_port: u16,
-    /// PEM files for wss.
+    /// Certificate chain (PEM) for wss and TLS on the TCP listener.
     pub wss_cert_pem: Option<PathBuf>,
-    /// PEM files for wss.
+    /// Private key (PEM) for wss and TLS on the TCP listener.
     pub wss_key_pem: Option<PathBuf>,
+    /// Upgrade path and allowed origins of WebSocket clients.
+    pub websocket_policy: UpgradePolicy,
+    /// A raw TCP listener besides the WebSocket one (`socket_protocol=tcp` makes the
+    /// client port itself raw TCP instead).
+    pub tcp_port: Option<u16>,
+    /// The message protocol of raw TCP clients.
+    pub tcp_protocol: TcpProtocol,
+    /// TLS on raw TCP clients.
+    pub tcp_tls: bool,
     /// Push RPC listen address and the node's identity.
     pub rpc_addr: String,
     /// Parsed form of `rpc_addr`, to listen on.
@@ -149,6 +160,17 @@ pub struct Config {
     pub admin_addr: Option<SocketAddr>,
     /// Token `/status` and `/metrics` require; empty: none (only allowed on loopback).
     pub admin_token: String,
+}
+
+/// The message protocol raw TCP clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpProtocol {
+    /// Chosen per connection by its first byte: `{` JSON-lines, anything else RESP.
+    Auto,
+    /// One JSON object per line.
+    Json,
+    /// Redis RESP2/RESP3.
+    Resp,
 }
 
 /// Load self-check thresholds. `None` disables a threshold. A soft threshold sets
@@ -207,12 +229,24 @@ impl Config {
             Some(v) => parse_count("max_proc", &v, 1, 1024)?,
         };
         let socket_protocol = parse_socket_protocol(raw)?;
-        let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, socket_protocol)?;
+        let tcp_tls = raw.boolean("tcp_tls", false)?;
+        let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, socket_protocol, tcp_tls)?;
         let (rpc_addr, rpc_listen) = parse_rpc_addr(raw)?;
         let websocket_port = match raw.take("websocket_port") {
             None => 8900,
             Some(v) => parse_port("websocket_port", &v)?,
         };
+        let tcp_port = match raw.take("tcp_port").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => Some(parse_port("tcp_port", &v)?),
+        };
+        if tcp_port == Some(websocket_port) {
+            return Err(ConfigError::BadValue {
+                key: "tcp_port",
+                value: websocket_port.to_string(),
+                reason: "must differ from websocket_port (socket_protocol=tcp serves raw TCP on websocket_port)".into(),
+            });
+        }
         let ping_interval = raw.duration("ping_interval", Duration::from_secs(9))?;
         let heartbeat_timeout = raw.duration("heartbeat_timeout", Duration::from_secs(10))?;
         if heartbeat_timeout <= ping_interval {
@@ -233,6 +267,10 @@ impl Config {
             websocket_port,
             wss_cert_pem,
             wss_key_pem,
+            websocket_policy: parse_upgrade_policy(raw)?,
+            tcp_port,
+            tcp_protocol: parse_tcp_protocol(raw)?,
+            tcp_tls,
             rpc_addr,
             rpc_listen,
             comet_rpc_token: raw.string("comet_rpc_token", ""),
@@ -473,18 +511,65 @@ fn parse_socket_protocol(raw: &mut RawIni) -> Result<SocketProtocol, ConfigError
     Ok(protocol)
 }
 
+fn parse_upgrade_policy(raw: &mut RawIni) -> Result<UpgradePolicy, ConfigError> {
+    let path = raw.string("websocket_path", "/ws");
+    if !path.starts_with('/') || path.contains('?') || path.contains(char::is_whitespace) {
+        return Err(ConfigError::BadValue {
+            key: "websocket_path",
+            value: path,
+            reason: "expected an absolute path such as /ws".into(),
+        });
+    }
+    let allowed_origins = raw
+        .string("websocket_allowed_origins", "")
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    if let Some(bad) = allowed_origins
+        .iter()
+        .find(|o| !o.contains("://") || o.matches('*').count() > 1 || o.ends_with('/'))
+    {
+        return Err(ConfigError::BadValue {
+            key: "websocket_allowed_origins",
+            value: bad.clone(),
+            reason: "expected origins such as https://app.example.com or https://*.example.com, comma-separated".into(),
+        });
+    }
+    Ok(UpgradePolicy {
+        path,
+        allowed_origins,
+    })
+}
+
+fn parse_tcp_protocol(raw: &mut RawIni) -> Result<TcpProtocol, ConfigError> {
+    let value = raw.string("tcp_protocol", "auto");
+    match value.to_ascii_lowercase().as_str() {
+        "auto" => Ok(TcpProtocol::Auto),
+        "json" => Ok(TcpProtocol::Json),
+        "resp" | "redis" => Ok(TcpProtocol::Resp),
+        _ => Err(ConfigError::BadValue {
+            key: "tcp_protocol",
+            value,
+            reason: "expected auto, json or resp".into(),
+        }),
+    }
+}
+
 fn parse_tls_files(
     raw: &mut RawIni,
     protocol: SocketProtocol,
+    tcp_tls: bool,
 ) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
     let cert = raw.take("wss_cert_pem").filter(|v| !v.is_empty());
     let key = raw.take("wss_key_pem").filter(|v| !v.is_empty());
-    if protocol == SocketProtocol::Wss {
+    if protocol == SocketProtocol::Wss || tcp_tls {
         for (name, path) in [("wss_cert_pem", &cert), ("wss_key_pem", &key)] {
             let Some(path) = path else {
                 return Err(ConfigError::Missing {
                     key: name,
-                    reason: "wss needs both wss_cert_pem and wss_key_pem",
+                    reason: "TLS (wss, tcp_tls) needs both wss_cert_pem and wss_key_pem",
                 });
             };
             if let Err(err) = std::fs::File::open(path) {

@@ -9,7 +9,8 @@
 //! accept queues are never dropped: no connection attempt is refused during a restart.
 //!
 //! The hand-over travels in one environment variable, `COMET_HANDOVER`, e.g.
-//! `ws=5,6;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9`.
+//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9` (`ws` names the
+//! client port's listeners whatever they serve, `tcp` those of the extra `tcp_port`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ pub enum HandoverError {
 pub struct Inherited {
     /// Client listeners (one per shard of the predecessor).
     pub client: Vec<OwnedFd>,
+    /// Listeners of the extra raw TCP port.
+    pub tcp: Vec<OwnedFd>,
     /// The push RPC listener.
     pub rpc: Option<OwnedFd>,
     /// The admin listener.
@@ -71,6 +74,7 @@ impl Inherited {
                 .ok_or_else(|| HandoverError::Malformed(part.to_owned()))?;
             match key {
                 "ws" => inherited.client = list.split(',').map(adopt).collect::<Result<_, _>>()?,
+                "tcp" => inherited.tcp = list.split(',').map(adopt).collect::<Result<_, _>>()?,
                 "rpc" => inherited.rpc = Some(adopt(list)?),
                 "admin" => inherited.admin = Some(adopt(list)?),
                 "ready" => inherited.ready = Some(adopt(list)?),
@@ -143,6 +147,8 @@ pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
 pub struct Handover {
     /// Client listeners, one per shard.
     pub client: Vec<RawFd>,
+    /// Listeners of the extra raw TCP port, one per shard.
+    pub tcp: Vec<RawFd>,
     /// The push RPC listener.
     pub rpc: RawFd,
     /// The admin listener.
@@ -172,6 +178,7 @@ impl Handover {
     pub fn spawn_successor(&self) -> Result<Successor, HandoverError> {
         let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
         let mut inherited: Vec<RawFd> = self.client.clone();
+        inherited.extend(&self.tcp);
         inherited.push(self.rpc);
         inherited.extend(self.admin);
         inherited.push(ready_write.as_raw_fd());
@@ -181,6 +188,9 @@ impl Handover {
             self.rpc,
             ready_write.as_raw_fd()
         );
+        if !self.tcp.is_empty() {
+            value.push_str(&format!(";tcp={}", join(&self.tcp)));
+        }
         if let Some(admin) = self.admin {
             value.push_str(&format!(";admin={admin}"));
         }

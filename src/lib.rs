@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod callback;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod handover;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
+use crate::codec::{Message, Wire, json};
 use crate::sys;
 use crate::transport::ws::frame::{EncodedFrame, FrameError, close_code};
 
@@ -34,8 +35,8 @@ pub enum CloseReason {
     Replaced,
     /// The outbound queue overflowed.
     SlowConsumer,
-    /// The client broke the framing rules or the size limit.
-    Protocol(FrameError),
+    /// The client broke the framing rules or a size limit: the close code and why.
+    Protocol { code: u16, why: String },
     /// The node is shutting down.
     Shutdown,
 }
@@ -50,13 +51,14 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::Replaced => "replaced",
             CloseReason::SlowConsumer => "slow_consumer",
-            CloseReason::Protocol(_) => "protocol_error",
+            CloseReason::Protocol { .. } => "protocol_error",
             CloseReason::Shutdown => "shutdown",
         }
     }
 
-    /// The close frame to send, if the client can still be told anything.
-    pub fn close_frame(&self) -> Option<EncodedFrame> {
+    /// The last words the client gets on `wire` before its connection closes, if it can
+    /// still be told anything (RESP has no way to say why a connection ends).
+    pub fn farewell(&self, wire: Wire) -> Option<Arc<[u8]>> {
         let (code, text) = match self {
             CloseReason::ClientGone => return None,
             CloseReason::ClientClosed => (close_code::NORMAL, String::new()),
@@ -64,10 +66,22 @@ impl CloseReason {
             CloseReason::Kicked => (close_code::NORMAL, "kicked".into()),
             CloseReason::Replaced => (close_code::POLICY, "replaced by a newer connection".into()),
             CloseReason::SlowConsumer => (close_code::POLICY, "slow consumer".into()),
-            CloseReason::Protocol(err) => (err.close_code(), err.to_string()),
+            CloseReason::Protocol { code, why } => (*code, why.clone()),
             CloseReason::Shutdown => (close_code::GOING_AWAY, "going away".into()),
         };
-        Some(EncodedFrame::close(code, &text))
+        match wire {
+            Wire::WebSocket => Some(EncodedFrame::close(code, &text).bytes().into()),
+            Wire::JsonLines => Some(json::close_line(code, &text).into()),
+            Wire::Resp => None,
+        }
+    }
+
+    /// A WebSocket framing violation.
+    pub fn bad_frame(err: &FrameError) -> CloseReason {
+        CloseReason::Protocol {
+            code: err.close_code(),
+            why: err.to_string(),
+        }
     }
 
     /// Whether queued messages are still worth flushing before the close frame.
@@ -102,12 +116,45 @@ impl Delivery {
     }
 }
 
-/// A frame waiting to be written, and how much of it already was.
+/// Something waiting to be written to a client.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A pushed message (counts against the queue bound, may be coalesced).
+    Message(Arc<Message>),
+    /// Protocol bytes of the connection's own: pings, pongs, command replies, farewells.
+    Control(Arc<[u8]>),
+}
+
+/// An outbound item and how much of it was already written.
 pub struct Outgoing {
-    /// The shared frame.
-    pub frame: Arc<EncodedFrame>,
+    /// What to write.
+    pub item: Outbound,
     /// Bytes of it already written.
     pub written: usize,
+}
+
+/// How a session's items become bytes: the wire format, and for RESP the per-connection
+/// head (`message` array naming the channel) that precedes each shared payload.
+#[derive(Clone, Copy)]
+pub struct Framing<'a> {
+    wire: Wire,
+    message_head: &'a [u8],
+}
+
+impl<'a> Framing<'a> {
+    /// The bytes of `outgoing` not yet written, in order (either part may be empty).
+    pub fn unwritten(self, outgoing: &'a Outgoing) -> [&'a [u8]; 2] {
+        let [head, body] = match &outgoing.item {
+            Outbound::Message(message) => [self.message_head, message.encoded(self.wire)],
+            Outbound::Control(bytes) => [&bytes[..], &[][..]],
+        };
+        let skip = outgoing.written;
+        if skip < head.len() {
+            [&head[skip..], body]
+        } else {
+            [&body[skip - head.len()..], &[][..]]
+        }
+    }
 }
 
 /// A connected client.
@@ -116,7 +163,10 @@ pub struct Session {
     pub conn_id: Rc<str>,
     /// Opaque client data handed back on callbacks.
     pub info: String,
-    fd: RawFd,
+    /// The framing the client speaks.
+    pub wire: Wire,
+    message_head: Box<[u8]>,
+    direct_fd: Option<RawFd>,
     queue_limit: usize,
     queue: RefCell<VecDeque<Outgoing>>,
     queued_messages: Cell<usize>,
@@ -127,16 +177,35 @@ pub struct Session {
     groups: RefCell<Vec<Rc<str>>>,
 }
 
+/// What a new session is: who, which framing, and how to reach its socket.
+pub struct SessionSpec {
+    /// The client's conn_id.
+    pub conn_id: Rc<str>,
+    /// The client's `info`.
+    pub info: String,
+    /// The framing the client speaks.
+    pub wire: Wire,
+    /// Written before each message's shared bytes (RESP's `message` array head).
+    pub message_head: Box<[u8]>,
+    /// The plain socket, when pushes may be written straight into it (not with TLS,
+    /// whose records only the connection task can write). The connection task owns it
+    /// and outlives the session's presence in the shard table.
+    pub direct_fd: Option<RawFd>,
+    /// Most messages queued before the client is a slow consumer.
+    pub queue_limit: usize,
+}
+
 impl Session {
-    /// A session writing to `fd` (owned by the connection task, which outlives the session's
-    /// presence in the shard table).
-    pub fn new(conn_id: Rc<str>, info: String, fd: RawFd, queue_limit: usize) -> Session {
+    /// A session as `spec` describes it.
+    pub fn new(spec: SessionSpec) -> Session {
         let now = Instant::now();
         Session {
-            conn_id,
-            info,
-            fd,
-            queue_limit,
+            conn_id: spec.conn_id,
+            info: spec.info,
+            wire: spec.wire,
+            message_head: spec.message_head,
+            direct_fd: spec.direct_fd,
+            queue_limit: spec.queue_limit,
             queue: RefCell::new(VecDeque::new()),
             queued_messages: Cell::new(0),
             waker: RefCell::new(None),
@@ -147,64 +216,111 @@ impl Session {
         }
     }
 
-    /// Hands a frame to the client: written at once when nothing is queued before it,
-    /// queued otherwise. Control frames (pings, pongs) never count against the bound.
-    pub fn deliver(&self, frame: &Arc<EncodedFrame>) -> Delivery {
+    /// Hands a pushed message to the client (see [`Session::send`]).
+    pub fn deliver(&self, message: &Arc<Message>) -> Delivery {
+        self.send(Outbound::Message(Arc::clone(message)))
+    }
+
+    /// Hands protocol bytes (ping, pong, reply) to the client; never counts against the
+    /// queue bound.
+    pub fn send_control(&self, bytes: &Arc<[u8]>) -> Delivery {
+        self.send(Outbound::Control(Arc::clone(bytes)))
+    }
+
+    /// Writes `item` at once when nothing is queued before it and the socket takes it,
+    /// queues it otherwise.
+    fn send(&self, item: Outbound) -> Delivery {
         if self.close.borrow().is_some() {
             return Delivery::Closed;
         }
         let mut queue = self.queue.borrow_mut();
-        if queue.is_empty() {
-            return match sys::send_now(self.fd, frame.bytes()) {
-                Ok(n) if n == frame.bytes().len() => Delivery::Sent,
-                Ok(written) => {
-                    self.push_back(&mut queue, frame, written);
-                    drop(queue);
-                    self.wake();
-                    Delivery::Queued
-                }
+        let is_message = matches!(item, Outbound::Message(_));
+        if !queue.is_empty() {
+            if is_message && self.queued_messages.get() >= self.queue_limit {
+                drop(queue);
+                self.request_close(CloseReason::SlowConsumer);
+                return Delivery::Overflow;
+            }
+            self.push_back(&mut queue, item, 0);
+            return Delivery::Queued;
+        }
+        let mut outgoing = Outgoing { item, written: 0 };
+        if let Some(fd) = self.direct_fd {
+            match sys::send_parts_now(fd, &self.framing().unwritten(&outgoing)) {
+                Ok(n) => outgoing.written = n,
                 Err(_) => {
                     drop(queue);
                     self.request_close(CloseReason::ClientGone);
-                    Delivery::Closed
+                    return Delivery::Closed;
                 }
-            };
+            }
+            if self
+                .framing()
+                .unwritten(&outgoing)
+                .iter()
+                .all(|p| p.is_empty())
+            {
+                return Delivery::Sent;
+            }
         }
-        if frame.is_message() && self.queued_messages.get() >= self.queue_limit {
-            drop(queue);
-            self.request_close(CloseReason::SlowConsumer);
-            return Delivery::Overflow;
-        }
-        self.push_back(&mut queue, frame, 0);
+        self.push_back(&mut queue, outgoing.item, outgoing.written);
+        drop(queue);
+        self.wake();
         Delivery::Queued
     }
 
-    fn push_back(&self, queue: &mut VecDeque<Outgoing>, frame: &Arc<EncodedFrame>, written: usize) {
-        if frame.is_message() {
+    fn push_back(&self, queue: &mut VecDeque<Outgoing>, item: Outbound, written: usize) {
+        if matches!(item, Outbound::Message(_)) {
             self.queued_messages.set(self.queued_messages.get() + 1);
         }
-        queue.push_back(Outgoing {
-            frame: Arc::clone(frame),
-            written,
-        });
+        queue.push_back(Outgoing { item, written });
+    }
+
+    /// The plain socket pushes are written into directly, if there is one.
+    pub fn direct_fd(&self) -> Option<RawFd> {
+        self.direct_fd
+    }
+
+    /// How this session's items become bytes.
+    pub fn framing(&self) -> Framing<'_> {
+        Framing {
+            wire: self.wire,
+            message_head: &self.message_head,
+        }
     }
 
     /// Gives the connection task access to the queue to flush it. With `coalesce`, messages
-    /// that are waiting (none of their bytes written yet) are first joined into one frame.
-    pub fn with_queue<R>(&self, coalesce: bool, f: impl FnOnce(&mut VecDeque<Outgoing>) -> R) -> R {
+    /// that are waiting (none of their bytes written yet) are first joined into one.
+    pub fn with_queue<R>(
+        &self,
+        coalesce: bool,
+        f: impl FnOnce(&mut VecDeque<Outgoing>, Framing<'_>) -> R,
+    ) -> R {
         let mut queue = self.queue.borrow_mut();
         if coalesce {
             coalesce_waiting(&mut queue);
         }
-        let result = f(&mut queue);
+        let result = f(&mut queue, self.framing());
         // Recounted rather than tracked: the flush and the coalescing both change it, and
         // the queue is short (bounded) and only flushed when a client fell behind.
-        let waiting = queue.iter().filter(|o| o.frame.is_message()).count();
+        let waiting = queue
+            .iter()
+            .filter(|o| matches!(o.item, Outbound::Message(_)))
+            .count();
         self.queued_messages.set(waiting);
         if queue.is_empty() && queue.capacity() > 16 {
             *queue = VecDeque::new();
         }
         result
+    }
+
+    /// Puts protocol bytes at the back of the queue without trying to write them (the
+    /// closing handshake flushes them itself).
+    pub fn queue_control(&self, bytes: Arc<[u8]>) {
+        self.queue.borrow_mut().push_back(Outgoing {
+            item: Outbound::Control(bytes),
+            written: 0,
+        });
     }
 
     /// Drops whatever is queued (a slow consumer's backlog is not worth sending).
@@ -290,19 +406,28 @@ impl Session {
 }
 
 /// Joins the run of whole messages at the back of the queue (after any partly written
-/// frame and control frames) into one `\n`-separated frame.
+/// item and control bytes) into one `\n`-separated message: the original's framing for
+/// WebSocket clients that read several messages from one frame.
 fn coalesce_waiting(queue: &mut VecDeque<Outgoing>) {
     let first_waiting = queue
         .iter()
-        .rposition(|o| o.written > 0 || !o.frame.is_message())
+        .rposition(|o| o.written > 0 || matches!(o.item, Outbound::Control(_)))
         .map_or(0, |i| i + 1);
     if queue.len() - first_waiting < 2 {
         return;
     }
-    let joined = EncodedFrame::coalesce(queue.range(first_waiting..).map(|o| &*o.frame));
+    let mut payload = Vec::new();
+    for (i, outgoing) in queue.range(first_waiting..).enumerate() {
+        if let Outbound::Message(message) = &outgoing.item {
+            if i > 0 {
+                payload.push(b'\n');
+            }
+            payload.extend_from_slice(message.payload());
+        }
+    }
     queue.truncate(first_waiting);
     queue.push_back(Outgoing {
-        frame: Arc::new(joined),
+        item: Outbound::Message(Message::new(&payload)),
         written: 0,
     });
 }
@@ -311,39 +436,64 @@ fn coalesce_waiting(queue: &mut VecDeque<Outgoing>) {
 mod tests {
     use super::*;
 
-    fn outgoing(frame: EncodedFrame, written: usize) -> Outgoing {
+    fn message(text: &str, written: usize) -> Outgoing {
         Outgoing {
-            frame: Arc::new(frame),
+            item: Outbound::Message(Message::new(text.as_bytes())),
             written,
+        }
+    }
+
+    fn payload(outgoing: &Outgoing) -> Vec<u8> {
+        match &outgoing.item {
+            Outbound::Message(m) => m.payload().to_vec(),
+            Outbound::Control(bytes) => bytes.to_vec(),
         }
     }
 
     #[test]
     fn coalescing_joins_only_untouched_messages() {
         let mut queue = VecDeque::new();
-        queue.push_back(outgoing(EncodedFrame::text(b"partly"), 3));
-        queue.push_back(outgoing(EncodedFrame::text(b"a"), 0));
-        queue.push_back(outgoing(EncodedFrame::text(b"b"), 0));
+        queue.push_back(message("partly", 3));
+        queue.push_back(message("a", 0));
+        queue.push_back(message("b", 0));
         coalesce_waiting(&mut queue);
         assert_eq!(queue.len(), 2);
-        assert_eq!(queue[1].frame.payload(), b"a\nb");
+        assert_eq!(payload(&queue[1]), b"a\nb");
     }
 
     #[test]
-    fn coalescing_leaves_control_frames_in_place() {
+    fn coalescing_leaves_control_bytes_in_place() {
         let mut queue = VecDeque::new();
-        queue.push_back(outgoing(EncodedFrame::text(b"a"), 0));
-        queue.push_back(outgoing(EncodedFrame::ping(), 0));
-        queue.push_back(outgoing(EncodedFrame::text(b"b"), 0));
+        queue.push_back(message("a", 0));
+        queue.push_back(Outgoing {
+            item: Outbound::Control(EncodedFrame::ping().bytes().into()),
+            written: 0,
+        });
+        queue.push_back(message("b", 0));
         coalesce_waiting(&mut queue);
         assert_eq!(queue.len(), 3);
     }
 
     #[test]
-    fn close_reasons_pick_codes() {
-        let frame = CloseReason::SlowConsumer.close_frame().unwrap();
-        assert_eq!(&frame.payload()[..2], &close_code::POLICY.to_be_bytes());
-        assert!(CloseReason::ClientGone.close_frame().is_none());
+    fn unwritten_bytes_span_the_head_and_the_shared_payload() {
+        let framing = Framing {
+            wire: Wire::Resp,
+            message_head: b"HEAD",
+        };
+        let mut outgoing = message("hi", 2);
+        assert_eq!(framing.unwritten(&outgoing), [&b"AD"[..], b"$2\r\nhi\r\n"]);
+        outgoing.written = 7;
+        assert_eq!(framing.unwritten(&outgoing), [&b"\nhi\r\n"[..], b""]);
+    }
+
+    #[test]
+    fn farewells_depend_on_the_wire() {
+        let frame = CloseReason::SlowConsumer.farewell(Wire::WebSocket).unwrap();
+        assert_eq!(&frame[2..4], &close_code::POLICY.to_be_bytes());
+        let line = CloseReason::Shutdown.farewell(Wire::JsonLines).unwrap();
+        assert!(line.starts_with(b"{\"type\":\"close\",\"code\":1001"));
+        assert!(CloseReason::Shutdown.farewell(Wire::Resp).is_none());
+        assert!(CloseReason::ClientGone.farewell(Wire::WebSocket).is_none());
         assert!(CloseReason::Kicked.flushes_queue());
         assert!(!CloseReason::SlowConsumer.flushes_queue());
     }

@@ -41,6 +41,36 @@ pub fn raise_nofile_limit() -> io::Result<NofileLimits> {
     })
 }
 
+/// Writes as much of `parts` (in order, one `sendmsg(2)`) as the socket takes now; like
+/// [`send_now`] for a message whose head and payload live in different buffers.
+pub fn send_parts_now(fd: RawFd, parts: &[&[u8]; 2]) -> io::Result<usize> {
+    if parts[1].is_empty() {
+        return send_now(fd, parts[0]);
+    }
+    let mut iov = parts.map(|part| libc::iovec {
+        iov_base: part.as_ptr().cast_mut().cast(),
+        iov_len: part.len(),
+    });
+    // SAFETY: zeroed is a valid msghdr (no name, no control data).
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = iov.as_mut_ptr();
+    header.msg_iovlen = iov.len();
+    loop {
+        // SAFETY: the iovecs point into `parts`, valid for the call; `fd` is a socket
+        // owned by the caller's stream; the kernel only reads through msg_iov.
+        let sent = unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
+
 /// Writes as much of `bytes` as the socket takes now. `Ok(0)` with a non-empty slice
 /// means the socket buffer is full (would block).
 pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {

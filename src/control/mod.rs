@@ -24,10 +24,10 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::callback::CallbackStats;
+use crate::codec::Message;
 use crate::config::Config;
 use crate::session::CloseReason;
 use crate::shard::{BroadcastOutcome, ShardCommand, ShardHandle, ShardStats};
-use crate::transport::ws::frame::EncodedFrame;
 use directory::{Claim, Directory};
 use etcd::{Published, Registrar};
 use load::{LoadCheck, LoadSample, LoadState};
@@ -312,10 +312,10 @@ impl Node {
     }
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
-        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let message = Message::new(msg.as_bytes());
         let answers = self
             .to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
-                frame: Arc::clone(&frame),
+                message: Arc::clone(&message),
                 conn_ids,
                 reply,
             })
@@ -387,10 +387,10 @@ impl Node {
 
     /// Delivers `msg` to every client of the node.
     pub async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
-        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::Broadcast {
-                frame: Arc::clone(&frame),
+                message: Arc::clone(&message),
                 reply,
             })
             .await;
@@ -398,13 +398,13 @@ impl Node {
         self.count_outcome(BroadcastOutcome::merge(outcomes))
     }
 
-    /// Delivers `msg` to every member of `group` (the frame is encoded once, for all).
+    /// Delivers `msg` to every member of `group` (encoded once per wire format, for all).
     pub async fn group_push(&self, group: &str, msg: &str) -> BroadcastOutcome {
-        let frame = Arc::new(EncodedFrame::text(msg.as_bytes()));
+        let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::GroupPush {
                 group: group.to_owned(),
-                frame: Arc::clone(&frame),
+                message: Arc::clone(&message),
                 reply,
             })
             .await;

@@ -11,7 +11,7 @@ pub mod inbox;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,10 +24,12 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tokio::sync::oneshot;
 
 use crate::callback::{CallbackClient, Presence, PresenceKind};
+use crate::codec::{Message, Wire, json};
 use crate::config::Config;
 use crate::control::{ControlLink, DirectoryRequest};
 use crate::session::{CloseReason, Delivery, Session};
 use crate::token::TokenVerifier;
+use crate::transport::Entry;
 use crate::transport::ws::frame::EncodedFrame;
 
 pub use inbox::ShardHandle;
@@ -40,15 +42,15 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Work the control thread hands to a shard.
 pub enum ShardCommand {
-    /// Deliver one encoded frame to these conn_ids; reply with the ones not delivered.
+    /// Deliver one message to these conn_ids; reply with the ones not delivered.
     Push {
-        frame: Arc<EncodedFrame>,
+        message: Arc<Message>,
         conn_ids: Vec<String>,
         reply: oneshot::Sender<Vec<String>>,
     },
-    /// Deliver one encoded frame to every session; reply with the counts.
+    /// Deliver one message to every session; reply with the counts.
     Broadcast {
-        frame: Arc<EncodedFrame>,
+        message: Arc<Message>,
         reply: oneshot::Sender<BroadcastOutcome>,
     },
     /// Close these sessions; reply (when asked) with the conn_ids not found here.
@@ -69,10 +71,10 @@ pub enum ShardCommand {
         conn_ids: Vec<String>,
         reply: oneshot::Sender<Vec<String>>,
     },
-    /// Deliver one encoded frame to every member of a group on this shard.
+    /// Deliver one message to every member of a group on this shard.
     GroupPush {
         group: String,
-        frame: Arc<EncodedFrame>,
+        message: Arc<Message>,
         reply: oneshot::Sender<BroadcastOutcome>,
     },
     /// Report this shard's figures.
@@ -87,7 +89,7 @@ pub enum ShardCommand {
 /// What a broadcast did on one shard.
 #[derive(Debug, Default, Clone)]
 pub struct BroadcastOutcome {
-    /// Sessions that accepted the frame.
+    /// Sessions that accepted the message.
     pub delivered: usize,
     /// Sessions that did not (closing or slow consumers).
     pub failed: Vec<String>,
@@ -146,7 +148,8 @@ pub struct Shard {
     scratch: RefCell<Box<[u8]>>,
     draining: Cell<bool>,
     live_connections: Cell<usize>,
-    ping: Arc<EncodedFrame>,
+    websocket_ping: Arc<[u8]>,
+    json_ping: Arc<[u8]>,
     accepted: Cell<u64>,
     accept_fd_exhausted: Cell<u64>,
     upgraded: Cell<u64>,
@@ -202,22 +205,32 @@ pub struct Shards {
     pub handles: Vec<ShardHandle>,
     /// The executor threads.
     pub threads: Vec<glommio::ExecutorJoinHandle<()>>,
-    /// The client listeners' descriptors (valid while the shards accept), for a hand-over.
-    pub listener_fds: Vec<RawFd>,
 }
 
-/// Starts `config.max_proc` shards on the given client listeners (bound with
-/// SO_REUSEPORT, or inherited from a predecessor): listener `j` goes to shard
-/// `j % max_proc`, so every listener has a shard accepting on it and every shard has at
-/// least one when there are enough. Waits until all shards run.
-pub fn start(deps: ShardDeps, listeners: Vec<OwnedFd>) -> Result<Shards, StartError> {
+/// A client listener and what it serves.
+pub struct ClientListener {
+    /// The listening socket (bound with SO_REUSEPORT, or inherited).
+    pub fd: OwnedFd,
+    /// The port it listens on.
+    pub port: u16,
+    /// What connections accepted on it speak.
+    pub entry: Entry,
+}
+
+/// Starts `config.max_proc` shards on the given client listeners: the `j`-th listener
+/// of each kind goes to shard `j % max_proc`, so every listener has a shard accepting on
+/// it and every shard has one of each kind when there are enough. Waits until all
+/// shards run.
+pub fn start(deps: ShardDeps, listeners: Vec<ClientListener>) -> Result<Shards, StartError> {
     let count = deps.config.max_proc;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let listener_fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut per_shard: Vec<Vec<RawFd>> = vec![Vec::new(); count];
-    for (j, listener) in listeners.into_iter().enumerate() {
+    let mut per_shard: Vec<Vec<(RawFd, Entry)>> = vec![Vec::new(); count];
+    let mut seen_of_kind = [0usize; 2];
+    for listener in listeners {
+        let nth = &mut seen_of_kind[listener.entry.kind as usize];
         // Ownership moves to the shard's glommio listener, which closes it.
-        per_shard[j % count].push(listener.into_raw_fd());
+        per_shard[*nth % count].push((listener.fd.into_raw_fd(), listener.entry));
+        *nth += 1;
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(count);
@@ -235,7 +248,7 @@ pub fn start(deps: ShardDeps, listeners: Vec<OwnedFd>) -> Result<Shards, StartEr
                 // to this shard alone above.
                 let listeners = fds
                     .into_iter()
-                    .map(|fd| unsafe { TcpListener::from_raw_fd(fd) })
+                    .map(|(fd, entry)| (unsafe { TcpListener::from_raw_fd(fd) }, entry))
                     .collect();
                 let _ = ready.send(());
                 run(Rc::new(Shard::new(id, deps)), listeners, inbox, own_handle).await;
@@ -256,17 +269,20 @@ pub fn start(deps: ShardDeps, listeners: Vec<OwnedFd>) -> Result<Shards, StartEr
             });
         }
     }
-    Ok(Shards {
-        handles,
-        threads,
-        listener_fds,
-    })
+    Ok(Shards { handles, threads })
 }
 
-async fn run(shard: Rc<Shard>, listeners: Vec<TcpListener>, inbox: inbox::Inbox, own: ShardHandle) {
+async fn run(
+    shard: Rc<Shard>,
+    listeners: Vec<(TcpListener, Entry)>,
+    inbox: inbox::Inbox,
+    own: ShardHandle,
+) {
     let mut acceptors: Vec<_> = listeners
         .into_iter()
-        .map(|listener| glommio::spawn_local(accept_loop(Rc::clone(&shard), listener)))
+        .map(|(listener, entry)| {
+            glommio::spawn_local(accept_loop(Rc::clone(&shard), listener, entry))
+        })
         .collect();
     let heartbeat = glommio::spawn_local(heartbeat_loop(Rc::clone(&shard)));
     while let Some(command) = inbox.recv().await {
@@ -292,7 +308,7 @@ async fn run(shard: Rc<Shard>, listeners: Vec<TcpListener>, inbox: inbox::Inbox,
     heartbeat.cancel().await;
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, entry: Entry) {
     let mut backoff = Duration::from_millis(1);
     loop {
         match listener.accept().await {
@@ -300,7 +316,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 backoff = Duration::from_millis(1);
                 shard.accepted.set(shard.accepted.get() + 1);
                 let live = shard.connection_started();
-                glommio::spawn_local(crate::transport::ws::serve(live, stream)).detach();
+                glommio::spawn_local(crate::transport::serve(live, stream, entry.clone())).detach();
             }
             Err(err) => {
                 let err: io::Error = err.into();
@@ -354,7 +370,8 @@ impl Shard {
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
-            ping: Arc::new(EncodedFrame::ping()),
+            websocket_ping: EncodedFrame::ping().bytes().into(),
+            json_ping: Arc::from(json::PING_LINE),
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),
             upgraded: Cell::new(0),
@@ -445,14 +462,14 @@ impl Shard {
     fn handle(&self, command: ShardCommand) {
         match command {
             ShardCommand::Push {
-                frame,
+                message,
                 conn_ids,
                 reply,
             } => {
-                let _ = reply.send(self.push(&frame, conn_ids));
+                let _ = reply.send(self.push(&message, conn_ids));
             }
-            ShardCommand::Broadcast { frame, reply } => {
-                let _ = reply.send(self.broadcast(&frame));
+            ShardCommand::Broadcast { message, reply } => {
+                let _ = reply.send(self.broadcast(&message));
             }
             ShardCommand::Kick {
                 conn_ids,
@@ -480,10 +497,10 @@ impl Shard {
             }
             ShardCommand::GroupPush {
                 group,
-                frame,
+                message,
                 reply,
             } => {
-                let _ = reply.send(self.group_push(&group, &frame));
+                let _ = reply.send(self.group_push(&group, &message));
             }
             ShardCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
@@ -552,7 +569,7 @@ impl Shard {
         }
     }
 
-    fn group_push(&self, group: &str, frame: &Arc<EncodedFrame>) -> BroadcastOutcome {
+    fn group_push(&self, group: &str, message: &Arc<Message>) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         let groups = self.groups.borrow();
         let Some(members) = groups.get(group) else {
@@ -560,7 +577,7 @@ impl Shard {
         };
         let sessions = self.sessions.borrow();
         for member in members {
-            if self.deliver_to(sessions.get(member), frame) {
+            if self.deliver_to(sessions.get(member), message) {
                 outcome.failed.push(member.to_string());
             } else {
                 outcome.delivered += 1;
@@ -569,17 +586,17 @@ impl Shard {
         outcome
     }
 
-    fn push(&self, frame: &Arc<EncodedFrame>, conn_ids: Vec<String>) -> Vec<String> {
+    fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
         let sessions = self.sessions.borrow();
         conn_ids
             .into_iter()
-            .filter(|id| self.deliver_to(sessions.get(id.as_str()), frame))
+            .filter(|id| self.deliver_to(sessions.get(id.as_str()), message))
             .collect()
     }
 
     /// Delivers to one session (if there is one); true when that failed.
-    fn deliver_to(&self, session: Option<&Rc<Session>>, frame: &Arc<EncodedFrame>) -> bool {
-        let delivery = session.map(|s| s.deliver(frame));
+    fn deliver_to(&self, session: Option<&Rc<Session>>, message: &Arc<Message>) -> bool {
+        let delivery = session.map(|s| s.deliver(message));
         let failed = !delivery.is_some_and(Delivery::accepted);
         if failed {
             self.delivery_failed(delivery);
@@ -587,10 +604,10 @@ impl Shard {
         failed
     }
 
-    fn broadcast(&self, frame: &Arc<EncodedFrame>) -> BroadcastOutcome {
+    fn broadcast(&self, message: &Arc<Message>) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         for session in self.sessions.borrow().values() {
-            if self.deliver_to(Some(session), frame) {
+            if self.deliver_to(Some(session), message) {
                 outcome.failed.push(session.conn_id.to_string());
             } else {
                 outcome.delivered += 1;
@@ -628,17 +645,23 @@ impl Shard {
     }
 
     /// Pings sessions that have been quiet for a ping interval; closes those silent past
-    /// the heartbeat timeout.
+    /// the heartbeat timeout. RESP sessions are left to TCP keepalive: Redis clients do
+    /// not answer a server's ping.
     fn sweep(&self, now: Instant) {
         let config = &self.config;
         for session in self.sessions.borrow().values() {
+            let ping = match session.wire {
+                Wire::WebSocket => &self.websocket_ping,
+                Wire::JsonLines => &self.json_ping,
+                Wire::Resp => continue,
+            };
             let silent = now.saturating_duration_since(session.last_seen());
             if silent > config.heartbeat_timeout {
                 session.request_close(CloseReason::HeartbeatTimeout);
             } else if silent >= config.ping_interval
                 && now.saturating_duration_since(session.last_ping()) >= config.ping_interval
             {
-                session.deliver(&self.ping);
+                session.send_control(ping);
                 session.pinged(now);
             }
         }

@@ -1,4 +1,252 @@
 //! Client transports. Each turns a socket accepted on a shard into a registered
-//! [`crate::session::Session`] and runs it until it closes.
+//! [`crate::session::Session`] and runs it until it closes: WebSocket ([`ws`]) and raw
+//! TCP speaking JSON-lines or RESP ([`tcp`]), either of them optionally over TLS
+//! ([`tls`]).
+//!
+//! This module owns what every transport shares once a session exists: the session loop
+//! (reads, queued writes, close requests) and the closing handshake. It runs on a shard,
+//! one task per connection, and never blocks; per idle connection a task holds only the
+//! session and its protocol's small decoder, reads going through the shard's scratch
+//! buffer.
 
+pub mod admission;
+pub mod tcp;
+pub mod tls;
 pub mod ws;
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+
+use crate::session::{CloseReason, Session};
+use crate::shard::{LiveConnection, Shard};
+
+/// Reads handled in one poll before the task yields to its neighbours.
+const READS_PER_POLL: usize = 8;
+
+/// What a client listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// WebSocket upgrades (`GET /ws?t=...`).
+    WebSocket,
+    /// Raw TCP: JSON-lines or RESP, as `tcp_protocol` says or the first byte tells.
+    Tcp,
+}
+
+/// A client listener's role: what it serves and whether TLS wraps it.
+#[derive(Clone)]
+pub struct Entry {
+    /// The protocol family.
+    pub kind: EntryKind,
+    /// TLS, when configured for this listener.
+    pub tls: Option<tls::Acceptor>,
+}
+
+/// A client's byte stream: plain TCP or TLS over it.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for S {}
+
+/// What a transport does with bytes a registered client sends.
+pub trait Inbound {
+    /// Handles one read's worth of bytes; `Some(reason)` ends the session.
+    fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason>;
+}
+
+/// Serves one accepted connection to its end, on whatever `entry` says.
+pub async fn serve(live: LiveConnection, stream: TcpStream, entry: Entry) {
+    let shard = Rc::clone(live.shard());
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    match entry.tls {
+        None => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            dispatch(&shard, stream, Some(fd), entry.kind).await;
+        }
+        Some(acceptor) => {
+            // Boxed: the TLS handshake's state is large and only lives this long.
+            let accepted = with_deadline(
+                Box::pin(acceptor.accept(stream)),
+                shard.config.handshake_timeout,
+            )
+            .await;
+            match accepted {
+                Some(Ok(tls)) => dispatch(&shard, tls, None, entry.kind).await,
+                Some(Err(err)) => {
+                    shard.handshake_refused("tls");
+                    tracing::info!(shard = shard.id, peer = ?peer, error = %err, "TLS handshake failed");
+                }
+                None => {
+                    shard.handshake_refused("timeout");
+                    tracing::info!(shard = shard.id, peer = ?peer, "TLS handshake not completed in time");
+                }
+            }
+        }
+    }
+    drop(live);
+}
+
+/// `direct_fd`: the plain socket, when pushes may bypass the task (not under TLS).
+async fn dispatch<S: ClientStream>(
+    shard: &Rc<Shard>,
+    stream: S,
+    direct_fd: Option<std::os::fd::RawFd>,
+    kind: EntryKind,
+) {
+    match kind {
+        EntryKind::WebSocket => ws::serve(shard, stream, direct_fd).await,
+        EntryKind::Tcp => tcp::serve(shard, stream, direct_fd).await,
+    }
+}
+
+/// Runs a registered session until something ends it.
+pub async fn run_session<S: ClientStream>(
+    shard: &Shard,
+    stream: &mut S,
+    session: &Session,
+    inbound: &mut impl Inbound,
+) -> CloseReason {
+    let coalesce = shard.config.coalesce_messages;
+    poll_fn(|cx| {
+        session.set_waker(cx.waker());
+        for _ in 0..READS_PER_POLL {
+            if let Some(reason) = session.close_reason() {
+                return Poll::Ready(reason);
+            }
+            if let Poll::Ready(Err(_)) = flush(cx, stream, session, coalesce) {
+                return Poll::Ready(CloseReason::ClientGone);
+            }
+            match read_once(cx, shard, stream, session, inbound) {
+                Poll::Ready(None) => continue,
+                Poll::Ready(Some(reason)) => return Poll::Ready(reason),
+                Poll::Pending => {
+                    return match session.close_reason() {
+                        Some(reason) => Poll::Ready(reason),
+                        None => Poll::Pending,
+                    };
+                }
+            }
+        }
+        // A client that keeps the socket full gets no more than its share of the shard.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
+/// Writes queued items until the queue is empty or the socket is full, then flushes the
+/// stream (TLS buffers records until told to).
+fn flush<S: ClientStream>(
+    cx: &mut Context<'_>,
+    stream: &mut S,
+    session: &Session,
+    coalesce: bool,
+) -> Poll<io::Result<()>> {
+    if !session.has_backlog() {
+        return Poll::Ready(Ok(()));
+    }
+    let written = session.with_queue(coalesce, |queue, framing| {
+        while let Some(front) = queue.front_mut() {
+            let [first, second] = framing.unwritten(front);
+            let bytes = if first.is_empty() { second } else { first };
+            if bytes.is_empty() {
+                queue.pop_front();
+                continue;
+            }
+            match Pin::new(&mut *stream).poll_write(cx, bytes) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => front.written += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    });
+    match written {
+        Poll::Ready(Ok(())) => Pin::new(&mut *stream).poll_flush(cx),
+        other => other,
+    }
+}
+
+/// One read through the shard's scratch buffer, handed to the protocol. `Ready(None)`:
+/// read something, go on; `Ready(Some(reason))`: the session ends.
+fn read_once<S: ClientStream>(
+    cx: &mut Context<'_>,
+    shard: &Shard,
+    stream: &mut S,
+    session: &Session,
+    inbound: &mut impl Inbound,
+) -> Poll<Option<CloseReason>> {
+    let mut scratch = shard.scratch();
+    let n = match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+        Poll::Pending => return Poll::Pending,
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+            return Poll::Ready(Some(CloseReason::ClientGone));
+        }
+        Poll::Ready(Ok(n)) => n,
+    };
+    session.touch(Instant::now());
+    Poll::Ready(inbound.on_bytes(shard, session, &scratch[..n]))
+}
+
+/// The closing handshake: flush (when the reason allows), the protocol's farewell,
+/// half-close, then let the client read it all before the socket goes (closing with
+/// unread input would reset the connection and lose the farewell).
+pub async fn close<S: ClientStream>(
+    shard: &Shard,
+    stream: &mut S,
+    session: &Session,
+    reason: CloseReason,
+) {
+    let config = &shard.config;
+    match reason {
+        CloseReason::ClientGone => {}
+        CloseReason::SlowConsumer | CloseReason::HeartbeatTimeout => {
+            // The client is not reading: nothing queued will get through; try the
+            // farewell once without waiting.
+            session.discard_queue();
+            // Only a plain socket can be tried without waiting.
+            if let (Some(fd), Some(farewell)) = (session.direct_fd(), reason.farewell(session.wire))
+            {
+                let _ = crate::sys::send_now(fd, &farewell);
+            }
+        }
+        _ => {
+            if !reason.flushes_queue() {
+                session.discard_queue();
+            }
+            if let Some(farewell) = reason.farewell(session.wire) {
+                session.queue_control(farewell);
+            }
+            let flushed = poll_fn(|cx| flush(cx, stream, session, false));
+            if let Some(Ok(())) = with_deadline(flushed, config.close_timeout).await {
+                let _ = with_deadline(stream.close(), config.close_timeout).await;
+                let _ = with_deadline(read_to_eof(stream), config.close_timeout).await;
+            }
+        }
+    }
+}
+
+async fn read_to_eof<S: ClientStream>(stream: &mut S) {
+    let mut sink = [0u8; 256];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Runs `future` for at most `limit`; `None` if it did not finish.
+pub async fn with_deadline<T>(future: impl Future<Output = T>, limit: Duration) -> Option<T> {
+    futures_lite::future::or(async { Some(future.await) }, async {
+        Timer::new(limit).await;
+        None
+    })
+    .await
+}

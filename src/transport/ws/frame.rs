@@ -30,29 +30,28 @@ pub mod close_code {
     pub const TOO_BIG: u16 = 1009;
 }
 
-/// A complete outbound frame (header + payload). Encoded once per push and shared by
-/// reference among all recipients.
+/// A complete outbound frame (header + payload), built once and shared by every
+/// recipient's bytes.
 #[derive(Debug)]
 pub struct EncodedFrame {
     bytes: Box<[u8]>,
     payload_at: usize,
-    is_message: bool,
 }
 
 impl EncodedFrame {
     /// An unmasked, final Text frame carrying `payload`.
     pub fn text(payload: &[u8]) -> EncodedFrame {
-        EncodedFrame::build(OpCode::Data(Data::Text), payload, true)
+        EncodedFrame::build(OpCode::Data(Data::Text), payload)
     }
 
     /// A Ping frame with an empty payload.
     pub fn ping() -> EncodedFrame {
-        EncodedFrame::build(OpCode::Control(Control::Ping), &[], false)
+        EncodedFrame::build(OpCode::Control(Control::Ping), &[])
     }
 
     /// A Pong frame echoing `payload` (at most 125 bytes, as the decoder guarantees).
     pub fn pong(payload: &[u8]) -> EncodedFrame {
-        EncodedFrame::build(OpCode::Control(Control::Pong), payload, false)
+        EncodedFrame::build(OpCode::Control(Control::Pong), payload)
     }
 
     /// A Close frame with a status code and a short reason.
@@ -61,23 +60,10 @@ impl EncodedFrame {
         let mut payload = Vec::with_capacity(2 + reason.len());
         payload.extend_from_slice(&code.to_be_bytes());
         payload.extend_from_slice(reason.as_bytes());
-        EncodedFrame::build(OpCode::Control(Control::Close), &payload, false)
+        EncodedFrame::build(OpCode::Control(Control::Close), &payload)
     }
 
-    /// Joins the payloads of several Text frames with `\n` into one Text frame: the framing
-    /// clients of the original Comet expect for messages queued at the same moment.
-    pub fn coalesce<'a>(frames: impl Iterator<Item = &'a EncodedFrame>) -> EncodedFrame {
-        let mut payload = Vec::new();
-        for (i, frame) in frames.enumerate() {
-            if i > 0 {
-                payload.push(b'\n');
-            }
-            payload.extend_from_slice(frame.payload());
-        }
-        EncodedFrame::text(&payload)
-    }
-
-    fn build(opcode: OpCode, payload: &[u8], is_message: bool) -> EncodedFrame {
+    fn build(opcode: OpCode, payload: &[u8]) -> EncodedFrame {
         let header = FrameHeader {
             opcode,
             ..FrameHeader::default()
@@ -92,7 +78,6 @@ impl EncodedFrame {
         EncodedFrame {
             bytes: bytes.into_boxed_slice(),
             payload_at,
-            is_message,
         }
     }
 
@@ -104,12 +89,6 @@ impl EncodedFrame {
     /// The payload (what the application sees).
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.payload_at..]
-    }
-
-    /// True for application messages (which count against the queue bound and may be
-    /// coalesced), false for control frames.
-    pub fn is_message(&self) -> bool {
-        self.is_message
     }
 }
 
@@ -428,12 +407,6 @@ mod tests {
         assert_eq!(len, 300);
         assert!(header.is_final && header.mask.is_none());
         assert_eq!(frame.payload().len(), 300);
-    }
-
-    #[test]
-    fn coalesced_frames_join_with_newlines() {
-        let parts = [EncodedFrame::text(b"a"), EncodedFrame::text(b"bc")];
-        assert_eq!(EncodedFrame::coalesce(parts.iter()).payload(), b"a\nbc");
     }
 
     #[test]

@@ -31,6 +31,49 @@ pub struct UpgradeRequest {
     pub token: ClientToken,
 }
 
+/// Which upgrade requests this node accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradePolicy {
+    /// The one path clients upgrade on (`/ws` in COMPAT.md).
+    pub path: String,
+    /// Origins a browser may connect from (`https://app.example.com`, or
+    /// `https://*.example.com` for any subdomain); empty: any. Requests without an
+    /// `Origin` header (native clients; browsers always send one) are not checked.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> UpgradePolicy {
+        UpgradePolicy {
+            path: "/ws".into(),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl UpgradePolicy {
+    fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins.is_empty()
+            || self
+                .allowed_origins
+                .iter()
+                .any(|allowed| origin_matches(allowed, origin))
+    }
+}
+
+/// `allowed` is an exact origin or has one `*` standing for a run of subdomain labels.
+fn origin_matches(allowed: &str, origin: &str) -> bool {
+    match allowed.split_once('*') {
+        None => allowed.eq_ignore_ascii_case(origin),
+        Some((prefix, suffix)) => {
+            origin.len() > prefix.len() + suffix.len()
+                && origin[..prefix.len()].eq_ignore_ascii_case(prefix)
+                && origin[origin.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && !origin[prefix.len()..origin.len() - suffix.len()].contains('/')
+        }
+    }
+}
+
 /// Why an upgrade request was refused; [`HandshakeError::status`] is the HTTP answer.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -42,6 +85,8 @@ pub enum HandshakeError {
     Method(String),
     #[error("no WebSocket endpoint at {0}")]
     NotFound(String),
+    #[error("origin {0} is not allowed")]
+    Origin(String),
     #[error("not a WebSocket upgrade: {0}")]
     NotUpgrade(&'static str),
     #[error("bad token parameter: {0}")]
@@ -56,13 +101,17 @@ impl HandshakeError {
             HandshakeError::Malformed(_) | HandshakeError::NotUpgrade(_) => "400 Bad Request",
             HandshakeError::Method(_) => "405 Method Not Allowed",
             HandshakeError::NotFound(_) => "404 Not Found",
+            HandshakeError::Origin(_) => "403 Forbidden",
             HandshakeError::BadToken(_) => "401 Unauthorized",
         }
     }
 }
 
 /// Parses an upgrade request from the bytes read so far. `Ok(None)`: incomplete, read more.
-pub fn parse_request(buf: &[u8], path: &str) -> Result<Option<UpgradeRequest>, HandshakeError> {
+pub fn parse_request(
+    buf: &[u8],
+    policy: &UpgradePolicy,
+) -> Result<Option<UpgradeRequest>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -79,21 +128,28 @@ pub fn parse_request(buf: &[u8], path: &str) -> Result<Option<UpgradeRequest>, H
     }
     let target = request.path.unwrap_or_default();
     let (request_path, query) = target.split_once('?').unwrap_or((target, ""));
-    if request_path != path {
+    if request_path != policy.path {
         return Err(HandshakeError::NotFound(request_path.to_owned()));
     }
     let key = check_upgrade_headers(request.headers)?;
+    if let Some(origin) = header(request.headers, "Origin")
+        && !policy.allows_origin(origin.trim())
+    {
+        return Err(HandshakeError::Origin(origin.trim().to_owned()));
+    }
     let token = parse_token(query)?;
     Ok(Some(UpgradeRequest { key, token }))
 }
 
+fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
 fn check_upgrade_headers(headers: &[httparse::Header<'_>]) -> Result<String, HandshakeError> {
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-    };
+    let find = |name: &str| header(headers, name);
     let has_token = |name: &str, token: &str| {
         find(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
@@ -204,9 +260,12 @@ mod tests {
     #[test]
     fn good_request_yields_token() {
         let t = "%7B%22conn_id%22%3A%22u1%22%2C%22token%22%3A%22s3cret%22%2C%22info%22%3A%22%7B%7D%22%7D";
-        let parsed = parse_request(request(&format!("/ws?t={t}")).as_bytes(), "/ws")
-            .unwrap()
-            .unwrap();
+        let parsed = parse_request(
+            request(&format!("/ws?t={t}")).as_bytes(),
+            &UpgradePolicy::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(parsed.token.conn_id, "u1");
         assert_eq!(parsed.token.token, "s3cret");
         assert_eq!(parsed.token.info, "{}");
@@ -215,9 +274,53 @@ mod tests {
     #[test]
     fn incomplete_request_asks_for_more() {
         assert!(
-            parse_request(b"GET /ws?t=x HTTP/1.1\r\nHost:", "/ws")
+            parse_request(b"GET /ws?t=x HTTP/1.1\r\nHost:", &UpgradePolicy::default())
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn origins_and_paths_follow_the_policy() {
+        let policy = UpgradePolicy {
+            path: "/push".into(),
+            allowed_origins: vec![
+                "https://app.example.com".into(),
+                "https://*.example.org".into(),
+            ],
+        };
+        let t = "t=%7B%22conn_id%22%3A%22u1%22%7D";
+        let with_origin = |origin: &str| {
+            request(&format!("/push?{t}"))
+                .replace("Host: x\r\n", &format!("Host: x\r\nOrigin: {origin}\r\n"))
+        };
+        for allowed in [
+            "https://app.example.com",
+            "https://a.b.example.org",
+            "HTTPS://APP.example.com",
+        ] {
+            assert!(
+                parse_request(with_origin(allowed).as_bytes(), &policy).is_ok(),
+                "{allowed}"
+            );
+        }
+        for refused in [
+            "https://evil.com",
+            "https://example.org",
+            "http://app.example.com",
+            "https://x/.example.org",
+        ] {
+            let err = parse_request(with_origin(refused).as_bytes(), &policy).unwrap_err();
+            assert_eq!(err.status(), "403 Forbidden", "{refused}");
+        }
+        let native = request(&format!("/push?{t}"));
+        assert!(parse_request(native.as_bytes(), &policy).is_ok());
+        let old_path = request(&format!("/ws?{t}"));
+        assert_eq!(
+            parse_request(old_path.as_bytes(), &policy)
+                .unwrap_err()
+                .status(),
+            "404 Not Found"
         );
     }
 
@@ -239,7 +342,7 @@ mod tests {
             ("\x16\x03\x01garbage\r\n\r\n".to_owned(), "400"),
         ];
         for (text, status) in cases {
-            let err = parse_request(text.as_bytes(), "/ws").unwrap_err();
+            let err = parse_request(text.as_bytes(), &UpgradePolicy::default()).unwrap_err();
             assert!(err.status().starts_with(status), "{text:?}: {err:?}");
         }
     }
@@ -248,7 +351,7 @@ mod tests {
     fn oversized_request_is_refused() {
         let big = format!("GET /ws?t={} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST_BYTES));
         assert_eq!(
-            parse_request(big.as_bytes(), "/ws").unwrap_err(),
+            parse_request(big.as_bytes(), &UpgradePolicy::default()).unwrap_err(),
             HandshakeError::TooLarge
         );
     }

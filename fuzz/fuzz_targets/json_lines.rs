@@ -1,0 +1,19 @@
+//! JSON-lines from a raw TCP client: the token line and the lines after it.
+#![no_main]
+
+use comet::codec::json::{LineDecoder, parse_client_line};
+use comet::transport::ws::handshake::token_from_json;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut decoder = LineDecoder::default();
+    let mut first = true;
+    let _ = decoder.feed(data, 512, |line| {
+        assert!(line.len() <= 512);
+        if std::mem::take(&mut first) {
+            let _ = token_from_json(line);
+        } else {
+            let _ = parse_client_line(line);
+        }
+    });
+});

@@ -1,0 +1,212 @@
+//! JSON-lines: the message protocol of raw TCP clients that start with `{`.
+//!
+//! Every line either way is one JSON object ending in `\n`. The client's first line is
+//! its token object (the WebSocket `t` parameter's JSON); after that the server sends
+//! `message`, `ping`, `pong`, `error` and `close` lines, and the client may send `ping`,
+//! `pong` or anything else (logged, not routed). This module builds and splits lines; it
+//! does no I/O and never buffers more than one line of `max_line` bytes.
+
+use serde::Deserialize;
+
+/// The server's heartbeat probe; the client answers with [`PONG_LINE`]'s twin.
+pub const PING_LINE: &[u8] = b"{\"type\":\"ping\"}\n";
+/// The answer to a client's ping.
+pub const PONG_LINE: &[u8] = b"{\"type\":\"pong\"}\n";
+
+/// A pushed message: `{"type":"message","data":"<msg>"}`.
+pub fn message_line(payload: &[u8]) -> Box<[u8]> {
+    line(
+        "message",
+        &[("data", &json_string(&String::from_utf8_lossy(payload)))],
+    )
+}
+
+/// The answer to an accepted token line.
+pub fn welcome_line(conn_id: &str) -> Box<[u8]> {
+    line("ok", &[("conn_id", &json_string(conn_id))])
+}
+
+/// An error the client caused; whether the connection stays open is the caller's call.
+pub fn error_line(reason: &str) -> Box<[u8]> {
+    line("error", &[("error", &json_string(reason))])
+}
+
+/// The last line before the server closes the connection (same codes as WebSocket).
+pub fn close_line(code: u16, reason: &str) -> Box<[u8]> {
+    line(
+        "close",
+        &[
+            ("code", &code.to_string()),
+            ("reason", &json_string(reason)),
+        ],
+    )
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// `{"type":"<kind>",<fields>}\n`, `type` first so that a human reading an `nc`
+/// session sees what each line is; `fields` are already JSON values.
+fn line(kind: &str, fields: &[(&str, &str)]) -> Box<[u8]> {
+    let mut out = format!("{{\"type\":\"{kind}\"");
+    for (name, value) in fields {
+        out.push_str(&format!(",\"{name}\":{value}"));
+    }
+    out.push_str("}\n");
+    out.into_bytes().into_boxed_slice()
+}
+
+/// What a client line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientLine {
+    /// An empty line: counts as a sign of life, nothing else.
+    Blank,
+    /// `{"type":"ping"}`: answer with a pong.
+    Ping,
+    /// `{"type":"pong"}`: the answer to our heartbeat.
+    Pong,
+    /// Any other JSON object (not routed anywhere, as WebSocket client messages).
+    Data,
+}
+
+#[derive(Deserialize)]
+struct Typed {
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// Reads one client line (without its `\n`; a trailing `\r` is ignored).
+pub fn parse_client_line(line: &[u8]) -> Result<ClientLine, String> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ClientLine::Blank);
+    }
+    let typed: Typed =
+        serde_json::from_slice(line).map_err(|e| format!("line is not a JSON object: {e}"))?;
+    Ok(match typed.kind.as_deref() {
+        Some("ping") => ClientLine::Ping,
+        Some("pong") => ClientLine::Pong,
+        _ => ClientLine::Data,
+    })
+}
+
+/// A line longer than the limit: the client is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line longer than {limit} bytes")]
+pub struct LineTooLong {
+    /// The limit that was crossed.
+    pub limit: usize,
+}
+
+/// Splits a byte stream into lines, keeping at most one unfinished line.
+#[derive(Debug, Default)]
+pub struct LineDecoder {
+    partial: Vec<u8>,
+}
+
+impl LineDecoder {
+    /// Feeds bytes read from the client; calls `on_line` for each complete line (without
+    /// its `\n`). Stops at the first line over `max_line` bytes.
+    pub fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        max_line: usize,
+        mut on_line: impl FnMut(&[u8]),
+    ) -> Result<(), LineTooLong> {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            let (head, rest) = (&bytes[..end], &bytes[end + 1..]);
+            if self.partial.len() + head.len() > max_line {
+                return Err(LineTooLong { limit: max_line });
+            }
+            if self.partial.is_empty() {
+                on_line(head);
+            } else {
+                self.partial.extend_from_slice(head);
+                on_line(&self.partial);
+                self.partial = Vec::new();
+            }
+            bytes = rest;
+        }
+        if self.partial.len() + bytes.len() > max_line {
+            return Err(LineTooLong { limit: max_line });
+        }
+        self.partial.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(
+        decoder: &mut LineDecoder,
+        bytes: &[u8],
+        max: usize,
+    ) -> Result<Vec<Vec<u8>>, LineTooLong> {
+        let mut out = Vec::new();
+        decoder.feed(bytes, max, |line| out.push(line.to_vec()))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn lines_split_across_reads_are_joined() {
+        let mut decoder = LineDecoder::default();
+        assert_eq!(
+            lines(&mut decoder, b"{\"a\"", 64).unwrap(),
+            Vec::<Vec<u8>>::new()
+        );
+        assert_eq!(
+            lines(&mut decoder, b":1}\n{}\n{", 64).unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"{}".to_vec()]
+        );
+        assert_eq!(
+            lines(&mut decoder, b"}\n", 64).unwrap(),
+            vec![b"{}".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_refused_even_without_its_newline() {
+        let mut decoder = LineDecoder::default();
+        assert_eq!(
+            lines(&mut decoder, &[b'x'; 10], 8),
+            Err(LineTooLong { limit: 8 })
+        );
+        let mut decoder = LineDecoder::default();
+        assert!(lines(&mut decoder, b"12345678\n", 8).is_ok());
+        assert!(lines(&mut decoder, b"123456789\n", 8).is_err());
+    }
+
+    #[test]
+    fn client_lines_are_classified() {
+        assert_eq!(
+            parse_client_line(b"{\"type\":\"ping\"}\r"),
+            Ok(ClientLine::Ping)
+        );
+        assert_eq!(
+            parse_client_line(b"{\"type\":\"pong\"}"),
+            Ok(ClientLine::Pong)
+        );
+        assert_eq!(parse_client_line(b"{\"hello\":1}"), Ok(ClientLine::Data));
+        assert_eq!(parse_client_line(b"  "), Ok(ClientLine::Blank));
+        assert!(
+            parse_client_line(b"ping")
+                .unwrap_err()
+                .contains("not a JSON object")
+        );
+        assert!(parse_client_line(b"[1]").is_err());
+    }
+
+    #[test]
+    fn server_lines_are_one_json_object_each() {
+        let line = message_line("a\nb \"q\"".as_bytes());
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["data"], "a\nb \"q\"");
+        let close: serde_json::Value =
+            serde_json::from_slice(&close_line(1001, "going away")).unwrap();
+        assert_eq!(close["code"], 1001);
+    }
+}

@@ -1,0 +1,77 @@
+//! Raw TCP clients: one socket, one message protocol, chosen by `tcp_protocol` or, in
+//! `auto` mode, by the first byte the client sends (`{` starts JSON-lines, anything else
+//! is RESP, which Redis clients and `nc` users both start with a command).
+//!
+//! Runs on a shard, one task per connection, and never blocks. The protocols themselves
+//! live in [`json`] and [`resp`]; this module only picks one and owns what they share.
+
+pub mod json;
+pub mod resp;
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::TcpProtocol;
+use crate::shard::Shard;
+use crate::transport::{ClientStream, with_deadline};
+
+/// Serves one raw TCP connection to its end.
+pub async fn serve<S: ClientStream>(shard: &Rc<Shard>, mut stream: S, direct_fd: Option<RawFd>) {
+    let (protocol, first) = match shard.config.tcp_protocol {
+        TcpProtocol::Json => (TcpProtocol::Json, Vec::new()),
+        TcpProtocol::Resp => (TcpProtocol::Resp, Vec::new()),
+        TcpProtocol::Auto => match first_bytes(shard, &mut stream).await {
+            Some(bytes) if bytes.first() == Some(&b'{') => (TcpProtocol::Json, bytes),
+            Some(bytes) => (TcpProtocol::Resp, bytes),
+            None => {
+                shard.handshake_refused("timeout");
+                return;
+            }
+        },
+    };
+    match protocol {
+        TcpProtocol::Json => json::serve(shard, stream, direct_fd, first).await,
+        _ => resp::serve(shard, stream, direct_fd, first).await,
+    }
+}
+
+/// The first read, within the handshake timeout; `None` if the client said nothing.
+async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 512];
+    let read = with_deadline(stream.read(&mut buf), shard.config.handshake_timeout).await;
+    match read {
+        Some(Ok(n)) if n > 0 => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        _ => None,
+    }
+}
+
+/// Writes `bytes` and flushes, within `limit`; false if the client is gone or stuck.
+async fn write_reply<S: ClientStream>(stream: &mut S, bytes: &[u8], limit: Duration) -> bool {
+    let written = with_deadline(
+        async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        },
+        limit,
+    )
+    .await;
+    matches!(written, Some(Ok(())))
+}
+
+/// One read before `limit`: `Some(n)` bytes (0 at EOF), `None` on timeout or error.
+async fn read_within<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut [u8],
+    limit: Duration,
+) -> Option<usize> {
+    match with_deadline(stream.read(buf), limit).await {
+        Some(Ok(n)) => Some(n),
+        _ => None,
+    }
+}
