@@ -50,8 +50,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         refuse_new_clients: Arc::clone(&refuse_new_clients),
         verifier: token_verifier(&config),
     };
-    let handover_client = listeners.client_fds(EntryKind::WebSocket, &config);
-    let handover_tcp = listeners.client_fds(EntryKind::Tcp, &config);
+    let handover_client = listeners.client_fds();
     let shards = shard::start(deps, listeners.client)?;
     inherited.signal_ready();
     crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
@@ -59,6 +58,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         shards = config.max_proc,
         websocket_port = config.websocket_port,
         tcp_port = config.tcp_port,
+        wss_port = config.wss_port,
         rpc_addr = %config.rpc_addr,
         comet_addr = %config.comet_addr(),
         handover = inherited.is_handover(),
@@ -74,7 +74,6 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     });
     let handover = Handover {
         client: handover_client,
-        tcp: handover_tcp,
         rpc: listeners.rpc.as_raw_fd(),
         admin: listeners.admin.as_ref().map(AsRawFd::as_raw_fd),
         lease: None,
@@ -95,44 +94,72 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
 /// Every listening socket of the node: inherited from a predecessor, or bound now.
 struct Listeners {
     client: Vec<ClientListener>,
+    /// The name of each client port, in `client`'s order (for a hand-over).
+    client_ports: Vec<&'static str>,
     rpc: OwnedFd,
     admin: Option<OwnedFd>,
 }
 
+/// A client port: its name (the config key's short form, used in hand-overs), number,
+/// and what it serves.
+struct ClientPort {
+    name: &'static str,
+    key: &'static str,
+    port: u16,
+    entry: Entry,
+}
+
+/// The client ports the config asks for: `websocket_port` (WebSocket, wss or raw TCP as
+/// `socket_protocol` says), and the optional extra `tcp_port` and `wss_port`.
+fn client_ports(config: &Config, tls: Option<tls::Acceptor>) -> Vec<ClientPort> {
+    let main = match config.socket_protocol {
+        SocketProtocol::Ws => (EntryKind::WebSocket, false),
+        SocketProtocol::Wss => (EntryKind::WebSocket, true),
+        SocketProtocol::Tcp => (EntryKind::Tcp, config.tcp_tls),
+    };
+    let entry = |(kind, with_tls): (EntryKind, bool)| Entry {
+        kind,
+        tls: tls.clone().filter(|_| with_tls),
+    };
+    let mut ports = vec![ClientPort {
+        name: "ws",
+        key: "websocket_port",
+        port: config.websocket_port,
+        entry: entry(main),
+    }];
+    if let Some(port) = config.tcp_port {
+        ports.push(ClientPort {
+            name: "tcp",
+            key: "tcp_port",
+            port,
+            entry: entry((EntryKind::Tcp, config.tcp_tls)),
+        });
+    }
+    if let Some(port) = config.wss_port {
+        ports.push(ClientPort {
+            name: "wss",
+            key: "wss_port",
+            port,
+            entry: entry((EntryKind::WebSocket, true)),
+        });
+    }
+    ports
+}
+
 impl Listeners {
     fn open(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Listeners> {
-        let tls = tls_acceptor(config)?;
-        let main_kind = match config.socket_protocol {
-            SocketProtocol::Tcp => EntryKind::Tcp,
-            SocketProtocol::Ws | SocketProtocol::Wss => EntryKind::WebSocket,
-        };
-        let main_tls = match config.socket_protocol {
-            SocketProtocol::Ws => false,
-            SocketProtocol::Wss => true,
-            SocketProtocol::Tcp => config.tcp_tls,
-        };
-        let main = Entry {
-            kind: main_kind,
-            tls: tls.clone().filter(|_| main_tls),
-        };
-        let mut client = client_listeners(
-            config,
-            std::mem::take(&mut inherited.client),
-            ("websocket_port", config.websocket_port),
-            main,
-        )?;
-        if let Some(port) = config.tcp_port {
-            let raw_tcp = Entry {
-                kind: EntryKind::Tcp,
-                tls: tls.filter(|_| config.tcp_tls),
-            };
-            let inherited_tcp = std::mem::take(&mut inherited.tcp);
-            client.extend(client_listeners(
-                config,
-                inherited_tcp,
-                ("tcp_port", port),
-                raw_tcp,
-            )?);
+        let mut client = Vec::new();
+        let mut client_ports = Vec::new();
+        for port in client_ports_of(config)? {
+            let fds = bind_client_port(config, inherited.take_client(port.name), &port)?;
+            for fd in fds {
+                client_ports.push(port.name);
+                client.push(ClientListener {
+                    fd,
+                    port: port.port,
+                    entry: port.entry.clone(),
+                });
+            }
         }
         let rpc = match inherited.rpc.take() {
             Some(fd) => {
@@ -160,59 +187,57 @@ impl Listeners {
         if admin.is_some() {
             tracing::info!("admin listener: /healthz /readyz /status /metrics");
         }
-        Ok(Listeners { client, rpc, admin })
+        Ok(Listeners {
+            client,
+            client_ports,
+            rpc,
+            admin,
+        })
     }
 
-    /// The descriptors of the client listeners on one port, for a hand-over: the
-    /// client port's (`ws=`) or the extra raw TCP port's (`tcp=`).
-    fn client_fds(&self, kind: EntryKind, config: &Config) -> Vec<RawFd> {
-        let port = match kind {
-            EntryKind::Tcp if config.socket_protocol != SocketProtocol::Tcp => config.tcp_port,
-            EntryKind::WebSocket if config.socket_protocol == SocketProtocol::Tcp => None,
-            _ => Some(config.websocket_port),
-        };
-        self.client
-            .iter()
-            .filter(|l| l.entry.kind == kind && Some(l.port) == port)
-            .map(|l| l.fd.as_raw_fd())
-            .collect()
+    /// The client listeners' descriptors grouped by port name, for a hand-over.
+    fn client_fds(&self) -> Vec<(&'static str, Vec<RawFd>)> {
+        let mut groups: Vec<(&'static str, Vec<RawFd>)> = Vec::new();
+        for (name, listener) in self.client_ports.iter().zip(&self.client) {
+            match groups.iter_mut().find(|(n, _)| n == name) {
+                Some((_, fds)) => fds.push(listener.fd.as_raw_fd()),
+                None => groups.push((name, vec![listener.fd.as_raw_fd()])),
+            }
+        }
+        groups
     }
 }
 
-/// One SO_REUSEPORT listener per shard on `port` (inherited ones first).
-fn client_listeners(
+fn client_ports_of(config: &Config) -> anyhow::Result<Vec<ClientPort>> {
+    Ok(client_ports(config, tls_acceptor(config)?))
+}
+
+/// One SO_REUSEPORT listener per shard on the port (inherited ones first).
+fn bind_client_port(
     config: &Config,
     inherited: Vec<OwnedFd>,
-    (key, port): (&str, u16),
-    entry: Entry,
-) -> anyhow::Result<Vec<ClientListener>> {
+    port: &ClientPort,
+) -> anyhow::Result<Vec<OwnedFd>> {
     let mut fds = inherited;
     for fd in &fds {
-        handover::check_listener(fd, port)?;
+        handover::check_listener(fd, port.port)?;
     }
-    let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    let addr = SocketAddr::from(([0, 0, 0, 0], port.port));
     while fds.len() < config.max_proc {
-        let fd = handover::bind_listener(addr, true)
-            .with_context(|| format!("config key `{key}`: cannot listen on port {port}"))?;
+        let fd = handover::bind_listener(addr, true).with_context(|| {
+            format!(
+                "config key `{}`: cannot listen on port {}",
+                port.key, port.port
+            )
+        })?;
         fds.push(fd);
     }
-    Ok(fds
-        .into_iter()
-        .map(|fd| ClientListener {
-            fd,
-            port,
-            entry: entry.clone(),
-        })
-        .collect())
+    Ok(fds)
 }
 
 fn tls_acceptor(config: &Config) -> anyhow::Result<Option<tls::Acceptor>> {
     match (&config.wss_cert_pem, &config.wss_key_pem) {
-        (Some(cert), Some(key))
-            if config.socket_protocol == SocketProtocol::Wss || config.tcp_tls =>
-        {
-            Ok(Some(tls::acceptor(cert, key)?))
-        }
+        (Some(cert), Some(key)) if config.needs_tls() => Ok(Some(tls::acceptor(cert, key)?)),
         _ => Ok(None),
     }
 }

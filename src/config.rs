@@ -107,6 +107,8 @@ pub struct Config {
     /// A raw TCP listener besides the WebSocket one (`socket_protocol=tcp` makes the
     /// client port itself raw TCP instead).
     pub tcp_port: Option<u16>,
+    /// A WebSocket-over-TLS listener besides the client port (serve ws and wss at once).
+    pub wss_port: Option<u16>,
     /// The message protocol of raw TCP clients.
     pub tcp_protocol: TcpProtocol,
     /// TLS on raw TCP clients.
@@ -212,6 +214,11 @@ impl Config {
         Ok((config, warnings))
     }
 
+    /// Whether any client listener is TLS.
+    pub fn needs_tls(&self) -> bool {
+        self.socket_protocol == SocketProtocol::Wss || self.tcp_tls || self.wss_port.is_some()
+    }
+
     /// The address clients are told to use, e.g. `ws://comet.demo.com:8900`.
     pub fn comet_addr(&self) -> String {
         format!(
@@ -230,23 +237,16 @@ impl Config {
         };
         let socket_protocol = parse_socket_protocol(raw)?;
         let tcp_tls = raw.boolean("tcp_tls", false)?;
-        let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, socket_protocol, tcp_tls)?;
+        let wants_tls = socket_protocol == SocketProtocol::Wss || tcp_tls || raw.has("wss_port");
+        let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, wants_tls)?;
         let (rpc_addr, rpc_listen) = parse_rpc_addr(raw)?;
         let websocket_port = match raw.take("websocket_port") {
             None => 8900,
             Some(v) => parse_port("websocket_port", &v)?,
         };
-        let tcp_port = match raw.take("tcp_port").filter(|v| !v.is_empty()) {
-            None => None,
-            Some(v) => Some(parse_port("tcp_port", &v)?),
-        };
-        if tcp_port == Some(websocket_port) {
-            return Err(ConfigError::BadValue {
-                key: "tcp_port",
-                value: websocket_port.to_string(),
-                reason: "must differ from websocket_port (socket_protocol=tcp serves raw TCP on websocket_port)".into(),
-            });
-        }
+        let tcp_port = raw.optional_port("tcp_port")?;
+        let wss_port = raw.optional_port("wss_port")?;
+        check_distinct_ports(websocket_port, tcp_port, wss_port)?;
         let ping_interval = raw.duration("ping_interval", Duration::from_secs(9))?;
         let heartbeat_timeout = raw.duration("heartbeat_timeout", Duration::from_secs(10))?;
         if heartbeat_timeout <= ping_interval {
@@ -269,6 +269,7 @@ impl Config {
             wss_key_pem,
             websocket_policy: parse_upgrade_policy(raw)?,
             tcp_port,
+            wss_port,
             tcp_protocol: parse_tcp_protocol(raw)?,
             tcp_tls,
             rpc_addr,
@@ -352,6 +353,17 @@ impl RawIni {
 
     fn take(&mut self, key: &str) -> Option<String> {
         self.values.remove(key).map(|(value, _)| value)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.values.get(key).is_some_and(|(v, _)| !v.is_empty())
+    }
+
+    fn optional_port(&mut self, key: &'static str) -> Result<Option<u16>, ConfigError> {
+        match self.take(key).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(v) => parse_port(key, &v).map(Some),
+        }
     }
 
     fn string(&mut self, key: &str, default: &str) -> String {
@@ -557,19 +569,38 @@ fn parse_tcp_protocol(raw: &mut RawIni) -> Result<TcpProtocol, ConfigError> {
     }
 }
 
+fn check_distinct_ports(
+    websocket_port: u16,
+    tcp_port: Option<u16>,
+    wss_port: Option<u16>,
+) -> Result<(), ConfigError> {
+    let clash = |key, port: u16| ConfigError::BadValue {
+        key,
+        value: port.to_string(),
+        reason: "each client port must differ from the others (websocket_port, tcp_port, wss_port)"
+            .into(),
+    };
+    if tcp_port == Some(websocket_port) {
+        return Err(clash("tcp_port", websocket_port));
+    }
+    if wss_port == Some(websocket_port) || (wss_port.is_some() && wss_port == tcp_port) {
+        return Err(clash("wss_port", wss_port.unwrap_or_default()));
+    }
+    Ok(())
+}
+
 fn parse_tls_files(
     raw: &mut RawIni,
-    protocol: SocketProtocol,
-    tcp_tls: bool,
+    wants_tls: bool,
 ) -> Result<(Option<PathBuf>, Option<PathBuf>), ConfigError> {
     let cert = raw.take("wss_cert_pem").filter(|v| !v.is_empty());
     let key = raw.take("wss_key_pem").filter(|v| !v.is_empty());
-    if protocol == SocketProtocol::Wss || tcp_tls {
+    if wants_tls {
         for (name, path) in [("wss_cert_pem", &cert), ("wss_key_pem", &key)] {
             let Some(path) = path else {
                 return Err(ConfigError::Missing {
                     key: name,
-                    reason: "TLS (wss, tcp_tls) needs both wss_cert_pem and wss_key_pem",
+                    reason: "TLS (wss, wss_port, tcp_tls) needs both wss_cert_pem and wss_key_pem",
                 });
             };
             if let Err(err) = std::fs::File::open(path) {

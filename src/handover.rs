@@ -9,8 +9,9 @@
 //! accept queues are never dropped: no connection attempt is refused during a restart.
 //!
 //! The hand-over travels in one environment variable, `COMET_HANDOVER`, e.g.
-//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9` (`ws` names the
-//! client port's listeners whatever they serve, `tcp` those of the extra `tcp_port`).
+//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9`: each client port's
+//! listeners under that port's name (`ws` for `websocket_port` whatever it serves, `tcp`
+//! for `tcp_port`, `wss` for `wss_port`).
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -39,10 +40,8 @@ pub enum HandoverError {
 /// What a successor inherited from its predecessor.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    /// Client listeners (one per shard of the predecessor).
-    pub client: Vec<OwnedFd>,
-    /// Listeners of the extra raw TCP port.
-    pub tcp: Vec<OwnedFd>,
+    /// Client listeners (one per shard of the predecessor), by port name.
+    pub client: Vec<(String, Vec<OwnedFd>)>,
     /// The push RPC listener.
     pub rpc: Option<OwnedFd>,
     /// The admin listener.
@@ -55,6 +54,14 @@ pub struct Inherited {
 }
 
 impl Inherited {
+    /// Takes the inherited listeners of the client port named `name`.
+    pub fn take_client(&mut self, name: &str) -> Vec<OwnedFd> {
+        match self.client.iter().position(|(n, _)| n == name) {
+            Some(i) => self.client.remove(i).1,
+            None => Vec::new(),
+        }
+    }
+
     /// Reads the hand-over from the environment; empty when this is a fresh start.
     pub fn from_env() -> Result<Inherited, HandoverError> {
         match std::env::var(ENV) {
@@ -73,8 +80,10 @@ impl Inherited {
                 .split_once('=')
                 .ok_or_else(|| HandoverError::Malformed(part.to_owned()))?;
             match key {
-                "ws" => inherited.client = list.split(',').map(adopt).collect::<Result<_, _>>()?,
-                "tcp" => inherited.tcp = list.split(',').map(adopt).collect::<Result<_, _>>()?,
+                "ws" | "tcp" | "wss" => {
+                    let fds = list.split(',').map(adopt).collect::<Result<_, _>>()?;
+                    inherited.client.push((key.to_owned(), fds));
+                }
                 "rpc" => inherited.rpc = Some(adopt(list)?),
                 "admin" => inherited.admin = Some(adopt(list)?),
                 "ready" => inherited.ready = Some(adopt(list)?),
@@ -145,10 +154,8 @@ pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
 
 /// The descriptors a running node hands over.
 pub struct Handover {
-    /// Client listeners, one per shard.
-    pub client: Vec<RawFd>,
-    /// Listeners of the extra raw TCP port, one per shard.
-    pub tcp: Vec<RawFd>,
+    /// Client listeners (one per shard) by port name (`ws`, `tcp`, `wss`).
+    pub client: Vec<(&'static str, Vec<RawFd>)>,
     /// The push RPC listener.
     pub rpc: RawFd,
     /// The admin listener.
@@ -177,19 +184,17 @@ impl Handover {
     /// Starts the successor with the listeners inherited.
     pub fn spawn_successor(&self) -> Result<Successor, HandoverError> {
         let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
-        let mut inherited: Vec<RawFd> = self.client.clone();
-        inherited.extend(&self.tcp);
+        let mut inherited: Vec<RawFd> = self
+            .client
+            .iter()
+            .flat_map(|(_, fds)| fds.clone())
+            .collect();
         inherited.push(self.rpc);
         inherited.extend(self.admin);
         inherited.push(ready_write.as_raw_fd());
-        let mut value = format!(
-            "ws={};rpc={};ready={}",
-            join(&self.client),
-            self.rpc,
-            ready_write.as_raw_fd()
-        );
-        if !self.tcp.is_empty() {
-            value.push_str(&format!(";tcp={}", join(&self.tcp)));
+        let mut value = format!("rpc={};ready={}", self.rpc, ready_write.as_raw_fd());
+        for (name, fds) in &self.client {
+            value.push_str(&format!(";{name}={}", join(fds)));
         }
         if let Some(admin) = self.admin {
             value.push_str(&format!(";admin={admin}"));
