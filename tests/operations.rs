@@ -303,7 +303,10 @@ fn admin_listener_serves_health_status_and_metrics_that_move() {
 
     let (status, after) = http_get(admin, "/metrics?token=sekrit", None);
     assert_eq!(status, 200);
-    assert_eq!(metric(&after, "comet_connections", "transport=\"ws\""), 1.0);
+    assert_eq!(
+        metric(&after, "comet_connections", "transport=\"websocket\""),
+        1.0
+    );
     assert_eq!(metric(&after, "comet_push_calls_total", ""), 1.0);
     assert_eq!(metric(&after, "comet_deliveries_total", ""), 1.0);
     assert_eq!(metric(&after, "comet_delivery_not_on_node_total", ""), 1.0);

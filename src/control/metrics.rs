@@ -58,10 +58,22 @@ type ShardReasons = (
 );
 
 fn shards(out: &mut Exposition, shards: &[ShardStats]) {
-    let per_shard: [ShardFigure; 5] = [
-        ("comet_connections", "gauge", "Connected clients.", |s| {
-            s.connections as u64
-        }),
+    out.family(
+        "comet_connections",
+        "gauge",
+        "Connected clients, by transport.",
+    );
+    for stats in shards {
+        let shard = stats.shard.to_string();
+        for (transport, count) in &stats.connections_by_transport {
+            out.sample(
+                "comet_connections",
+                &[("shard", &shard), ("transport", transport)],
+                count,
+            );
+        }
+    }
+    let per_shard: [ShardFigure; 4] = [
         (
             "comet_queued_messages",
             "gauge",
@@ -77,7 +89,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
         (
             "comet_handshakes_total",
             "counter",
-            "Clients upgraded.",
+            "Clients admitted (upgraded, or welcomed on raw TCP).",
             |s| s.upgraded,
         ),
         (
@@ -91,11 +103,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
         out.family(name, kind, help);
         for stats in shards {
             let shard = stats.shard.to_string();
-            out.sample(
-                name,
-                &[("shard", &shard), ("transport", "ws")],
-                value(stats),
-            );
+            out.sample(name, &[("shard", &shard)], value(stats));
         }
     }
     let by_reason: [ShardReasons; 2] = [

@@ -114,6 +114,8 @@ pub struct ShardStats {
     pub shard: usize,
     /// Sessions in the table.
     pub connections: usize,
+    /// Sessions in the table by the framing they speak (`websocket`, `json`, `resp`).
+    pub connections_by_transport: BTreeMap<&'static str, usize>,
     /// Messages waiting in outbound queues.
     pub queued_messages: usize,
     /// Connections accepted (handshake or not).
@@ -632,9 +634,20 @@ impl Shard {
 
     fn stats(&self) -> ShardStats {
         let sessions = self.sessions.borrow();
+        let mut connections_by_transport: BTreeMap<&'static str, usize> =
+            [Wire::WebSocket, Wire::JsonLines, Wire::Resp]
+                .into_iter()
+                .map(|wire| (wire.label(), 0))
+                .collect();
+        for session in sessions.values() {
+            *connections_by_transport
+                .entry(session.wire.label())
+                .or_default() += 1;
+        }
         ShardStats {
             shard: self.id,
             connections: sessions.len(),
+            connections_by_transport,
             queued_messages: sessions.values().map(|s| s.backlog_messages()).sum(),
             accepted: self.accepted.get(),
             accept_fd_exhausted: self.accept_fd_exhausted.get(),
