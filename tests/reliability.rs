@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -22,33 +21,6 @@ impl Dice {
         self.0 ^= self.0 << 17;
         self.0 % sides
     }
-}
-
-/// Every conn_id's callbacks must read online, offline, online, offline, ... and end offline.
-fn check_ledger(server: &MessageServer) -> (usize, usize) {
-    let mut ledger: HashMap<String, Vec<String>> = HashMap::new();
-    for call in server.calls() {
-        if call.method == "online" || call.method == "offline" {
-            ledger
-                .entry(call.arg(0).to_owned())
-                .or_default()
-                .push(call.method.clone());
-        }
-    }
-    let mut onlines = 0;
-    for (conn_id, events) in &ledger {
-        for (i, event) in events.iter().enumerate() {
-            let expected = if i % 2 == 0 { "online" } else { "offline" };
-            assert_eq!(event, expected, "{conn_id}: {events:?}");
-        }
-        assert_eq!(
-            events.len() % 2,
-            0,
-            "{conn_id} never went offline: {events:?}"
-        );
-        onlines += events.len() / 2;
-    }
-    (ledger.len(), onlines)
 }
 
 #[test]
@@ -145,7 +117,7 @@ fn presence_ledger_holds_across_every_kind_of_ending() {
         wait_until(Duration::from_secs(10), settled),
         "every online gets its offline"
     );
-    let (conn_ids, sessions) = check_ledger(&server);
+    let (conn_ids, sessions) = common::check_presence_ledger(&server);
     assert!(
         sessions > 20,
         "the mix exercised enough sessions ({sessions} on {conn_ids} ids)"

@@ -100,6 +100,12 @@ impl MessageServer {
         self.shared.calls.lock().unwrap().clone()
     }
 
+    /// A view of the recorded calls that other threads can hold (it does not keep the
+    /// server alive).
+    pub fn recorded(&self) -> Recorded {
+        Recorded(Arc::clone(&self.shared))
+    }
+
     /// Recorded calls of one method.
     pub fn calls_of(&self, method: &str) -> Vec<Callback> {
         self.calls()
@@ -114,6 +120,17 @@ impl MessageServer {
             .iter()
             .filter(|c| c.arg(0) == conn_id)
             .count()
+    }
+}
+
+/// What a message server recorded, readable from any thread.
+#[derive(Clone)]
+pub struct Recorded(Arc<Shared>);
+
+impl Recorded {
+    /// Everything recorded so far.
+    pub fn calls(&self) -> Vec<Callback> {
+        self.0.calls.lock().unwrap().clone()
     }
 }
 

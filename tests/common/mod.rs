@@ -19,13 +19,24 @@ use tungstenite::protocol::WebSocket;
 
 pub use message_server::MessageServer;
 
-/// A port nothing listens on right now.
+/// A port nothing uses right now, below the kernel's ephemeral range (32768 up), so that
+/// the outgoing connections of other tests running beside this one (thousands, in the
+/// churn and flood tests) can never take it before the node binds it. Each test process
+/// walks its own stretch of the range, starting where its pid points.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) as u32;
+        let port = (FIRST + (start + n * 7) % SPAN) as u16;
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
 }
 
 /// A fresh directory under the system temp dir.
@@ -342,6 +353,50 @@ fn unsafe_kill(pid: u32, signal: &str) {
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
         .status();
+}
+
+/// Every conn_id's callbacks must read online, offline, online, offline, ... and end
+/// offline. Returns the conn_ids seen and the sessions (online/offline pairs) counted.
+pub fn check_presence_ledger(server: &MessageServer) -> (usize, usize) {
+    let mut ledger: std::collections::HashMap<String, Vec<String>> =
+        std::collections::HashMap::new();
+    for call in server.calls() {
+        if call.method == "online" || call.method == "offline" {
+            ledger
+                .entry(call.arg(0).to_owned())
+                .or_default()
+                .push(call.method.clone());
+        }
+    }
+    let mut onlines = 0;
+    for (conn_id, events) in &ledger {
+        for (i, event) in events.iter().enumerate() {
+            let expected = if i % 2 == 0 { "online" } else { "offline" };
+            assert_eq!(event, expected, "{conn_id}: {events:?}");
+        }
+        assert_eq!(
+            events.len() % 2,
+            0,
+            "{conn_id} never went offline: {events:?}"
+        );
+        onlines += events.len() / 2;
+    }
+    (ledger.len(), onlines)
+}
+
+/// Raises this test process's open-files soft limit to its hard limit (tests that hold
+/// thousands of sockets).
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
 }
 
 /// Whether something accepts TCP connections on this loopback port.
