@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use argh::FromArgs;
 use comet::config::{Config, EMBEDDED_DEFAULT};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -272,7 +272,7 @@ fn bad_config_stops_startup_naming_the_key() {
         .err()
         .expect("must not start");
     assert!(err.contains("socket_protocol"), "{err}");
-    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_comet"))
+    let missing = std::process::Command::new(common::comet_binary())
         .args(["-c", "/nonexistent/comet.ini"])
         .output()
         .unwrap();

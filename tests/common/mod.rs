@@ -19,6 +19,12 @@ use tungstenite::protocol::WebSocket;
 
 pub use message_server::MessageServer;
 
+/// The `comet` executable under test: this build's, or `COMET_BIN` (the
+/// LeakSanitizer build of `scripts/leak-check.sh`).
+pub fn comet_binary() -> String {
+    std::env::var("COMET_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_comet").to_owned())
+}
+
 /// A port nothing uses right now, below the kernel's ephemeral range (32768 up), so that
 /// the outgoing connections of other tests running beside this one (thousands, in the
 /// churn and flood tests) can never take it before the node binds it. Each test process
@@ -83,7 +89,7 @@ impl Comet {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Comet {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_comet"));
+        let mut command = Command::new(comet_binary());
         command.envs(env.iter().copied());
         let (ini, ws_port, rpc_port) = Comet::ini(server, extra);
         Comet::spawn(command, &ini, ws_port, rpc_port).expect("comet did not start")
@@ -110,12 +116,7 @@ impl Comet {
 
     /// Starts a node on a complete INI text.
     pub fn spawn_with_ini(ini: &str, ws_port: u16, rpc_port: u16) -> Result<Comet, String> {
-        Comet::spawn(
-            Command::new(env!("CARGO_BIN_EXE_comet")),
-            ini,
-            ws_port,
-            rpc_port,
-        )
+        Comet::spawn(Command::new(comet_binary()), ini, ws_port, rpc_port)
     }
 
     /// Starts a node whose open-files hard limit is `nofile` (through util-linux `prlimit`,
@@ -129,7 +130,7 @@ impl Comet {
         let mut command = Command::new("prlimit");
         command
             .arg(format!("--nofile={nofile}:{nofile}"))
-            .arg(env!("CARGO_BIN_EXE_comet"));
+            .arg(comet_binary());
         Comet::spawn(command, ini, ws_port, rpc_port)
     }
 
@@ -317,7 +318,7 @@ impl Monitor {
         );
         std::fs::write(&config, ini).unwrap();
         let log = dir.join("monitor.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_comet"))
+        let child = Command::new(comet_binary())
             .arg("-m")
             .arg("-c")
             .arg(&config)
