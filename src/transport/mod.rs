@@ -64,6 +64,10 @@ pub async fn serve(live: LiveConnection, stream: TcpStream, entry: Entry) {
     let shard = Rc::clone(live.shard());
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
+    if entry.kind == EntryKind::Tcp {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        tcp::enable_keepalive(fd, shard.config.ping_interval);
+    }
     match entry.tls {
         None => {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);

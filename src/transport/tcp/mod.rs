@@ -8,7 +8,7 @@
 pub mod json;
 pub mod resp;
 
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -49,6 +49,20 @@ async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<V
         }
         _ => None,
     }
+}
+
+/// Turns on TCP keepalive: probes after `idle` of silence, then every `idle / 3`, the
+/// connection dropped after three unanswered. RESP clients cannot be pinged by the
+/// server, so this is how a dead one is found (JSON-lines clients have both).
+pub fn enable_keepalive(fd: RawFd, idle: Duration) {
+    // SAFETY: `fd` is the connection's socket, open for the whole call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 /// Writes `bytes` and flushes, within `limit`; false if the client is gone or stuck.

@@ -6,14 +6,13 @@
 //! `SUBSCRIBE <any channel>` (or `PSUBSCRIBE`) registers the session: it is online from
 //! there, and every push arrives as a pub/sub message on the first channel it named.
 //! Leaving every channel ends the session. RESP has no ping a client must answer, so
-//! dead peers are found by TCP keepalive (probing after `ping_interval` of silence)
-//! instead of the heartbeat timeout.
+//! dead peers are found by TCP keepalive (set on every raw TCP socket, see
+//! [`super::enable_keepalive`]) instead of the heartbeat timeout.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use crate::codec::Wire;
 use crate::codec::resp::{self, Command, CommandDecoder};
@@ -34,9 +33,6 @@ pub async fn serve<S: ClientStream>(
     direct_fd: Option<RawFd>,
     first: Vec<u8>,
 ) {
-    if let Some(fd) = direct_fd {
-        enable_keepalive(fd, shard.config.ping_interval);
-    }
     let Some((session, mut inbound)) =
         Box::pin(prepare(shard, &mut stream, direct_fd, first)).await
     else {
@@ -48,17 +44,6 @@ pub async fn serve<S: ClientStream>(
     };
     shard.unregister(&session, &reason);
     Box::pin(close(shard, &mut stream, &session, reason)).await;
-}
-
-fn enable_keepalive(fd: RawFd, idle: Duration) {
-    // SAFETY: `fd` is the connection's socket, open for the whole call.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let socket = socket2::SockRef::from(&borrowed);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 /// A connection before push mode.
