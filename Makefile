@@ -9,8 +9,9 @@ run: deps
 	cargo run --release --locked --bin comet
 
 ## Run the whole test suite (unit tests and end-to-end tests against the real binary).
+## --show-output prints the figures the chaos and soak tests measure.
 test: deps
-	cargo test --locked
+	cargo test --locked -- --show-output
 
 lint:
 	cargo fmt --all --check
