@@ -36,7 +36,7 @@ pub enum CloseReason {
     /// The outbound queue overflowed.
     SlowConsumer,
     /// The client broke the framing rules or a size limit: the close code and why.
-    Protocol { code: u16, why: String },
+    Protocol { code: u16, why: Box<str> },
     /// The node is shutting down.
     Shutdown,
 }
@@ -66,7 +66,7 @@ impl CloseReason {
             CloseReason::Kicked => (close_code::NORMAL, "kicked".into()),
             CloseReason::Replaced => (close_code::POLICY, "replaced by a newer connection".into()),
             CloseReason::SlowConsumer => (close_code::POLICY, "slow consumer".into()),
-            CloseReason::Protocol { code, why } => (*code, why.clone()),
+            CloseReason::Protocol { code, why } => (*code, why.to_string()),
             CloseReason::Shutdown => (close_code::GOING_AWAY, "going away".into()),
         };
         match wire {
@@ -80,7 +80,7 @@ impl CloseReason {
     pub fn bad_frame(err: &FrameError) -> CloseReason {
         CloseReason::Protocol {
             code: err.close_code(),
-            why: err.to_string(),
+            why: err.to_string().into(),
         }
     }
 
@@ -163,9 +163,7 @@ pub struct Session {
     pub conn_id: Rc<str>,
     /// Opaque client data handed back on callbacks.
     pub info: String,
-    /// The framing the client speaks.
-    pub wire: Wire,
-    message_head: Box<[u8]>,
+    format: Format,
     direct_fd: Option<RawFd>,
     queue_limit: usize,
     queue: RefCell<VecDeque<Outgoing>>,
@@ -177,6 +175,14 @@ pub struct Session {
     groups: RefCell<Vec<Rc<str>>>,
 }
 
+/// The framing a session writes, with the per-connection head RESP puts before each
+/// message (one field rather than two: a session's size is memory per client).
+enum Format {
+    WebSocket,
+    JsonLines,
+    Resp { message_head: Box<[u8]> },
+}
+
 /// What a new session is: who, which framing, and how to reach its socket.
 pub struct SessionSpec {
     /// The client's conn_id.
@@ -185,7 +191,8 @@ pub struct SessionSpec {
     pub info: String,
     /// The framing the client speaks.
     pub wire: Wire,
-    /// Written before each message's shared bytes (RESP's `message` array head).
+    /// Written before each message's shared bytes (RESP's `message` array head; ignored
+    /// for the other wires).
     pub message_head: Box<[u8]>,
     /// The plain socket, when pushes may be written straight into it (not with TLS,
     /// whose records only the connection task can write). The connection task owns it
@@ -202,8 +209,13 @@ impl Session {
         Session {
             conn_id: spec.conn_id,
             info: spec.info,
-            wire: spec.wire,
-            message_head: spec.message_head,
+            format: match spec.wire {
+                Wire::WebSocket => Format::WebSocket,
+                Wire::JsonLines => Format::JsonLines,
+                Wire::Resp => Format::Resp {
+                    message_head: spec.message_head,
+                },
+            },
             direct_fd: spec.direct_fd,
             queue_limit: spec.queue_limit,
             queue: RefCell::new(VecDeque::new()),
@@ -281,11 +293,24 @@ impl Session {
         self.direct_fd
     }
 
+    /// The framing the client speaks.
+    pub fn wire(&self) -> Wire {
+        match self.format {
+            Format::WebSocket => Wire::WebSocket,
+            Format::JsonLines => Wire::JsonLines,
+            Format::Resp { .. } => Wire::Resp,
+        }
+    }
+
     /// How this session's items become bytes.
     pub fn framing(&self) -> Framing<'_> {
+        let message_head = match &self.format {
+            Format::Resp { message_head } => &message_head[..],
+            Format::WebSocket | Format::JsonLines => &[],
+        };
         Framing {
-            wire: self.wire,
-            message_head: &self.message_head,
+            wire: self.wire(),
+            message_head,
         }
     }
 

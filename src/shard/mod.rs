@@ -346,7 +346,7 @@ async fn accept_loop(
                 backoff = Duration::from_millis(1);
                 shard.accepted.set(shard.accepted.get() + 1);
                 let live = shard.connection_started();
-                glommio::spawn_local(crate::transport::serve(live, stream, entry.clone())).detach();
+                crate::transport::spawn(live, stream, &entry);
             }
             Err(err) => {
                 let err: io::Error = err.into();
@@ -682,7 +682,7 @@ impl Shard {
                 .collect();
         for session in sessions.values() {
             *connections_by_transport
-                .entry(session.wire.label())
+                .entry(session.wire().label())
                 .or_default() += 1;
         }
         ShardStats {
@@ -704,7 +704,7 @@ impl Shard {
     fn sweep(&self, now: Instant) {
         let config = &self.config;
         for session in self.sessions.borrow().values() {
-            let ping = match session.wire {
+            let ping = match session.wire() {
                 Wire::WebSocket => &self.websocket_ping,
                 Wire::JsonLines => &self.json_ping,
                 Wire::Resp => continue,

@@ -59,53 +59,53 @@ pub trait Inbound {
     fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason>;
 }
 
-/// Serves one accepted connection to its end, on whatever `entry` says.
-pub async fn serve(live: LiveConnection, stream: TcpStream, entry: Entry) {
-    let shard = Rc::clone(live.shard());
+/// Starts serving one accepted connection, on whatever `entry` says, as a task of the
+/// current shard that lives as long as the connection.
+///
+/// Each kind of connection gets a task of its own future type, because a task's size is
+/// memory per client: a plain WebSocket client's task is just [`ws::serve`], and the
+/// larger states (a TLS session, the raw TCP greetings) cost only the clients that use
+/// them.
+pub fn spawn(live: LiveConnection, stream: TcpStream, entry: &Entry) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     if entry.kind == EntryKind::Tcp {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        tcp::enable_keepalive(fd, shard.config.ping_interval);
+        tcp::enable_keepalive(fd, live.shard().config.ping_interval);
     }
-    match entry.tls {
-        None => {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-            dispatch(&shard, stream, Some(fd), entry.kind).await;
+    let task = match (&entry.tls, entry.kind) {
+        (None, EntryKind::WebSocket) => glommio::spawn_local(ws::serve(live, stream, Some(fd))),
+        (None, EntryKind::Tcp) => glommio::spawn_local(tcp::serve(live, stream, Some(fd))),
+        (Some(acceptor), kind) => {
+            glommio::spawn_local(serve_tls(live, stream, acceptor.clone(), kind))
         }
-        Some(acceptor) => {
-            // Boxed: the TLS handshake's state is large and only lives this long.
-            let accepted = with_deadline(
-                Box::pin(acceptor.accept(stream)),
-                shard.config.handshake_timeout,
-            )
-            .await;
-            match accepted {
-                Some(Ok(tls)) => dispatch(&shard, tls, None, entry.kind).await,
-                Some(Err(err)) => {
-                    shard.handshake_refused("tls");
-                    tracing::info!(shard = shard.id, peer = ?peer, error = %err, "TLS handshake failed");
-                }
-                None => {
-                    shard.handshake_refused("timeout");
-                    tracing::info!(shard = shard.id, peer = ?peer, "TLS handshake not completed in time");
-                }
-            }
-        }
-    }
-    drop(live);
+    };
+    task.detach();
 }
 
-/// `direct_fd`: the plain socket, when pushes may bypass the task (not under TLS).
-async fn dispatch<S: ClientStream>(
-    shard: &Rc<Shard>,
-    stream: S,
-    direct_fd: Option<std::os::fd::RawFd>,
+/// The TLS handshake, then the connection's protocol inside TLS (pushes always go through
+/// the session's queue: only the connection task can write TLS records).
+async fn serve_tls(
+    live: LiveConnection,
+    stream: TcpStream,
+    acceptor: tls::Acceptor,
     kind: EntryKind,
 ) {
-    match kind {
-        EntryKind::WebSocket => ws::serve(shard, stream, direct_fd).await,
-        EntryKind::Tcp => tcp::serve(shard, stream, direct_fd).await,
+    let shard = Rc::clone(live.shard());
+    let peer = stream.peer_addr().ok();
+    let accepted = with_deadline(acceptor.accept(stream), shard.config.handshake_timeout).await;
+    match accepted {
+        Some(Ok(tls)) => match kind {
+            EntryKind::WebSocket => ws::serve(live, tls, None).await,
+            EntryKind::Tcp => tcp::serve(live, tls, None).await,
+        },
+        Some(Err(err)) => {
+            shard.handshake_refused("tls");
+            tracing::info!(shard = shard.id, peer = ?peer, error = %err, "TLS handshake failed");
+        }
+        None => {
+            shard.handshake_refused("timeout");
+            tracing::info!(shard = shard.id, peer = ?peer, "TLS handshake not completed in time");
+        }
     }
 }
 
@@ -216,7 +216,8 @@ pub async fn close<S: ClientStream>(
             // farewell once without waiting.
             session.discard_queue();
             // Only a plain socket can be tried without waiting.
-            if let (Some(fd), Some(farewell)) = (session.direct_fd(), reason.farewell(session.wire))
+            if let (Some(fd), Some(farewell)) =
+                (session.direct_fd(), reason.farewell(session.wire()))
             {
                 let _ = crate::sys::send_now(fd, &farewell);
             }
@@ -225,7 +226,7 @@ pub async fn close<S: ClientStream>(
             if !reason.flushes_queue() {
                 session.discard_queue();
             }
-            if let Some(farewell) = reason.farewell(session.wire) {
+            if let Some(farewell) = reason.farewell(session.wire()) {
                 session.queue_control(farewell);
             }
             let flushed = poll_fn(|cx| flush(cx, stream, session, false));

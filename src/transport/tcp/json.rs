@@ -151,7 +151,7 @@ impl Inbound for Lines {
                 tracing::info!(conn_id = %session.conn_id, error = %too_long, "closing client for a long line");
                 Some(CloseReason::Protocol {
                     code: close_code::TOO_BIG,
-                    why: too_long.to_string(),
+                    why: too_long.to_string().into(),
                 })
             }
         }

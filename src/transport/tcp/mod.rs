@@ -9,17 +9,17 @@ pub mod json;
 pub mod resp;
 
 use std::os::fd::{BorrowedFd, RawFd};
-use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::TcpProtocol;
-use crate::shard::Shard;
+use crate::shard::{LiveConnection, Shard};
 use crate::transport::{ClientStream, with_deadline};
 
 /// Serves one raw TCP connection to its end.
-pub async fn serve<S: ClientStream>(shard: &Rc<Shard>, mut stream: S, direct_fd: Option<RawFd>) {
+pub async fn serve<S: ClientStream>(live: LiveConnection, mut stream: S, direct_fd: Option<RawFd>) {
+    let shard = live.shard();
     let (protocol, first) = match shard.config.tcp_protocol {
         TcpProtocol::Json => (TcpProtocol::Json, Vec::new()),
         TcpProtocol::Resp => (TcpProtocol::Resp, Vec::new()),

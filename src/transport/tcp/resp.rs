@@ -437,7 +437,7 @@ impl Subscriber {
                     session.send_control(&Arc::from(resp::error(&format!("ERR {why}"))));
                     return Some(CloseReason::Protocol {
                         code: close_code::PROTOCOL_ERROR,
-                        why,
+                        why: why.into(),
                     });
                 }
             };

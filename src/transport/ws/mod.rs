@@ -8,6 +8,7 @@
 pub mod frame;
 pub mod handshake;
 
+use std::future::Future;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
@@ -15,23 +16,34 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 
 use crate::codec::Wire;
 use crate::session::{CloseReason, Session};
-use crate::shard::Shard;
+use crate::shard::{LiveConnection, Shard};
 use crate::transport::admission::{self, Refusal};
 use crate::transport::{ClientStream, Inbound, with_deadline};
 use frame::{Decoder, EncodedFrame, Inbound as Frame};
 use handshake::{HandshakeError, UpgradeRequest};
 
-/// Serves one connection: upgrade, session, close.
-pub async fn serve<S: ClientStream>(shard: &Rc<Shard>, mut stream: S, direct_fd: Option<RawFd>) {
-    // Boxed: the handshake's state is freed once it completes, so an idle session's task
-    // does not carry it.
-    let Some(session) = Box::pin(handshake(shard, &mut stream, direct_fd)).await else {
-        return;
-    };
-    let mut frames = Frames::default();
-    let reason = super::run_session(shard, &mut stream, &session, &mut frames).await;
-    shard.unregister(&session, &reason);
-    Box::pin(super::close(shard, &mut stream, &session, reason)).await;
+/// Serves one connection: upgrade, session, close. Owns the connection's `live` token:
+/// for a plain socket this future is the connection's whole task, so its size is memory
+/// per client. (A plain `fn` returning an `async move` block: an `async fn` would keep a
+/// second copy of its arguments, the stream included, in every state.)
+#[allow(clippy::manual_async_fn)]
+pub fn serve<S: ClientStream>(
+    live: LiveConnection,
+    mut stream: S,
+    direct_fd: Option<RawFd>,
+) -> impl Future<Output = ()> {
+    async move {
+        let shard = live.shard();
+        // Boxed: the handshake's state is freed once it completes, so an idle session's
+        // task does not carry it.
+        let Some(session) = Box::pin(handshake(shard, &mut stream, direct_fd)).await else {
+            return;
+        };
+        let mut frames = Frames::default();
+        let reason = super::run_session(shard, &mut stream, &session, &mut frames).await;
+        shard.unregister(&session, &reason);
+        Box::pin(super::close(shard, &mut stream, &session, reason)).await;
+    }
 }
 
 /// Why an upgrade did not happen; each maps to the HTTP answer (if any) the client gets.
