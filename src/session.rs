@@ -163,9 +163,15 @@ pub struct Session {
     pub conn_id: Rc<str>,
     /// Opaque client data handed back on callbacks.
     pub info: String,
-    format: Format,
+    wire: Wire,
+    // Written before each message on RESP (empty otherwise). Kept beside `wire` rather
+    // than in an enum with it: the enum would need a tag word, and a session must fit a
+    // 256-byte allocation.
+    message_head: Box<[u8]>,
     direct_fd: Option<RawFd>,
-    queue_limit: usize,
+    // u32 (the config caps it at 2^20): one of the fields that keep a session within a
+    // 256-byte allocation.
+    queue_limit: u32,
     queue: RefCell<VecDeque<Outgoing>>,
     queued_messages: Cell<usize>,
     waker: RefCell<Option<Waker>>,
@@ -173,14 +179,6 @@ pub struct Session {
     last_seen: Cell<Instant>,
     last_ping: Cell<Instant>,
     groups: RefCell<Vec<Rc<str>>>,
-}
-
-/// The framing a session writes, with the per-connection head RESP puts before each
-/// message (one field rather than two: a session's size is memory per client).
-enum Format {
-    WebSocket,
-    JsonLines,
-    Resp { message_head: Box<[u8]> },
 }
 
 /// What a new session is: who, which framing, and how to reach its socket.
@@ -209,15 +207,13 @@ impl Session {
         Session {
             conn_id: spec.conn_id,
             info: spec.info,
-            format: match spec.wire {
-                Wire::WebSocket => Format::WebSocket,
-                Wire::JsonLines => Format::JsonLines,
-                Wire::Resp => Format::Resp {
-                    message_head: spec.message_head,
-                },
+            wire: spec.wire,
+            message_head: match spec.wire {
+                Wire::Resp => spec.message_head,
+                Wire::WebSocket | Wire::JsonLines => Box::default(),
             },
             direct_fd: spec.direct_fd,
-            queue_limit: spec.queue_limit,
+            queue_limit: u32::try_from(spec.queue_limit).unwrap_or(u32::MAX),
             queue: RefCell::new(VecDeque::new()),
             queued_messages: Cell::new(0),
             waker: RefCell::new(None),
@@ -248,7 +244,7 @@ impl Session {
         let mut queue = self.queue.borrow_mut();
         let is_message = matches!(item, Outbound::Message(_));
         if !queue.is_empty() {
-            if is_message && self.queued_messages.get() >= self.queue_limit {
+            if is_message && self.queued_messages.get() >= self.queue_limit as usize {
                 drop(queue);
                 self.request_close(CloseReason::SlowConsumer);
                 return Delivery::Overflow;
@@ -295,22 +291,14 @@ impl Session {
 
     /// The framing the client speaks.
     pub fn wire(&self) -> Wire {
-        match self.format {
-            Format::WebSocket => Wire::WebSocket,
-            Format::JsonLines => Wire::JsonLines,
-            Format::Resp { .. } => Wire::Resp,
-        }
+        self.wire
     }
 
     /// How this session's items become bytes.
     pub fn framing(&self) -> Framing<'_> {
-        let message_head = match &self.format {
-            Format::Resp { message_head } => &message_head[..],
-            Format::WebSocket | Format::JsonLines => &[],
-        };
         Framing {
-            wire: self.wire(),
-            message_head,
+            wire: self.wire,
+            message_head: &self.message_head,
         }
     }
 
