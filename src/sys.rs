@@ -55,36 +55,31 @@ pub fn send_parts_now(fd: RawFd, parts: &[&[u8]; 2]) -> io::Result<usize> {
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_iov = iov.as_mut_ptr();
     header.msg_iovlen = iov.len();
-    loop {
-        // SAFETY: the iovecs point into `parts`, valid for the call; `fd` is a socket
-        // owned by the caller's stream; the kernel only reads through msg_iov.
-        let sent = unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if sent >= 0 {
-            return Ok(sent as usize);
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Ok(0),
-            _ => return Err(err),
-        }
-    }
+    // SAFETY: the iovecs point into `parts`, valid for the call; `fd` is a socket owned
+    // by the caller's stream; the kernel only reads through msg_iov.
+    sent_now(|| unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
 }
 
 /// Writes as much of `bytes` as the socket takes now. `Ok(0)` with a non-empty slice
 /// means the socket buffer is full (would block).
 pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is a valid slice for the duration of the call; `fd` is a socket
+    // owned by the caller's stream, which outlives this call.
+    sent_now(|| unsafe {
+        libc::send(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// Runs a non-blocking send until it is not interrupted: bytes sent, 0 when the socket
+/// buffer is full, or the error.
+fn sent_now(mut send: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: `bytes` is a valid slice for the duration of the call; `fd` is a socket
-        // owned by the caller's stream, which outlives this call.
-        let sent = unsafe {
-            libc::send(
-                fd,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
+        let sent = send();
         if sent >= 0 {
             return Ok(sent as usize);
         }

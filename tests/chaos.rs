@@ -36,17 +36,8 @@ fn connect_from(port: u16, conn_id: &str, source: u8, recv_buffer: Option<usize>
         .unwrap();
     stream.set_nodelay(true).unwrap();
     let t = json!({"conn_id": conn_id, "token": "t", "info": ""}).to_string();
-    let url = format!("ws://127.0.0.1:{port}/ws?t={}", urlencode(&t));
+    let url = format!("ws://127.0.0.1:{port}/ws?t={}", common::url_encode(&t));
     tungstenite::client::client(url, stream).expect("upgrade").0
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn connections(comet: &Comet) -> u64 {
@@ -328,7 +319,7 @@ fn clients_of_a_sigkilled_node_reconnect_to_the_other_node_and_get_pushes_there(
                 };
                 let url = format!(
                     "ws://127.0.0.1:{port}/ws?t={}",
-                    urlencode(&json!({"conn_id": id, "token": "t"}).to_string())
+                    common::url_encode(&json!({"conn_id": id, "token": "t"}).to_string())
                 );
                 let client = common::connect_url(&url, port).expect("reconnect to the survivor");
                 (node, client)

@@ -64,18 +64,9 @@ fn wss_client(
     conn_id: &str,
 ) -> tungstenite::WebSocket<impl std::io::Read + std::io::Write> {
     let t = json!({"conn_id": conn_id, "token": "t", "info": ""}).to_string();
-    let url = format!("wss://localhost:{port}/ws?t={}", percent(&t));
+    let url = format!("wss://localhost:{port}/ws?t={}", common::url_encode(&t));
     let (socket, _) = tungstenite::client::client(url, cert.connect(port)).expect("wss upgrade");
     socket
-}
-
-fn percent(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[test]
@@ -432,7 +423,9 @@ fn websocket_path_and_origin_checks() {
     );
     let upgrade = |path: &str, origin: Option<&str>| {
         let mut client = Reader::new(plain(node.ws_port));
-        let t = percent(&json!({"conn_id": format!("o{}", free_port()), "token": "t"}).to_string());
+        let t = common::url_encode(
+            &json!({"conn_id": format!("o{}", free_port()), "token": "t"}).to_string(),
+        );
         let origin = origin
             .map(|o| format!("Origin: {o}\r\n"))
             .unwrap_or_default();

@@ -104,7 +104,7 @@ fn churner(
             let id = format!("churn{worker}-{}", n % 50);
             let url = format!(
                 "ws://127.0.0.1:{comet_ws}/ws?t={}",
-                encode(&json!({"conn_id": id, "token": "t"}).to_string())
+                common::url_encode(&json!({"conn_id": id, "token": "t"}).to_string())
             );
             let Ok(mut client) = common::connect_url(&url, comet_ws) else {
                 continue;
@@ -125,15 +125,6 @@ fn churner(
             n += 1;
         }
     })
-}
-
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[test]

@@ -247,6 +247,19 @@ async fn read_to_eof<S: ClientStream>(stream: &mut S) {
     }
 }
 
+/// Writes `bytes` and flushes, within `limit`; false if the client is gone or stuck.
+pub async fn write_reply<S: ClientStream>(stream: &mut S, bytes: &[u8], limit: Duration) -> bool {
+    let written = with_deadline(
+        async {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        },
+        limit,
+    )
+    .await;
+    matches!(written, Some(Ok(())))
+}
+
 /// Runs `future` for at most `limit`; `None` if it did not finish.
 pub async fn with_deadline<T>(future: impl Future<Output = T>, limit: Duration) -> Option<T> {
     futures_lite::future::or(async { Some(future.await) }, async {

@@ -25,6 +25,18 @@ pub fn comet_binary() -> String {
     std::env::var("COMET_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_comet").to_owned())
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters (for `t=`).
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A port nothing uses right now, below the kernel's ephemeral range (32768 up), so that
 /// the outgoing connections of other tests running beside this one (thousands, in the
 /// churn and flood tests) can never take it before the node binds it. Each test process
@@ -265,16 +277,7 @@ impl Comet {
     /// A WebSocket URL carrying the token object.
     pub fn ws_url(&self, conn_id: &str, token: &str, info: &str) -> String {
         let t = json!({"conn_id": conn_id, "token": token, "info": info}).to_string();
-        let encoded: String = t
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
-        format!("ws://127.0.0.1:{}/ws?t={encoded}", self.ws_port)
+        format!("ws://127.0.0.1:{}/ws?t={}", self.ws_port, url_encode(&t))
     }
 
     /// Connects a WebSocket client.

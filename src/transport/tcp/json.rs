@@ -96,7 +96,7 @@ async fn greet<S: ClientStream>(
         }
     };
     let welcome = lines::welcome_line(admitted.conn_id());
-    if !super::write_reply(stream, &welcome, limit).await {
+    if !crate::transport::write_reply(stream, &welcome, limit).await {
         shard.handshake_refused("gone");
         return None;
     }
@@ -108,7 +108,7 @@ async fn refuse<S: ClientStream>(shard: &Shard, stream: &mut S, label: &'static 
     shard.handshake_refused(label);
     tracing::info!(shard = shard.id, reason, "JSON-lines client refused");
     let line = lines::error_line(reason);
-    if super::write_reply(stream, &line, shard.config.close_timeout).await {
+    if crate::transport::write_reply(stream, &line, shard.config.close_timeout).await {
         let _ = super::with_deadline(
             futures_lite::AsyncWriteExt::close(stream),
             shard.config.close_timeout,

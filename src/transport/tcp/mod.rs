@@ -11,7 +11,7 @@ pub mod resp;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 
 use crate::config::TcpProtocol;
 use crate::shard::{LiveConnection, Shard};
@@ -63,19 +63,6 @@ pub fn enable_keepalive(fd: RawFd, idle: Duration) {
         .with_interval((idle / 3).max(Duration::from_secs(1)))
         .with_retries(3);
     let _ = socket.set_tcp_keepalive(&keepalive);
-}
-
-/// Writes `bytes` and flushes, within `limit`; false if the client is gone or stuck.
-async fn write_reply<S: ClientStream>(stream: &mut S, bytes: &[u8], limit: Duration) -> bool {
-    let written = with_deadline(
-        async {
-            stream.write_all(bytes).await?;
-            stream.flush().await
-        },
-        limit,
-    )
-    .await;
-    matches!(written, Some(Ok(())))
 }
 
 /// One read before `limit`: `Some(n)` bytes (0 at EOF), `None` on timeout or error.

@@ -88,14 +88,23 @@ async fn prepare<S: ClientStream>(
         match decoder.next_command() {
             Ok(Some(command)) => match greeting.step(command).await {
                 Step::Reply(reply) => {
-                    if !super::write_reply(stream, &reply, shard.config.handshake_timeout).await {
+                    if !crate::transport::write_reply(
+                        stream,
+                        &reply,
+                        shard.config.handshake_timeout,
+                    )
+                    .await
+                    {
                         return None;
                     }
                 }
                 Step::Quit => {
-                    let _ =
-                        super::write_reply(stream, &resp::simple("OK"), shard.config.close_timeout)
-                            .await;
+                    let _ = crate::transport::write_reply(
+                        stream,
+                        &resp::simple("OK"),
+                        shard.config.close_timeout,
+                    )
+                    .await;
                     return None;
                 }
                 Step::Subscribe { channels, pattern } => {
@@ -133,7 +142,8 @@ async fn prepare<S: ClientStream>(
                 shard.handshake_refused("bad_request");
                 tracing::info!(shard = shard.id, error = %err, "RESP client sent a malformed command");
                 let reply = resp::error(&format!("ERR Protocol error: {err}"));
-                let _ = super::write_reply(stream, &reply, shard.config.close_timeout).await;
+                let _ =
+                    crate::transport::write_reply(stream, &reply, shard.config.close_timeout).await;
                 return None;
             }
         }
@@ -333,7 +343,13 @@ impl<'a> Greeting<'a> {
             channels: Vec::new(),
         };
         let confirmations = subscriber.add(&channels, pattern);
-        if !super::write_reply(stream, &confirmations, self.shard.config.handshake_timeout).await {
+        if !crate::transport::write_reply(
+            stream,
+            &confirmations,
+            self.shard.config.handshake_timeout,
+        )
+        .await
+        {
             return None;
         }
         let head = resp::message_prefix(&channels[0], pattern, self.resp3);

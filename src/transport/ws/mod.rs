@@ -12,13 +12,13 @@ use std::future::Future;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncReadExt;
 
 use crate::codec::Wire;
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
 use crate::transport::admission::{self, Refusal};
-use crate::transport::{ClientStream, Inbound, with_deadline};
+use crate::transport::{ClientStream, Inbound, with_deadline, write_reply};
 use frame::{Decoder, EncodedFrame, Inbound as Frame};
 use handshake::{HandshakeError, UpgradeRequest};
 
@@ -73,14 +73,7 @@ async fn handshake<S: ClientStream>(
             tracing::info!(shard = shard.id, reason = %reason, "handshake refused");
             if let Some(status) = status {
                 let response = handshake::refusal_response(status, &reason, retry);
-                let _ = with_deadline(
-                    async {
-                        stream.write_all(&response).await?;
-                        stream.flush().await
-                    },
-                    shard.config.close_timeout,
-                )
-                .await;
+                write_reply(stream, &response, shard.config.close_timeout).await;
             }
             None
         }
@@ -132,15 +125,7 @@ async fn upgrade<S: ClientStream>(
         .await
         .map_err(Failure::Refused)?;
     let accepted = handshake::accept_response(&request.key);
-    let written = with_deadline(
-        async {
-            stream.write_all(&accepted).await?;
-            stream.flush().await
-        },
-        shard.config.handshake_timeout,
-    )
-    .await;
-    if !matches!(written, Some(Ok(()))) {
+    if !write_reply(stream, &accepted, shard.config.handshake_timeout).await {
         return Err(Failure::Gone);
     }
     Ok(admitted.register(Wire::WebSocket, Box::default(), direct_fd))
