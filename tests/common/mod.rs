@@ -301,6 +301,17 @@ impl Drop for Comet {
         if self.child.is_some() {
             self.terminate(Duration::from_secs(10));
         }
+        remove_dir_unless_failing(&self.log);
+    }
+}
+
+/// Removes the directory holding `file` (a node's config and log) when the test is
+/// passing; a failing test keeps it for the post-mortem.
+fn remove_dir_unless_failing(file: &std::path::Path) {
+    if !std::thread::panicking()
+        && let Some(dir) = file.parent()
+    {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -349,6 +360,7 @@ impl Monitor {
 impl Drop for Monitor {
     fn drop(&mut self) {
         self.stop();
+        remove_dir_unless_failing(&self.log);
     }
 }
 
