@@ -531,3 +531,51 @@ fn redis_cli_receives_pushes_in_resp2_and_resp3() {
             == 1));
     }
 }
+
+#[test]
+fn coalescing_is_for_websocket_only_json_lines_keep_one_message_per_line() {
+    const MESSAGES: usize = 6_000;
+    let tcp_port = free_port();
+    let node = Comet::start(
+        None,
+        &format!("tcp_port={tcp_port}\ncoalesce_messages=true\noutbound_queue_size=100000\n"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        tcp_port
+    )));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port)).into())
+        .unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut client = json_client(stream, "slow-json");
+    // Pushed while the client reads nothing: more than the kernel buffers hold, so most
+    // of them wait in the session's queue, where a WebSocket client's would be joined.
+    let body = "x".repeat(1000);
+    let mut batch = String::new();
+    for n in 0..MESSAGES {
+        let request = json!({"method": "Server.SendToConnections", "id": n,
+            "params": [{"connections": ["slow-json"], "msg": format!("{n}:{body}")}]});
+        batch.push_str(&format!("{request}\n"));
+    }
+    let mut rpc = std::net::TcpStream::connect(("127.0.0.1", node.rpc_port)).unwrap();
+    std::io::Write::write_all(&mut rpc, batch.as_bytes()).unwrap();
+    let mut replies = BufReader::new(rpc);
+    for _ in 0..MESSAGES {
+        let mut line = String::new();
+        replies.read_line(&mut line).unwrap();
+        assert!(line.contains("\"result\":\"ok\""), "{line}");
+    }
+    for n in 0..MESSAGES {
+        let line = client.json_skipping_pings().unwrap();
+        assert_eq!(
+            line["data"],
+            format!("{n}:{body}"),
+            "message {n} arrives alone"
+        );
+    }
+}

@@ -25,6 +25,7 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
+use crate::codec::Wire;
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
 
@@ -116,7 +117,9 @@ pub async fn run_session<S: ClientStream>(
     session: &Session,
     inbound: &mut impl Inbound,
 ) -> CloseReason {
-    let coalesce = shard.config.coalesce_messages;
+    // The original's `\n`-joined frames are a WebSocket compatibility option: JSON-lines
+    // and RESP clients get one message per line / pub/sub reply whatever the setting.
+    let coalesce = shard.config.coalesce_messages && session.wire() == Wire::WebSocket;
     poll_fn(|cx| {
         session.set_waker(cx.waker());
         for _ in 0..READS_PER_POLL {
