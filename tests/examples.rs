@@ -281,6 +281,18 @@ fn evaluate(devtools: &mut common::Client, id: &mut u64, expression: &str) -> St
     }
 }
 
+/// Asks the page until `check` holds (true) or 10 s pass (false).
+fn poll_page(mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 #[test]
 fn browser_page_shows_pushed_messages_in_headless_chromium() {
     let server = MessageServer::start();
@@ -300,29 +312,20 @@ fn browser_page_shows_pushed_messages_in_headless_chromium() {
     );
     let mut devtools = browser.attach();
     let mut id = 0;
-    assert_eq!(
-        evaluate(
-            &mut devtools,
-            &mut id,
-            "document.getElementById('status').textContent"
-        ),
-        "connected"
+    // The node reports `online` as soon as it has answered the upgrade; the page's
+    // `onopen` runs a moment later.
+    let mut read = |expression: &str| evaluate(&mut devtools, &mut id, expression);
+    assert!(
+        poll_page(|| read("document.getElementById('status').textContent") == "connected"),
+        "the page never showed `connected`"
     );
     let reply = node.rpc().push(&["browser-1"], "hello, browser", "");
     assert_eq!(reply["result"], json!("ok"), "{reply}");
-    let started = Instant::now();
     let mut shown = String::new();
-    while started.elapsed() < Duration::from_secs(10) {
-        shown = evaluate(
-            &mut devtools,
-            &mut id,
-            "document.getElementById('messages').textContent",
-        );
-        if shown.contains("hello, browser") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_page(|| {
+        shown = read("document.getElementById('messages').textContent");
+        shown.contains("hello, browser")
+    });
     assert_eq!(shown, "hello, browser");
     drop((devtools, browser));
     assert!(wait_until(Duration::from_secs(10), || server
