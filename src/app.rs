@@ -17,7 +17,7 @@ use crate::callback::{CallbackClient, CallbackStats, Presence};
 use crate::config::{Config, SocketProtocol};
 use crate::control::{self, Node, NodeParts};
 use crate::handover::{self, Handover, Inherited};
-use crate::shard::{self, ClientListener, ShardDeps};
+use crate::shard::{self, ListenerGroup, ShardDeps};
 use crate::token::TokenVerifier;
 use crate::transport::{Entry, EntryKind, tls};
 
@@ -51,7 +51,12 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         verifier: token_verifier(&config),
     };
     let handover_client = listeners.client_fds();
-    let shards = shard::start(deps, listeners.client)?;
+    let ports = listeners
+        .client
+        .into_iter()
+        .map(|(_, group)| group)
+        .collect();
+    let shards = shard::start(deps, ports)?;
     inherited.signal_ready();
     crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     tracing::info!(
@@ -93,9 +98,8 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
 
 /// Every listening socket of the node: inherited from a predecessor, or bound now.
 struct Listeners {
-    client: Vec<ClientListener>,
-    /// The name of each client port, in `client`'s order (for a hand-over).
-    client_ports: Vec<&'static str>,
+    /// Each client port's listeners, under the port's name (for a hand-over).
+    client: Vec<(&'static str, ListenerGroup)>,
     rpc: OwnedFd,
     admin: Option<OwnedFd>,
 }
@@ -149,17 +153,13 @@ fn client_ports(config: &Config, tls: Option<tls::Acceptor>) -> Vec<ClientPort> 
 impl Listeners {
     fn open(config: &Config, inherited: &mut Inherited) -> anyhow::Result<Listeners> {
         let mut client = Vec::new();
-        let mut client_ports = Vec::new();
-        for port in client_ports_of(config)? {
+        for port in client_ports(config, tls_acceptor(config)?) {
             let fds = bind_client_port(config, inherited.take_client(port.name), &port)?;
-            for fd in fds {
-                client_ports.push(port.name);
-                client.push(ClientListener {
-                    fd,
-                    port: port.port,
-                    entry: port.entry.clone(),
-                });
-            }
+            let group = ListenerGroup {
+                entry: port.entry,
+                fds,
+            };
+            client.push((port.name, group));
         }
         let rpc = match inherited.rpc.take() {
             Some(fd) => {
@@ -187,29 +187,16 @@ impl Listeners {
         if admin.is_some() {
             tracing::info!("admin listener: /healthz /readyz /status /metrics");
         }
-        Ok(Listeners {
-            client,
-            client_ports,
-            rpc,
-            admin,
-        })
+        Ok(Listeners { client, rpc, admin })
     }
 
-    /// The client listeners' descriptors grouped by port name, for a hand-over.
+    /// The client listeners' descriptors by port name, for a hand-over.
     fn client_fds(&self) -> Vec<(&'static str, Vec<RawFd>)> {
-        let mut groups: Vec<(&'static str, Vec<RawFd>)> = Vec::new();
-        for (name, listener) in self.client_ports.iter().zip(&self.client) {
-            match groups.iter_mut().find(|(n, _)| n == name) {
-                Some((_, fds)) => fds.push(listener.fd.as_raw_fd()),
-                None => groups.push((name, vec![listener.fd.as_raw_fd()])),
-            }
-        }
-        groups
+        self.client
+            .iter()
+            .map(|(name, group)| (*name, group.fds.iter().map(AsRawFd::as_raw_fd).collect()))
+            .collect()
     }
-}
-
-fn client_ports_of(config: &Config) -> anyhow::Result<Vec<ClientPort>> {
-    Ok(client_ports(config, tls_acceptor(config)?))
 }
 
 /// One SO_REUSEPORT listener per shard on the port (inherited ones first).

@@ -254,21 +254,15 @@ impl Session {
         }
         let mut outgoing = Outgoing { item, written: 0 };
         if let Some(fd) = self.direct_fd {
-            match sys::send_parts_now(fd, &self.framing().unwritten(&outgoing)) {
+            let parts = self.framing().unwritten(&outgoing);
+            match sys::send_parts_now(fd, &parts) {
+                Ok(n) if n == parts[0].len() + parts[1].len() => return Delivery::Sent,
                 Ok(n) => outgoing.written = n,
                 Err(_) => {
                     drop(queue);
                     self.request_close(CloseReason::ClientGone);
                     return Delivery::Closed;
                 }
-            }
-            if self
-                .framing()
-                .unwritten(&outgoing)
-                .iter()
-                .all(|p| p.is_empty())
-            {
-                return Delivery::Sent;
             }
         }
         self.push_back(&mut queue, outgoing.item, outgoing.written);

@@ -210,30 +210,28 @@ pub struct Shards {
     pub threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// A client listener and what it serves.
-pub struct ClientListener {
-    /// The listening socket (bound with SO_REUSEPORT, or inherited).
-    pub fd: OwnedFd,
-    /// The port it listens on.
-    pub port: u16,
-    /// What connections accepted on it speak.
+/// The listeners of one client port (one per shard, bound with SO_REUSEPORT or
+/// inherited) and what connections accepted on them speak.
+pub struct ListenerGroup {
+    /// What the port serves.
     pub entry: Entry,
+    /// The listening sockets.
+    pub fds: Vec<OwnedFd>,
 }
 
-/// Starts `config.max_proc` shards on the given client listeners: the `j`-th listener
-/// of each kind goes to shard `j % max_proc`, so every listener has a shard accepting on
-/// it and every shard has one of each kind when there are enough. Waits until all
-/// shards run.
-pub fn start(deps: ShardDeps, listeners: Vec<ClientListener>) -> Result<Shards, StartError> {
+/// Starts `config.max_proc` shards on the given client ports: the `j`-th listener of
+/// each port goes to shard `j % max_proc`, so every listener has a shard accepting on it
+/// and every shard accepts on every port when there are enough. Waits until all shards
+/// run.
+pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, StartError> {
     let count = deps.config.max_proc;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut per_shard: Vec<Vec<(RawFd, Entry)>> = vec![Vec::new(); count];
-    let mut seen_of_kind = [0usize; 2];
-    for listener in listeners {
-        let nth = &mut seen_of_kind[listener.entry.kind as usize];
-        // Ownership moves to the shard's glommio listener, which closes it.
-        per_shard[*nth % count].push((listener.fd.into_raw_fd(), listener.entry));
-        *nth += 1;
+    for port in ports {
+        for (j, fd) in port.fds.into_iter().enumerate() {
+            // Ownership moves to the shard's glommio listener, which closes it.
+            per_shard[j % count].push((fd.into_raw_fd(), port.entry.clone()));
+        }
     }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(count);
