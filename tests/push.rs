@@ -183,7 +183,9 @@ fn stalled_check_token_does_not_delay_pushes_to_other_clients() {
     let server = MessageServer::start();
     let comet = Comet::start(Some(&server), "callback_timeout=10s");
     let mut clients = connect_many(&comet, "live", 4);
-    server.stall("checkToken", Duration::from_secs(5));
+    // Longer than the 20 push rounds below (about 2 s), shorter than the clients' 5 s
+    // read timeout, so that the winner's 101 cannot race the timeout.
+    server.stall("checkToken", Duration::from_secs(3));
     let url = comet.ws_url("late", "t", "");
     let port = comet.ws_port;
     let waiting: Vec<_> = (0..4)
