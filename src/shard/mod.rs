@@ -243,6 +243,7 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
         let ready = ready_tx.clone();
         let thread = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("shard-{id}"))
+            .ring_depth(deps.config.io_uring_depth)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(deps.config.callback_threads))
             .spawn(move || async move {
                 // SAFETY: each descriptor is a listening socket whose ownership was given
