@@ -432,7 +432,7 @@ impl Shard {
         self.scratch.borrow_mut()
     }
 
-    /// Whether the shard is shutting down (new handshakes are refused).
+    /// Whether the shard is shutting down (a client registered now is closed at once).
     pub fn is_draining(&self) -> bool {
         self.draining.get()
     }
@@ -475,7 +475,7 @@ impl Shard {
             .report(PresenceKind::Online, &session.conn_id, &session.info);
         tracing::info!(shard = self.id, conn_id = %session.conn_id, "client online");
         if self.is_draining() {
-            // Its handshake passed the draining check before shutdown began.
+            // Accepted before the shard stopped accepting; its handshake ended after.
             session.request_close(CloseReason::Shutdown);
         }
     }

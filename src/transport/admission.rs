@@ -28,8 +28,6 @@ pub enum Refusal {
     MessageServer(String),
     /// The conn_id is already connected here.
     Duplicate,
-    /// The node is shutting down.
-    Draining,
     /// The node is past a hard load threshold.
     Saturated,
 }
@@ -41,7 +39,6 @@ impl Refusal {
             Refusal::Token(_) => "token",
             Refusal::MessageServer(_) => "message_server",
             Refusal::Duplicate => "duplicate",
-            Refusal::Draining => "draining",
             Refusal::Saturated => "overloaded",
         }
     }
@@ -49,7 +46,7 @@ impl Refusal {
     /// Seconds a client should wait before trying again, for refusals that pass.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Refusal::MessageServer(_) | Refusal::Draining => Some(1),
+            Refusal::MessageServer(_) => Some(1),
             Refusal::Saturated => Some(5),
             Refusal::Token(_) | Refusal::Duplicate => None,
         }
@@ -62,7 +59,6 @@ impl std::fmt::Display for Refusal {
             Refusal::Token(why) => write!(f, "token refused: {why}"),
             Refusal::MessageServer(why) => write!(f, "cannot verify token now: {why}"),
             Refusal::Duplicate => f.write_str("conn_id already connected"),
-            Refusal::Draining => f.write_str("node is shutting down"),
             Refusal::Saturated => f.write_str("node is overloaded; try another node"),
         }
     }
@@ -75,11 +71,13 @@ pub struct Admitted<'a> {
     token: Option<ClientToken>,
 }
 
-/// Checks the node's state and the token, then claims the conn_id.
+/// Checks the node's load and the token, then claims the conn_id.
+///
+/// A stopping node is not refused here: a handshake in flight belongs to a connection
+/// accepted before the shard stopped accepting, and during a zero-downtime restart
+/// refusing it would be the one refused connection; it completes and
+/// [`Shard::register`] closes it with "going away" like every other client.
 pub async fn admit(shard: &Shard, mut token: ClientToken) -> Result<Admitted<'_>, Refusal> {
-    if shard.is_draining() {
-        return Err(Refusal::Draining);
-    }
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
     }

@@ -363,7 +363,7 @@ fn refusal_text(refusal: &Refusal) -> String {
     match refusal {
         Refusal::Token(_) => format!("WRONGPASS {refusal}"),
         Refusal::Duplicate => format!("ERR {refusal}"),
-        Refusal::MessageServer(_) | Refusal::Draining | Refusal::Saturated => {
+        Refusal::MessageServer(_) | Refusal::Saturated => {
             let retry = refusal.retry_after().unwrap_or(1);
             format!("TRYAGAIN {refusal} (retry after {retry} s)")
         }

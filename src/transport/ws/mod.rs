@@ -84,9 +84,7 @@ fn refusal_status(refusal: &Refusal) -> &'static str {
     match refusal {
         Refusal::Token(_) => "401 Unauthorized",
         Refusal::Duplicate => "400 Bad Request",
-        Refusal::MessageServer(_) | Refusal::Draining | Refusal::Saturated => {
-            "503 Service Unavailable"
-        }
+        Refusal::MessageServer(_) | Refusal::Saturated => "503 Service Unavailable",
     }
 }
 
