@@ -345,6 +345,9 @@ fn run_control(
         match &ending {
             Ending::Signal => {
                 tracing::info!("signal received: leaving etcd, then closing every client (a second signal exits at once)");
+                // The registration task must not see the revoked lease as lost and put
+                // the key back while the node drains.
+                registration.abort();
                 node.deregister().await;
             }
             Ending::Conflict(conflict) => tracing::error!("{conflict}; shutting down"),
@@ -352,6 +355,7 @@ fn run_control(
                 tracing::info!(successor = pid, "successor serving: draining this process");
                 // The successor owns the key (it took our lease over) and the listeners.
                 registration.abort();
+                node.stop_registering();
                 rpc_task.abort();
                 if let Some(admin) = admin_task {
                     admin.abort();
@@ -365,8 +369,13 @@ fn run_control(
                 let _ = thread.join();
             }
         });
+        let limit = stop_limit(&node.config);
         tokio::select! {
             _ = joined => {}
+            _ = tokio::time::sleep(limit) => {
+                tracing::error!(limit = ?limit, "shards did not stop in time; exiting without them");
+                std::process::exit(1);
+            }
             _ = terminate.recv() => exit_now(),
             _ = interrupt.recv() => exit_now(),
         }
@@ -401,6 +410,15 @@ async fn hand_over(handover: &Handover) -> anyhow::Result<u32> {
             }
         }
     }
+}
+
+/// The longest a stop may take: the drain window, then a handshake still in flight and
+/// its closing handshake (what a shard waits for), plus slack for a loaded machine.
+fn stop_limit(config: &Config) -> std::time::Duration {
+    config.drain_window
+        + config.handshake_timeout
+        + config.close_timeout * 2
+        + std::time::Duration::from_secs(10)
 }
 
 /// How long a successor may take to start serving.

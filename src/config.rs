@@ -129,6 +129,9 @@ pub struct Config {
     pub max_frame_size: usize,
     /// Outbound messages a session may have queued before it is a slow consumer.
     pub outbound_queue_size: usize,
+    /// Bytes a session may have queued (pushes and its own replies together) before it
+    /// stops being read from; a push past it makes the client a slow consumer.
+    pub outbound_queue_bytes: usize,
     /// Join messages queued together into one `\n`-separated frame (the original's framing).
     pub coalesce_messages: bool,
     /// What a duplicate conn_id does.
@@ -285,6 +288,7 @@ impl Config {
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
             max_frame_size: raw.count("max_frame_size", 512, 2, 16 << 20)?,
             outbound_queue_size: raw.count("outbound_queue_size", 1024, 1, 1 << 20)?,
+            outbound_queue_bytes: raw.count("outbound_queue_bytes", 1 << 20, 1024, 1 << 30)?,
             coalesce_messages: raw.boolean("coalesce_messages", false)?,
             duplicate_conn_id: parse_duplicate_policy(raw)?,
             callback_timeout: raw.duration("callback_timeout", Duration::from_secs(5))?,

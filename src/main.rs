@@ -22,6 +22,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    comet::panics::install_hook();
     let args = match parse_args() {
         Ok(args) => args,
         Err(exit) => return exit,

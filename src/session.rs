@@ -4,8 +4,12 @@
 //! A session lives in exactly one shard's table and is touched only by that shard's
 //! thread (hence `Rc`/`Cell`, no locks). It never performs blocking I/O: a push is written
 //! with a non-blocking `send(2)` when the queue is empty, otherwise queued for the
-//! connection task, which is woken to flush it. The queue is bounded; overflowing it makes
-//! the client a slow consumer.
+//! connection task, which is woken to flush it. The queue is bounded twice, in messages
+//! and in bytes: pushes and the connection's own replies (pongs, errors, RESP replies)
+//! share one byte budget, kept as a running count. Past the budget the connection task
+//! stops reading the client (so a client that sends and never reads cannot make us
+//! queue replies without end), and a push that would overflow it makes the client a slow
+//! consumer.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -39,7 +43,12 @@ pub enum CloseReason {
     Protocol { code: u16, why: Box<str> },
     /// The node is shutting down.
     Shutdown,
+    /// The connection's task panicked (see `panics`): a bug of ours, not the client's.
+    InternalError,
 }
+
+/// RFC 6455 §7.4.1: the server hit a condition that kept it from serving the request.
+const INTERNAL_ERROR_CODE: u16 = 1011;
 
 impl CloseReason {
     /// A short label for logs.
@@ -53,6 +62,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Protocol { .. } => "protocol_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::InternalError => "internal_error",
         }
     }
 
@@ -68,6 +78,7 @@ impl CloseReason {
             CloseReason::SlowConsumer => (close_code::POLICY, "slow consumer".into()),
             CloseReason::Protocol { code, why } => (*code, why.to_string()),
             CloseReason::Shutdown => (close_code::GOING_AWAY, "going away".into()),
+            CloseReason::InternalError => (INTERNAL_ERROR_CODE, "internal error".into()),
         };
         match wire {
             Wire::WebSocket => Some(EncodedFrame::close(code, &text).bytes().into()),
@@ -142,6 +153,16 @@ pub struct Framing<'a> {
 }
 
 impl<'a> Framing<'a> {
+    /// All the bytes `outgoing` puts on the wire, written or not.
+    pub fn len(self, outgoing: &Outgoing) -> usize {
+        match &outgoing.item {
+            Outbound::Message(message) => {
+                self.message_head.len() + message.encoded(self.wire).len()
+            }
+            Outbound::Control(bytes) => bytes.len(),
+        }
+    }
+
     /// The bytes of `outgoing` not yet written, in order (either part may be empty).
     pub fn unwritten(self, outgoing: &'a Outgoing) -> [&'a [u8]; 2] {
         let [head, body] = match &outgoing.item {
@@ -169,11 +190,15 @@ pub struct Session {
     // 256-byte allocation.
     message_head: Box<[u8]>,
     direct_fd: Option<RawFd>,
-    // u32 (the config caps it at 2^20): one of the fields that keep a session within a
-    // 256-byte allocation.
+    // u32 (the config caps them at 2^20 messages and 2^30 bytes): fields that keep a
+    // session within a 256-byte allocation.
     queue_limit: u32,
+    byte_limit: u32,
+    queued_messages: Cell<u32>,
+    // Unwritten bytes of everything queued, kept as a running count so that neither the
+    // hot path nor a flush ever walks the queue.
+    queued_bytes: Cell<usize>,
     queue: RefCell<VecDeque<Outgoing>>,
-    queued_messages: Cell<usize>,
     waker: RefCell<Option<Waker>>,
     close: RefCell<Option<CloseReason>>,
     last_seen: Cell<Instant>,
@@ -198,6 +223,9 @@ pub struct SessionSpec {
     pub direct_fd: Option<RawFd>,
     /// Most messages queued before the client is a slow consumer.
     pub queue_limit: usize,
+    /// Most bytes queued (pushes and replies) before the client is not read from, and a
+    /// push overflows.
+    pub queue_bytes: usize,
 }
 
 impl Session {
@@ -214,8 +242,10 @@ impl Session {
             },
             direct_fd: spec.direct_fd,
             queue_limit: u32::try_from(spec.queue_limit).unwrap_or(u32::MAX),
-            queue: RefCell::new(VecDeque::new()),
+            byte_limit: u32::try_from(spec.queue_bytes).unwrap_or(u32::MAX),
             queued_messages: Cell::new(0),
+            queued_bytes: Cell::new(0),
+            queue: RefCell::new(VecDeque::new()),
             waker: RefCell::new(None),
             close: RefCell::new(None),
             last_seen: Cell::new(now),
@@ -229,8 +259,9 @@ impl Session {
         self.send(Outbound::Message(Arc::clone(message)))
     }
 
-    /// Hands protocol bytes (ping, pong, reply) to the client; never counts against the
-    /// queue bound.
+    /// Hands protocol bytes (ping, pong, reply) to the client. They count against the byte
+    /// budget but never overflow it: the connection task stops reading the client while
+    /// it is over, so replies cannot pile up past one read's worth.
     pub fn send_control(&self, bytes: &Arc<[u8]>) -> Delivery {
         self.send(Outbound::Control(Arc::clone(bytes)))
     }
@@ -242,21 +273,21 @@ impl Session {
             return Delivery::Closed;
         }
         let mut queue = self.queue.borrow_mut();
-        let is_message = matches!(item, Outbound::Message(_));
+        let mut outgoing = Outgoing { item, written: 0 };
+        let len = self.framing().len(&outgoing);
         if !queue.is_empty() {
-            if is_message && self.queued_messages.get() >= self.queue_limit as usize {
+            if matches!(outgoing.item, Outbound::Message(_)) && self.would_overflow(len) {
                 drop(queue);
                 self.request_close(CloseReason::SlowConsumer);
                 return Delivery::Overflow;
             }
-            self.push_back(&mut queue, item, 0);
+            self.push_back(&mut queue, outgoing, len);
             return Delivery::Queued;
         }
-        let mut outgoing = Outgoing { item, written: 0 };
         if let Some(fd) = self.direct_fd {
             let parts = self.framing().unwritten(&outgoing);
             match sys::send_parts_now(fd, &parts) {
-                Ok(n) if n == parts[0].len() + parts[1].len() => return Delivery::Sent,
+                Ok(n) if n == len => return Delivery::Sent,
                 Ok(n) => outgoing.written = n,
                 Err(_) => {
                     drop(queue);
@@ -265,17 +296,27 @@ impl Session {
                 }
             }
         }
-        self.push_back(&mut queue, outgoing.item, outgoing.written);
+        let unwritten = len - outgoing.written;
+        self.push_back(&mut queue, outgoing, unwritten);
         drop(queue);
         self.wake();
         Delivery::Queued
     }
 
-    fn push_back(&self, queue: &mut VecDeque<Outgoing>, item: Outbound, written: usize) {
-        if matches!(item, Outbound::Message(_)) {
+    /// Whether one more message of `len` bytes would break either bound. A message that
+    /// finds the queue empty is always taken, so one larger than the byte budget still
+    /// reaches a client that keeps up.
+    fn would_overflow(&self, len: usize) -> bool {
+        self.queued_messages.get() >= self.queue_limit
+            || self.queued_bytes.get() + len > self.byte_limit as usize
+    }
+
+    fn push_back(&self, queue: &mut VecDeque<Outgoing>, outgoing: Outgoing, unwritten: usize) {
+        if matches!(outgoing.item, Outbound::Message(_)) {
             self.queued_messages.set(self.queued_messages.get() + 1);
         }
-        queue.push_back(Outgoing { item, written });
+        self.queued_bytes.set(self.queued_bytes.get() + unwritten);
+        queue.push_back(outgoing);
     }
 
     /// The plain socket pushes are written into directly, if there is one.
@@ -296,25 +337,20 @@ impl Session {
         }
     }
 
-    /// Gives the connection task access to the queue to flush it. With `coalesce`, messages
-    /// that are waiting (none of their bytes written yet) are first joined into one.
-    pub fn with_queue<R>(
-        &self,
-        coalesce: bool,
-        f: impl FnOnce(&mut VecDeque<Outgoing>, Framing<'_>) -> R,
-    ) -> R {
+    /// Gives the connection task the queue to flush it. With `coalesce`, messages that are
+    /// waiting (none of their bytes written yet) are first joined into one.
+    pub fn with_backlog<R>(&self, coalesce: bool, f: impl FnOnce(&mut Backlog<'_>) -> R) -> R {
         let mut queue = self.queue.borrow_mut();
+        let mut backlog = Backlog {
+            queue: &mut queue,
+            framing: self.framing(),
+            messages: &self.queued_messages,
+            bytes: &self.queued_bytes,
+        };
         if coalesce {
-            coalesce_waiting(&mut queue);
+            backlog.coalesce_waiting();
         }
-        let result = f(&mut queue, self.framing());
-        // Recounted rather than tracked: the flush and the coalescing both change it, and
-        // the queue is short (bounded) and only flushed when a client fell behind.
-        let waiting = queue
-            .iter()
-            .filter(|o| matches!(o.item, Outbound::Message(_)))
-            .count();
-        self.queued_messages.set(waiting);
+        let result = f(&mut backlog);
         if queue.is_empty() && queue.capacity() > 16 {
             *queue = VecDeque::new();
         }
@@ -324,16 +360,30 @@ impl Session {
     /// Puts protocol bytes at the back of the queue without trying to write them (the
     /// closing handshake flushes them itself).
     pub fn queue_control(&self, bytes: Arc<[u8]>) {
-        self.queue.borrow_mut().push_back(Outgoing {
+        let len = bytes.len();
+        let outgoing = Outgoing {
             item: Outbound::Control(bytes),
             written: 0,
-        });
+        };
+        self.push_back(&mut self.queue.borrow_mut(), outgoing, len);
     }
 
     /// Drops whatever is queued (a slow consumer's backlog is not worth sending).
     pub fn discard_queue(&self) {
         *self.queue.borrow_mut() = VecDeque::new();
         self.queued_messages.set(0);
+        self.queued_bytes.set(0);
+    }
+
+    /// Whether the queue holds the whole byte budget: the client is not read from until
+    /// it has taken some of it.
+    pub fn is_over_budget(&self) -> bool {
+        self.queued_bytes.get() >= self.byte_limit as usize
+    }
+
+    /// Unwritten bytes queued.
+    pub fn backlog_bytes(&self) -> usize {
+        self.queued_bytes.get()
     }
 
     /// Whether frames are waiting to be written.
@@ -343,7 +393,7 @@ impl Session {
 
     /// Messages queued and not yet fully written.
     pub fn backlog_messages(&self) -> usize {
-        self.queued_messages.get()
+        self.queued_messages.get() as usize
     }
 
     /// Asks the connection task to end the session. The first reason wins.
@@ -412,31 +462,85 @@ impl Session {
     }
 }
 
-/// Joins the run of whole messages at the back of the queue (after any partly written
-/// item and control bytes) into one `\n`-separated message: the original's framing for
-/// WebSocket clients that read several messages from one frame.
-fn coalesce_waiting(queue: &mut VecDeque<Outgoing>) {
-    let first_waiting = queue
-        .iter()
-        .rposition(|o| o.written > 0 || matches!(o.item, Outbound::Control(_)))
-        .map_or(0, |i| i + 1);
-    if queue.len() - first_waiting < 2 {
-        return;
-    }
-    let mut payload = Vec::new();
-    for (i, outgoing) in queue.range(first_waiting..).enumerate() {
-        if let Outbound::Message(message) = &outgoing.item {
-            if i > 0 {
-                payload.push(b'\n');
+/// A session's queue opened for flushing: the connection task takes the next bytes to
+/// write and reports how many the socket took; the session's counters follow.
+pub struct Backlog<'a> {
+    queue: &'a mut VecDeque<Outgoing>,
+    framing: Framing<'a>,
+    messages: &'a Cell<u32>,
+    bytes: &'a Cell<usize>,
+}
+
+impl Backlog<'_> {
+    /// The next bytes to write, if anything is queued.
+    pub fn next_bytes(&mut self) -> Option<&[u8]> {
+        loop {
+            let front = self.queue.front()?;
+            let [first, second] = self.framing.unwritten(front);
+            if first.is_empty() && second.is_empty() {
+                self.pop_front();
+                continue;
             }
-            payload.extend_from_slice(message.payload());
+            let front = self.queue.front()?;
+            let [first, second] = self.framing.unwritten(front);
+            return Some(if first.is_empty() { second } else { first });
         }
     }
-    queue.truncate(first_waiting);
-    queue.push_back(Outgoing {
-        item: Outbound::Message(Message::new(&payload)),
-        written: 0,
-    });
+
+    /// Records that the socket took `n` bytes of what [`Backlog::next_bytes`] gave.
+    pub fn advance(&mut self, n: usize) {
+        let Some(front) = self.queue.front_mut() else {
+            return;
+        };
+        front.written += n;
+        self.bytes.set(self.bytes.get().saturating_sub(n));
+        if front.written >= self.framing.len(front) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(done) = self.queue.pop_front()
+            && matches!(done.item, Outbound::Message(_))
+        {
+            self.messages.set(self.messages.get().saturating_sub(1));
+        }
+    }
+
+    /// Joins the run of whole messages at the back of the queue (after any partly written
+    /// item and control bytes) into one `\n`-separated message: the original's framing
+    /// for WebSocket clients that read several messages from one frame.
+    fn coalesce_waiting(&mut self) {
+        let queue = &mut *self.queue;
+        let first_waiting = queue
+            .iter()
+            .rposition(|o| o.written > 0 || matches!(o.item, Outbound::Control(_)))
+            .map_or(0, |i| i + 1);
+        let joined = queue.len() - first_waiting;
+        if joined < 2 {
+            return;
+        }
+        let mut payload = Vec::new();
+        let mut old_bytes = 0;
+        for (i, outgoing) in queue.range(first_waiting..).enumerate() {
+            old_bytes += self.framing.len(outgoing);
+            if let Outbound::Message(message) = &outgoing.item {
+                if i > 0 {
+                    payload.push(b'\n');
+                }
+                payload.extend_from_slice(message.payload());
+            }
+        }
+        queue.truncate(first_waiting);
+        let outgoing = Outgoing {
+            item: Outbound::Message(Message::new(&payload)),
+            written: 0,
+        };
+        let new_bytes = self.framing.len(&outgoing);
+        queue.push_back(outgoing);
+        self.bytes.set(self.bytes.get() - old_bytes + new_bytes);
+        self.messages.set(self.messages.get() - joined as u32 + 1);
+    }
 }
 
 #[cfg(test)]
@@ -457,15 +561,71 @@ mod tests {
         }
     }
 
+    const WS: Framing<'static> = Framing {
+        wire: Wire::WebSocket,
+        message_head: b"",
+    };
+
+    /// Coalesces `queue` with counters that start right; returns them afterwards.
+    fn coalesced(queue: &mut VecDeque<Outgoing>) -> (u32, usize) {
+        let messages = queue
+            .iter()
+            .filter(|o| matches!(o.item, Outbound::Message(_)))
+            .count();
+        let bytes = queue.iter().map(|o| WS.len(o) - o.written).sum();
+        let (messages, bytes) = (Cell::new(messages as u32), Cell::new(bytes));
+        Backlog {
+            queue,
+            framing: WS,
+            messages: &messages,
+            bytes: &bytes,
+        }
+        .coalesce_waiting();
+        (messages.get(), bytes.get())
+    }
+
+    fn session(queue_limit: usize, queue_bytes: usize) -> Session {
+        Session::new(SessionSpec {
+            conn_id: "c".into(),
+            info: String::new(),
+            wire: Wire::WebSocket,
+            message_head: Box::default(),
+            // No socket: everything is queued, as for a client whose socket is full.
+            direct_fd: None,
+            queue_limit,
+            queue_bytes,
+        })
+    }
+
+    /// Flushes up to `budget` bytes of the session's queue, `chunk` at a time.
+    fn drain(session: &Session, mut budget: usize, chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        session.with_backlog(false, |backlog| {
+            while budget > 0 {
+                let Some(bytes) = backlog.next_bytes() else {
+                    break;
+                };
+                let n = bytes.len().min(chunk).min(budget);
+                out.extend_from_slice(&bytes[..n]);
+                budget -= n;
+                backlog.advance(n);
+            }
+        });
+        out
+    }
+
     #[test]
     fn coalescing_joins_only_untouched_messages() {
         let mut queue = VecDeque::new();
         queue.push_back(message("partly", 3));
         queue.push_back(message("a", 0));
         queue.push_back(message("b", 0));
-        coalesce_waiting(&mut queue);
+        let (messages, bytes) = coalesced(&mut queue);
         assert_eq!(queue.len(), 2);
         assert_eq!(payload(&queue[1]), b"a\nb");
+        assert_eq!(messages, 2);
+        // "partly" framed (2 + 6) less the 3 written, and "a\nb" framed (2 + 3).
+        assert_eq!(bytes, 5 + 5);
     }
 
     #[test]
@@ -477,8 +637,69 @@ mod tests {
             written: 0,
         });
         queue.push_back(message("b", 0));
-        coalesce_waiting(&mut queue);
+        coalesced(&mut queue);
         assert_eq!(queue.len(), 3);
+    }
+
+    #[test]
+    fn pushes_and_replies_share_one_byte_budget() {
+        let session = session(1000, 1024);
+        let hundred = Message::new(&[b'x'; 100]);
+        // 102 bytes framed each: ten fit with the pong below, the eleventh does not.
+        let pong: Arc<[u8]> = Arc::from(&b"PONG-BYTES"[..]);
+        assert_eq!(session.send_control(&pong), Delivery::Queued);
+        for _ in 0..9 {
+            assert_eq!(session.deliver(&hundred), Delivery::Queued);
+        }
+        assert_eq!(session.backlog_bytes(), 10 + 9 * 102);
+        assert!(!session.is_over_budget());
+        // Replies never overflow: they are bounded by the reads the budget pauses.
+        for _ in 0..20 {
+            assert_eq!(session.send_control(&pong), Delivery::Queued);
+        }
+        assert!(session.is_over_budget(), "reading pauses here");
+        assert_eq!(session.deliver(&hundred), Delivery::Overflow);
+        assert_eq!(session.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn a_message_larger_than_the_budget_still_goes_to_an_empty_queue() {
+        let session = session(1000, 1024);
+        let big = Message::new(&[b'x'; 4000]);
+        assert_eq!(session.deliver(&big), Delivery::Queued);
+        assert!(session.is_over_budget());
+        assert_eq!(session.deliver(&Message::new(b"y")), Delivery::Overflow);
+    }
+
+    #[test]
+    fn the_message_bound_holds_beside_the_byte_bound() {
+        let session = session(3, 1 << 20);
+        let small = Message::new(b"hi");
+        for _ in 0..3 {
+            assert_eq!(session.deliver(&small), Delivery::Queued);
+        }
+        assert_eq!(session.deliver(&small), Delivery::Overflow);
+    }
+
+    #[test]
+    fn flushing_in_pieces_keeps_the_counters_exact() {
+        let session = session(1000, 1 << 20);
+        let messages = ["one", "two", "three"].map(|t| Message::new(t.as_bytes()));
+        for message in &messages {
+            session.deliver(message);
+        }
+        session.send_control(&Arc::from(&b"ctl"[..]));
+        let total = session.backlog_bytes();
+        assert_eq!(total, 5 + 5 + 7 + 3);
+        let first = drain(&session, 6, 4);
+        assert_eq!(first, b"\x81\x03one\x81");
+        assert_eq!(session.backlog_bytes(), total - 6);
+        assert_eq!(session.backlog_messages(), 2);
+        let rest = drain(&session, usize::MAX, 1);
+        assert_eq!(rest, b"\x03two\x81\x05threectl");
+        assert_eq!(session.backlog_bytes(), 0);
+        assert_eq!(session.backlog_messages(), 0);
+        assert!(!session.has_backlog());
     }
 
     #[test]

@@ -119,6 +119,64 @@ fn sigterm_deregisters_at_once() {
     );
 }
 
+/// A stop with clients still draining must leave etcd once and for good: the revoked
+/// lease's keepalive failing is not a lost lease to re-register.
+#[test]
+fn sigterm_with_clients_draining_removes_the_node_once_and_never_re_registers() {
+    let etcd = Etcd::start();
+    let endpoints = vec![etcd.endpoint()];
+    let server = MessageServer::start();
+    let _monitor = Monitor::start(&server, &etcd.endpoint());
+    // The drain outlasts several keepalive intervals and a lease TTL, the window in
+    // which the old registration task put the key back.
+    let config = format!(
+        "{}drain_window=5s
+",
+        node_config(&etcd.endpoint())
+    );
+    let mut comet = Comet::start(None, &config);
+    let key = comet.etcd_key();
+    let clients: Vec<_> = (0..20)
+        .map(|i| comet.connect(&format!("d{i}"), "t", "").unwrap())
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || additions(
+        &server, &key
+    )
+    .len()
+        == 1));
+    let signalled = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &comet.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || removals(&server, &key) == 1),
+        "the monitor reports the removal at once"
+    );
+    let removed_after = signalled.elapsed();
+    // Watch etcd for the whole drain: the key must never come back.
+    while comet.wait_exit(Duration::from_millis(200)).is_none() {
+        assert!(
+            etcd::key(&endpoints, &key).is_none(),
+            "key put back {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+        assert!(
+            signalled.elapsed() < Duration::from_secs(20),
+            "node did not exit"
+        );
+    }
+    drop(clients);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(etcd::key(&endpoints, &key).is_none());
+    assert_eq!(additions(&server, &key).len(), 1, "never announced again");
+    assert_eq!(removals(&server, &key), 1, "exactly one removal");
+    assert!(
+        removed_after <= Duration::from_secs(3),
+        "removal after {removed_after:?}"
+    );
+}
+
 #[test]
 fn key_is_back_within_one_ttl_after_etcd_restarts() {
     let mut etcd = Etcd::start();

@@ -110,9 +110,9 @@ async fn route(node: &Node, head: &Head) -> Response {
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
     match path {
         "/healthz" => Response::text("200 OK", "ok"),
-        "/readyz" => match node.not_ready_because() {
+        "/readyz" => match node.readiness().await {
             None => Response::text("200 OK", "ready"),
-            Some(why) => Response::text("503 Service Unavailable", why),
+            Some(why) => Response::text("503 Service Unavailable", &why),
         },
         "/status" | "/metrics" if !authorised(node, head, query) => {
             Response::text("401 Unauthorized", "admin token required")

@@ -117,6 +117,11 @@ pub struct Registrar {
     status: RefCell<RegistrationStatus>,
     current: RefCell<Option<(Client, i64)>>,
     previous_lease: Cell<Option<i64>>,
+    // Set once the node leaves etcd for good (graceful stop, hand-over): from then on no
+    // session may register again. Without it, the keepalive of the revoked lease failed,
+    // `run` took it for a lost lease and put the key back while the node drained (seen:
+    // remove, add 0.85 s later, remove again 7.9 s after SIGTERM).
+    stopped: Cell<bool>,
 }
 
 impl Registrar {
@@ -142,6 +147,7 @@ impl Registrar {
             keepalive: config.etcd_keepalive_interval,
             current: RefCell::new(None),
             previous_lease: Cell::new(inherited_lease),
+            stopped: Cell::new(false),
         })
     }
 
@@ -150,10 +156,14 @@ impl Registrar {
         self.status.borrow().clone()
     }
 
-    /// Registers and stays registered; returns only on a conflict (fatal).
+    /// Registers and stays registered; returns only on a conflict (fatal). After
+    /// [`Registrar::stop`] or [`Registrar::deregister`] it never registers again.
     pub async fn run(&self, node: &Node) -> RegistrationError {
         let mut retry = Duration::from_millis(100);
         loop {
+            if self.stopped.get() {
+                return std::future::pending().await;
+            }
             let registrations_before = self.status.borrow().registrations;
             let error = match self.session(node).await {
                 Err(conflict @ RegistrationError::Conflict { .. }) => {
@@ -167,6 +177,10 @@ impl Registrar {
                 retry = Duration::from_millis(100);
             }
             self.current.borrow_mut().take();
+            if self.stopped.get() {
+                // The session ended because we left etcd: nothing to retry.
+                return std::future::pending().await;
+            }
             self.endpoints.rotate();
             let was = self.status.borrow().state;
             let next = if was == "registered" { "lost" } else { was };
@@ -181,8 +195,17 @@ impl Registrar {
         }
     }
 
-    /// Revokes the lease so the key disappears now (graceful shutdown).
+    /// Stops registering without touching the key (a successor took it over).
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.current.borrow_mut().take();
+        self.set_state("handed_over", None, None);
+    }
+
+    /// Revokes the lease so the key disappears now (graceful shutdown); nothing registers
+    /// again afterwards.
     pub async fn deregister(&self) {
+        self.stopped.set(true);
         let current = self.current.borrow_mut().take();
         if let Some((mut client, lease)) = current {
             match tokio::time::timeout(self.ttl, client.lease_revoke(lease)).await {
@@ -204,9 +227,11 @@ impl Registrar {
             .timed(client.lease_grant(self.ttl.as_secs() as i64, None))
             .await?
             .id();
+        // Held from the grant on, so that a stop arriving while the claim is in flight
+        // revokes this lease too and cannot leave a key behind.
+        *self.current.borrow_mut() = Some((client.clone(), lease));
         let (value, mut published) = node.registration_value();
         self.claim(&mut client, lease, &value).await?;
-        *self.current.borrow_mut() = Some((client.clone(), lease));
         self.previous_lease.set(Some(lease));
         self.registered(lease);
 

@@ -73,12 +73,24 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             );
         }
     }
-    let per_shard: [ShardFigure; 4] = [
+    let per_shard: [ShardFigure; 6] = [
+        (
+            "comet_connection_panics_total",
+            "counter",
+            "Connection tasks that panicked; each closed only its own connection.",
+            |s| s.connection_panics,
+        ),
         (
             "comet_queued_messages",
             "gauge",
             "Messages waiting in outbound queues.",
             |s| s.queued_messages as u64,
+        ),
+        (
+            "comet_queued_bytes",
+            "gauge",
+            "Bytes waiting in outbound queues (pushes and the node's own replies).",
+            |s| s.queued_bytes as u64,
         ),
         (
             "comet_accepted_total",

@@ -65,6 +65,24 @@ pub fn link() -> (ControlLink, DirectoryRequests) {
     (ControlLink(tx), rx)
 }
 
+/// Longest wait for a shard's reply. Shards answer in microseconds to milliseconds (a
+/// broadcast to 100,000 clients takes well under a second); a shard that has not answered
+/// in this long is stuck, and the call reports its ids failed rather than hang.
+const SHARD_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/readyz` waits for every shard to answer a ping.
+const SHARD_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Awaits a shard's reply within [`SHARD_REPLY_TIMEOUT`]; `None` if it ended or is stuck.
+async fn shard_reply<T>(shard: usize, answer: oneshot::Receiver<T>) -> Option<T> {
+    match tokio::time::timeout(SHARD_REPLY_TIMEOUT, answer).await {
+        Ok(answer) => answer.ok(),
+        Err(_) => {
+            tracing::error!(shard, timeout = ?SHARD_REPLY_TIMEOUT, "shard did not answer");
+            None
+        }
+    }
+}
+
 /// Push RPC counters.
 #[derive(Debug, Default)]
 struct PushCounters {
@@ -177,6 +195,13 @@ impl Node {
         self.draining.set(true);
         if let Some(registrar) = &self.registrar {
             registrar.deregister().await;
+        }
+    }
+
+    /// Stops the registration without touching the key: a successor owns it now.
+    pub fn stop_registering(&self) {
+        if let Some(registrar) = &self.registrar {
+            registrar.stop();
         }
     }
 
@@ -352,14 +377,14 @@ impl Node {
             }
             let (reply, answer) = oneshot::channel();
             if self.shards[shard].send(make(ids.clone(), reply)) {
-                replies.push((ids, answer));
+                replies.push((shard, ids, answer));
             } else {
                 answered.extend(ids);
             }
         }
-        for (ids, answer) in replies {
-            // A shard that ended without answering delivered nothing.
-            answered.extend(answer.await.unwrap_or(ids));
+        for (shard, ids, answer) in replies {
+            // A shard that ended or is stuck delivered nothing we know of.
+            answered.extend(shard_reply(shard, answer).await.unwrap_or(ids));
         }
         HolderAnswers {
             not_here: missing,
@@ -370,15 +395,15 @@ impl Node {
     /// Sends every shard the command `make` builds and collects the replies.
     async fn to_every_shard<R>(&self, make: impl Fn(oneshot::Sender<R>) -> ShardCommand) -> Vec<R> {
         let mut replies = Vec::with_capacity(self.shards.len());
-        for shard in &self.shards {
+        for (id, shard) in self.shards.iter().enumerate() {
             let (reply, answer) = oneshot::channel();
             if shard.send(make(reply)) {
-                replies.push(answer);
+                replies.push((id, answer));
             }
         }
         let mut answers = Vec::with_capacity(replies.len());
-        for answer in replies {
-            if let Ok(answer) = answer.await {
+        for (id, answer) in replies {
+            if let Some(answer) = shard_reply(id, answer).await {
                 answers.push(answer);
             }
         }
@@ -523,7 +548,30 @@ impl Node {
         })
     }
 
-    /// Why the node should not get new clients now (`/readyz`), if it should not.
+    /// Why the node should not get new clients now (`/readyz`), if it should not: the
+    /// reasons of [`Node::not_ready_because`], or a shard that does not answer a ping
+    /// within a second.
+    pub async fn readiness(&self) -> Option<String> {
+        if let Some(why) = self.not_ready_because() {
+            return Some(why.to_owned());
+        }
+        let mut pings = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (reply, answer) = oneshot::channel();
+            shard.send(ShardCommand::Ping { reply });
+            pings.push(answer);
+        }
+        for (id, answer) in pings.into_iter().enumerate() {
+            match tokio::time::timeout(SHARD_PROBE_TIMEOUT, answer).await {
+                Ok(Ok(())) => {}
+                _ => return Some(format!("shard {id} not answering")),
+            }
+        }
+        None
+    }
+
+    /// Why the node should not get new clients now, from what the control thread knows
+    /// without asking the shards.
     pub fn not_ready_because(&self) -> Option<&'static str> {
         let load = self.load_state();
         if self.draining.get() {

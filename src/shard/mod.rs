@@ -80,6 +80,8 @@ pub enum ShardCommand {
     },
     /// Report this shard's figures.
     Stats { reply: oneshot::Sender<ShardStats> },
+    /// Answer at once: the liveness probe behind `/readyz`.
+    Ping { reply: oneshot::Sender<()> },
     /// Stop accepting, close every session with 1001 spread over `drain_window`, then
     /// end the executor. Pushes are still served to sessions not yet closed.
     Shutdown,
@@ -119,6 +121,8 @@ pub struct ShardStats {
     pub connections_by_transport: BTreeMap<&'static str, usize>,
     /// Messages waiting in outbound queues.
     pub queued_messages: usize,
+    /// Bytes waiting in outbound queues (pushes and replies).
+    pub queued_bytes: usize,
     /// Connections accepted (handshake or not).
     pub accepted: u64,
     /// Accepts refused because descriptors ran out.
@@ -129,6 +133,8 @@ pub struct ShardStats {
     pub handshake_refusals: BTreeMap<&'static str, u64>,
     /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
     pub delivery_failures: BTreeMap<&'static str, u64>,
+    /// Connection tasks that panicked (each closed that connection only).
+    pub connection_panics: u64,
 }
 
 /// Everything a shard owns. Lives on the shard's thread only.
@@ -158,6 +164,7 @@ pub struct Shard {
     upgraded: Cell<u64>,
     handshake_refusals: RefCell<BTreeMap<&'static str, u64>>,
     delivery_failures: RefCell<BTreeMap<&'static str, u64>>,
+    connection_panics: Cell<u64>,
 }
 
 /// Held by a connection task for its whole life, so shutdown knows when all are done.
@@ -419,6 +426,7 @@ impl Shard {
             upgraded: Cell::new(0),
             handshake_refusals: RefCell::new(BTreeMap::new()),
             delivery_failures: RefCell::new(BTreeMap::new()),
+            connection_panics: Cell::new(0),
         }
     }
 
@@ -465,6 +473,29 @@ impl Shard {
             .or_default() += 1;
     }
 
+    /// A connection's task panicked and was dropped (`panics`): counts it, and ends the
+    /// session it held, if any, as the task would have (its `offline`, its conn_id).
+    pub fn connection_panicked(&self) {
+        self.connection_panics.set(self.connection_panics.get() + 1);
+        self.reap_orphans();
+    }
+
+    /// Unregisters sessions whose connection task is gone. Every registered session is
+    /// held by its task until the task unregisters it, so one held by the table alone
+    /// lost its task to a panic.
+    fn reap_orphans(&self) {
+        let orphans: Vec<Rc<Session>> = self
+            .sessions
+            .borrow()
+            .values()
+            .filter(|session| Rc::strong_count(session) == 1)
+            .cloned()
+            .collect();
+        for session in orphans {
+            self.unregister(&session, &CloseReason::InternalError);
+        }
+    }
+
     /// Puts an upgraded client in the table and reports it online.
     pub fn register(&self, session: &Rc<Session>) {
         self.sessions
@@ -473,7 +504,8 @@ impl Shard {
         self.upgraded.set(self.upgraded.get() + 1);
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
-        tracing::info!(shard = self.id, conn_id = %session.conn_id, "client online");
+        tracing::info!(shard = self.id, conn_id = ?session.conn_id, "client online");
+        crate::fault::panic_if_named("REGISTER", &session.conn_id);
         if self.is_draining() {
             // Accepted before the shard stopped accepting; its handshake ended after.
             session.request_close(CloseReason::Shutdown);
@@ -498,7 +530,7 @@ impl Shard {
             conn_id: session.conn_id.to_string(),
             shard: self.id,
         });
-        tracing::info!(shard = self.id, conn_id = %session.conn_id, reason = reason.label(), "client offline");
+        tracing::info!(shard = self.id, conn_id = ?session.conn_id, reason = reason.label(), "client offline");
     }
 
     fn handle(&self, command: ShardCommand) {
@@ -546,6 +578,9 @@ impl Shard {
             }
             ShardCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            ShardCommand::Ping { reply } => {
+                let _ = reply.send(());
             }
             ShardCommand::Shutdown | ShardCommand::Drained => {}
         }
@@ -629,6 +664,9 @@ impl Shard {
     }
 
     fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
+        for id in &conn_ids {
+            crate::fault::panic_if_named("PUSH", id);
+        }
         let sessions = self.sessions.borrow();
         conn_ids
             .into_iter()
@@ -689,26 +727,34 @@ impl Shard {
             connections: sessions.len(),
             connections_by_transport,
             queued_messages: sessions.values().map(|s| s.backlog_messages()).sum(),
+            queued_bytes: sessions.values().map(|s| s.backlog_bytes()).sum(),
             accepted: self.accepted.get(),
             accept_fd_exhausted: self.accept_fd_exhausted.get(),
             upgraded: self.upgraded.get(),
             handshake_refusals: self.handshake_refusals.borrow().clone(),
             delivery_failures: self.delivery_failures.borrow().clone(),
+            connection_panics: self.connection_panics.get(),
         }
     }
 
     /// Pings sessions that have been quiet for a ping interval; closes those silent past
     /// the heartbeat timeout. RESP sessions are left to TCP keepalive: Redis clients do
-    /// not answer a server's ping.
+    /// not answer a server's ping. A session over its byte budget is not read from, so it
+    /// goes silent too: one that stays over for a heartbeat timeout, whatever it speaks,
+    /// is a slow consumer.
     fn sweep(&self, now: Instant) {
         let config = &self.config;
         for session in self.sessions.borrow().values() {
+            let silent = now.saturating_duration_since(session.last_seen());
+            if silent > config.heartbeat_timeout && session.is_over_budget() {
+                session.request_close(CloseReason::SlowConsumer);
+                continue;
+            }
             let ping = match session.wire() {
                 Wire::WebSocket => &self.websocket_ping,
                 Wire::JsonLines => &self.json_ping,
                 Wire::Resp => continue,
             };
-            let silent = now.saturating_duration_since(session.last_seen());
             if silent > config.heartbeat_timeout {
                 session.request_close(CloseReason::HeartbeatTimeout);
             } else if silent >= config.ping_interval
@@ -755,5 +801,8 @@ impl Shard {
                 "shutdown: connections still open at the deadline"
             );
         }
+        // A task that panicked while `sessions` above held its session left it behind.
+        drop(sessions);
+        self.reap_orphans();
     }
 }

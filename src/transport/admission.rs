@@ -119,6 +119,7 @@ impl Admitted<'_> {
             message_head,
             direct_fd,
             queue_limit: self.shard.config.outbound_queue_size,
+            queue_bytes: self.shard.config.outbound_queue_bytes,
         }));
         self.shard.register(&session);
         session

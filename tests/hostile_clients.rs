@@ -1,0 +1,283 @@
+//! Hostile and faulty clients against the real binary: clients that send as fast as they
+//! can and never read (WebSocket pings, JSON-lines bad lines, RESP commands) stay within
+//! their byte budget without slowing anyone else, and a panic costs one connection (in a
+//! connection task) or the whole process (anywhere else), never a half-alive node.
+//!
+//! Each test is bounded in clients and seconds and states the bound it asserts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Comet, MessageServer, next_text, wait_until};
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+
+/// Attackers per test.
+const ATTACKERS: usize = 20;
+/// How long each attacker writes (it holds its socket, unread, until the test ends).
+const ATTACK: Duration = Duration::from_secs(10);
+/// The byte budget the attacked nodes run with.
+const BUDGET: usize = 64 * 1024;
+/// What a node may grow by beyond `BUDGET` per attacker: allocator slack, the scratch
+/// buffer's worth of replies queued after the last read, kernel-side buffers counted in
+/// RSS (none on Linux), the tables of a node that has served.
+const CONSTANT_KIB: u64 = 24 * 1024;
+
+/// The attacked node's INI lines, with its raw TCP port.
+fn attacked_node(tcp_port: u16) -> String {
+    // Generous heartbeats so that a loaded machine does not end the attackers before
+    // their budget is what holds them; the slow-consumer sweep uses the same clock.
+    format!(
+        "outbound_queue_bytes={BUDGET}\nping_interval=4s\nheartbeat_timeout=8s\ntcp_port=:{tcp_port}\n"
+    )
+}
+
+/// A socket with a small receive buffer that writes `bytes` over and over for `ATTACK`
+/// and never reads, so that what the node owes it piles up on the node's side.
+fn attacker(port: u16, greeting: Vec<u8>, bytes: Vec<u8>, stop: Arc<AtomicBool>) {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    stream.write_all(&greeting).unwrap();
+    let mut reply = [0u8; 512];
+    // The greeting's answer (101, welcome line, +OK...) is the last thing ever read.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = stream.read(&mut reply);
+    let started = Instant::now();
+    while started.elapsed() < ATTACK && !stop.load(Ordering::Relaxed) {
+        // A blocked write times out and is tried again: the node stopped reading.
+        let _ = stream.write(&bytes);
+    }
+    // Held until the test ends, so the node keeps whatever it queued.
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads whatever is waiting for `client` (its pongs go out as it reads), so that it
+/// keeps its heartbeat while the test does something else.
+fn answer_pings(client: &mut common::Client) {
+    client.get_mut().set_nonblocking(true).unwrap();
+    while client.read().is_ok() {}
+    client.get_mut().set_nonblocking(false).unwrap();
+}
+
+/// Push latency to a healthy WebSocket client, median of `n` pushes.
+fn push_latency(comet: &Comet, client: &mut common::Client, n: usize) -> Duration {
+    let mut rpc = comet.rpc();
+    let mut took: Vec<Duration> = (0..n)
+        .map(|i| {
+            let sent = Instant::now();
+            rpc.push(&["healthy"], &format!("m{i}"), "");
+            assert_eq!(next_text(client).as_deref(), Some(format!("m{i}").as_str()));
+            sent.elapsed()
+        })
+        .collect();
+    took.sort();
+    took[n / 2]
+}
+
+/// Runs `ATTACKERS` attackers built by `greeting`/`flood` and checks the bounds: RSS
+/// within budget × attackers + a constant, a healthy client's median push latency within
+/// 20x quiet (and 50 ms), every attacker ended as a slow consumer, exit 0 on SIGTERM.
+fn attack(greeting: impl Fn(usize) -> Vec<u8>, flood: Vec<u8>, on_tcp: bool) {
+    // One attack at a time: each is sized to load a core by itself.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tcp_port = common::free_port();
+    let mut comet = Comet::start(None, &attacked_node(tcp_port));
+    let port = if on_tcp { tcp_port } else { comet.ws_port };
+    let mut healthy = comet.connect("healthy", "t", "").unwrap();
+    let quiet = push_latency(&comet, &mut healthy, 20);
+    let baseline = comet.rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|i| {
+            let (greeting, flood, stop) = (greeting(i), flood.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || attacker(port, greeting, flood, stop))
+        })
+        .collect();
+    // Until the kernel's send buffers of the attackers' sockets are full, the node is
+    // as busy as any node whose clients send at full speed; what the budget changes is
+    // what comes after: every attacker over budget, no longer read, costing nothing.
+    let held = || {
+        let node = comet.rpc().call("Server.GetNode", json!({}));
+        node["result"]["data"]["shard_stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["queued_bytes"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    // The node may be too busy to answer GetNode quickly meanwhile: the healthy client
+    // keeps its heartbeat on a thread of its own.
+    let pumping = Arc::new(AtomicBool::new(true));
+    let pump = {
+        let pumping = Arc::clone(&pumping);
+        std::thread::spawn(move || {
+            while pumping.load(Ordering::Relaxed) {
+                answer_pings(&mut healthy);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            healthy
+        })
+    };
+    let reached = wait_until(Duration::from_secs(40), || {
+        held() >= (ATTACKERS * BUDGET) as u64
+    });
+    pumping.store(false, Ordering::Relaxed);
+    let mut healthy = pump.join().unwrap();
+    assert!(
+        reached,
+        "every attacker reached its budget: {} bytes queued",
+        held()
+    );
+    let under_attack = push_latency(&comet, &mut healthy, 20);
+    let peak = comet.rss_kib();
+    let bound = baseline + (ATTACKERS * BUDGET) as u64 / 1024 * 2 + CONSTANT_KIB;
+    println!(
+        "attack: RSS {baseline} KiB -> {peak} KiB (bound {bound} KiB); push p50 {quiet:?} quiet, {under_attack:?} under attack"
+    );
+    assert!(peak <= bound, "RSS {peak} KiB past the bound {bound} KiB");
+    assert!(
+        under_attack <= (quiet * 20).max(Duration::from_millis(50)),
+        "healthy pushes slowed from {quiet:?} to {under_attack:?}"
+    );
+    // Over budget and silent past the heartbeat timeout: closed as slow consumers.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            answer_pings(&mut healthy);
+            comet.log_text().matches("reason=\"slow_consumer\"").count() >= ATTACKERS
+        }),
+        "every attacker ended as a slow consumer"
+    );
+    // The healthy client answered pings all along and is still served.
+    assert!(push_latency(&comet, &mut healthy, 3) < Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.join().unwrap();
+    }
+    let status = comet.terminate(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "exit {status:?}");
+}
+
+fn websocket_upgrade(conn_id: &str) -> Vec<u8> {
+    let t = json!({"conn_id": conn_id, "token": "t", "info": ""}).to_string();
+    format!(
+        "GET /ws?t={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        common::url_encode(&t)
+    )
+    .into_bytes()
+}
+
+/// A masked client ping carrying 125 bytes, so that each pong is as large as it can be.
+fn masked_ping() -> Vec<u8> {
+    let mut frame = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    frame.extend((0..125).map(|i| b'p' ^ [1, 2, 3, 4][i % 4]));
+    frame.repeat(64)
+}
+
+#[test]
+fn websocket_clients_that_ping_and_never_read_stay_within_their_byte_budget() {
+    attack(
+        |i| websocket_upgrade(&format!("pinger{i}")),
+        masked_ping(),
+        false,
+    );
+}
+
+#[test]
+fn json_lines_clients_that_send_bad_lines_and_never_read_stay_within_their_byte_budget() {
+    attack(
+        |i| format!("{{\"conn_id\":\"liner{i}\",\"token\":\"t\"}}\n").into_bytes(),
+        b"not json at all\n".repeat(256),
+        true,
+    );
+}
+
+#[test]
+fn resp_clients_that_send_commands_and_never_read_stay_within_their_byte_budget() {
+    attack(
+        |i| format!("AUTH resp{i} t\r\nSUBSCRIBE inbox\r\n").into_bytes(),
+        b"PING\r\n".repeat(512),
+        true,
+    );
+}
+
+#[test]
+fn a_panic_in_a_connection_task_closes_that_connection_only() {
+    let server = MessageServer::start();
+    let mut comet = Comet::start_with_env(
+        Some(&server),
+        "",
+        &[("COMET_FAULT_PANIC_REGISTER", "victim")],
+    );
+    let mut others: Vec<_> = (0..6)
+        .map(|i| comet.connect(&format!("other{i}"), "t", "").unwrap())
+        .collect();
+    // The victim's task panics right after it was put in the table and reported online.
+    let _ = comet.connect("victim", "t", "");
+    assert!(
+        wait_until(Duration::from_secs(5), || server.count("offline", "victim")
+            == 1),
+        "the victim's session is reported offline"
+    );
+    assert_eq!(server.count("online", "victim"), 1);
+    // Every other client, on both shards, is still served.
+    let ids: Vec<String> = (0..6).map(|i| format!("other{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let reply = comet.rpc().push(&ids, "still here", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    for other in &mut others {
+        assert_eq!(next_text(other).as_deref(), Some("still here"));
+    }
+    // The victim's conn_id was released: it can connect again (and panics again).
+    let reply = comet.rpc().call("Server.GetNode", json!({}));
+    assert_eq!(reply["result"]["data"]["connections"], json!(6), "{reply}");
+    let node = comet.rpc().call("Server.GetNode", json!({}));
+    let panics: u64 = node["result"]["data"]["shard_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["connection_panics"].as_u64().unwrap())
+        .sum();
+    assert_eq!(panics, 1);
+    assert!(comet.log_text().contains("panic in a connection task"));
+    let status = comet.terminate(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "exit {status:?}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        (0..6).all(|i| server.count("offline", &format!("other{i}")) == 1)
+    }));
+}
+
+#[test]
+fn a_panic_outside_a_connection_task_ends_the_process_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut comet = Comet::start_with_env(None, "", &[("COMET_FAULT_PANIC_PUSH", "boom")]);
+    let _client = comet.connect("boom", "t", "").unwrap();
+    let mut rpc = comet.rpc();
+    // The push reaches the shard's command loop, which panics: no zombie left serving.
+    let _ = rpc.try_call(
+        "Server.SendToConnections",
+        json!({"connections": ["boom"], "msg": "x"}),
+    );
+    let status = comet
+        .wait_exit(Duration::from_secs(10))
+        .expect("the process ends by itself");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status:?}");
+    assert!(comet.log_text().contains("panic outside a connection task"));
+}
