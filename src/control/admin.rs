@@ -139,11 +139,7 @@ fn authorised(node: &Node, head: &Head, query: &str) -> bool {
     if expected.is_empty() {
         return true;
     }
-    let bearer = head
-        .authorization
-        .as_deref()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let bearer = head.authorization.as_deref().and_then(bearer_token);
     let from_query = query
         .split('&')
         .find_map(|pair| pair.strip_prefix("token="));
@@ -151,4 +147,29 @@ fn authorised(node: &Node, head: &Head, query: &str) -> bool {
         .into_iter()
         .flatten()
         .any(|given| bool::from(expected.ct_eq(given.as_bytes())))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive
+/// (RFC 7235 §2.1): `bearer x` and `BEARER x` are the same credentials.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc ", "bEaReR abc"] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "abc"] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
+    }
 }
