@@ -151,6 +151,8 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
+    /// Bytes of log lines that may wait for a slow log reader before lines are dropped.
+    pub log_queue_bytes: usize,
     /// TTL of the node's etcd lease.
     pub etcd_lease_ttl: Duration,
     /// Interval between lease keepalives.
@@ -297,6 +299,7 @@ impl Config {
             io_uring_depth: raw.count("io_uring_depth", 4096, 16, 32768)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),
+            log_queue_bytes: raw.count("log_queue_bytes", 4 << 20, 64 << 10, 1 << 30)?,
             etcd_lease_ttl: parse_lease_ttl(raw)?,
             etcd_keepalive_interval: raw
                 .duration("etcd_keepalive_interval", Duration::from_secs(1))?,

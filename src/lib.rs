@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod fault;
 pub mod handover;
+pub mod logging;
 pub mod panics;
 pub mod rpc;
 pub mod session;

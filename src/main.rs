@@ -35,6 +35,8 @@ fn main() -> ExitCode {
         }
     };
     let (config, warnings) = config;
+    // Held to the end of main: the last lines are written before the process exits.
+    let _log_writer = comet::logging::start(config.log_queue_bytes);
     init_logging(&config.log_level);
     tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "starting");
     for warning in warnings {
@@ -112,6 +114,6 @@ fn init_logging(level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(comet::logging::QueuedStderr)
         .init();
 }

@@ -43,6 +43,7 @@ pub fn install_hook() {
         }
         default(info);
         tracing::error!(thread, location, message = ?message, "panic outside a connection task: aborting");
+        crate::logging::flush(std::time::Duration::from_millis(200));
         std::process::abort();
     }));
 }

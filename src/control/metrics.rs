@@ -234,6 +234,16 @@ fn node(out: &mut Exposition, figures: &Figures<'_>) {
         "Times the key was put on a fresh lease.",
     );
     out.sample("comet_etcd_registrations_total", &[], figures.registrations);
+    out.family(
+        "comet_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because the log reader (journald, a pipe) fell behind.",
+    );
+    out.sample(
+        "comet_log_lines_dropped_total",
+        &[],
+        crate::logging::dropped_lines(),
+    );
 }
 
 #[derive(Default)]
