@@ -177,6 +177,36 @@ fn sigterm_with_clients_draining_removes_the_node_once_and_never_re_registers() 
     );
 }
 
+/// A default-configured etcd (`--grpc-keepalive-min-time=5s`) answers pings more often
+/// than that with GOAWAY: the monitor's idle watch stream must not be one of those.
+#[test]
+fn the_monitors_watch_stays_open_on_a_quiet_cluster() {
+    const QUIET: Duration = Duration::from_secs(25);
+    let etcd = Etcd::start();
+    let server = MessageServer::start();
+    let monitor = Monitor::start(&server, &etcd.endpoint());
+    let comet = Comet::start(None, &node_config(&etcd.endpoint()));
+    let key = comet.etcd_key();
+    assert!(wait_until(Duration::from_secs(10), || additions(
+        &server, &key
+    )
+    .len()
+        == 1));
+    std::thread::sleep(QUIET);
+    let log = monitor.log_text();
+    assert_eq!(
+        log.matches("watch interrupted").count(),
+        0,
+        "the watch broke during {QUIET:?} of quiet: {log}"
+    );
+    assert_eq!(
+        additions(&server, &key).len(),
+        1,
+        "no re-listing announced it again"
+    );
+    assert_eq!(removals(&server, &key), 0);
+}
+
 #[test]
 fn key_is_back_within_one_ttl_after_etcd_restarts() {
     let mut etcd = Etcd::start();

@@ -16,6 +16,19 @@ use etcd_client::{
 use super::Node;
 use crate::config::Config;
 
+/// Interval of HTTP/2 keepalive pings to etcd: above etcd's default minimum of 5 s.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(10);
+/// The shortest deadline of one etcd call (see [`call_deadline`]).
+const MIN_CALL_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The deadline of one registration call: a third of the lease TTL (at least 1 s), so
+/// that one hung call (a keepalive forwarded to a leader that was cut off) leaves time
+/// to fail over to another member and keep the lease before it expires. At the full TTL,
+/// two hung calls in a row cost a healthy node its key.
+fn call_deadline(ttl: Duration) -> Duration {
+    (ttl / 3).max(MIN_CALL_DEADLINE)
+}
+
 /// Longest pause between attempts to reach etcd.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 /// Extra time granted to a key held by a lease that is not ours before it is a conflict:
@@ -43,11 +56,15 @@ impl Endpoints {
 
     /// Connects to the current endpoint.
     pub async fn connect(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
+        // HTTP/2 pings no more often than a default etcd accepts
+        // (`--grpc-keepalive-min-time=5s`): at 1 s it answered an idle watch stream with
+        // GOAWAY ("too many pings") every 4-6 s. Dead connections are found by the
+        // per-call deadlines anyway.
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_require_leader(true)
-            .with_keep_alive(Duration::from_secs(1), timeout);
+            .with_keep_alive(HTTP2_KEEPALIVE, timeout);
         Client::connect([self.list[self.current.get()].as_str()], Some(options)).await
     }
 
@@ -208,7 +225,7 @@ impl Registrar {
         self.stopped.set(true);
         let current = self.current.borrow_mut().take();
         if let Some((mut client, lease)) = current {
-            match tokio::time::timeout(self.ttl, client.lease_revoke(lease)).await {
+            match tokio::time::timeout(call_deadline(self.ttl), client.lease_revoke(lease)).await {
                 Ok(Ok(_)) => tracing::info!(key = %self.key, "etcd key removed"),
                 Ok(Err(err)) => {
                     tracing::warn!(key = %self.key, error = %err, "could not revoke lease; key expires with its TTL")
@@ -222,7 +239,9 @@ impl Registrar {
     }
 
     async fn session(&self, node: &Node) -> Result<std::convert::Infallible, RegistrationError> {
-        let mut client = self.timed(self.endpoints.connect(self.ttl)).await?;
+        let mut client = self
+            .timed(self.endpoints.connect(call_deadline(self.ttl)))
+            .await?;
         let lease = self
             .timed(client.lease_grant(self.ttl.as_secs() as i64, None))
             .await?
@@ -319,14 +338,15 @@ impl Registrar {
         }
     }
 
-    /// Bounds one etcd call by the lease TTL: past that the lease is gone anyway.
+    /// Bounds one etcd call by [`call_deadline`].
     async fn timed<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, RegistrationError> {
-        match tokio::time::timeout(self.ttl, call).await {
+        let deadline = call_deadline(self.ttl);
+        match tokio::time::timeout(deadline, call).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(RegistrationError::Timeout(self.ttl)),
+            Err(_) => Err(RegistrationError::Timeout(deadline)),
         }
     }
 
@@ -355,6 +375,19 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_call_takes_a_third_of_the_lease_at_most() {
+        assert_eq!(
+            call_deadline(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            call_deadline(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(call_deadline(Duration::from_secs(2)), MIN_CALL_DEADLINE);
+    }
 
     #[test]
     fn small_moves_do_not_rewrite_the_key() {

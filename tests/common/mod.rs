@@ -349,6 +349,11 @@ impl Monitor {
     }
 
     /// SIGTERM and wait.
+    /// The monitor's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             unsafe_kill(child.id(), "TERM");
