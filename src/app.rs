@@ -13,10 +13,11 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::callback::{CallbackClient, CallbackStats, Presence};
+use crate::callback::{CallbackClient, CallbackStats};
 use crate::config::{Config, SocketProtocol};
 use crate::control::{self, Node, NodeParts};
 use crate::handover::{self, Handover, Inherited};
+use crate::presence::Presence;
 use crate::shard::{self, ListenerGroup, ShardDeps};
 use crate::token::TokenVerifier;
 use crate::transport::{Entry, EntryKind, tls};
@@ -39,8 +40,13 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     let callback_stats = Arc::new(CallbackStats::default());
     let refuse_new_clients = Arc::new(AtomicBool::new(false));
     let callbacks = callback_client(&config, &callback_stats);
-    let (presence, presence_workers) =
-        Presence::start(callbacks.clone(), PRESENCE_WORKERS, config.callback_retries);
+    let predecessor_notices = inherited.presence.take().map(std::fs::File::from);
+    let (presence, presence_workers) = Presence::start(
+        callbacks.clone(),
+        PRESENCE_WORKERS,
+        config.callback_retries,
+        predecessor_notices,
+    );
     let (control_link, directory_requests) = control::link();
     let deps = ShardDeps {
         config: Arc::clone(&config),
@@ -88,7 +94,13 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         admin: listeners.admin.map(StdTcpListener::from),
         handover,
     };
-    let outcome = run_control(node, directory_requests, control_listeners, shards.threads);
+    let outcome = run_control(
+        node,
+        directory_requests,
+        control_listeners,
+        shards.threads,
+        presence.clone(),
+    );
     drop(presence);
     tracing::info!("delivering the last presence callbacks");
     presence_workers.join();
@@ -253,7 +265,7 @@ struct ControlListeners {
 enum Ending {
     Signal,
     Conflict(anyhow::Error),
-    HandedOver(u32),
+    HandedOver(u32, std::fs::File),
 }
 
 fn token_verifier(config: &Config) -> Option<TokenVerifier> {
@@ -298,6 +310,7 @@ fn run_control(
     directory_requests: control::DirectoryRequests,
     listeners: ControlListeners,
     shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    presence: Presence,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -336,7 +349,7 @@ fn run_control(
                 _ = restart.recv() => {
                     handover.lease = node.current_lease();
                     match hand_over(&handover).await {
-                        Ok(pid) => break Ending::HandedOver(pid),
+                        Ok((pid, notices)) => break Ending::HandedOver(pid, notices),
                         Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
                     }
                 }
@@ -351,8 +364,22 @@ fn run_control(
                 node.deregister().await;
             }
             Ending::Conflict(conflict) => tracing::error!("{conflict}; shutting down"),
-            Ending::HandedOver(pid) => {
+            Ending::HandedOver(pid, notices) => {
                 tracing::info!(successor = pid, "successor serving: draining this process");
+                // Before any client is closed: the successor holds back the `online` of
+                // each conn_id listed here until this process has delivered its `offline`.
+                let held = node.all_connections();
+                let presence = presence.clone();
+                match notices.try_clone() {
+                    Ok(notices) => {
+                        let _ = std::thread::Builder::new()
+                            .name("presence-handover".into())
+                            .spawn(move || presence.hand_over(notices, held));
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot tell the successor about presence; it waits for its deadline")
+                    }
+                }
                 // The successor owns the key (it took our lease over) and the listeners.
                 registration.abort();
                 node.stop_registering();
@@ -381,13 +408,13 @@ fn run_control(
         }
         match ending {
             Ending::Conflict(conflict) => Err(conflict),
-            Ending::Signal | Ending::HandedOver(_) => Ok(()),
+            Ending::Signal | Ending::HandedOver(..) => Ok(()),
         }
     })
 }
 
 /// Starts the successor and waits (bounded) until it serves; kills it if it does not.
-async fn hand_over(handover: &Handover) -> anyhow::Result<u32> {
+async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, std::fs::File)> {
     let successor = handover.spawn_successor()?;
     let pid = successor.pid;
     tracing::info!(
@@ -396,7 +423,7 @@ async fn hand_over(handover: &Handover) -> anyhow::Result<u32> {
     );
     let ready = tokio::task::spawn_blocking(move || successor.wait_ready());
     match tokio::time::timeout(SUCCESSOR_READY_TIMEOUT, ready).await {
-        Ok(Ok(true)) => Ok(pid),
+        Ok(Ok(Some(notices))) => Ok((pid, notices)),
         outcome => {
             // SAFETY: kill on a pid we started; at worst it has already exited.
             unsafe {

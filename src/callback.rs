@@ -1,20 +1,21 @@
 //! HTTP callbacks to the message server (COMPAT.md section 4): `checkToken` before an
-//! upgrade, `online`/`offline` after, and the monitor's node events.
+//! upgrade, `online`/`offline` after (queued by `presence`), and the monitor's node
+//! events.
 //!
 //! Every call here blocks (ureq), so nothing in this module may run on a shard thread:
-//! `checkToken` runs on a shard's blocking pool, presence events on [`Presence`]'s own
-//! worker threads. Presence events for one conn_id always go to the same worker, so an
-//! `offline` is never delivered before its `online`.
+//! `checkToken` runs on a shard's blocking pool, presence events on `presence`'s own
+//! worker threads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use serde_json::json;
 
 use crate::transport::ws::handshake::ClientToken;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why a callback did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,11 @@ impl CallbackClient {
         self.call("checkToken", &args.map(|a| json!(a)))
     }
 
+    /// The node identity sent as the last argument of client callbacks.
+    pub fn rpc_addr(&self) -> &str {
+        &self.rpc_addr
+    }
+
     /// Like [`CallbackClient::call`], retrying transient failures `retries` times with
     /// exponential backoff (blocking the calling thread meanwhile). `id` names what the
     /// call is about (a conn_id, a node key) in the logs.
@@ -220,113 +226,5 @@ impl CallbackClient {
                 "no numeric `code` in {reply}"
             ))),
         }
-    }
-}
-
-/// Which presence callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PresenceKind {
-    /// The client's upgrade completed.
-    Online,
-    /// The client's connection is gone.
-    Offline,
-}
-
-impl PresenceKind {
-    fn method(self) -> &'static str {
-        match self {
-            PresenceKind::Online => "online",
-            PresenceKind::Offline => "offline",
-        }
-    }
-}
-
-struct PresenceEvent {
-    kind: PresenceKind,
-    conn_id: String,
-    info: String,
-}
-
-/// Delivers `online`/`offline` callbacks on worker threads, retrying transient failures
-/// with exponential backoff (bounded by `retries`). Cloneable handle; dropping every
-/// handle and calling [`PresenceWorkers::join`] drains what is queued.
-#[derive(Clone)]
-pub struct Presence {
-    lanes: Arc<[Sender<PresenceEvent>]>,
-    hasher: ahash::RandomState,
-}
-
-/// The threads behind a [`Presence`].
-pub struct PresenceWorkers {
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Presence {
-    /// Starts `workers` threads. With no client (no message server configured) events are
-    /// dropped after a debug log line.
-    pub fn start(
-        client: Option<CallbackClient>,
-        workers: usize,
-        retries: u32,
-    ) -> (Presence, PresenceWorkers) {
-        let mut lanes = Vec::with_capacity(workers);
-        let mut threads = Vec::with_capacity(workers);
-        for index in 0..workers {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            lanes.push(tx);
-            let client = client.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("presence-{index}"))
-                .spawn(move || run_lane(rx, client, retries))
-                .expect("spawning a presence thread");
-            threads.push(thread);
-        }
-        let presence = Presence {
-            lanes: lanes.into(),
-            hasher: ahash::RandomState::new(),
-        };
-        (presence, PresenceWorkers { threads })
-    }
-
-    /// Queues a presence callback; never blocks.
-    pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
-        let lane = (self.hasher.hash_one(conn_id) % self.lanes.len() as u64) as usize;
-        let event = PresenceEvent {
-            kind,
-            conn_id: conn_id.to_owned(),
-            info: info.to_owned(),
-        };
-        if self.lanes[lane].send(event).is_err() {
-            tracing::error!(
-                conn_id,
-                method = kind.method(),
-                "presence worker gone; callback lost"
-            );
-        }
-    }
-}
-
-impl PresenceWorkers {
-    /// Waits until every queued event is delivered or given up. Call after every
-    /// [`Presence`] handle is dropped.
-    pub fn join(self) {
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-    }
-}
-
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-fn run_lane(events: Receiver<PresenceEvent>, client: Option<CallbackClient>, retries: u32) {
-    for event in events {
-        let Some(client) = &client else {
-            tracing::debug!(conn_id = %event.conn_id, method = event.kind.method(), "no rpc_api_url: callback skipped");
-            continue;
-        };
-        let args = [&event.conn_id, &event.info, &*client.rpc_addr].map(|a| json!(a));
-        // Failures are logged inside; a lost presence event is not fatal to anyone.
-        let _ = client.call_with_retries(event.kind.method(), &args, retries, &event.conn_id);
     }
 }

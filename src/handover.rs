@@ -9,7 +9,7 @@
 //! accept queues are never dropped: no connection attempt is refused during a restart.
 //!
 //! The hand-over travels in one environment variable, `COMET_HANDOVER`, e.g.
-//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9`: each client port's
+//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9;presence=12`: each client port's
 //! listeners under that port's name (`ws` for `websocket_port` whatever it serves, `tcp`
 //! for `tcp_port`, `wss` for `wss_port`).
 
@@ -50,6 +50,8 @@ pub struct Inherited {
     pub lease: Option<i64>,
     /// Where to say "ready".
     ready: Option<OwnedFd>,
+    /// Where the predecessor's presence notices arrive (`presence_gate`).
+    pub presence: Option<OwnedFd>,
     from_predecessor: bool,
 }
 
@@ -87,6 +89,7 @@ impl Inherited {
                 "rpc" => inherited.rpc = Some(adopt(list)?),
                 "admin" => inherited.admin = Some(adopt(list)?),
                 "ready" => inherited.ready = Some(adopt(list)?),
+                "presence" => inherited.presence = Some(adopt(list)?),
                 "lease" => {
                     let lease = i64::from_str_radix(list, 16)
                         .map_err(|_| HandoverError::Malformed(part.to_owned()))?;
@@ -164,19 +167,21 @@ pub struct Handover {
     pub lease: Option<i64>,
 }
 
-/// A started successor and the pipe it will say "ready" on.
+/// A started successor, the pipe it will say "ready" on, and the pipe this process
+/// tells it about presence on.
 pub struct Successor {
     /// Its process id.
     pub pid: u32,
     ready: std::fs::File,
+    notices: std::fs::File,
 }
 
 impl Successor {
-    /// Blocks until the successor is serving (`true`) or has exited (`false`). Run it on
-    /// a blocking thread, bounded by a timeout.
-    pub fn wait_ready(mut self) -> bool {
+    /// Blocks until the successor is serving (the pipe to write presence notices to) or
+    /// has exited (`None`). Run it on a blocking thread, bounded by a timeout.
+    pub fn wait_ready(mut self) -> Option<std::fs::File> {
         let mut byte = [0u8; 1];
-        matches!(self.ready.read(&mut byte), Ok(1))
+        matches!(self.ready.read(&mut byte), Ok(1)).then_some(self.notices)
     }
 }
 
@@ -184,6 +189,7 @@ impl Handover {
     /// Starts the successor with the listeners inherited.
     pub fn spawn_successor(&self) -> Result<Successor, HandoverError> {
         let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
+        let (notices_read, notices_write) = pipe().map_err(HandoverError::Spawn)?;
         let mut inherited: Vec<RawFd> = self
             .client
             .iter()
@@ -192,7 +198,13 @@ impl Handover {
         inherited.push(self.rpc);
         inherited.extend(self.admin);
         inherited.push(ready_write.as_raw_fd());
-        let mut value = format!("rpc={};ready={}", self.rpc, ready_write.as_raw_fd());
+        inherited.push(notices_read.as_raw_fd());
+        let mut value = format!(
+            "rpc={};ready={};presence={}",
+            self.rpc,
+            ready_write.as_raw_fd(),
+            notices_read.as_raw_fd()
+        );
         for (name, fds) in &self.client {
             value.push_str(&format!(";{name}={}", join(fds)));
         }
@@ -218,9 +230,11 @@ impl Handover {
         }
         let child = command.spawn().map_err(HandoverError::Spawn)?;
         drop(ready_write);
+        drop(notices_read);
         Ok(Successor {
             pid: child.id(),
             ready: std::fs::File::from(ready_read),
+            notices: std::fs::File::from(notices_write),
         })
     }
 }

@@ -11,6 +11,8 @@ pub mod fault;
 pub mod handover;
 pub mod logging;
 pub mod panics;
+pub mod presence;
+pub mod presence_gate;
 pub mod rpc;
 pub mod session;
 pub mod shard;

@@ -153,3 +153,97 @@ fn comet_client(comet: &Comet, id: &str) -> common::Client {
         .unwrap();
     client
 }
+
+/// For a conn_id whose client is closed by the draining predecessor and reconnects at
+/// once to the successor, the message server gets the old `offline` before the new
+/// `online`, even when offlines are slow (10 ms each) and onlines fast.
+#[test]
+fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
+    const CLIENTS: usize = 200;
+    let server = MessageServer::start();
+    server.stall("offline", Duration::from_millis(10));
+    let old = Comet::start(
+        Some(&server),
+        "drain_window=1s\nping_interval=5s\nheartbeat_timeout=30s",
+    );
+    let port = old.ws_port;
+    let urls: Vec<String> = (0..CLIENTS)
+        .map(|i| old.ws_url(&format!("m{i}"), "t", ""))
+        .collect();
+    let clients: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let mut client = common::connect_url(&url, port).unwrap();
+            client
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            // Closed by the old process (1001): reconnect at once, until connected to
+            // one that keeps the connection (a reconnect may still reach the old one).
+            std::thread::spawn(move || {
+                assert_eq!(close_code(&mut client), Some(1001));
+                for _ in 0..50 {
+                    if let Ok(mut again) = common::connect_url(&url, port) {
+                        again
+                            .get_mut()
+                            .set_read_timeout(Some(Duration::from_millis(1500)))
+                            .unwrap();
+                        match again.read() {
+                            Err(tungstenite::Error::Io(_)) => return again,
+                            _ => continue,
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                panic!("could not reconnect");
+            })
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || server
+        .calls_of("online")
+        .len()
+        == CLIENTS));
+    let mut old = old;
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+    let _reap = Reap(successor_pid(&old.log_text()).expect("the log names the successor"));
+    let _held: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    // Every client is connected to the successor: each conn_id's events alternate,
+    // starting and ending with online.
+    let sequence = |calls: &[common::message_server::Callback], id: &str| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| (c.method == "online" || c.method == "offline") && c.arg(0) == id)
+            .map(|c| c.method.clone())
+            .collect()
+    };
+    let in_order = |seen: &[String]| {
+        seen.len() >= 3
+            && seen.len() % 2 == 1
+            && seen
+                .iter()
+                .enumerate()
+                .all(|(n, m)| m == if n % 2 == 0 { "online" } else { "offline" })
+    };
+    let settled = || {
+        let calls = server.calls();
+        (0..CLIENTS).all(|i| in_order(&sequence(&calls, &format!("m{i}"))))
+    };
+    let ordered = wait_until(Duration::from_secs(30), settled);
+    let calls = server.calls();
+    let out_of_order: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("m{i}"))
+        .filter(|id| !in_order(&sequence(&calls, id)))
+        .map(|id| format!("{id}: {:?}", sequence(&calls, &id)))
+        .collect();
+    assert!(
+        ordered,
+        "{} of {CLIENTS} out of order: {out_of_order:?}",
+        out_of_order.len()
+    );
+}

@@ -24,10 +24,11 @@ use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tokio::sync::oneshot;
 
-use crate::callback::{CallbackClient, Presence, PresenceKind};
+use crate::callback::CallbackClient;
 use crate::codec::{Message, Wire, json};
 use crate::config::Config;
 use crate::control::{ControlLink, DirectoryRequest};
+use crate::presence::{Presence, PresenceKind};
 use crate::session::{CloseReason, Delivery, Session};
 use crate::token::TokenVerifier;
 use crate::transport::Entry;

@@ -1,0 +1,338 @@
+//! Presence callbacks (`online`, `offline`) on worker threads ("lanes"), retried with
+//! backoff, in order per conn_id, and in order across a zero-downtime restart.
+//!
+//! A conn_id always goes to the same lane, so its `offline` never overtakes its `online`.
+//! Across a hand-over the order between the two processes is kept by the predecessor's
+//! notices (`presence_gate`): a successor's lane holds back a conn_id's events until the
+//! predecessor has delivered that conn_id's `offline`.
+//!
+//! Every call here blocks (ureq), so nothing in this module runs on a shard: shards only
+//! queue events, which never blocks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::json;
+
+use crate::callback::CallbackClient;
+use crate::presence_gate::{Gate, Notice};
+
+/// Which presence callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceKind {
+    /// The client's upgrade completed.
+    Online,
+    /// The client's connection is gone.
+    Offline,
+}
+
+impl PresenceKind {
+    fn method(self) -> &'static str {
+        match self {
+            PresenceKind::Online => "online",
+            PresenceKind::Offline => "offline",
+        }
+    }
+}
+
+struct PresenceEvent {
+    kind: PresenceKind,
+    conn_id: String,
+    info: String,
+}
+
+/// Where a predecessor writes its notices to its successor (shared by its lanes).
+type NoticePipe = Arc<Mutex<std::fs::File>>;
+
+/// What a lane is told besides events.
+enum Control {
+    /// Successor: the predecessor holds this conn_id.
+    Hold(String),
+    /// Successor: the predecessor delivered this conn_id's `offline`.
+    Done(String),
+    /// Successor: the predecessor's list and lanes are all in.
+    Open,
+    /// Successor: the predecessor is gone.
+    PredecessorGone,
+    /// Predecessor: a successor took over; report each `offline` delivered from now on.
+    HandedOver(NoticePipe),
+}
+
+/// Queues presence callbacks. Cloneable handle; dropping every handle and calling
+/// [`PresenceWorkers::join`] drains what is queued.
+#[derive(Clone)]
+pub struct Presence {
+    events: Arc<[Sender<PresenceEvent>]>,
+    controls: Arc<[Sender<Control>]>,
+    hasher: ahash::RandomState,
+}
+
+/// The threads behind a [`Presence`].
+pub struct PresenceWorkers {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Presence {
+    /// Starts `workers` lanes. With no client (no message server configured) events are
+    /// dropped after a debug log line. `predecessor`: the read end of a predecessor's
+    /// notices (a successor of a hand-over); its lanes then wait for them.
+    pub fn start(
+        client: Option<CallbackClient>,
+        workers: usize,
+        retries: u32,
+        predecessor: Option<std::fs::File>,
+    ) -> (Presence, PresenceWorkers) {
+        let mut events = Vec::with_capacity(workers);
+        let mut controls = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers);
+        let now = Instant::now();
+        for index in 0..workers {
+            let (event_tx, event_rx) = crossbeam_channel::unbounded();
+            let (control_tx, control_rx) = crossbeam_channel::unbounded();
+            events.push(event_tx);
+            controls.push(control_tx);
+            let gate = match predecessor {
+                Some(_) => Gate::waiting_for_predecessor(now),
+                None => Gate::open(),
+            };
+            let lane = Lane {
+                index,
+                client: client.clone(),
+                retries,
+                gate,
+                notices: None,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("presence-{index}"))
+                .spawn(move || lane.run(event_rx, control_rx))
+                .expect("spawning a presence thread");
+            threads.push(thread);
+        }
+        let presence = Presence {
+            events: events.into(),
+            controls: controls.into(),
+            hasher: ahash::RandomState::new(),
+        };
+        if let Some(pipe) = predecessor {
+            let routes = presence.clone_routes();
+            // Detached: it ends when the predecessor closes the pipe (it exits).
+            let _ = std::thread::Builder::new()
+                .name("presence-order".into())
+                .spawn(move || read_notices(pipe, &routes));
+        }
+        (presence, PresenceWorkers { threads })
+    }
+
+    /// What the notice reader needs: the lanes' control channels and the hash that picks
+    /// a conn_id's lane (not the event senders, so that shutdown is not held up by it).
+    fn clone_routes(&self) -> Routes {
+        Routes {
+            controls: Arc::clone(&self.controls),
+            hasher: self.hasher.clone(),
+        }
+    }
+
+    fn lane_of(&self, conn_id: &str) -> usize {
+        (self.hasher.hash_one(conn_id) % self.events.len() as u64) as usize
+    }
+
+    /// Queues a presence callback; never blocks.
+    pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
+        let event = PresenceEvent {
+            kind,
+            conn_id: conn_id.to_owned(),
+            info: info.to_owned(),
+        };
+        if self.events[self.lane_of(conn_id)].send(event).is_err() {
+            tracing::error!(
+                conn_id = ?conn_id,
+                method = kind.method(),
+                "presence worker gone; callback lost"
+            );
+        }
+    }
+
+    /// A successor took over: tells every lane to report its deliveries to `pipe`, and
+    /// writes `held` there, the conn_ids this process held when the successor was ready.
+    /// `held` must be taken before this call (each lane, once told, delivers what is
+    /// queued and then says it is ready: with the list taken first, every `offline` of a
+    /// conn_id not on it was queued by then). Blocks on the pipe: call it off the control
+    /// thread's runtime.
+    pub fn hand_over(&self, pipe: std::fs::File, held: Vec<String>) {
+        let pipe: NoticePipe = Arc::new(Mutex::new(pipe));
+        for control in self.controls.iter() {
+            let _ = control.send(Control::HandedOver(Arc::clone(&pipe)));
+        }
+        let mut text = String::new();
+        for conn_id in held {
+            text.push_str(&Notice::Hold(conn_id).line());
+        }
+        text.push_str(&Notice::Listed(self.events.len()).line());
+        write_notice_text(&pipe, &text);
+    }
+}
+
+/// How the notice reader reaches the lanes.
+struct Routes {
+    controls: Arc<[Sender<Control>]>,
+    hasher: ahash::RandomState,
+}
+
+impl Routes {
+    fn to_lane_of(&self, conn_id: &str, control: Control) {
+        let lane = (self.hasher.hash_one(conn_id) % self.controls.len() as u64) as usize;
+        let _ = self.controls[lane].send(control);
+    }
+
+    fn to_every_lane(&self, control: impl Fn() -> Control) {
+        for lane in self.controls.iter() {
+            let _ = lane.send(control());
+        }
+    }
+}
+
+/// The successor's side of the pipe: routes each notice to its lane until the
+/// predecessor closes it.
+fn read_notices(pipe: std::fs::File, routes: &Routes) {
+    let mut listed = None;
+    let mut lanes_ready = 0;
+    let mut opened = false;
+    for line in BufReader::new(pipe).lines() {
+        let Ok(line) = line else { break };
+        match Notice::parse(&line) {
+            Some(Notice::Hold(conn_id)) => {
+                routes.to_lane_of(&conn_id.clone(), Control::Hold(conn_id))
+            }
+            Some(Notice::Done(conn_id)) => {
+                routes.to_lane_of(&conn_id.clone(), Control::Done(conn_id))
+            }
+            Some(Notice::Listed(lanes)) => listed = Some(lanes),
+            Some(Notice::LaneReady(_)) => lanes_ready += 1,
+            None => tracing::warn!(line = ?line, "unreadable notice from the predecessor"),
+        }
+        if !opened && listed.is_some_and(|lanes| lanes_ready >= lanes) {
+            opened = true;
+            tracing::info!(
+                "predecessor's presence list received: holding its conn_ids until their offline"
+            );
+            routes.to_every_lane(|| Control::Open);
+        }
+    }
+    tracing::info!("predecessor gone: presence order released");
+    routes.to_every_lane(|| Control::PredecessorGone);
+}
+
+fn write_notice_text(pipe: &NoticePipe, text: &str) {
+    let mut pipe = pipe.lock().unwrap_or_else(|e| e.into_inner());
+    // A successor that died cannot be told anything; its absence is not our failure.
+    let _ = pipe.write_all(text.as_bytes());
+}
+
+impl PresenceWorkers {
+    /// Waits until every queued event is delivered or given up. Call after every
+    /// [`Presence`] handle is dropped.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How often a lane that holds something checks its deadlines.
+const GATE_TICK: Duration = Duration::from_millis(100);
+
+/// One presence worker.
+struct Lane {
+    index: usize,
+    client: Option<CallbackClient>,
+    retries: u32,
+    gate: Gate<PresenceEvent>,
+    notices: Option<NoticePipe>,
+}
+
+impl Lane {
+    fn run(mut self, events: Receiver<PresenceEvent>, controls: Receiver<Control>) {
+        loop {
+            let tick = if self.gate.is_waiting() {
+                GATE_TICK
+            } else {
+                Duration::from_secs(3600)
+            };
+            crossbeam_channel::select! {
+                recv(events) -> event => match event {
+                    Ok(event) => {
+                        let conn_id = event.conn_id.clone();
+                        let ready = self.gate.event(&conn_id, event);
+                        self.deliver(ready);
+                    }
+                    // Every handle dropped: what is held is released, then the lane ends.
+                    Err(_) => {
+                        let held = self.gate.release_all();
+                        self.deliver(held);
+                        return;
+                    }
+                },
+                recv(controls) -> control => {
+                    if let Ok(control) = control {
+                        self.control(control, &events);
+                    }
+                },
+                default(tick) => {
+                    let due = self.gate.tick(Instant::now());
+                    self.deliver(due);
+                }
+            }
+        }
+    }
+
+    fn control(&mut self, control: Control, events: &Receiver<PresenceEvent>) {
+        let ready = match control {
+            Control::Hold(conn_id) => {
+                self.gate.hold(conn_id, Instant::now());
+                Vec::new()
+            }
+            Control::Done(conn_id) => self.gate.done(&conn_id),
+            Control::Open => self.gate.open_now(),
+            Control::PredecessorGone => self.gate.release_all(),
+            Control::HandedOver(pipe) => {
+                // The held list was taken before this notice was sent, so every
+                // `offline` of a conn_id missing from it is already queued here: deliver
+                // them (reporting each from now on), then say this lane is ready.
+                self.notices = Some(Arc::clone(&pipe));
+                for _ in 0..events.len() {
+                    let Ok(event) = events.try_recv() else { break };
+                    let conn_id = event.conn_id.clone();
+                    let ready = self.gate.event(&conn_id, event);
+                    self.deliver(ready);
+                }
+                write_notice_text(&pipe, &Notice::LaneReady(self.index).line());
+                Vec::new()
+            }
+        };
+        self.deliver(ready);
+    }
+
+    fn deliver(&self, events: Vec<PresenceEvent>) {
+        for event in events {
+            self.deliver_one(&event);
+            if event.kind == PresenceKind::Offline
+                && let Some(pipe) = &self.notices
+            {
+                write_notice_text(pipe, &Notice::Done(event.conn_id).line());
+            }
+        }
+    }
+
+    fn deliver_one(&self, event: &PresenceEvent) {
+        let Some(client) = &self.client else {
+            tracing::debug!(conn_id = ?event.conn_id, method = event.kind.method(), "no rpc_api_url: callback skipped");
+            return;
+        };
+        let args = [&event.conn_id, &event.info, client.rpc_addr()].map(|a| json!(a));
+        // Failures are logged inside; a lost presence event is not fatal to anyone.
+        let _ = client.call_with_retries(event.kind.method(), &args, self.retries, &event.conn_id);
+    }
+}
