@@ -22,10 +22,6 @@ use crate::shard::{self, ListenerGroup, ShardDeps};
 use crate::token::TokenVerifier;
 use crate::transport::{Entry, EntryKind, tls};
 
-/// Presence worker threads: enough to overlap a few slow callbacks, few enough that a
-/// message server that is down is not hammered.
-const PRESENCE_WORKERS: usize = 4;
-
 /// Runs a gateway node until SIGTERM/SIGINT has closed every client, or until a
 /// successor started by SIGUSR2 has taken over.
 pub fn run_node(config: Config) -> anyhow::Result<()> {
@@ -43,7 +39,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     let predecessor_notices = inherited.presence.take().map(std::fs::File::from);
     let (presence, presence_workers) = Presence::start(
         callbacks.clone(),
-        PRESENCE_WORKERS,
+        config.presence_workers,
         config.callback_retries,
         predecessor_notices,
     );
@@ -82,6 +78,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         refuse_new_clients,
         callback_stats,
         inherited_lease: inherited.lease,
+        presence: presence.clone(),
     });
     let handover = Handover {
         client: handover_client,

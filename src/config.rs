@@ -142,6 +142,9 @@ pub struct Config {
     pub callback_retries: u32,
     /// Threads per shard that run `checkToken` calls.
     pub callback_threads: usize,
+    /// Presence lanes: `online`/`offline` callbacks delivered concurrently (each conn_id
+    /// always on the same lane, so its own events stay in order).
+    pub presence_workers: usize,
     /// Entries of each of a shard's io_uring rings. The kernel sizes a ring's table of
     /// pending polls from this (up to 256 buckets at 4096), and glommio cancels a request
     /// in that table every time a shard goes idle: with the default of 128 (8 buckets),
@@ -296,6 +299,7 @@ impl Config {
             callback_timeout: raw.duration("callback_timeout", Duration::from_secs(5))?,
             callback_retries: raw.count("callback_retries", 5, 0, 100)? as u32,
             callback_threads: raw.count("callback_threads", 8, 1, 256)?,
+            presence_workers: raw.count("presence_workers", 16, 1, 1024)?,
             io_uring_depth: raw.count("io_uring_depth", 4096, 16, 32768)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),

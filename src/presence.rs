@@ -139,6 +139,11 @@ impl Presence {
         (self.hasher.hash_one(conn_id) % self.events.len() as u64) as usize
     }
 
+    /// Events queued and not yet delivered, over every lane (held ones included).
+    pub fn backlog(&self) -> usize {
+        self.events.iter().map(Sender::len).sum()
+    }
+
     /// Queues a presence callback; never blocks.
     pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
         let event = PresenceEvent {

@@ -28,6 +28,8 @@ pub struct Figures<'a> {
     pub uptime_secs: u64,
     /// Whether the node is shutting down.
     pub draining: bool,
+    /// Presence callbacks queued, not yet delivered.
+    pub presence_backlog: u64,
 }
 
 /// The exposition text.
@@ -221,6 +223,11 @@ fn node(out: &mut Exposition, figures: &Figures<'_>) {
             "Seconds since start.",
             Some(figures.uptime_secs),
         ),
+        (
+            "comet_presence_backlog",
+            "online/offline callbacks queued and not yet delivered.",
+            Some(figures.presence_backlog),
+        ),
     ];
     for (name, help, value) in gauges {
         if let Some(value) = value {
@@ -299,6 +306,7 @@ mod tests {
             load: (LoadSample::default(), LoadState::default()),
             uptime_secs: 9,
             draining: false,
+            presence_backlog: 0,
         });
         assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.001\"} 1\n"));
         assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.002\"} 2\n"));

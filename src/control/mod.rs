@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::callback::CallbackStats;
 use crate::codec::Message;
 use crate::config::Config;
+use crate::presence::Presence;
 use crate::session::CloseReason;
 use crate::shard::{BroadcastOutcome, ShardCommand, ShardHandle, ShardStats};
 use directory::{Claim, Directory};
@@ -127,6 +128,8 @@ pub struct NodeParts {
     pub callback_stats: Arc<CallbackStats>,
     /// A predecessor's etcd lease holding this node's key (zero-downtime restart).
     pub inherited_lease: Option<i64>,
+    /// The presence lanes, for their backlog.
+    pub presence: Presence,
 }
 
 /// The control thread's view of the node.
@@ -140,6 +143,7 @@ pub struct Node {
     last_sample: Cell<LoadSample>,
     refuse_new_clients: Arc<AtomicBool>,
     callback_stats: Arc<CallbackStats>,
+    presence: Presence,
     counters: PushCounters,
     draining: Cell<bool>,
     started: Instant,
@@ -155,6 +159,7 @@ impl Node {
             refuse_new_clients,
             callback_stats,
             inherited_lease,
+            presence,
         } = parts;
         let directory = Directory::new(shards.len(), config.duplicate_conn_id);
         Rc::new(Node {
@@ -164,6 +169,7 @@ impl Node {
             last_sample: Cell::new(LoadSample::default()),
             refuse_new_clients,
             callback_stats,
+            presence,
             counters: PushCounters::default(),
             draining: Cell::new(false),
             config,
@@ -537,6 +543,7 @@ impl Node {
                 "not_on_node": c.not_on_node.get(),
             },
             "callbacks": self.callback_stats.figures(),
+            "presence_backlog": self.presence.backlog(),
             "registration": match &self.registrar {
                 Some(registrar) => serde_json::to_value(registrar.status()).unwrap_or_default(),
                 None => json!({"state": "standalone"}),
@@ -639,6 +646,7 @@ impl Node {
             load: (self.last_sample.get(), self.load_state()),
             uptime_secs: self.started.elapsed().as_secs(),
             draining: self.draining.get(),
+            presence_backlog: self.presence.backlog() as u64,
         })
     }
 
