@@ -189,7 +189,7 @@ pub fn parse_request(
     }
     let method = request.method.unwrap_or_default();
     if method != "GET" {
-        return Err(HandshakeError::Method(method.to_owned()));
+        return Err(HandshakeError::Method(quote(method.as_bytes())));
     }
     // httparse reads only 1.0 and 1.1; RFC 6455 section 4.1 needs 1.1 or later.
     if request.version != Some(1) {
@@ -200,7 +200,7 @@ pub fn parse_request(
     let target = request.path.unwrap_or_default();
     let (request_path, query) = target.split_once('?').unwrap_or((target, ""));
     if request_path != policy.path {
-        return Err(HandshakeError::NotFound(request_path.to_owned()));
+        return Err(HandshakeError::NotFound(quote(request_path.as_bytes())));
     }
     let key = check_headers(request.headers, policy)?;
     let token = parse_token(query)?;
