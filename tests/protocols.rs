@@ -538,7 +538,9 @@ fn coalescing_is_for_websocket_only_json_lines_keep_one_message_per_line() {
     let tcp_port = free_port();
     let node = Comet::start(
         None,
-        &format!("tcp_port={tcp_port}\ncoalesce_messages=true\noutbound_queue_size=100000\n"),
+        &format!(
+            "tcp_port={tcp_port}\ncoalesce_messages=true\noutbound_queue_size=100000\noutbound_queue_bytes=16777216\n"
+        ),
     );
     assert!(wait_until(Duration::from_secs(5), || common::port_open(
         tcp_port

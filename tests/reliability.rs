@@ -158,7 +158,10 @@ fn a_million_deliveries_arrive_exactly_once_and_in_order() {
     const CLIENTS: usize = 200;
     const PUSHES: usize = 10_000;
     const FAN_OUT: usize = 100;
-    let comet = Comet::start(None, "outbound_queue_size=100000");
+    let comet = Comet::start(
+        None,
+        "outbound_queue_size=100000\noutbound_queue_bytes=268435456",
+    );
     let readers: Vec<_> = (0..CLIENTS)
         .map(|i| {
             let mut client = comet.connect(&format!("q{i}"), "t", "").unwrap();

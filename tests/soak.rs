@@ -138,7 +138,7 @@ fn soak_keeps_memory_flat_presence_exact_and_deliveries_whole() {
     let comet = Comet::start(
         Some(&server),
         &format!(
-            "tcp_port={tcp_port}\noutbound_queue_size=100000\nping_interval=2s\nheartbeat_timeout=5s\n"
+            "tcp_port={tcp_port}\noutbound_queue_size=100000\noutbound_queue_bytes=268435456\nping_interval=2s\nheartbeat_timeout=5s\n"
         ),
     );
     assert!(wait_until(Duration::from_secs(5), || common::port_open(

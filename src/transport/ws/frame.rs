@@ -11,12 +11,14 @@ use std::io::Cursor;
 use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
+use super::utf8::{Utf8Error, Utf8Validator};
+
 /// Largest payload of a control frame (RFC 6455 section 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Largest frame header a client can send.
 const MAX_HEADER: usize = 14;
 
-/// Close codes this server sends.
+/// Close codes this server sends, and which ones a client may send.
 pub mod close_code {
     /// The connection has served its purpose (kick, replaced).
     pub const NORMAL: u16 = 1000;
@@ -24,10 +26,20 @@ pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     /// The client broke the framing rules.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A Text message (or a close reason) that is not UTF-8 (RFC 6455 section 8.1).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// The client broke a policy (it stopped reading: slow consumer).
     pub const POLICY: u16 = 1008;
     /// The client sent a message larger than `max_frame_size`.
     pub const TOO_BIG: u16 = 1009;
+
+    /// Whether a peer may send `code` in a Close frame (RFC 6455 section 7.4): the
+    /// defined codes except those reserved for "no code" (1005), "abnormal" (1006) and
+    /// "TLS failure" (1015), which never go on the wire; the registered 1012-1014; and
+    /// 3000-4999 for libraries and applications. Everything else is a protocol error.
+    pub fn is_valid(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 /// A complete outbound frame (header + payload), built once and shared by every
@@ -103,8 +115,14 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
 /// What a client sent, one complete frame at a time.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound {
-    /// A data frame's payload (unmasked); `fin` ends the message.
-    Data { payload: Vec<u8>, fin: bool },
+    /// A data frame's payload (unmasked); `fin` ends the message. `text`: the frame is
+    /// part of a Text message, whose bytes have been checked as UTF-8 so far (and, at
+    /// `fin`, as a whole).
+    Data {
+        payload: Vec<u8>,
+        fin: bool,
+        text: bool,
+    },
     /// A ping; the payload must be echoed in a pong.
     Ping(Vec<u8>),
     /// A pong (an answer to our heartbeat).
@@ -120,6 +138,19 @@ pub enum FrameError {
     TooBig { size: u64, limit: usize },
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    #[error("protocol violation: close code {0} is not allowed")]
+    BadCloseCode(u16),
+    #[error("{0}")]
+    InvalidUtf8(&'static str),
+}
+
+impl From<Utf8Error> for FrameError {
+    fn from(err: Utf8Error) -> FrameError {
+        FrameError::InvalidUtf8(match err {
+            Utf8Error::Invalid => "text message is not valid UTF-8",
+            Utf8Error::Truncated => "text message ends inside a UTF-8 character",
+        })
+    }
 }
 
 impl FrameError {
@@ -127,18 +158,28 @@ impl FrameError {
     pub fn close_code(&self) -> u16 {
         match self {
             FrameError::TooBig { .. } => close_code::TOO_BIG,
-            FrameError::Protocol(_) => close_code::PROTOCOL_ERROR,
+            FrameError::Protocol(_) | FrameError::BadCloseCode(_) => close_code::PROTOCOL_ERROR,
+            FrameError::InvalidUtf8(_) => close_code::INVALID_PAYLOAD,
         }
     }
 }
 
 /// Incremental decoder of client frames. Holds at most one incomplete frame, whose size
 /// is bounded by `max_message` before any of its payload is buffered.
+///
+/// It is part of every idle connection's task, so its state stays small (40 bytes): the
+/// flags and the UTF-8 carry-over fit in what the `Vec` and the length leave as padding.
 #[derive(Debug, Default)]
 pub struct Decoder {
     partial: Vec<u8>,
     message_len: u64,
     in_message: bool,
+    /// The message in progress is Text: its fragments are checked as UTF-8.
+    text: bool,
+    /// The client's Close has been decoded: it is the last frame that counts (RFC 6455
+    /// section 5.5.1), whatever follows it is ignored.
+    closed: bool,
+    utf8: Utf8Validator,
 }
 
 impl Decoder {
@@ -149,6 +190,9 @@ impl Decoder {
         max_message: usize,
         mut on_frame: impl FnMut(Inbound),
     ) -> Result<(), FrameError> {
+        if self.closed {
+            return Ok(());
+        }
         if self.partial.is_empty() {
             let used = self.decode_all(data, max_message, &mut on_frame)?;
             self.partial.extend_from_slice(&data[used..]);
@@ -166,6 +210,11 @@ impl Decoder {
         Ok(())
     }
 
+    /// Bytes held for an incomplete frame (at most its header and `max_message`).
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
     fn decode_all(
         &mut self,
         data: &[u8],
@@ -177,7 +226,13 @@ impl Decoder {
             match self.decode_one(&data[used..], max_message)? {
                 Some((frame, consumed)) => {
                     used += consumed;
+                    let close = matches!(frame, Inbound::Close(_));
                     on_frame(frame);
+                    if close {
+                        // Nothing after the client's Close is answered or judged: drop it.
+                        self.closed = true;
+                        return Ok(data.len());
+                    }
                 }
                 None => break,
             }
@@ -223,6 +278,13 @@ impl Decoder {
         length: u64,
         max_message: usize,
     ) -> Result<(), FrameError> {
+        if length > i64::MAX as u64 {
+            // Section 5.2: the most significant bit of a 64-bit length must be 0; this is
+            // a malformed header, not merely a big message.
+            return Err(FrameError::Protocol(
+                "64-bit payload length with the most significant bit set",
+            ));
+        }
         if header.mask.is_none() {
             return Err(FrameError::Protocol("client frames must be masked"));
         }
@@ -263,11 +325,14 @@ impl Decoder {
     fn classify(&mut self, header: FrameHeader, payload: Vec<u8>) -> Result<Inbound, FrameError> {
         Ok(match header.opcode {
             OpCode::Data(data) => {
-                let base = if data == Data::Continue {
-                    self.message_len
-                } else {
-                    0
-                };
+                let starts = data != Data::Continue;
+                if starts {
+                    self.text = data == Data::Text;
+                }
+                if self.text {
+                    self.check_text(&payload, header.is_final)?;
+                }
+                let base = if starts { 0 } else { self.message_len };
                 self.message_len = base + payload.len() as u64;
                 self.in_message = !header.is_final;
                 if header.is_final {
@@ -276,6 +341,7 @@ impl Decoder {
                 Inbound::Data {
                     payload,
                     fin: header.is_final,
+                    text: self.text,
                 }
             }
             OpCode::Control(Control::Ping) => Inbound::Ping(payload),
@@ -286,13 +352,33 @@ impl Decoder {
             }
         })
     }
+
+    /// Section 8.1: a Text fragment is checked as it arrives, so that a bad message fails
+    /// on its first bad fragment; only a code point cut by the fragment's end carries over.
+    fn check_text(&mut self, payload: &[u8], fin: bool) -> Result<(), FrameError> {
+        self.utf8.feed(payload)?;
+        if fin {
+            self.utf8.finish()?;
+        }
+        Ok(())
+    }
 }
 
+/// A Close payload: nothing, or a code a peer may send followed by a UTF-8 reason.
 fn close_status(payload: &[u8]) -> Result<Option<u16>, FrameError> {
     match payload {
         [] => Ok(None),
         [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
-        [hi, lo, ..] => Ok(Some(u16::from_be_bytes([*hi, *lo]))),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code::is_valid(code) {
+                return Err(FrameError::BadCloseCode(code));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(FrameError::InvalidUtf8("close reason is not valid UTF-8"));
+            }
+            Ok(Some(code))
+        }
     }
 }
 
@@ -338,7 +424,8 @@ mod tests {
             frames,
             vec![Inbound::Data {
                 payload: b"hello".to_vec(),
-                fin: true
+                fin: true,
+                text: true,
             }]
         );
     }
@@ -397,6 +484,203 @@ mod tests {
     fn stray_continuation_is_refused() {
         let err = decode(&mut Decoder::default(), &client_frame(0x80, b"x")).unwrap_err();
         assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    fn refusal(bytes: &[u8]) -> FrameError {
+        decode(&mut Decoder::default(), bytes).unwrap_err()
+    }
+
+    fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        client_frame(0x88, &payload)
+    }
+
+    #[test]
+    fn invalid_utf8_text_is_1007() {
+        for bad in [
+            &b"\xff"[..],
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"ok\xf4\x90\x80\x80",
+        ] {
+            let err = refusal(&client_frame(0x81, bad));
+            assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD, "{bad:?}");
+        }
+        // Binary messages are not text: any bytes go.
+        assert!(decode(&mut Decoder::default(), &client_frame(0x82, b"\xff\xfe")).is_ok());
+    }
+
+    #[test]
+    fn invalid_utf8_split_across_fragments_is_1007() {
+        let mut bytes = client_frame(0x01, b"ok \xf0\x9f");
+        bytes.extend(client_frame(0x80, b"(not a continuation"));
+        assert_eq!(refusal(&bytes).close_code(), close_code::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn a_code_point_split_across_fragments_and_pings_is_fine() {
+        let mut bytes = client_frame(0x01, b"\xce");
+        bytes.extend(client_frame(0x89, b"mid-message ping"));
+        bytes.extend(client_frame(0x00, b"\xba\xe1\xbd"));
+        bytes.extend(client_frame(0x80, b"\xb9\xcf\x83\xce\xbc\xce\xb5"));
+        let frames = decode(&mut Decoder::default(), &bytes).unwrap();
+        assert_eq!(frames.len(), 4);
+        assert!(matches!(
+            frames[3],
+            Inbound::Data {
+                fin: true,
+                text: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_text_message_ending_mid_character_is_1007() {
+        let err = refusal(&client_frame(0x81, b"price: \xe2\x82"));
+        assert_eq!(
+            err,
+            FrameError::InvalidUtf8("text message ends inside a UTF-8 character")
+        );
+        let mut bytes = client_frame(0x01, b"a");
+        bytes.extend(client_frame(0x80, b"\xf0\x9f\x98"));
+        assert_eq!(refusal(&bytes).close_code(), close_code::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn the_first_invalid_fragment_fails_before_the_message_ends() {
+        let mut decoder = Decoder::default();
+        let err = decode(&mut decoder, &client_frame(0x01, b"\xff more to come")).unwrap_err();
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn utf8_state_does_not_leak_into_the_next_message() {
+        let mut bytes = client_frame(0x81, "é".as_bytes());
+        bytes.extend(client_frame(0x82, b"\x80"));
+        bytes.extend(client_frame(0x81, b"fine"));
+        assert_eq!(decode(&mut Decoder::default(), &bytes).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn close_reason_must_be_utf8() {
+        let err = refusal(&close_frame(1000, b"bye \xff"));
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+        let frames = decode(
+            &mut Decoder::default(),
+            &close_frame(1000, "adiós".as_bytes()),
+        );
+        assert_eq!(frames.unwrap(), vec![Inbound::Close(Some(1000))]);
+    }
+
+    #[test]
+    fn invalid_close_codes_are_1002() {
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let err = refusal(&close_frame(code, b""));
+            assert_eq!(err, FrameError::BadCloseCode(code));
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+        }
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
+            4000, 4999,
+        ] {
+            let frames = decode(&mut Decoder::default(), &close_frame(code, b"")).unwrap();
+            assert_eq!(frames, vec![Inbound::Close(Some(code))], "{code}");
+        }
+    }
+
+    #[test]
+    fn one_byte_close_payload_is_1002() {
+        let err = refusal(&client_frame(0x88, &[0x03]));
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn a_64_bit_length_with_the_top_bit_set_is_1002_not_1009() {
+        let mut bytes = vec![0x82, 0x80 | 127];
+        bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        bytes.extend_from_slice(&[1, 2, 3, 4]);
+        let err = refusal(&bytes);
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+        // Without the top bit, a huge length is still just too big.
+        let mut bytes = vec![0x82, 0x80 | 127];
+        bytes.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+        bytes.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(refusal(&bytes).close_code(), close_code::TOO_BIG);
+    }
+
+    #[test]
+    fn nothing_after_the_close_is_processed() {
+        let mut bytes = close_frame(1000, b"");
+        bytes.extend(client_frame(0x89, b"late ping"));
+        bytes.extend([0x81, 0x01, b'x']); // unmasked: would be 1002
+        let mut decoder = Decoder::default();
+        let frames = decode(&mut decoder, &bytes).unwrap();
+        assert_eq!(frames, vec![Inbound::Close(Some(1000))]);
+        assert_eq!(decoder.buffered(), 0);
+        // Later reads are ignored too.
+        assert!(
+            decode(&mut decoder, &client_frame(0x89, b"x"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reserved_bits_are_1002() {
+        for first in [0xC1, 0xA1, 0x91, 0xC9] {
+            assert_eq!(
+                refusal(&client_frame(first, b"x")).close_code(),
+                close_code::PROTOCOL_ERROR,
+                "{first:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn reserved_opcodes_are_1002() {
+        for opcode in [3u8, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+            // tungstenite's header parser already refuses some of them: 1002 either way.
+            let err = refusal(&client_frame(0x80 | opcode, b""));
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR, "{opcode:#x}");
+        }
+    }
+
+    #[test]
+    fn big_or_fragmented_control_frames_are_1002() {
+        let big_ping = client_frame(0x89, &[b'p'; 126]);
+        assert_eq!(refusal(&big_ping).close_code(), close_code::PROTOCOL_ERROR);
+        assert!(decode(&mut Decoder::default(), &client_frame(0x89, &[b'p'; 125])).is_ok());
+        for unfinished in [0x09, 0x0A, 0x08] {
+            let err = refusal(&client_frame(unfinished, b""));
+            assert_eq!(
+                err.close_code(),
+                close_code::PROTOCOL_ERROR,
+                "{unfinished:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_message_inside_a_fragmented_one_is_1002() {
+        for second in [0x81, 0x82, 0x01] {
+            let mut bytes = client_frame(0x01, b"first");
+            bytes.extend(client_frame(second, b"second"));
+            assert_eq!(
+                refusal(&bytes).close_code(),
+                close_code::PROTOCOL_ERROR,
+                "{second:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn decoder_stays_forty_bytes() {
+        // Part of every idle connection's task: the UTF-8 and close state must not grow it.
+        assert!(std::mem::size_of::<Decoder>() <= 40);
     }
 
     #[test]

@@ -4,12 +4,20 @@
 //! with a parsed [`UpgradeRequest`] (check the token, claim the conn_id) and writes the
 //! bytes this module builds.
 
+use base64::Engine;
 use percent_encoding::percent_decode;
 use serde::Deserialize;
 
 /// Largest upgrade request accepted (request line + headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-const MAX_HEADERS: usize = 32;
+/// Header fields accepted in an upgrade request. Browsers send 10 to 20 and proxies add
+/// a few; 128 leaves room for both while a request must spend most of its 8 KiB to reach
+/// the count. The slots (32 bytes each) live on the stack during one parse only.
+const MAX_HEADERS: usize = 128;
+/// How many bytes of a refused value are quoted back in an answer or a log line.
+const QUOTED_BYTES: usize = 128;
+/// The WebSocket version this server speaks (RFC 6455).
+const VERSION: &[u8] = b"13";
 
 /// The identity a client presents in the `t` parameter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +60,7 @@ impl Default for UpgradePolicy {
 }
 
 impl UpgradePolicy {
-    fn allows_origin(&self, origin: &str) -> bool {
+    fn allows_origin(&self, origin: &[u8]) -> bool {
         self.allowed_origins.is_empty()
             || self
                 .allowed_origins
@@ -61,17 +69,40 @@ impl UpgradePolicy {
     }
 }
 
-/// `allowed` is an exact origin or has one `*` standing for a run of subdomain labels.
-fn origin_matches(allowed: &str, origin: &str) -> bool {
-    match allowed.split_once('*') {
-        None => allowed.eq_ignore_ascii_case(origin),
-        Some((prefix, suffix)) => {
-            origin.len() > prefix.len() + suffix.len()
-                && origin[..prefix.len()].eq_ignore_ascii_case(prefix)
-                && origin[origin.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-                && !origin[prefix.len()..origin.len() - suffix.len()].contains('/')
-        }
-    }
+/// Whether `origin` (the raw header value: any bytes) matches `allowed`, an exact origin
+/// or one with a single `*` standing for a run of subdomain labels. ASCII letters match
+/// regardless of case (origins are lowercase; some clients are not).
+///
+/// Works on bytes throughout: the header is untrusted and need not be ASCII or even
+/// UTF-8, so nothing here may index it as a `str` (a multi-byte character across the
+/// prefix's end once panicked the shard).
+pub fn origin_matches(allowed: &str, origin: &[u8]) -> bool {
+    let allowed = allowed.as_bytes();
+    let Some(star) = allowed.iter().position(|&b| b == b'*') else {
+        return allowed.eq_ignore_ascii_case(origin);
+    };
+    let (prefix, suffix) = (&allowed[..star], &allowed[star + 1..]);
+    let Some((head, rest)) = origin.split_at_checked(prefix.len()) else {
+        return false;
+    };
+    let Some(middle_len) = rest.len().checked_sub(suffix.len()) else {
+        return false;
+    };
+    let (middle, tail) = rest.split_at(middle_len);
+    head.eq_ignore_ascii_case(prefix) && tail.eq_ignore_ascii_case(suffix) && is_label_run(middle)
+}
+
+/// One or more DNS labels joined by dots (`a`, `eu.cdn`): what a browser can put where
+/// the pattern has `*`. No empty label, nothing but letters, digits, `-` and `_` (a
+/// browser sends international names as punycode), so no `/`, `:`, `@` or non-ASCII.
+fn is_label_run(middle: &[u8]) -> bool {
+    !middle.is_empty()
+        && middle.split(|&b| b == b'.').all(|label| {
+            !label.is_empty()
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        })
 }
 
 /// Why an upgrade request was refused; [`HandshakeError::status`] is the HTTP answer.
@@ -79,16 +110,28 @@ fn origin_matches(allowed: &str, origin: &str) -> bool {
 pub enum HandshakeError {
     #[error("request larger than {MAX_REQUEST_BYTES} bytes")]
     TooLarge,
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    #[error("HTTP/1.1 or later required")]
+    HttpVersion,
     #[error("method {0} not allowed, only GET")]
     Method(String),
     #[error("no WebSocket endpoint at {0}")]
     NotFound(String),
+    #[error("missing Host header")]
+    MissingHost,
+    #[error("{0} header appears more than once")]
+    DuplicateHeader(&'static str),
     #[error("origin {0} is not allowed")]
     Origin(String),
     #[error("not a WebSocket upgrade: {0}")]
     NotUpgrade(&'static str),
+    #[error("unsupported WebSocket version {0}, only 13")]
+    Version(String),
+    #[error("Sec-WebSocket-Key must be the base64 of 16 bytes")]
+    BadKey,
     #[error("bad token parameter: {0}")]
     BadToken(String),
 }
@@ -97,12 +140,30 @@ impl HandshakeError {
     /// The HTTP status line for this refusal.
     pub fn status(&self) -> &'static str {
         match self {
-            HandshakeError::TooLarge => "431 Request Header Fields Too Large",
-            HandshakeError::Malformed(_) | HandshakeError::NotUpgrade(_) => "400 Bad Request",
+            HandshakeError::TooLarge | HandshakeError::TooManyHeaders => {
+                "431 Request Header Fields Too Large"
+            }
+            HandshakeError::Malformed(_)
+            | HandshakeError::HttpVersion
+            | HandshakeError::MissingHost
+            | HandshakeError::DuplicateHeader(_)
+            | HandshakeError::NotUpgrade(_)
+            | HandshakeError::BadKey => "400 Bad Request",
             HandshakeError::Method(_) => "405 Method Not Allowed",
             HandshakeError::NotFound(_) => "404 Not Found",
             HandshakeError::Origin(_) => "403 Forbidden",
+            HandshakeError::Version(_) => "426 Upgrade Required",
             HandshakeError::BadToken(_) => "401 Unauthorized",
+        }
+    }
+
+    /// Header lines the refusal must carry: `Allow` with a 405 (RFC 9110 section
+    /// 15.5.6), the version this server speaks with a 426 (RFC 6455 section 4.4).
+    pub fn headers(&self) -> &'static str {
+        match self {
+            HandshakeError::Method(_) => "Allow: GET\r\n",
+            HandshakeError::Version(_) => "Sec-WebSocket-Version: 13\r\n",
+            _ => "",
         }
     }
 }
@@ -115,59 +176,115 @@ pub fn parse_request(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_BYTES => {
+            return Err(HandshakeError::TooLarge);
+        }
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) if buf.len() >= MAX_REQUEST_BYTES => {
             return Err(HandshakeError::TooLarge);
         }
         Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
         Err(err) => return Err(HandshakeError::Malformed(err.to_string())),
     }
     let method = request.method.unwrap_or_default();
     if method != "GET" {
-        return Err(HandshakeError::Method(method.to_owned()));
+        return Err(HandshakeError::Method(quote(method.as_bytes())));
     }
+    // httparse reads only 1.0 and 1.1; RFC 6455 section 4.1 needs 1.1 or later.
+    if request.version != Some(1) {
+        return Err(HandshakeError::HttpVersion);
+    }
+    // httparse hands back the target only when it is ASCII (else ""), so `str` methods
+    // on it cannot split a character.
     let target = request.path.unwrap_or_default();
     let (request_path, query) = target.split_once('?').unwrap_or((target, ""));
     if request_path != policy.path {
-        return Err(HandshakeError::NotFound(request_path.to_owned()));
+        return Err(HandshakeError::NotFound(quote(request_path.as_bytes())));
     }
-    let key = check_upgrade_headers(request.headers)?;
-    if let Some(origin) = header(request.headers, "Origin")
-        && !policy.allows_origin(origin.trim())
-    {
-        return Err(HandshakeError::Origin(origin.trim().to_owned()));
-    }
+    let key = check_headers(request.headers, policy)?;
     let token = parse_token(query)?;
     Ok(Some(UpgradeRequest { key, token }))
 }
 
-fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-}
-
-fn check_upgrade_headers(headers: &[httparse::Header<'_>]) -> Result<String, HandshakeError> {
-    let find = |name: &str| header(headers, name);
-    let has_token = |name: &str, token: &str| {
-        find(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    };
-    if !has_token("Upgrade", "websocket") {
+/// Every rule on the request's header fields (RFC 6455 section 4.2.1 and the origin
+/// policy), on the raw values: whatever bytes a client sends, the answer is a refusal,
+/// never a panic. Returns the `Sec-WebSocket-Key`.
+pub fn check_headers(
+    headers: &[httparse::Header<'_>],
+    policy: &UpgradePolicy,
+) -> Result<String, HandshakeError> {
+    if single(headers, "Host")?.is_none() {
+        return Err(HandshakeError::MissingHost);
+    }
+    if !has_token(headers, "Upgrade", b"websocket") {
         return Err(HandshakeError::NotUpgrade("missing `Upgrade: websocket`"));
     }
-    if !has_token("Connection", "upgrade") {
+    if !has_token(headers, "Connection", b"upgrade") {
         return Err(HandshakeError::NotUpgrade("missing `Connection: Upgrade`"));
     }
-    if find("Sec-WebSocket-Version").map(str::trim) != Some("13") {
-        return Err(HandshakeError::NotUpgrade(
-            "Sec-WebSocket-Version must be 13",
-        ));
+    match single(headers, "Sec-WebSocket-Version")? {
+        Some(version) if version == VERSION => {}
+        Some(other) => return Err(HandshakeError::Version(quote(other))),
+        None => return Err(HandshakeError::Version("(none)".into())),
     }
-    match find("Sec-WebSocket-Key").map(str::trim) {
-        Some(key) if !key.is_empty() => Ok(key.to_owned()),
-        _ => Err(HandshakeError::NotUpgrade("missing Sec-WebSocket-Key")),
+    let key = match single(headers, "Sec-WebSocket-Key")? {
+        Some(key) => check_key(key)?,
+        None => return Err(HandshakeError::NotUpgrade("missing Sec-WebSocket-Key")),
+    };
+    if let Some(origin) = single(headers, "Origin")?
+        && !policy.allows_origin(origin)
+    {
+        return Err(HandshakeError::Origin(quote(origin)));
     }
+    Ok(key)
+}
+
+/// The value of a header that may appear at most once (RFC 6455 section 11.3, RFC 9110
+/// section 7.2 for Host), trimmed of optional whitespace.
+fn single<'a>(
+    headers: &[httparse::Header<'a>],
+    name: &'static str,
+) -> Result<Option<&'a [u8]>, HandshakeError> {
+    let mut found = headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name));
+    let first = found.next().map(|h| h.value.trim_ascii());
+    if found.next().is_some() {
+        return Err(HandshakeError::DuplicateHeader(name));
+    }
+    Ok(first)
+}
+
+/// Whether any `name` field lists `token` (comma-separated lists may be split over
+/// several fields, RFC 9110 section 5.3).
+fn has_token(headers: &[httparse::Header<'_>], name: &str, token: &[u8]) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case(name))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Section 4.2.1: the key is the base64 of a 16-byte nonce (24 characters, canonical).
+fn check_key(key: &[u8]) -> Result<String, HandshakeError> {
+    let mut nonce = [0u8; 18];
+    match base64::engine::general_purpose::STANDARD.decode_slice(key, &mut nonce) {
+        Ok(16) if key.len() == 24 => {
+            // Base64 is ASCII, so this cannot fail.
+            String::from_utf8(key.to_vec()).map_err(|_| HandshakeError::BadKey)
+        }
+        _ => Err(HandshakeError::BadKey),
+    }
+}
+
+/// A client's bytes, fit to quote in an answer or a log: bounded, non-ASCII and
+/// control bytes escaped.
+fn quote(value: &[u8]) -> String {
+    let shown = value.get(..QUOTED_BYTES).unwrap_or(value);
+    let mut text = shown.escape_ascii().to_string();
+    if shown.len() < value.len() {
+        text.push_str("...");
+    }
+    text
 }
 
 #[derive(Deserialize)]
@@ -192,8 +309,21 @@ pub fn parse_token(query: &str) -> Result<ClientToken, HandshakeError> {
     token_from_json(json.as_bytes())
 }
 
-/// Decodes the token object `{"conn_id": ..., "token": ..., "info": ...}`.
+/// Decodes the token object `{"conn_id": ..., "token": ..., "info": ...}`. Shared by
+/// every transport: WebSocket's `t`, the JSON-lines first line, RESP's `AUTH <object>`.
 pub fn token_from_json(json: &[u8]) -> Result<ClientToken, HandshakeError> {
+    // serde's derived Deserialize also takes a struct written as an array
+    // (`["id","tok","info"]`), which the original service (Go's json.Unmarshal into a
+    // struct) refuses. serde_json picks object or array by the first byte after JSON
+    // whitespace, so requiring `{` there admits exactly the objects.
+    let first = json
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(HandshakeError::BadToken(
+            "`t` is not a token object: expected a JSON object".into(),
+        ));
+    }
     let parsed: TokenJson = serde_json::from_slice(json)
         .map_err(|e| HandshakeError::BadToken(format!("`t` is not a token object: {e}")))?;
     let conn_id = scalar_text(parsed.conn_id);
@@ -232,15 +362,22 @@ pub fn accept_response(key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A refusal: status line, a one-line plain-text body naming the reason, connection closed.
-pub fn refusal_response(status: &str, reason: &str, retry_after_secs: Option<u32>) -> Vec<u8> {
+/// A refusal: status line, the `headers` the status needs (each ending in CRLF, see
+/// [`HandshakeError::headers`]), a one-line plain-text body naming the reason,
+/// connection closed.
+pub fn refusal_response(
+    status: &str,
+    headers: &str,
+    reason: &str,
+    retry_after_secs: Option<u32>,
+) -> Vec<u8> {
     let retry = retry_after_secs
         .map(|s| format!("Retry-After: {s}\r\n"))
         .unwrap_or_default();
     let body = format!("{reason}\n");
     format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         {retry}Connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{headers}Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\n{retry}Connection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -353,6 +490,277 @@ mod tests {
         assert_eq!(
             parse_request(big.as_bytes(), &UpgradePolicy::default()).unwrap_err(),
             HandshakeError::TooLarge
+        );
+    }
+
+    fn refused(text: &[u8], policy: &UpgradePolicy) -> HandshakeError {
+        parse_request(text, policy).unwrap_err()
+    }
+
+    fn wildcard_policy() -> UpgradePolicy {
+        UpgradePolicy {
+            allowed_origins: vec!["https://*.example.com".into()],
+            ..UpgradePolicy::default()
+        }
+    }
+
+    #[test]
+    fn a_multibyte_character_across_the_origin_prefix_is_refused_not_a_panic() {
+        // The security review's input: `é` straddles byte 8, where the old code sliced.
+        let text = request("/ws?t=%7B%22conn_id%22%3A%22u1%22%7D").replace(
+            "Host: x\r\n",
+            "Host: x\r\nOrigin: https:/\u{e9}x.example.com\r\n",
+        );
+        let err = refused(text.as_bytes(), &wildcard_policy());
+        assert_eq!(err.status(), "403 Forbidden");
+        assert_eq!(
+            err.to_string(),
+            "origin https:/\\xc3\\xa9x.example.com is not allowed"
+        );
+        assert!(!origin_matches(
+            "https://*.example.com",
+            "https:/éx.example.com".as_bytes()
+        ));
+        assert!(!origin_matches(
+            "https://*.example.com",
+            "https://é.example.com".as_bytes()
+        ));
+        assert!(!origin_matches(
+            "https://*.example.com",
+            b"https://\xff.example.com"
+        ));
+        // A character straddling where the suffix starts, and one cut in half.
+        assert!(!origin_matches(
+            "https://*.example.com",
+            "https://aé.example.com".as_bytes()
+        ));
+        assert!(!origin_matches(
+            "https://*.example.com",
+            b"https://a\xc3.example.com"
+        ));
+    }
+
+    #[test]
+    fn wildcard_stands_for_subdomain_labels_only() {
+        let allowed = "https://*.example.com";
+        for good in [
+            "https://a.example.com",
+            "https://eu.cdn-1.example.com",
+            "HTTPS://A.EXAMPLE.COM",
+        ] {
+            assert!(origin_matches(allowed, good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "https://example.com",
+            "https://.example.com",
+            "https://a..b.example.com",
+            "https://evil.com/.example.com",
+            "https://user@x.example.com",
+            "https://x:1.example.com",
+            "http://a.example.com",
+            "https://a.example.com:8443",
+            "https://a.example.com.evil.net",
+            "https:/",
+            "",
+        ] {
+            assert!(!origin_matches(allowed, bad.as_bytes()), "{bad}");
+        }
+        assert!(origin_matches(
+            "https://app.example.com",
+            b"https://APP.example.com"
+        ));
+        assert!(!origin_matches(
+            "https://app.example.com",
+            b"https://app.example.com.evil"
+        ));
+    }
+
+    #[test]
+    fn a_non_utf8_origin_is_checked_not_skipped() {
+        // An Origin that is not UTF-8 is still an Origin: refused, not taken as absent.
+        let mut text = request("/ws?t=%7B%22conn_id%22%3A%22u1%22%7D").into_bytes();
+        let at = text.len() - 2;
+        text.splice(
+            at..at,
+            b"Origin: https://\xff\xfe.example.com\r\n".iter().copied(),
+        );
+        assert_eq!(refused(&text, &wildcard_policy()).status(), "403 Forbidden");
+    }
+
+    #[test]
+    fn a_version_other_than_13_gets_426_naming_13() {
+        for version in ["8", "12", "14", "13, 8", ""] {
+            let text = request("/ws?t=x").replace(
+                "Sec-WebSocket-Version: 13",
+                &format!("Sec-WebSocket-Version: {version}"),
+            );
+            let err = refused(text.as_bytes(), &UpgradePolicy::default());
+            assert_eq!(err.status(), "426 Upgrade Required", "{version:?}");
+            assert_eq!(err.headers(), "Sec-WebSocket-Version: 13\r\n");
+        }
+        let missing = request("/ws?t=x").replace("Sec-WebSocket-Version: 13\r\n", "");
+        let err = refused(missing.as_bytes(), &UpgradePolicy::default());
+        assert_eq!(err.status(), "426 Upgrade Required");
+        let response = String::from_utf8(refusal_response(
+            err.status(),
+            err.headers(),
+            &err.to_string(),
+            None,
+        ))
+        .unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n")
+        );
+    }
+
+    #[test]
+    fn a_405_says_allow_get() {
+        let err = refused(
+            b"PUT /ws HTTP/1.1\r\nHost: x\r\n\r\n",
+            &UpgradePolicy::default(),
+        );
+        assert_eq!(err.status(), "405 Method Not Allowed");
+        let response = String::from_utf8(refusal_response(
+            err.status(),
+            err.headers(),
+            &err.to_string(),
+            None,
+        ))
+        .unwrap();
+        assert!(response.contains("\r\nAllow: GET\r\n"), "{response}");
+    }
+
+    #[test]
+    fn the_key_must_be_base64_of_16_bytes() {
+        for key in [
+            "",
+            "abc",
+            "dGhlIHNhbXBsZSBub25jZQ",   // unpadded
+            "dGhlIHNhbXBsZSBub25jZQ=",  // short padding
+            "dGhlIHNhbXBsZSBub25jZR==", // non-canonical trailing bits
+            "dGhlIHNhbXBsZSBub25jZSE=", // 17 bytes
+            "dGhlIHNhbXBsZSBub25jZSEh", // 18 bytes
+            "dGhlIHNhbXBsZSBub25jZQ==AAAA",
+            "!!!!!!!!!!!!!!!!!!!!!!==",
+            "dGhlIHNhbXBsZSBub25j\u{e9}Q==",
+        ] {
+            let text = request("/ws?t=x").replace(
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                &format!("Sec-WebSocket-Key: {key}"),
+            );
+            let err = refused(text.as_bytes(), &UpgradePolicy::default());
+            assert_eq!(err, HandshakeError::BadKey, "{key:?}");
+            assert_eq!(err.status(), "400 Bad Request");
+        }
+    }
+
+    #[test]
+    fn missing_host_and_http_1_0_are_400() {
+        let no_host = request("/ws?t=x").replace("Host: x\r\n", "");
+        assert_eq!(
+            refused(no_host.as_bytes(), &UpgradePolicy::default()),
+            HandshakeError::MissingHost
+        );
+        let old = request("/ws?t=x").replace("HTTP/1.1", "HTTP/1.0");
+        let err = refused(old.as_bytes(), &UpgradePolicy::default());
+        assert_eq!(err, HandshakeError::HttpVersion);
+        assert_eq!(err.status(), "400 Bad Request");
+    }
+
+    #[test]
+    fn headers_that_must_be_single_are() {
+        for (name, value) in [
+            ("Host", "y"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+            ("Origin", "https://a.example.com"),
+        ] {
+            let mut text = request("/ws?t=x").replace(
+                "Host: x\r\n",
+                "Host: x\r\nOrigin: https://b.example.com\r\n",
+            );
+            text.insert_str(text.len() - 2, &format!("{name}: {value}\r\n"));
+            let err = refused(text.as_bytes(), &wildcard_policy());
+            assert_eq!(err.status(), "400 Bad Request", "{name}");
+        }
+        // List headers may be split over several fields.
+        let split = request("/ws?t=%7B%22conn_id%22%3A%22u1%22%7D").replace(
+            "Connection: keep-alive, Upgrade\r\n",
+            "Connection: keep-alive\r\nConnection: Upgrade\r\n",
+        );
+        assert!(
+            parse_request(split.as_bytes(), &UpgradePolicy::default())
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn forty_small_headers_are_fine_and_too_many_get_431() {
+        let t = "/ws?t=%7B%22conn_id%22%3A%22u1%22%7D";
+        let with = |count: usize| {
+            let extra: String = (0..count).map(|i| format!("X-H{i}: v\r\n")).collect();
+            request(t).replace("Host: x\r\n", &format!("Host: x\r\n{extra}"))
+        };
+        let forty = with(40);
+        assert!(forty.len() > 400 && forty.len() < MAX_REQUEST_BYTES);
+        assert!(
+            parse_request(forty.as_bytes(), &UpgradePolicy::default())
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            parse_request(with(MAX_HEADERS - 5).as_bytes(), &UpgradePolicy::default())
+                .unwrap()
+                .is_some()
+        );
+        let many = with(MAX_HEADERS);
+        assert!(many.len() < MAX_REQUEST_BYTES);
+        let err = refused(many.as_bytes(), &UpgradePolicy::default());
+        assert_eq!(err, HandshakeError::TooManyHeaders);
+        assert_eq!(err.status(), "431 Request Header Fields Too Large");
+    }
+
+    #[test]
+    fn a_complete_request_over_the_bound_is_431() {
+        let padding = format!("X-Pad: {}\r\n", "p".repeat(MAX_REQUEST_BYTES));
+        let big = request("/ws?t=x").replace("Host: x\r\n", &format!("Host: x\r\n{padding}"));
+        assert_eq!(
+            refused(big.as_bytes(), &UpgradePolicy::default()),
+            HandshakeError::TooLarge
+        );
+    }
+
+    #[test]
+    fn a_token_that_is_not_an_object_is_refused() {
+        for json in [
+            r#"["id","tok","info"]"#,
+            r#" ["id"]"#,
+            r#""id""#,
+            "42",
+            "null",
+            "",
+        ] {
+            let err = token_from_json(json.as_bytes()).unwrap_err();
+            assert!(
+                err.to_string().contains("not a token object"),
+                "{json:?}: {err}"
+            );
+            assert_eq!(err.status(), "401 Unauthorized");
+        }
+        // The upgrade: `t` URL-encoded as an array.
+        let t = "%5B%22id%22%2C%22tok%22%2C%22info%22%5D";
+        let err = refused(
+            request(&format!("/ws?t={t}")).as_bytes(),
+            &UpgradePolicy::default(),
+        );
+        assert_eq!(err.status(), "401 Unauthorized");
+        // Whitespace before the object is still an object.
+        assert_eq!(
+            token_from_json(b" \r\n\t{\"conn_id\":\"a\"}")
+                .unwrap()
+                .conn_id,
+            "a"
         );
     }
 

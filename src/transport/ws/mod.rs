@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod utf8;
 
 use std::future::Future;
 use std::os::fd::RawFd;
@@ -64,15 +65,17 @@ async fn handshake<S: ClientStream>(
         Ok(session) => Some(session),
         Err(failure) => {
             shard.handshake_refused(failure.label());
-            let (status, retry) = match &failure {
-                Failure::Request(err) => (Some(err.status()), None),
-                Failure::Refused(refusal) => (Some(refusal_status(refusal)), refusal.retry_after()),
-                Failure::TimedOut | Failure::Gone => (None, None),
+            let (status, headers, retry) = match &failure {
+                Failure::Request(err) => (Some(err.status()), err.headers(), None),
+                Failure::Refused(refusal) => {
+                    (Some(refusal_status(refusal)), "", refusal.retry_after())
+                }
+                Failure::TimedOut | Failure::Gone => (None, "", None),
             };
             let reason = failure.to_string();
             tracing::info!(shard = shard.id, reason = %reason, "handshake refused");
             if let Some(status) = status {
-                let response = handshake::refusal_response(status, &reason, retry);
+                let response = handshake::refusal_response(status, headers, &reason, retry);
                 write_reply(stream, &response, shard.config.close_timeout).await;
             }
             None
@@ -164,10 +167,10 @@ impl Inbound for Frames {
                     session.send_control(&EncodedFrame::pong(&payload).bytes().into());
                 }
                 Frame::Pong => {}
-                Frame::Data { payload, fin } => {
+                Frame::Data { payload, fin, text } => {
                     // Not routed anywhere (as in the original): clients talk to the message
                     // server over their own API.
-                    tracing::debug!(conn_id = %session.conn_id, bytes = payload.len(), fin, "client message");
+                    tracing::debug!(conn_id = %session.conn_id, bytes = payload.len(), fin, text, "client message");
                 }
                 Frame::Close(code) => {
                     tracing::debug!(conn_id = %session.conn_id, ?code, "client sent close");
