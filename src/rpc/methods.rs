@@ -7,6 +7,7 @@
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
+use super::codec::Request;
 use crate::control::Node;
 
 /// Newest-generation status codes.
@@ -54,6 +55,39 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
     }
 }
 
+/// Whether a call carries the right `comet_rpc_token` (any call does when none is set):
+/// such a call lifts its connection's pre-authentication bounds. A first-generation call
+/// carries its token inside a JSON string, parsed here once more; this is only asked
+/// until a connection has authenticated, when its request is at most
+/// `rpc_preauth_request_size`.
+pub(crate) fn authenticates(node: &Node, request: &Request) -> bool {
+    if node.config.comet_rpc_token.is_empty() {
+        return true;
+    }
+    let token = match &request.param {
+        Value::Object(fields) => text_of(fields, "token"),
+        Value::String(inner) => match serde_json::from_str::<Value>(inner) {
+            Ok(Value::Object(fields)) => text_of(&fields, "token"),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    token_ok(node, &token)
+}
+
+/// A field of a parameter object as text (see [`Fields::text`]).
+fn text_of(fields: &Map<String, Value>, name: &str) -> String {
+    let value = fields
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value);
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
 /// A parameter object whose field names match case-insensitively (Go's decoder does).
 struct Fields(Map<String, Value>);
 
@@ -77,11 +111,7 @@ impl Fields {
     }
 
     fn text(&self, name: &str) -> String {
-        match self.get(name) {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        }
+        text_of(&self.0, name)
     }
 
     fn ids(&self, name: &str) -> Result<Vec<String>, String> {
