@@ -123,9 +123,13 @@ pub struct Config {
     pub rpc_max_connections: usize,
     /// Largest push RPC request (bytes) on a connection that has authenticated.
     pub rpc_max_request_size: usize,
-    /// Largest request (bytes) before a connection's first call with the right
-    /// `comet_rpc_token` (any complete call when none is set).
+    /// Unfinished request (bytes) a connection may hold before its first call with the
+    /// right `comet_rpc_token` (any well-formed call when none is set); beyond it, bytes
+    /// come from `rpc_preauth_pool_size`.
     pub rpc_preauth_request_size: usize,
+    /// Bytes all not-yet-authenticated connections together may hold beyond their own
+    /// `rpc_preauth_request_size` (zero: none).
+    pub rpc_preauth_pool_size: usize,
     /// A push RPC connection must make that first call within this of connecting.
     pub rpc_first_call_timeout: Duration,
     /// An authenticated push RPC connection silent for this long is closed (zero: never).
@@ -320,6 +324,7 @@ impl Config {
                 256,
                 16 << 20,
             )?,
+            rpc_preauth_pool_size: raw.count("rpc_preauth_pool_size", 64 << 20, 0, 1 << 30)?,
             rpc_first_call_timeout: raw
                 .duration("rpc_first_call_timeout", Duration::from_secs(10))?,
             rpc_idle_timeout: raw.duration_or_zero("rpc_idle_timeout", Duration::from_secs(300))?,

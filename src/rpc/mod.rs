@@ -7,12 +7,16 @@
 //! [`Node`].
 //!
 //! Every connection is bounded, because the listener may be reachable by anyone: at most
-//! `rpc_max_connections` at once (more are closed at once after accept); until a call
-//! proves the connection knows `comet_rpc_token` it may hold only
-//! `rpc_preauth_request_size` bytes of request and must make that call within
-//! `rpc_first_call_timeout`; after that a request may be `rpc_max_request_size` and the
-//! connection may stay silent for `rpc_idle_timeout`. (Before these bounds, 40 silent
-//! connections each holding 16 MB without a newline kept +668 MB resident for good.)
+//! `rpc_max_connections` at once (more are closed at once after accept). Until a call
+//! proves the connection knows `comet_rpc_token` (any well-formed call, when none is set)
+//! it must make that call within `rpc_first_call_timeout`, and it may hold
+//! `rpc_preauth_request_size` bytes of unfinished request; beyond that its bytes are
+//! drawn from a node-wide `rpc_preauth_pool_size`, so that a legitimate first call larger
+//! than the allowance (a 64 KiB push on a fresh connection) still passes while hostile
+//! connections together cannot hold more than the pool. After that call a request may be
+//! `rpc_max_request_size` and the connection may stay silent for `rpc_idle_timeout`.
+//! (Before these bounds, 40 silent connections each holding 16 MB without a newline kept
+//! +668 MB resident for good.)
 
 pub mod codec;
 pub mod methods;
@@ -52,6 +56,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) struct Limits {
     max_connections: usize,
     preauth_request_bytes: usize,
+    preauth_pool_bytes: usize,
     max_request_bytes: usize,
     first_call_timeout: Duration,
     /// `None`: no idle timeout.
@@ -62,9 +67,8 @@ impl Limits {
     pub(crate) fn from_config(config: &Config) -> Limits {
         Limits {
             max_connections: config.rpc_max_connections,
-            preauth_request_bytes: config
-                .rpc_preauth_request_size
-                .min(config.rpc_max_request_size),
+            preauth_request_bytes: config.rpc_preauth_request_size,
+            preauth_pool_bytes: config.rpc_preauth_pool_size,
             max_request_bytes: config.rpc_max_request_size,
             first_call_timeout: config.rpc_first_call_timeout,
             idle_timeout: Some(config.rpc_idle_timeout).filter(|t| !t.is_zero()),
@@ -78,6 +82,36 @@ struct Slot(Rc<Cell<usize>>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Bytes of the node-wide pre-authentication pool one connection holds; given back when
+/// it authenticates, needs less, or ends.
+struct Drawn {
+    pool: Rc<Cell<usize>>,
+    bytes: usize,
+}
+
+impl Drawn {
+    /// Holds exactly `needed` bytes from the pool; false if the pool cannot give them.
+    fn hold(&mut self, needed: usize) -> bool {
+        if needed > self.bytes {
+            let more = needed - self.bytes;
+            if self.pool.get() < more {
+                return false;
+            }
+            self.pool.set(self.pool.get() - more);
+        } else {
+            self.pool.set(self.pool.get() + (self.bytes - needed));
+        }
+        self.bytes = needed;
+        true
+    }
+}
+
+impl Drop for Drawn {
+    fn drop(&mut self) {
+        self.pool.set(self.pool.get() + self.bytes);
     }
 }
 
@@ -112,6 +146,7 @@ impl RefusalLog {
 pub async fn serve(node: Rc<Node>, listener: TcpListener) {
     let limits = Limits::from_config(&node.config);
     let open = Rc::new(Cell::new(0usize));
+    let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));
     let mut refusals = RefusalLog::default();
     loop {
         match listener.accept().await {
@@ -126,9 +161,13 @@ pub async fn serve(node: Rc<Node>, listener: TcpListener) {
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(%peer, "rpc client connected");
                 let node = Rc::clone(&node);
+                let drawn = Drawn {
+                    pool: Rc::clone(&pool),
+                    bytes: 0,
+                };
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
-                    serve_connection(node, stream, peer, limits).await;
+                    serve_connection(node, stream, peer, limits, drawn).await;
                 });
             }
             Err(err) => {
@@ -148,10 +187,18 @@ enum Closed {
     Idle(Duration),
     #[error("replies not read by the client within {0:?}")]
     WriteStalled(Duration),
+    #[error("unauthenticated request over its allowance and the pre-auth pool is spent")]
+    PreauthPoolSpent,
 }
 
-async fn serve_connection(node: Rc<Node>, mut stream: TcpStream, peer: SocketAddr, limits: Limits) {
-    let mut decoder = Decoder::with_limit(limits.preauth_request_bytes);
+async fn serve_connection(
+    node: Rc<Node>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    limits: Limits,
+    mut drawn: Drawn,
+) {
+    let mut decoder = Decoder::with_limit(limits.max_request_bytes);
     let first_call_deadline = tokio::time::Instant::now() + limits.first_call_timeout;
     let mut authenticated = false;
     let mut chunk = vec![0u8; PREAUTH_READ_CHUNK];
@@ -187,14 +234,14 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream, peer: SocketAdd
                 Ok(Some(raw)) => {
                     let request = parse(raw).await;
                     // Checked here, not when the call is answered: the next request,
-                    // maybe already buffered, is framed under the raised limit.
+                    // maybe already buffered, is no longer held to the pre-auth bounds.
                     if !authenticated
                         && request
                             .as_ref()
                             .is_ok_and(|request| methods::authenticates(&node, request))
                     {
                         authenticated = true;
-                        decoder.set_limit(limits.max_request_bytes);
+                        drawn.hold(0);
                         chunk.resize(READ_CHUNK, 0);
                     }
                     calls.push_back(tokio::task::spawn_local(answer(Rc::clone(&node), request)))
@@ -203,6 +250,12 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream, peer: SocketAdd
                 Err(err) => break Some(err),
             }
         };
+        // What an unauthenticated connection holds beyond its own allowance comes out of
+        // the shared pool (checked after every read, so a read's worth of overshoot).
+        let over = decoder
+            .buffered()
+            .saturating_sub(limits.preauth_request_bytes);
+        let preauth_spent = !authenticated && too_large.is_none() && !drawn.hold(over);
         while let Some(call) = calls.pop_front() {
             replies.extend(call.await.unwrap_or_default());
         }
@@ -211,6 +264,12 @@ async fn serve_connection(node: Rc<Node>, mut stream: TcpStream, peer: SocketAdd
             replies.extend(codec::encode_reply(&Value::Null, Err(err.to_string())));
             let _ = write(&mut stream, &replies, limits).await;
             return;
+        }
+        if preauth_spent {
+            let why = Closed::PreauthPoolSpent;
+            replies.extend(codec::encode_reply(&Value::Null, Err(why.to_string())));
+            let _ = write(&mut stream, &replies, limits).await;
+            break Err(why);
         }
         if !replies.is_empty() {
             match write(&mut stream, &replies, limits).await {
