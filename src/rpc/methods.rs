@@ -4,6 +4,8 @@
 //! Delivery itself is [`Node`]'s; this module owns the shapes, the token check and the
 //! error texts. It runs on the control thread.
 
+use std::collections::HashSet;
+
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
@@ -16,6 +18,61 @@ mod code {
     pub const BAD_PARAMS: u32 = 40000;
     pub const BAD_TOKEN: u32 = 40100;
     pub const SOME_FAILED: u32 = 50001;
+}
+
+/// Recipients handed to the node per slice of a large push. The fan-out of one slice
+/// (directory lookups, per-shard lists) holds the control thread; between slices its
+/// other tasks run, among them the conn_id claims that handshakes wait for. One push to
+/// 350,000 recipients in one piece held it 2.5 s in a debug build, long enough for
+/// handshakes' claims to time out.
+pub(crate) const PUSH_SLICE: usize = 16 * 1024;
+
+/// Lists at least this long are turned into reply text on tokio's blocking pool: the
+/// failure text naming 350,000 ids took 2.6 s of the control thread (debug build).
+const OFF_THREAD_IDS: usize = 10_000;
+
+/// Delivers `msg` to `ids` (each once), a large list in slices; returns the failed ids.
+async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> Vec<String> {
+    if ids.len() <= PUSH_SLICE {
+        return node.push(&ids, msg).await;
+    }
+    // `Node::push` counts a duplicate once within one call; across slices that is ours
+    // to do (off the thread: it hashes every id).
+    let unique = tokio::task::spawn_blocking(move || {
+        let mut seen = HashSet::with_capacity(ids.len());
+        ids.into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut failed = Vec::new();
+    for slice in unique.chunks(PUSH_SLICE) {
+        failed.extend(node.push(slice, msg).await);
+        tokio::task::yield_now().await;
+    }
+    failed
+}
+
+/// `{"<ids_key>": ids, "<text_key>": text}` as text, a long list off the thread.
+async fn failure_text(
+    ids: Vec<String>,
+    ids_key: &'static str,
+    text_key: &'static str,
+    text: &str,
+) -> String {
+    let text = text.to_owned();
+    let long = ids.len() >= OFF_THREAD_IDS;
+    let build = move || {
+        let mut object = Map::new();
+        object.insert(ids_key.into(), json!(ids));
+        object.insert(text_key.into(), json!(text));
+        Value::Object(object).to_string()
+    };
+    if !long {
+        return build();
+    }
+    tokio::task::spawn_blocking(build).await.unwrap_or_default()
 }
 
 /// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
@@ -173,11 +230,17 @@ async fn send_first_generation(node: &Node, inner: &str) -> Result<Value, String
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = node.push(&to, &msg).await;
+    let failed = push_in_slices(node, to, &msg).await;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
-        failure(&failed, "some connections could not be reached")
+        Err(failure_text(
+            failed,
+            "error_ids",
+            "error_info",
+            "some connections could not be reached",
+        )
+        .await)
     }
 }
 
@@ -196,11 +259,17 @@ async fn send_second_generation(node: &Node, fields: &Fields) -> Result<Value, S
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = node.push(&connections, &msg).await;
+    let failed = push_in_slices(node, connections, &msg).await;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
-        failure(&failed, "some connections could not be reached.")
+        Err(failure_text(
+            failed,
+            "ids",
+            "msg",
+            "some connections could not be reached.",
+        )
+        .await)
     }
 }
 
