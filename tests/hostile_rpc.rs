@@ -106,7 +106,7 @@ fn exits_cleanly(mut comet: Comet) {
 /// cut at its 64 KiB allowance plus what the 1 MiB pre-auth pool lends, so together they
 /// hold at most 40 x 256 KiB + 1 MiB + 12 MiB of allocator slack, 23 MiB (the old node
 /// held all 40 MB, in buffers doubled to 2 MB each). Silent ones
-/// are closed by the 3 s first-call timeout. A legitimate 200 KiB first call still passes
+/// are closed by the 6 s first-call timeout. A legitimate 200 KiB first call still passes
 /// on the pool.
 #[test]
 fn unauthenticated_connections_hold_at_most_their_allowance_and_time_out() {
@@ -114,7 +114,7 @@ fn unauthenticated_connections_hold_at_most_their_allowance_and_time_out() {
     let comet = Comet::start(
         None,
         "comet_rpc_token=right-token\nrpc_preauth_request_size=65536\n\
-         rpc_preauth_pool_size=1048576\nrpc_first_call_timeout=3s\n",
+         rpc_preauth_pool_size=1048576\nrpc_first_call_timeout=6s\n",
     );
     let mut warm = comet.rpc();
     let reply = warm.call("Server.GetNode", json!({"token": "right-token"}));
@@ -145,25 +145,30 @@ fn unauthenticated_connections_hold_at_most_their_allowance_and_time_out() {
             stream
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let grown = comet.rss_kib().saturating_sub(baseline);
+    // The peak while the node reads what they sent (the old node took seconds to).
+    let mut peak = comet.rss_kib();
+    while started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(comet.rss_kib());
+    }
+    let grown = peak.saturating_sub(baseline);
     // Each: 64 KiB allowance + a 16 KiB read + the buffer's doubling; then the 1 MiB pool;
     // then 12 MiB for the allocator and transparent huge pages (RSS moves in 2 MiB steps).
     let bound = (HOARDERS as u64 * 256) + 1024 + 12 * 1024;
-    println!("{HOARDERS} hoarders of 1 MB: RSS +{grown} KiB (bound {bound} KiB)");
+    println!("{HOARDERS} hoarders of 1 MB: peak RSS +{grown} KiB (bound {bound} KiB)");
     assert!(grown <= bound, "RSS grew {grown} KiB, bound {bound} KiB");
 
     // Every one of them is closed by the first-call timeout at the latest.
     for stream in hoarders.iter_mut().chain(silent.iter_mut()) {
-        let limit = Duration::from_secs(10).saturating_sub(started.elapsed());
+        let limit = Duration::from_secs(12).saturating_sub(started.elapsed());
         assert!(
             closed_within(stream, limit).is_some(),
-            "an unauthenticated connection outlived rpc_first_call_timeout=3s"
+            "an unauthenticated connection outlived rpc_first_call_timeout=6s"
         );
     }
     let silent_closed_after = started.elapsed();
     assert!(
-        silent_closed_after >= Duration::from_millis(2500),
+        silent_closed_after >= Duration::from_millis(5500),
         "silent ones closed by the timeout, not before ({silent_closed_after:?})"
     );
 

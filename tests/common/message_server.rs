@@ -81,8 +81,9 @@ impl MessageServer {
         self.shared.behaviour.lock().unwrap().stall = Some((method.into(), delay));
     }
 
-    /// Every call of `method` is answered 200 with a `bytes`-long body (streamed, never
-    /// held whole): a hostile or broken message server.
+    /// Every call of `method` is answered 200 with a valid `{"code":0,"data":"xx..."}`
+    /// body about `bytes` long (streamed, never held whole): a hostile or broken message
+    /// server. (Valid JSON, so that a streaming parser cannot stop at the first byte.)
     pub fn answer_huge(&self, method: &str, bytes: usize) {
         self.shared.behaviour.lock().unwrap().huge = Some((method.into(), bytes));
     }
@@ -177,8 +178,10 @@ fn serve(stream: TcpStream, shared: &Shared) {
                     return;
                 }
                 if let Some(bytes) = huge_answer(shared, &body) {
+                    let (open, close) = (r#"{"code":0,"data":""#, r#""}"#);
+                    let length = open.len() + bytes + close.len();
                     let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {bytes}\r\n\r\n"
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{open}"
                     );
                     if writer.write_all(head.as_bytes()).is_err() {
                         return;
@@ -191,6 +194,9 @@ fn serve(stream: TcpStream, shared: &Shared) {
                             return;
                         }
                         left -= n;
+                    }
+                    if writer.write_all(close.as_bytes()).is_err() {
+                        return;
                     }
                     continue;
                 }
