@@ -205,9 +205,14 @@ impl Decoder {
                 Ok(Some(RawFrame::Complete(bytes)))
             }
             Scan::Error(what) => {
+                let at = self.scanner.pos;
+                // Past the limit the value is too large, broken or not: so the verdict does
+                // not depend on how the bytes were split into reads.
+                if at - self.start > self.limit {
+                    return Err(TooLarge { limit: self.limit });
+                }
                 // Resynchronise at the end of the line where the error is, not the line
                 // where the broken value began: the next line is the next request.
-                let at = self.scanner.pos;
                 let offset = at - self.start;
                 let byte = self.buf[at];
                 self.start = at;
@@ -782,6 +787,13 @@ mod tests {
         decoder.set_limit(1024);
         let frame = decoder.next_raw().unwrap().unwrap();
         assert_eq!(frame.len(), big.len());
+        // Broken past the limit is too large, however it was split.
+        let mut long = b"[".to_vec();
+        long.extend(b"1,".repeat(40));
+        long.push(b'x');
+        let mut whole = Decoder::with_limit(64);
+        whole.extend(&long);
+        assert_eq!(whole.next_raw(), Err(TooLarge { limit: 64 }));
         // Whitespace and skipped lines are not held: they cannot grow the buffer.
         let mut decoder = Decoder::with_limit(16);
         decoder.extend(&[b' '; 1000]);
