@@ -46,7 +46,7 @@ impl CallbackError {
 /// Largest answer body read from the message server. The answer is a small
 /// `{code, data, error}` object; an unbounded read let one 400 MB answer cost +400 MB
 /// of resident memory per call in flight.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// How much of a body a log line quotes.
 const LOGGED_BODY_BYTES: usize = 200;
@@ -194,7 +194,7 @@ impl CallbackClient {
     }
 
     /// The callback URL as logs may show it (see [`redacted_url`]).
-    pub fn log_url(&self) -> &str {
+    pub(crate) fn log_url(&self) -> &str {
         &self.log_url
     }
 

@@ -246,7 +246,7 @@ impl Config {
     }
 
     /// Whether the push RPC is reachable from other hosts with no token required.
-    pub fn rpc_open_to_anyone(&self) -> bool {
+    pub(crate) fn rpc_open_to_anyone(&self) -> bool {
         !self.rpc_listen.ip().is_loopback() && self.comet_rpc_token.is_empty()
     }
 

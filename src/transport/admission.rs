@@ -93,7 +93,7 @@ pub async fn admit(shard: &Shard, token: ClientToken) -> Result<Admitted<'_>, Re
 /// accepted before the shard stopped accepting, and during a zero-downtime restart
 /// refusing it would be the one refused connection; it completes and
 /// [`Shard::register`] closes it with "going away" like every other client.
-pub async fn admit_watching(
+pub(crate) async fn admit_watching(
     shard: &Shard,
     mut token: ClientToken,
     client_fd: Option<RawFd>,
