@@ -263,7 +263,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 /// decoder re-parsed the buffered request on each of ~1,100 reads), the parse and the
 /// reply's encoding run off the control thread and the fan-out is sliced, so handshakes,
 /// which wait for their conn_id claim on that thread, stay fast while it runs: connect
-/// p50 within 10x (+250 ms) of a quiet node's, and none over 1.5 s.
+/// p50 within 10x (+250 ms) of a quiet node's, and none over 2.5 s.
 #[test]
 fn a_chunk_fed_huge_request_costs_linear_time_and_handshakes_stay_fast() {
     const RECIPIENTS: usize = 350_000;
@@ -325,9 +325,11 @@ fn a_chunk_fed_huge_request_costs_linear_time_and_handshakes_stay_fast() {
         "connect p50 {busy_median:?} during the call, {quiet:?} quiet (allowed {allowed:?})"
     );
     // The push is fanned out in slices: no handshake waits for all of it (in one piece,
-    // claims waited > 5 s and timed out; sliced, the worst seen was 0.18 s).
+    // claims waited > 5 s and timed out; sliced, the worst seen was 0.15 s on an idle
+    // machine, 0.73 s with two test binaries and a build beside it). Half the 5 s
+    // handshake_timeout a claim may wait.
     assert!(
-        busy_max < Duration::from_millis(1500),
+        busy_max < Duration::from_millis(2500),
         "a handshake waited {busy_max:?} during the call"
     );
     exits_cleanly(comet);

@@ -39,7 +39,7 @@ use codec::{Decoder, RawFrame, Request};
 /// thread, where the directory answers every handshake's claim: building the value of a
 /// 4 MiB call (400,000 recipients) takes ~0.1 s in a release build, and the handshakes
 /// waiting behind it would wait that long.
-const PARSE_OFF_THREAD_BYTES: usize = 256 * 1024;
+pub(crate) const PARSE_OFF_THREAD_BYTES: usize = 256 * 1024;
 
 /// A request this large may name more than [`methods::PUSH_SLICE`] recipients (3 bytes
 /// each at least), and a sliced push lets other tasks run between slices: the calls
@@ -243,14 +243,11 @@ async fn serve_connection(
             match decoder.next_raw() {
                 Ok(Some(raw)) => {
                     let barrier = raw.len() >= BARRIER_BYTES;
-                    let request = parse(raw).await;
                     // Checked here, not when the call is answered: the next request,
                     // maybe already buffered, is no longer held to the pre-auth bounds.
-                    if !authenticated
-                        && request
-                            .as_ref()
-                            .is_ok_and(|request| methods::authenticates(&node, request))
-                    {
+                    let token = (!authenticated).then(|| node.config.comet_rpc_token.clone());
+                    let (request, authenticates) = parse(raw, token).await;
+                    if authenticates {
                         authenticated = true;
                         drawn.hold(0);
                         chunk.resize(READ_CHUNK, 0);
@@ -312,14 +309,31 @@ async fn write(stream: &mut TcpStream, replies: &[u8], limits: Limits) -> Result
     }
 }
 
-/// Parses one framed request, a large one on the blocking pool.
-async fn parse(raw: RawFrame) -> Result<Request, (Value, String)> {
-    if raw.len() < PARSE_OFF_THREAD_BYTES {
-        return raw.into_request();
+/// A parsed request, and whether it carries the right token (asked only when `token`,
+/// the expected `comet_rpc_token`, is given).
+type Parsed = (Result<Request, (Value, String)>, bool);
+
+/// Parses one framed request and checks its token, a large one on the blocking pool
+/// (a first-generation call's token is inside a JSON string, parsed once more).
+async fn parse(raw: RawFrame, token: Option<String>) -> Parsed {
+    let small = raw.len() < PARSE_OFF_THREAD_BYTES;
+    let work = move || {
+        let request = raw.into_request();
+        let authenticates = match (&request, &token) {
+            (Ok(request), Some(token)) => methods::authenticates(token, request),
+            _ => false,
+        };
+        (request, authenticates)
+    };
+    if small {
+        return work();
     }
-    tokio::task::spawn_blocking(move || raw.into_request())
-        .await
-        .unwrap_or_else(|_| Err((Value::Null, "request could not be parsed".into())))
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| {
+        (
+            Err((Value::Null, "request could not be parsed".into())),
+            false,
+        )
+    })
 }
 
 /// Whether a result holds a long list (all connections, online checks), looking no deeper
