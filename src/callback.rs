@@ -6,6 +6,7 @@
 //! `checkToken` runs on a shard's blocking pool, presence events on `presence`'s own
 //! worker threads.
 
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +24,12 @@ pub enum CallbackError {
     /// The message server could not be reached or did not answer in time.
     #[error("message server unreachable: {0}")]
     Unreachable(String),
-    /// It answered with an HTTP status other than 200.
-    #[error("message server answered HTTP {0}")]
-    Status(u16),
-    /// It answered 200 with a body that is not the `{code, data, error}` object.
+    /// It answered with an HTTP status other than 200 (and the start of its body,
+    /// escaped).
+    #[error("message server answered HTTP {0}, body {1}")]
+    Status(u16, String),
+    /// It answered 200 with a body that is not the `{code, data, error}` object, or one
+    /// larger than [`MAX_ANSWER_BYTES`].
     #[error("message server answered an unreadable body: {0}")]
     BadBody(String),
     /// It answered with a non-zero code: a verdict, not a failure.
@@ -38,6 +41,47 @@ impl CallbackError {
     /// Whether trying again later may succeed (the server was down or broken, not refusing).
     pub fn is_transient(&self) -> bool {
         !matches!(self, CallbackError::Refused(_))
+    }
+}
+
+/// Largest answer body read from the message server. The answer is a small
+/// `{code, data, error}` object; an unbounded read let one 400 MB answer cost +400 MB
+/// of resident memory per call in flight.
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// How much of a body a log line quotes.
+const LOGGED_BODY_BYTES: usize = 200;
+
+/// The first bytes of `bytes` as an escaped, quoted string (for logs: a body may hold
+/// anything, newlines and escape sequences included).
+pub(crate) fn escaped_prefix(bytes: &[u8]) -> String {
+    let cut = bytes.len().min(LOGGED_BODY_BYTES);
+    let text = String::from_utf8_lossy(&bytes[..cut]);
+    if cut < bytes.len() {
+        format!("{text:?} (first {cut} of {} bytes)", bytes.len())
+    } else {
+        format!("{text:?}")
+    }
+}
+
+/// A callback URL as logs may show it: no userinfo (credentials), no query (keys), no
+/// fragment.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (authority, path) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
     }
 }
 
@@ -117,6 +161,8 @@ pub struct CallbackFigures {
 pub struct CallbackClient {
     agent: ureq::Agent,
     url: Arc<str>,
+    /// `url` without credentials or query, for logs.
+    log_url: Arc<str>,
     user_agent: Arc<str>,
     rpc_addr: Arc<str>,
     stats: Arc<CallbackStats>,
@@ -141,10 +187,16 @@ impl CallbackClient {
         CallbackClient {
             agent,
             url: url.into(),
+            log_url: redacted_url(url).into(),
             user_agent: user_agent.into(),
             rpc_addr: rpc_addr.into(),
             stats,
         }
+    }
+
+    /// The callback URL as logs may show it (see [`redacted_url`]).
+    pub(crate) fn log_url(&self) -> &str {
+        &self.log_url
     }
 
     /// Asks whether a client may connect.
@@ -174,18 +226,18 @@ impl CallbackClient {
             match self.call(method, args) {
                 Ok(()) => {
                     if attempt > 0 {
-                        tracing::info!(id, method, attempt, "callback delivered after retry");
+                        tracing::info!(id, method, attempt, url = %self.log_url, "callback delivered after retry");
                     }
                     return Ok(());
                 }
                 Err(err) if err.is_transient() && attempt < retries => {
-                    tracing::warn!(id, method, attempt, error = %err, retry_in = ?backoff, "callback failed; will retry");
+                    tracing::warn!(id, method, attempt, url = %self.log_url, error = %err, retry_in = ?backoff, "callback failed; will retry");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     attempt += 1;
                 }
                 Err(err) => {
-                    tracing::error!(id, method, attempts = attempt + 1, error = %err, "callback given up");
+                    tracing::error!(id, method, attempts = attempt + 1, url = %self.log_url, error = %err, "callback given up");
                     return Err(err);
                 }
             }
@@ -210,21 +262,98 @@ impl CallbackClient {
             .send_json(body);
         let response = match response {
             Ok(r) => r,
-            Err(ureq::Error::Status(code, _)) => return Err(CallbackError::Status(code)),
-            Err(err) => return Err(CallbackError::Unreachable(err.to_string())),
+            Err(ureq::Error::Status(code, response)) => {
+                let mut prefix = Vec::new();
+                let _ = response
+                    .into_reader()
+                    .take(LOGGED_BODY_BYTES as u64 + 1)
+                    .read_to_end(&mut prefix);
+                return Err(CallbackError::Status(code, escaped_prefix(&prefix)));
+            }
+            // Not `err.to_string()`: ureq's text starts with the URL, credentials and
+            // query included.
+            Err(ureq::Error::Transport(err)) => {
+                let mut why = err.kind().to_string();
+                if let Some(message) = err.message() {
+                    why = format!("{why}: {message}");
+                }
+                if let Some(source) = std::error::Error::source(&err) {
+                    why = format!("{why}: {source}");
+                }
+                return Err(CallbackError::Unreachable(why));
+            }
         };
-        let reply: serde_json::Value = response
-            .into_json()
-            .map_err(|e| CallbackError::BadBody(e.to_string()))?;
+        let body = read_bounded(response.into_reader(), MAX_ANSWER_BYTES)?;
+        let reply: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| CallbackError::BadBody(format!("{e} in {}", escaped_prefix(&body))))?;
         match reply.get("code").and_then(serde_json::Value::as_i64) {
             Some(0) => Ok(()),
             Some(code) => {
                 let why = reply.get("error").and_then(|e| e.as_str()).unwrap_or("");
-                Err(CallbackError::Refused(format!("code {code}: {why}")))
+                Err(CallbackError::Refused(format!(
+                    "code {code}: {}",
+                    escaped_prefix(why.as_bytes())
+                )))
             }
             None => Err(CallbackError::BadBody(format!(
-                "no numeric `code` in {reply}"
+                "no numeric `code` in {}",
+                escaped_prefix(&body)
             ))),
         }
+    }
+}
+
+/// Reads a body of at most `limit` bytes; a larger one is a failed call, and no more of
+/// it than `limit + 1` bytes is ever held.
+fn read_bounded(reader: impl Read, limit: usize) -> Result<Vec<u8>, CallbackError> {
+    let mut body = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| CallbackError::Unreachable(format!("reading the answer: {e}")))?;
+    if body.len() > limit {
+        return Err(CallbackError::BadBody(format!(
+            "answer larger than {limit} bytes"
+        )));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_urls_lose_credentials_query_and_fragment() {
+        assert_eq!(
+            redacted_url("https://user:p%40ss@msg.example.com:8443/im/rpc?key=s3cret#x"),
+            "https://msg.example.com:8443/im/rpc"
+        );
+        assert_eq!(
+            redacted_url("http://127.0.0.1:9/im"),
+            "http://127.0.0.1:9/im"
+        );
+        assert_eq!(redacted_url("http://a@b?k=v"), "http://b");
+    }
+
+    #[test]
+    fn logged_bodies_are_escaped_and_short() {
+        assert_eq!(
+            escaped_prefix(b"line\nESC\x1b[31m"),
+            r#""line\nESC\u{1b}[31m""#
+        );
+        let long = escaped_prefix(&[b'a'; 1000]);
+        assert!(long.ends_with("(first 200 of 1000 bytes)"), "{long}");
+        assert!(long.len() < 240, "{long}");
+    }
+
+    #[test]
+    fn an_answer_over_the_cap_is_a_failed_call_and_is_not_read_whole() {
+        let small = read_bounded(&b"{\"code\":0}"[..], 64).unwrap();
+        assert_eq!(small, b"{\"code\":0}");
+        let mut endless = std::io::repeat(b' ');
+        let err = read_bounded(&mut endless, MAX_ANSWER_BYTES).unwrap_err();
+        assert!(matches!(err, CallbackError::BadBody(_)), "{err}");
+        assert!(err.is_transient());
     }
 }

@@ -119,6 +119,21 @@ pub struct Config {
     pub rpc_listen: SocketAddr,
     /// Shared secret of the push RPC; empty means none required.
     pub comet_rpc_token: String,
+    /// Push RPC connections served at once; more are closed right after accept.
+    pub rpc_max_connections: usize,
+    /// Largest push RPC request (bytes) on a connection that has authenticated.
+    pub rpc_max_request_size: usize,
+    /// Unfinished request (bytes) a connection may hold before its first call with the
+    /// right `comet_rpc_token` (any well-formed call when none is set); beyond it, bytes
+    /// come from `rpc_preauth_pool_size`.
+    pub rpc_preauth_request_size: usize,
+    /// Bytes all not-yet-authenticated connections together may hold beyond their own
+    /// `rpc_preauth_request_size` (zero: none).
+    pub rpc_preauth_pool_size: usize,
+    /// A push RPC connection must make that first call within this of connecting.
+    pub rpc_first_call_timeout: Duration,
+    /// An authenticated push RPC connection silent for this long is closed (zero: never).
+    pub rpc_idle_timeout: Duration,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// A client silent for longer than this is dropped.
@@ -145,6 +160,8 @@ pub struct Config {
     /// Presence lanes: `online`/`offline` callbacks delivered concurrently (each conn_id
     /// always on the same lane, so its own events stay in order).
     pub presence_workers: usize,
+    /// `checkToken` calls queued or running per shard; a handshake beyond them gets 503.
+    pub callback_queue_size: usize,
     /// Entries of each of a shard's io_uring rings. The kernel sizes a ring's table of
     /// pending polls from this (up to 256 buckets at 4096), and glommio cancels a request
     /// in that table every time a shard goes idle: with the default of 128 (8 buckets),
@@ -220,11 +237,25 @@ impl Config {
     pub fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
         let mut raw = RawIni::parse(text)?;
         let config = Config::from_raw(&mut raw)?;
-        let warnings = raw
+        let mut warnings: Vec<String> = raw
             .unused()
             .map(|(key, line)| format!("config line {line}: unknown key `{key}` ignored"))
             .collect();
+        // Not refused: the original ran like this, and configurations of it must start.
+        if config.rpc_open_to_anyone() {
+            warnings.push(format!(
+                "INSECURE: the push RPC listens on {} (reachable from other hosts) and \
+                 comet_rpc_token is empty: anyone who can reach it can list, push to and \
+                 kick every client. Set comet_rpc_token, or listen on a loopback address",
+                config.rpc_listen
+            ));
+        }
         Ok((config, warnings))
+    }
+
+    /// Whether the push RPC is reachable from other hosts with no token required.
+    pub(crate) fn rpc_open_to_anyone(&self) -> bool {
+        !self.rpc_listen.ip().is_loopback() && self.comet_rpc_token.is_empty()
     }
 
     /// Whether any client listener is TLS.
@@ -288,6 +319,23 @@ impl Config {
             rpc_addr,
             rpc_listen,
             comet_rpc_token: raw.string("comet_rpc_token", ""),
+            rpc_max_connections: raw.count("rpc_max_connections", 256, 1, 1 << 16)?,
+            rpc_max_request_size: raw.count(
+                "rpc_max_request_size",
+                crate::rpc::codec::MAX_REQUEST_BYTES,
+                1024,
+                256 << 20,
+            )?,
+            rpc_preauth_request_size: raw.count(
+                "rpc_preauth_request_size",
+                64 << 10,
+                256,
+                16 << 20,
+            )?,
+            rpc_preauth_pool_size: raw.count("rpc_preauth_pool_size", 64 << 20, 0, 1 << 30)?,
+            rpc_first_call_timeout: raw
+                .duration("rpc_first_call_timeout", Duration::from_secs(10))?,
+            rpc_idle_timeout: raw.duration_or_zero("rpc_idle_timeout", Duration::from_secs(300))?,
             ping_interval,
             heartbeat_timeout,
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
@@ -300,6 +348,7 @@ impl Config {
             callback_retries: raw.count("callback_retries", 5, 0, 100)? as u32,
             callback_threads: raw.count("callback_threads", 8, 1, 256)?,
             presence_workers: raw.count("presence_workers", 16, 1, 1024)?,
+            callback_queue_size: raw.count("callback_queue_size", 64, 1, 1 << 20)?,
             io_uring_depth: raw.count("io_uring_depth", 4096, 16, 32768)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),
@@ -759,6 +808,9 @@ fn parse_admin_addr(raw: &mut RawIni) -> Result<Option<SocketAddr>, ConfigError>
     })
 }
 
+/// Shortest signing secret accepted, current or previous.
+const MIN_TOKEN_SECRET_BYTES: usize = 16;
+
 fn parse_token_secrets(raw: &mut RawIni) -> Result<Vec<Vec<u8>>, ConfigError> {
     let current = raw.string("token_secret", "");
     let previous = raw.string("token_secret_previous", "");
@@ -768,12 +820,19 @@ fn parse_token_secrets(raw: &mut RawIni) -> Result<Vec<Vec<u8>>, ConfigError> {
             reason: "token_secret_previous is only used beside a current token_secret",
         });
     }
-    if !current.is_empty() && current.len() < 16 {
-        return Err(ConfigError::BadValue {
-            key: "token_secret",
-            value: "(hidden)".into(),
-            reason: "use at least 16 bytes of secret".into(),
-        });
+    // The previous secret still verifies tokens (and they are accepted as current ones),
+    // so a short one is as guessable as a short current one.
+    for (key, secret) in [
+        ("token_secret", &current),
+        ("token_secret_previous", &previous),
+    ] {
+        if !secret.is_empty() && secret.len() < MIN_TOKEN_SECRET_BYTES {
+            return Err(ConfigError::BadValue {
+                key,
+                value: "(hidden)".into(),
+                reason: format!("use at least {MIN_TOKEN_SECRET_BYTES} bytes of secret"),
+            });
+        }
     }
     Ok([current, previous]
         .into_iter()
@@ -811,7 +870,9 @@ mod tests {
             socket_protocol=websocket\nwebsocket_host=comet.demo.com\nwebsocket_port=:8900\n\
             websocket_protocol=ws\n# wss_cert_pem=/path/fullchain.pem\nrpc_addr=10.0.1.131:8901\n";
         let (config, warnings) = Config::parse(text).unwrap();
-        assert!(warnings.is_empty(), "{warnings:?}");
+        // The original's files had no RPC token: they start, with the warning.
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("INSECURE"), "{warnings:?}");
         assert_eq!(config.max_proc, 2);
         assert_eq!(config.rpc_user_agent, "CtxImRpc 1.0");
         assert_eq!(config.websocket_port, 8900);
@@ -847,11 +908,35 @@ mod tests {
             ("admin_addr=0.0.0.0:8902", "admin_token"),
             ("admin_addr=localhost", "admin_addr"),
             ("token_secret=short", "token_secret"),
+            (
+                "token_secret=0123456789abcdef\ntoken_secret_previous=x",
+                "token_secret_previous",
+            ),
+            ("rpc_max_connections=0", "rpc_max_connections"),
+            ("rpc_preauth_request_size=10", "rpc_preauth_request_size"),
+            ("rpc_first_call_timeout=0", "rpc_first_call_timeout"),
+            ("callback_queue_size=0", "callback_queue_size"),
             ("io_uring_depth=65536", "io_uring_depth"),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn an_exposed_rpc_without_token_starts_with_a_warning() {
+        let (config, warnings) = Config::parse("rpc_addr=0.0.0.0:8901\n").unwrap();
+        assert!(config.rpc_open_to_anyone());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("INSECURE"), "{warnings:?}");
+        for quiet in [
+            "rpc_addr=0.0.0.0:8901\ncomet_rpc_token=secret\n",
+            "rpc_addr=127.0.0.1:8901\n",
+        ] {
+            let (config, warnings) = Config::parse(quiet).unwrap();
+            assert!(!config.rpc_open_to_anyone(), "{quiet:?}");
+            assert!(warnings.is_empty(), "{quiet:?}: {warnings:?}");
         }
     }
 
@@ -880,7 +965,12 @@ mod tests {
     #[test]
     fn example_file_documents_only_known_keys() {
         let (_, warnings) = Config::parse(include_str!("../comet.example.ini")).unwrap();
-        assert!(warnings.is_empty(), "{warnings:?}");
+        // (It may warn about its rpc_addr without a token: it is an example.)
+        let unknown: Vec<_> = warnings
+            .iter()
+            .filter(|w| w.contains("unknown key"))
+            .collect();
+        assert!(unknown.is_empty(), "{unknown:?}");
     }
 
     #[test]

@@ -544,6 +544,7 @@ impl Node {
             },
             "callbacks": self.callback_stats.figures(),
             "presence_backlog": self.presence.backlog(),
+            "rpc_open_to_anyone": self.config.rpc_open_to_anyone(),
             "registration": match &self.registrar {
                 Some(registrar) => serde_json::to_value(registrar.status()).unwrap_or_default(),
                 None => json!({"state": "standalone"}),

@@ -4,9 +4,12 @@
 //! Delivery itself is [`Node`]'s; this module owns the shapes, the token check and the
 //! error texts. It runs on the control thread.
 
+use std::collections::HashSet;
+
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
+use super::codec::Request;
 use crate::control::Node;
 
 /// Newest-generation status codes.
@@ -17,13 +20,68 @@ mod code {
     pub const SOME_FAILED: u32 = 50001;
 }
 
+/// Recipients handed to the node per slice of a large push. The fan-out of one slice
+/// (directory lookups, per-shard lists) holds the control thread; between slices its
+/// other tasks run, among them the conn_id claims that handshakes wait for. One push to
+/// 350,000 recipients in one piece held it 2.5 s in a debug build, long enough for
+/// handshakes' claims to time out.
+pub(crate) const PUSH_SLICE: usize = 16 * 1024;
+
+/// Lists at least this long are turned into reply text on tokio's blocking pool: the
+/// failure text naming 350,000 ids took 2.6 s of the control thread (debug build).
+const OFF_THREAD_IDS: usize = 10_000;
+
+/// Delivers `msg` to `ids` (each once), a large list in slices; returns the failed ids.
+async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> Vec<String> {
+    if ids.len() <= PUSH_SLICE {
+        return node.push(&ids, msg).await;
+    }
+    // `Node::push` counts a duplicate once within one call; across slices that is ours
+    // to do (off the thread: it hashes every id).
+    let unique = tokio::task::spawn_blocking(move || {
+        let mut seen = HashSet::with_capacity(ids.len());
+        ids.into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut failed = Vec::new();
+    for slice in unique.chunks(PUSH_SLICE) {
+        failed.extend(node.push(slice, msg).await);
+        tokio::task::yield_now().await;
+    }
+    failed
+}
+
+/// `{"<ids_key>": ids, "<text_key>": text}` as text, a long list off the thread.
+async fn failure_text(
+    ids: Vec<String>,
+    ids_key: &'static str,
+    text_key: &'static str,
+    text: &str,
+) -> String {
+    let text = text.to_owned();
+    let long = ids.len() >= OFF_THREAD_IDS;
+    let build = move || {
+        let mut object = Map::new();
+        object.insert(ids_key.into(), json!(ids));
+        object.insert(text_key.into(), json!(text));
+        Value::Object(object).to_string()
+    };
+    if !long {
+        return build();
+    }
+    tokio::task::spawn_blocking(build).await.unwrap_or_default()
+}
+
 /// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
 pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
     let name = method.strip_prefix("Server.").unwrap_or(method);
     match name {
         "SendToConnections" => match param {
-            Value::String(inner) => send_first_generation(node, &inner).await,
-            Value::Object(fields) => send_second_generation(node, &Fields(fields)).await,
+            Value::String(inner) => send_first_generation(node, inner).await,
+            Value::Object(fields) => send_second_generation(node, Fields(fields)).await,
             other => Err(format!(
                 "SendToConnections takes a JSON string or object, found {}",
                 type_name(&other)
@@ -54,6 +112,39 @@ pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, 
     }
 }
 
+/// Whether a call carries the right `comet_rpc_token` (any call does when none is set):
+/// such a call lifts its connection's pre-authentication bounds. A first-generation call
+/// carries its token inside a JSON string, parsed here once more; this is only asked
+/// until a connection has authenticated, and off the control thread for a large request.
+/// `expected` is `comet_rpc_token`.
+pub(crate) fn authenticates(expected: &str, request: &Request) -> bool {
+    if expected.is_empty() {
+        return true;
+    }
+    let token = match &request.param {
+        Value::Object(fields) => text_of(fields, "token"),
+        Value::String(inner) => match serde_json::from_str::<Value>(inner) {
+            Ok(Value::Object(fields)) => text_of(&fields, "token"),
+            _ => return false,
+        },
+        _ => return false,
+    };
+    bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// A field of a parameter object as text (see [`Fields::text`]).
+fn text_of(fields: &Map<String, Value>, name: &str) -> String {
+    let value = fields
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value);
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
 /// A parameter object whose field names match case-insensitively (Go's decoder does).
 struct Fields(Map<String, Value>);
 
@@ -77,10 +168,37 @@ impl Fields {
     }
 
     fn text(&self, name: &str) -> String {
-        match self.get(name) {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
+        text_of(&self.0, name)
+    }
+
+    /// Like [`Fields::ids`], moving the ids out instead of copying them (a push may name
+    /// a million; copying them took 0.3 s of the control thread per 350,000, debug build).
+    fn take_ids(&mut self, name: &str) -> Result<Vec<String>, String> {
+        let Some(key) = self
+            .0
+            .keys()
+            .find(|key| key.eq_ignore_ascii_case(name))
+            .cloned()
+        else {
+            return Ok(Vec::new());
+        };
+        match self.0.remove(&key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s),
+                    Value::Number(n) => Ok(n.to_string()),
+                    other => Err(format!(
+                        "{name} must hold strings, found {}",
+                        type_name(&other)
+                    )),
+                })
+                .collect(),
+            Some(other) => Err(format!(
+                "{name} must be an array, found {}",
+                type_name(&other)
+            )),
         }
     }
 
@@ -124,17 +242,26 @@ fn token_ok(node: &Node, given: &str) -> bool {
 }
 
 /// First generation: `P` is a string holding `{"to": [...], "msg": "..."}`.
-async fn send_first_generation(node: &Node, inner: &str) -> Result<Value, String> {
+async fn send_first_generation(node: &Node, inner: String) -> Result<Value, String> {
     let failure =
         |ids: &[String], info: &str| Err(json!({"error_ids": ids, "error_info": info}).to_string());
-    let fields = match serde_json::from_str::<Value>(inner) {
-        Ok(Value::Object(fields)) => Fields(fields),
-        Ok(_) | Err(_) => return failure(&[], "param is not a JSON object string"),
+    // A large inner request is parsed off the control thread, like a large request.
+    let parsed = if inner.len() < super::PARSE_OFF_THREAD_BYTES {
+        serde_json::from_str::<Value>(&inner).ok()
+    } else {
+        tokio::task::spawn_blocking(move || serde_json::from_str::<Value>(&inner).ok())
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut fields = match parsed {
+        Some(Value::Object(fields)) => Fields(fields),
+        _ => return failure(&[], "param is not a JSON object string"),
     };
     if !token_ok(node, &fields.text("token")) {
         return failure(&[], "token error.");
     }
-    let to = match fields.ids("to") {
+    let to = match fields.take_ids("to") {
         Ok(to) if !to.is_empty() => to,
         Ok(_) => return failure(&[], "to is empty."),
         Err(why) => return failure(&[], &why),
@@ -143,21 +270,27 @@ async fn send_first_generation(node: &Node, inner: &str) -> Result<Value, String
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = node.push(&to, &msg).await;
+    let failed = push_in_slices(node, to, &msg).await;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
-        failure(&failed, "some connections could not be reached")
+        Err(failure_text(
+            failed,
+            "error_ids",
+            "error_info",
+            "some connections could not be reached",
+        )
+        .await)
     }
 }
 
 /// Second generation: `{"connections": [...], "msg": "...", "token": "..."}`.
-async fn send_second_generation(node: &Node, fields: &Fields) -> Result<Value, String> {
+async fn send_second_generation(node: &Node, mut fields: Fields) -> Result<Value, String> {
     let failure = |ids: &[String], msg: &str| Err(json!({"ids": ids, "msg": msg}).to_string());
     if !token_ok(node, &fields.text("token")) {
         return failure(&[], "token error.");
     }
-    let connections = match fields.ids("connections") {
+    let connections = match fields.take_ids("connections") {
         Ok(ids) if !ids.is_empty() => ids,
         Ok(_) => return failure(&[], "connections is empty."),
         Err(why) => return failure(&[], &why),
@@ -166,11 +299,17 @@ async fn send_second_generation(node: &Node, fields: &Fields) -> Result<Value, S
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = node.push(&connections, &msg).await;
+    let failed = push_in_slices(node, connections, &msg).await;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
-        failure(&failed, "some connections could not be reached.")
+        Err(failure_text(
+            failed,
+            "ids",
+            "msg",
+            "some connections could not be reached.",
+        )
+        .await)
     }
 }
 

@@ -8,6 +8,8 @@
 
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::oneshot;
 
@@ -53,11 +55,17 @@ impl Refusal {
     }
 }
 
+/// What the client is told: fixed texts. The details a refusal carries (the message
+/// server's answer, a callback error naming its URL) are logged by [`admit`], never sent
+/// to an unauthenticated client: they held the callback URL with its credentials and
+/// query key, or the message server's body verbatim.
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::Token(why) => write!(f, "token refused: {why}"),
-            Refusal::MessageServer(why) => write!(f, "cannot verify token now: {why}"),
+            Refusal::Token(_) => f.write_str("token refused"),
+            Refusal::MessageServer(_) => {
+                f.write_str("cannot verify the token now; try again later")
+            }
             Refusal::Duplicate => f.write_str("conn_id already connected"),
             Refusal::Saturated => f.write_str("node is overloaded; try another node"),
         }
@@ -71,17 +79,29 @@ pub struct Admitted<'a> {
     token: Option<ClientToken>,
 }
 
-/// Checks the node's load and the token, then claims the conn_id.
+/// Checks the node's load and the token, then claims the conn_id. Like [`admit_watching`]
+/// for a client whose socket cannot be probed (TLS, RESP).
+pub async fn admit(shard: &Shard, token: ClientToken) -> Result<Admitted<'_>, Refusal> {
+    admit_watching(shard, token, None).await
+}
+
+/// Checks the node's load and the token, then claims the conn_id. `client_fd`, the
+/// client's plain socket, lets a queued `checkToken` be skipped when the client has
+/// already closed it.
 ///
 /// A stopping node is not refused here: a handshake in flight belongs to a connection
 /// accepted before the shard stopped accepting, and during a zero-downtime restart
 /// refusing it would be the one refused connection; it completes and
 /// [`Shard::register`] closes it with "going away" like every other client.
-pub async fn admit(shard: &Shard, mut token: ClientToken) -> Result<Admitted<'_>, Refusal> {
+pub(crate) async fn admit_watching(
+    shard: &Shard,
+    mut token: ClientToken,
+    client_fd: Option<RawFd>,
+) -> Result<Admitted<'_>, Refusal> {
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
     }
-    if let Some(signed_info) = check_token(shard, &token).await? {
+    if let Some(signed_info) = check_token(shard, &token, client_fd).await? {
         token.info = signed_info;
     }
     claim(shard, &token.conn_id).await?;
@@ -137,9 +157,75 @@ impl Drop for Admitted<'_> {
     }
 }
 
+thread_local! {
+    /// This shard's `checkToken` jobs queued on or running in its blocking pool (a shard
+    /// is one thread). A job lowers it when it ends, on the pool's thread.
+    static CHECKS_IN_POOL: Arc<AtomicUsize> = Arc::new(AtomicUsize::new(0));
+}
+
+/// Lowers the shard's count of jobs in its pool when a job ends (or is dropped unrun).
+struct InPool(Arc<AtomicUsize>);
+
+impl Drop for InPool {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Raised when the handshake waiting for a `checkToken` verdict is dropped (its
+/// connection task ended): the job, if it has not started, is not run.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A `checkToken` job's outcome.
+enum Verdict {
+    Checked(Result<(), CallbackError>),
+    /// Not run: the client had gone by the time a pool thread took the job.
+    Skipped,
+}
+
+/// Whether the client has closed (or reset) its end of `fd`. Peeks, so it consumes
+/// nothing; a client with unread bytes pending counts as present.
+fn peer_gone(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte read into a local, MSG_PEEK: the socket is left as it was. The
+    // descriptor belongs to the connection task awaiting this job, so it is open.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR)
+        ),
+    }
+}
+
 /// Verifies the token: locally when signed tokens are configured (returning the signed
 /// `info`, if any), otherwise with `checkToken` on the shard's blocking pool.
-async fn check_token(shard: &Shard, token: &ClientToken) -> Result<Option<String>, Refusal> {
+///
+/// The pool's queue is bounded (`callback_queue_size` jobs per shard, queued or
+/// running): with a slow message server (1 s per call) 160 handshakes that closed at once
+/// used to leave 152 calls queued ahead of a legitimate client, who waited 9.2 s. Over
+/// the bound a handshake gets 503 at once; a queued job whose client has gone is dropped
+/// when a pool thread takes it, before its HTTP call.
+async fn check_token(
+    shard: &Shard,
+    token: &ClientToken,
+    client_fd: Option<RawFd>,
+) -> Result<Option<String>, Refusal> {
     if let Some(verifier) = &shard.verifier {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -147,19 +233,54 @@ async fn check_token(shard: &Shard, token: &ClientToken) -> Result<Option<String
         return verifier
             .verify(&token.token, &token.conn_id, now)
             .map(|verified| verified.info)
-            .map_err(|err| Refusal::Token(err.to_string()));
+            .map_err(|err| {
+                tracing::info!(shard = shard.id, conn_id = ?token.conn_id, reason = %err, "signed token refused");
+                Refusal::Token(err.to_string())
+            });
     }
     let Some(client) = shard.callbacks.clone() else {
         return Ok(None);
     };
-    let token = token.clone();
+    let in_pool = CHECKS_IN_POOL.with(Arc::clone);
+    if in_pool.load(Ordering::Relaxed) >= shard.config.callback_queue_size {
+        tracing::info!(
+            shard = shard.id,
+            conn_id = ?token.conn_id,
+            limit = shard.config.callback_queue_size,
+            "checkToken queue full: handshake refused with 503"
+        );
+        return Err(Refusal::MessageServer("checkToken queue full".into()));
+    }
+    in_pool.fetch_add(1, Ordering::Relaxed);
+    let job_slot = InPool(in_pool);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(Arc::clone(&cancelled));
+    let job_token = token.clone();
+    let log_url = client.log_url().to_owned();
     let verdict = glommio::executor()
-        .spawn_blocking(move || client.check_token(&token))
+        .spawn_blocking(move || {
+            let _slot = job_slot;
+            if cancelled.load(Ordering::Relaxed) || client_fd.is_some_and(peer_gone) {
+                return Verdict::Skipped;
+            }
+            Verdict::Checked(client.check_token(&job_token))
+        })
         .await;
+    let conn_id = &token.conn_id;
     match verdict {
-        Ok(()) => Ok(None),
-        Err(CallbackError::Refused(why)) => Err(Refusal::Token(why)),
-        Err(err) => Err(Refusal::MessageServer(err.to_string())),
+        Verdict::Checked(Ok(())) => Ok(None),
+        Verdict::Checked(Err(CallbackError::Refused(why))) => {
+            tracing::info!(shard = shard.id, conn_id = ?conn_id, answer = %why, "checkToken refused the token");
+            Err(Refusal::Token(why))
+        }
+        Verdict::Checked(Err(err)) => {
+            tracing::info!(shard = shard.id, conn_id = ?conn_id, url = %log_url, error = %err, "checkToken failed: handshake refused with 503");
+            Err(Refusal::MessageServer(err.to_string()))
+        }
+        Verdict::Skipped => {
+            tracing::debug!(shard = shard.id, conn_id = ?conn_id, "client gone before its checkToken started: call skipped");
+            Err(Refusal::MessageServer("client gone".into()))
+        }
     }
 }
 

@@ -31,6 +31,8 @@ impl Callback {
 struct Behaviour {
     refused_tokens: HashSet<String>,
     stall: Option<(String, Duration)>,
+    /// A method answered 200 with a body of this many bytes (not JSON).
+    huge: Option<(String, usize)>,
 }
 
 struct Shared {
@@ -77,6 +79,13 @@ impl MessageServer {
     /// Every call of `method` waits `delay` before answering.
     pub fn stall(&self, method: &str, delay: Duration) {
         self.shared.behaviour.lock().unwrap().stall = Some((method.into(), delay));
+    }
+
+    /// Every call of `method` is answered 200 with a valid `{"code":0,"data":"xx..."}`
+    /// body about `bytes` long (streamed, never held whole): a hostile or broken message
+    /// server. (Valid JSON, so that a streaming parser cannot stop at the first byte.)
+    pub fn answer_huge(&self, method: &str, bytes: usize) {
+        self.shared.behaviour.lock().unwrap().huge = Some((method.into(), bytes));
     }
 
     /// Stops listening and drops open connections: callbacks get connection refused.
@@ -168,6 +177,29 @@ fn serve(stream: TcpStream, shared: &Shared) {
                 if !shared.alive.load(Ordering::SeqCst) {
                     return;
                 }
+                if let Some(bytes) = huge_answer(shared, &body) {
+                    let (open, close) = (r#"{"code":0,"data":""#, r#""}"#);
+                    let length = open.len() + bytes + close.len();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{open}"
+                    );
+                    if writer.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'x'; 64 * 1024];
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if writer.write_all(&chunk[..n]).is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    if writer.write_all(close.as_bytes()).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let reply = handle(shared, &user_agent, &body);
                 let response = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
@@ -225,6 +257,28 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Result<Option<(String, Vec
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     Ok(Some((user_agent, body)))
+}
+
+/// The size of the huge answer this request gets, if its method was told to get one
+/// (recorded like any other call).
+fn huge_answer(shared: &Shared, body: &[u8]) -> Option<usize> {
+    let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let method = request["method"].as_str().unwrap_or("");
+    let bytes = {
+        let behaviour = shared.behaviour.lock().unwrap();
+        behaviour
+            .huge
+            .as_ref()
+            .filter(|(m, _)| m == method)
+            .map(|(_, bytes)| *bytes)?
+    };
+    shared.calls.lock().unwrap().push(Callback {
+        method: method.to_owned(),
+        args: request["args"].as_array().cloned().unwrap_or_default(),
+        user_agent: String::new(),
+        at: Instant::now(),
+    });
+    Some(bytes)
 }
 
 fn handle(shared: &Shared, user_agent: &str, body: &[u8]) -> String {

@@ -88,7 +88,7 @@ async fn greet<S: ClientStream>(
             return None;
         }
     };
-    let admitted = match admission::admit(shard, token).await {
+    let admitted = match admission::admit_watching(shard, token, direct_fd).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             refuse(shard, stream, refusal.label(), &refusal.to_string()).await;

@@ -122,7 +122,7 @@ async fn upgrade<S: ClientStream>(
     let request = with_deadline(read_request(shard, stream), shard.config.handshake_timeout)
         .await
         .ok_or(Failure::TimedOut)??;
-    let admitted = admission::admit(shard, request.token)
+    let admitted = admission::admit_watching(shard, request.token, direct_fd)
         .await
         .map_err(Failure::Refused)?;
     let accepted = handshake::accept_response(&request.key);
