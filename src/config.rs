@@ -133,6 +133,10 @@ pub struct Config {
     /// A push RPC connection must make that first call within this of connecting.
     pub rpc_first_call_timeout: Duration,
     /// An authenticated push RPC connection silent for this long is closed (zero: never).
+    // Off by default: the original never closed an idle message-server connection, and
+    // Go `net/rpc` clients keep one open for their whole life (a close is ErrShutdown on
+    // their next call). Connections that never authenticate are bounded by
+    // `rpc_first_call_timeout` whatever this says.
     pub rpc_idle_timeout: Duration,
     /// Interval between server pings.
     pub ping_interval: Duration,
@@ -319,7 +323,7 @@ impl Config {
             rpc_addr,
             rpc_listen,
             comet_rpc_token: raw.string("comet_rpc_token", ""),
-            rpc_max_connections: raw.count("rpc_max_connections", 256, 1, 1 << 16)?,
+            rpc_max_connections: raw.count("rpc_max_connections", 4096, 1, 1 << 16)?,
             rpc_max_request_size: raw.count(
                 "rpc_max_request_size",
                 crate::rpc::codec::MAX_REQUEST_BYTES,
@@ -335,7 +339,7 @@ impl Config {
             rpc_preauth_pool_size: raw.count("rpc_preauth_pool_size", 64 << 20, 0, 1 << 30)?,
             rpc_first_call_timeout: raw
                 .duration("rpc_first_call_timeout", Duration::from_secs(10))?,
-            rpc_idle_timeout: raw.duration_or_zero("rpc_idle_timeout", Duration::from_secs(300))?,
+            rpc_idle_timeout: raw.duration_or_zero("rpc_idle_timeout", Duration::ZERO)?,
             ping_interval,
             heartbeat_timeout,
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
