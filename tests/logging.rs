@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 use common::{Rpc, connect_url, free_port, next_text, port_open, url_encode, wait_until};
 use serde_json::json;
 
+/// Kills the node if the test fails before stopping it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
 #[test]
 fn a_log_pipe_nobody_reads_never_stalls_handshakes_or_pushes() {
     let (ws_port, rpc_port, admin_port) = (free_port(), free_port(), free_port());
@@ -33,6 +44,7 @@ fn a_log_pipe_nobody_reads_never_stalls_handshakes_or_pushes() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _guard = KillOnDrop(child.id());
     assert!(wait_until(Duration::from_secs(10), || port_open(ws_port)
         && port_open(rpc_port)));
     let url = |id: &str| {
