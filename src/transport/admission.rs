@@ -77,12 +77,31 @@ pub struct Admitted<'a> {
 /// accepted before the shard stopped accepting, and during a zero-downtime restart
 /// refusing it would be the one refused connection; it completes and
 /// [`Shard::register`] closes it with "going away" like every other client.
-pub async fn admit(shard: &Shard, mut token: ClientToken) -> Result<Admitted<'_>, Refusal> {
+pub async fn admit(shard: &Shard, token: ClientToken) -> Result<Admitted<'_>, Refusal> {
+    let token = verify(shard, token).await?;
+    claim_verified(shard, token).await
+}
+
+/// The first half of [`admit`]: the node's load and the token, without claiming the
+/// conn_id. A RESP client authenticates with `AUTH` long before it subscribes (a pooled
+/// connection may never), and only a subscribed one holds its conn_id.
+pub(crate) async fn verify(shard: &Shard, mut token: ClientToken) -> Result<ClientToken, Refusal> {
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
     }
     if let Some(signed_info) = check_token(shard, &token).await? {
         token.info = signed_info;
+    }
+    Ok(token)
+}
+
+/// The second half of [`admit`], for a token [`verify`] accepted.
+pub(crate) async fn claim_verified(
+    shard: &Shard,
+    token: ClientToken,
+) -> Result<Admitted<'_>, Refusal> {
+    if shard.is_saturated() {
+        return Err(Refusal::Saturated);
     }
     claim(shard, &token.conn_id).await?;
     Ok(Admitted {
