@@ -168,6 +168,8 @@ fn cases(libs: &Libraries) -> Vec<Case> {
         auth,
         tls,
     };
+    // Defaults: RESP2 in ioredis 5, node-redis 5 and redis-py 4; RESP3 in ioredis 6,
+    // node-redis 6, redis-py 8 and coredis 6.
     vec![
         case("ioredis5", &node5, "ioredis", None, "user", false),
         case("ioredis5-object", &node5, "ioredis", None, "object", false),
@@ -180,7 +182,7 @@ fn cases(libs: &Libraries) -> Vec<Case> {
         case("node-redis6-tls", &node6, "redis", None, "object", true),
         case("redis-py4", &debian, "redis", None, "user", false),
         case("redis-py", &newest, "redis", None, "object", false),
-        case("redis-py-resp3", &newest, "redis", Some(3), "object", false),
+        case("redis-py-resp2", &newest, "redis", Some(2), "object", false),
         case(
             "redis-py-asyncio",
             &newest,
@@ -190,14 +192,14 @@ fn cases(libs: &Libraries) -> Vec<Case> {
             false,
         ),
         case(
-            "redis-py-asyncio-resp3",
+            "redis-py-asyncio-resp2",
             &newest,
             "redis-asyncio",
-            Some(3),
+            Some(2),
             "object",
             false,
         ),
-        case("redis-py-tls", &newest, "redis", Some(3), "user", true),
+        case("redis-py-tls", &newest, "redis", None, "user", true),
         case("coredis", &newest, "coredis", None, "object", false),
         // coredis 6 speaks RESP3 only.
         case("coredis-user", &newest, "coredis", None, "user", false),

@@ -16,7 +16,7 @@
 //! keepalive (set on every raw TCP socket, see [`super::enable_keepalive`]) instead of
 //! the heartbeat timeout.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -593,8 +593,12 @@ struct Subscriber {
     conn: Conn,
     // Sets, not lists: a connection adding its thousandth channel must not compare it
     // with the 999 before (a SUBSCRIBE flood kept a shard busy for seconds).
-    channels: HashSet<Vec<u8>>,
-    patterns: HashSet<Vec<u8>>,
+    // Each name maps to when it was added, so that leaving them all confirms them in the
+    // order they were joined (what a person at `nc` expects; Redis's order is its hash
+    // table's).
+    channels: HashMap<Vec<u8>, u64>,
+    patterns: HashMap<Vec<u8>, u64>,
+    joined: u64,
     /// Set when the client's command ended the session but not the connection.
     left: Option<Leave>,
 }
@@ -603,8 +607,9 @@ impl Subscriber {
     fn new(conn: Conn) -> Subscriber {
         Subscriber {
             conn,
-            channels: HashSet::new(),
-            patterns: HashSet::new(),
+            channels: HashMap::new(),
+            patterns: HashMap::new(),
+            joined: 0,
             left: None,
         }
     }
@@ -624,7 +629,7 @@ impl Subscriber {
         let new: HashSet<&[u8]> = channels
             .iter()
             .map(Vec::as_slice)
-            .filter(|c| !set.contains(*c))
+            .filter(|c| !set.contains_key(*c))
             .collect();
         if self.count() + new.len() > MAX_CHANNELS {
             return Err(resp::error(&format!(
@@ -641,7 +646,10 @@ impl Subscriber {
             } else {
                 &mut self.channels
             };
-            set.insert(channel.clone());
+            if !set.contains_key(channel) {
+                set.insert(channel.clone(), self.joined);
+                self.joined += 1;
+            }
             out.extend(resp::subscription(
                 kind,
                 channel,
@@ -666,7 +674,11 @@ impl Subscriber {
             } else {
                 &mut self.channels
             };
-            set.drain().collect()
+            // Left one by one below, so that each confirmation counts down.
+            let mut all: Vec<(Vec<u8>, u64)> =
+                set.iter().map(|(name, at)| (name.clone(), *at)).collect();
+            all.sort_unstable_by_key(|(_, joined)| *joined);
+            all.into_iter().map(|(name, _)| name).collect()
         } else {
             channels.to_vec()
         };
@@ -792,6 +804,20 @@ mod tests {
 
     fn command(words: &[&str]) -> Command {
         words.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn leaving_every_channel_confirms_them_in_the_order_joined() {
+        let mut s = subscriber(false);
+        let names: Vec<Vec<u8>> = (0..50).map(|n| format!("c{n}").into_bytes()).collect();
+        s.add(&names, false).unwrap();
+        s.add(&names[..5], false).unwrap();
+        let reply = s.remove(&[], false);
+        let mut expected = Vec::new();
+        for (n, name) in names.iter().enumerate() {
+            expected.extend(resp::subscription("unsubscribe", name, 49 - n, false));
+        }
+        assert_eq!(reply, expected);
     }
 
     #[test]
