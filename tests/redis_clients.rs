@@ -476,3 +476,79 @@ fn an_idle_authenticated_connection_is_bounded_by_resp_idle_timeout() {
     );
     drop(node);
 }
+
+/// The security review's flood: 150,000 channel names (1.9 MB) subscribed on one
+/// connection. The first 1,024 are taken, every command past the cap gets an error
+/// reply (the connection stays), the whole is answered in a moment, and a bystander on
+/// the same node is served meanwhile.
+#[test]
+fn a_subscribe_flood_is_capped_answered_quickly_and_contained() {
+    const NAMES: usize = 150_000;
+    const PER_COMMAND: usize = 100;
+    let port = free_port();
+    let node = Comet::start(None, &format!("max_proc=1\ntcp_port={port}\n{TIMING}"));
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        port
+    )));
+    let mut bystander = Reader::new(plain(port));
+    bystander.send(&command(&["AUTH", "bystander", "t"]));
+    assert_eq!(bystander.resp(), Some(Resp::Simple("OK".into())));
+    bystander.send(&command(&["SUBSCRIBE", "inbox"]));
+    assert_eq!(
+        bystander.resp().unwrap().words(),
+        ["subscribe", "inbox", "1"]
+    );
+
+    let stream = plain(port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut flooder = Reader::new(stream);
+    flooder.send(&command(&["AUTH", "flooder", "t"]));
+    assert_eq!(flooder.resp(), Some(Resp::Simple("OK".into())));
+    let mut wire = Vec::new();
+    for chunk in (0..NAMES).collect::<Vec<_>>().chunks(PER_COMMAND) {
+        let names: Vec<String> = chunk.iter().map(|n| format!("channel-{n:06}")).collect();
+        let mut words = vec!["SUBSCRIBE"];
+        words.extend(names.iter().map(String::as_str));
+        wire.extend(command(&words));
+    }
+    let started = Instant::now();
+    let bytes = wire.len();
+    let sending = std::thread::spawn(move || writer.write_all(&wire).is_ok());
+    let (mut confirmed, mut refused) = (0, 0);
+    while confirmed + refused < NAMES / PER_COMMAND {
+        match flooder.resp() {
+            Some(Resp::Array(_)) => {
+                // The rest of this command's confirmations.
+                for _ in 1..PER_COMMAND {
+                    assert!(matches!(flooder.resp(), Some(Resp::Array(_))));
+                }
+                confirmed += 1;
+            }
+            Some(Resp::Error(e)) => {
+                assert!(e.starts_with("ERR too many channels"), "{e}");
+                refused += 1;
+            }
+            other => panic!("after {confirmed} + {refused} commands: {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(sending.join().unwrap());
+    assert_eq!(
+        (confirmed, refused),
+        (1024 / PER_COMMAND, NAMES / PER_COMMAND - 10)
+    );
+    eprintln!("{NAMES} names in {bytes} bytes answered in {took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // Both still served: the flooder's connection and the bystander's.
+    flooder.send(&command(&["PING"]));
+    assert_eq!(flooder.resp().unwrap().words(), ["pong", ""]);
+    let reply = node.rpc().push(&["bystander"], "still here", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(
+        bystander.resp().unwrap().words(),
+        ["message", "inbox", "still here"]
+    );
+}
