@@ -380,10 +380,14 @@ impl Conn {
             "UNSUBSCRIBE" | "PUNSUBSCRIBE" => {
                 Step::Reply(nothing_to_leave(&name.to_ascii_lowercase(), self.resp3))
             }
-            _ => Step::Reply(resp::error(&format!(
-                "ERR unknown command '{}': Comet accepts HELLO, AUTH, CLIENT, INFO, SELECT, PING, ECHO, RESET, QUIT, SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE",
-                text(&command[0])
-            ))),
+            _ => {
+                // What a library sends that Comet does not know is what to add next.
+                tracing::debug!(shard = shard.id, command = %text(&command[0]), "unknown RESP command");
+                Step::Reply(resp::error(&format!(
+                    "ERR unknown command '{}': Comet accepts HELLO, AUTH, CLIENT, INFO, SELECT, PING, ECHO, RESET, QUIT, SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE",
+                    text(&command[0])
+                )))
+            }
         }
     }
 
