@@ -554,3 +554,65 @@ fn a_subscribe_flood_is_capped_answered_quickly_and_contained() {
         ["message", "inbox", "still here"]
     );
 }
+
+/// A subscribed client that pipelines commands and never reads the replies: its queued
+/// replies are bounded (1 MiB), past which it is closed as a slow consumer with its
+/// `offline`; the node's other clients do not notice.
+#[test]
+fn a_client_that_never_reads_its_replies_is_closed_not_buffered() {
+    let server = MessageServer::start();
+    let port = free_port();
+    let node = Comet::start(
+        Some(&server),
+        &format!("max_proc=1\ntcp_port={port}\n{TIMING}"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        port
+    )));
+    let mut bystander = Reader::new(plain(port));
+    bystander.send(&command(&["AUTH", "bystander", "t"]));
+    assert_eq!(bystander.resp(), Some(Resp::Simple("OK".into())));
+    bystander.send(&command(&["SUBSCRIBE", "inbox"]));
+    assert_eq!(
+        bystander.resp().unwrap().words(),
+        ["subscribe", "inbox", "1"]
+    );
+
+    let mut deaf = Reader::new(plain(port));
+    deaf.send(&command(&["AUTH", "deaf", "t"]));
+    assert_eq!(deaf.resp(), Some(Resp::Simple("OK".into())));
+    deaf.send(&command(&["SUBSCRIBE", "inbox"]));
+    assert_eq!(deaf.resp().unwrap().words(), ["subscribe", "inbox", "1"]);
+    assert!(wait_until(STEP, || server.count("online", "deaf") == 1));
+    let text = "p".repeat(8 * 1024);
+    let ping = command(&["PING", &text]);
+    let mut writer = deaf.stream.try_clone().unwrap();
+    let started = Instant::now();
+    // 256 MiB of replies asked for: far more than the kernel's buffers and the bound.
+    let written = std::thread::spawn(move || {
+        let mut sent = 0usize;
+        while sent < 256 << 20 && writer.write_all(&ping).is_ok() {
+            sent += ping.len();
+        }
+        sent
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), || server.count("offline", "deaf")
+            == 1),
+        "still online after {:?}",
+        started.elapsed()
+    );
+    let sent = written.join().unwrap();
+    assert!(sent < 256 << 20, "all {sent} bytes taken");
+    eprintln!(
+        "closed after {sent} bytes of commands, {:?}",
+        started.elapsed()
+    );
+    assert!(node.log_text().contains("does not read its replies"));
+    let reply = node.rpc().push(&["bystander"], "unaffected", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(
+        bystander.resp().unwrap().words(),
+        ["message", "inbox", "unaffected"]
+    );
+}

@@ -32,6 +32,13 @@ use crate::transport::ws::frame::close_code;
 use crate::transport::ws::handshake::{ClientToken, token_from_json};
 use crate::transport::{ClientStream, Inbound, close, run_session, write_reply};
 
+/// Most reply bytes a subscribed connection may have waiting to be written. Replies are
+/// control bytes, outside `outbound_queue_size`: a client that pipelines commands and
+/// never reads their answers would otherwise grow its queue without end. Past this it is
+/// a slow consumer (checked once per read, so it overshoots by at most one read's
+/// worth of replies).
+const MAX_QUEUED_REPLY_BYTES: usize = 1 << 20;
+
 /// Client ids for `HELLO` and `CLIENT ID` answers, unique in the process.
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -713,6 +720,10 @@ impl Subscriber {
 
     /// Runs every complete command buffered so far, up to one that ends the session.
     fn drain(&mut self, session: &Session) -> Option<CloseReason> {
+        if session.has_backlog() && queued_reply_bytes(session) > MAX_QUEUED_REPLY_BYTES {
+            tracing::info!(conn_id = %session.conn_id, "RESP client does not read its replies");
+            return Some(CloseReason::SlowConsumer);
+        }
         loop {
             let command = match self.conn.decoder.next_command() {
                 Ok(Some(command)) => command,
@@ -787,6 +798,23 @@ impl Subscriber {
             ),
         }
     }
+}
+
+/// Reply (control) bytes queued and not yet written.
+fn queued_reply_bytes(session: &Session) -> usize {
+    session.with_queue(false, |queue, framing| {
+        queue
+            .iter()
+            .filter(|o| matches!(o.item, crate::session::Outbound::Control(_)))
+            .map(|o| {
+                framing
+                    .unwritten(o)
+                    .iter()
+                    .map(|part| part.len())
+                    .sum::<usize>()
+            })
+            .sum()
+    })
 }
 
 impl Inbound for Subscriber {
@@ -973,6 +1001,42 @@ mod tests {
         );
         assert_eq!(s.count(), 0);
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_its_replies_is_a_slow_consumer() {
+        // No socket: every reply stays queued, as for a client that never reads.
+        let session = Session::new(crate::session::SessionSpec {
+            conn_id: "deaf".into(),
+            info: String::new(),
+            wire: Wire::Resp,
+            message_head: Box::default(),
+            direct_fd: None,
+            queue_limit: 16,
+        });
+        let mut s = subscriber(false);
+        s.add(&[b"a".to_vec()], false).unwrap();
+        let payload = "e".repeat(8 * 1024);
+        let text = resp::bulk(payload.as_bytes());
+        // PING <text>, answered in push mode with the text: replies as large as commands.
+        let mut wire = b"*2\r\n$4\r\nPING\r\n".to_vec();
+        wire.extend(&text);
+        let mut reads = 0;
+        let reason = loop {
+            s.conn.decoder.feed(&wire);
+            s.conn.decoder.feed(&wire);
+            reads += 1;
+            if let Some(reason) = s.drain(&session) {
+                break reason;
+            }
+            assert!(reads < 1000, "never refused");
+        };
+        assert_eq!(reason, CloseReason::SlowConsumer);
+        let queued = queued_reply_bytes(&session);
+        assert!(
+            queued > MAX_QUEUED_REPLY_BYTES && queued < MAX_QUEUED_REPLY_BYTES + 64 * 1024,
+            "{queued}"
+        );
     }
 
     #[test]
