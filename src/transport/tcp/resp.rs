@@ -415,10 +415,7 @@ impl Conn {
             "INFO" => resp::info(args, env!("CARGO_PKG_VERSION")),
             // Cluster clients send these to replicas; Comet is one node that only reads.
             "READONLY" | "READWRITE" if args.is_empty() => resp::simple("OK"),
-            "SSUBSCRIBE" | "SUNSUBSCRIBE" => resp::error(&format!(
-                "ERR {} is not supported: Comet has no shard channels; use SUBSCRIBE (pushes arrive on the first channel named)",
-                name.to_ascii_lowercase()
-            )),
+            "SSUBSCRIBE" | "SUNSUBSCRIBE" => no_shard_channels(name),
             "HELLO" if subscribed => self.hello_subscribed(args),
             "AUTH" if subscribed => resp::error(
                 "ERR AUTH is not allowed while subscribed: UNSUBSCRIBE from every channel first",
@@ -588,6 +585,14 @@ fn parse_hello(
         }
     }
     Ok((protocol, auth, name))
+}
+
+/// The answer to `SSUBSCRIBE` / `SUNSUBSCRIBE`, in every state.
+fn no_shard_channels(name: &str) -> Vec<u8> {
+    resp::error(&format!(
+        "ERR {} is not supported: Comet has no shard channels; use SUBSCRIBE (pushes arrive on the first channel named)",
+        name.to_ascii_lowercase()
+    ))
 }
 
 /// The answer to `(P)UNSUBSCRIBE` with nothing subscribed: `[kind, nil, 0]`.
@@ -776,10 +781,7 @@ impl Subscriber {
                 self.left = Some(Leave::Reset);
                 (resp::simple("RESET"), true)
             }
-            "SSUBSCRIBE" | "SUNSUBSCRIBE" => (
-                self.conn.common(&name, args, true).unwrap_or_default(),
-                false,
-            ),
+            "SSUBSCRIBE" | "SUNSUBSCRIBE" => (no_shard_channels(&name), false),
             // RESP3 lifts Redis's subscribed-mode restriction: a client may go on using
             // the connection for anything else.
             _ if resp3 => match self.conn.common(&name, args, true) {
