@@ -15,6 +15,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)         # mimalloc's C 
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)      # tests: stock Redis clients
 [[ -x /usr/bin/python3 ]] || need+=(python3)                     # tests: example signer
 /usr/bin/python3 -c 'import redis' >/dev/null 2>&1 || need+=(python3-redis)
+command -v npm >/dev/null 2>&1 || need+=(npm)                    # tests: ioredis, node-redis
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # tests: redis-py, coredis
 command -v chromium >/dev/null 2>&1 || need+=(chromium)          # tests: the browser example
 command -v php >/dev/null 2>&1 || need+=(php-cli)                # tests: the PHP token signer
 

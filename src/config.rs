@@ -146,6 +146,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest message a client may send (bytes).
     pub max_frame_size: usize,
+    /// A RESP connection that is authenticated but not subscribed (a pooled connection,
+    /// or one that left its last channel) is closed after this long without a command.
+    pub resp_idle_timeout: Duration,
     /// Outbound messages a session may have queued before it is a slow consumer.
     pub outbound_queue_size: usize,
     /// Bytes a session may have queued (pushes and its own replies together) before it
@@ -344,6 +347,7 @@ impl Config {
             heartbeat_timeout,
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
             max_frame_size: raw.count("max_frame_size", 512, 2, 16 << 20)?,
+            resp_idle_timeout: raw.duration("resp_idle_timeout", Duration::from_secs(300))?,
             outbound_queue_size: raw.count("outbound_queue_size", 1024, 1, 1 << 20)?,
             outbound_queue_bytes: raw.count("outbound_queue_bytes", 1 << 20, 1024, 1 << 30)?,
             coalesce_messages: raw.boolean("coalesce_messages", false)?,

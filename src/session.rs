@@ -357,6 +357,20 @@ impl Session {
         result
     }
 
+    /// Takes every unwritten byte out of the queue, in order (a RESP session that ended
+    /// hands what it still owed to its connection).
+    pub fn take_unwritten(&self) -> Vec<u8> {
+        self.with_backlog(false, |backlog| {
+            let mut out = Vec::new();
+            while let Some(bytes) = backlog.next_bytes() {
+                out.extend_from_slice(bytes);
+                let n = bytes.len();
+                backlog.advance(n);
+            }
+            out
+        })
+    }
+
     /// Puts protocol bytes at the back of the queue without trying to write them (the
     /// closing handshake flushes them itself).
     pub fn queue_control(&self, bytes: Arc<[u8]>) {

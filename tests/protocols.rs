@@ -332,18 +332,34 @@ fn resp_handshake_commands_errors_and_push_mode() {
     );
     client.send(&command(&["PING"]));
     assert_eq!(client.resp(), Some(Resp::Simple("PONG".into())));
+    // RESP3 lifts Redis's subscribed-mode restriction: answered as before SUBSCRIBE.
     client.send(&command(&["GET", "k"]));
-    assert!(matches!(client.resp(), Some(Resp::Error(e)) if e.contains("only (P)SUBSCRIBE")));
+    assert!(matches!(client.resp(), Some(Resp::Error(e)) if e.contains("unknown command 'GET'")));
     client.send(&command(&["UNSUBSCRIBE"]));
     assert_eq!(client.resp().unwrap().words(), ["unsubscribe", "news", "1"]);
     assert_eq!(client.resp().unwrap().words(), ["unsubscribe", "more", "0"]);
-    assert!(
-        client.resp().is_none(),
-        "leaving every channel ends the session"
-    );
+    // Leaving every channel ends the session, not the connection.
     assert!(wait_until(Duration::from_secs(5), || server
         .count("offline", "r1")
         == 1));
+    client.send(&command(&["PING"]));
+    assert_eq!(client.resp(), Some(Resp::Simple("PONG".into())));
+    assert_eq!(
+        undelivered(&node.rpc().push(&["r1"], "between", "")),
+        json!(["r1"])
+    );
+    client.send(&command(&["SUBSCRIBE", "again"]));
+    assert_eq!(client.resp().unwrap().words(), ["subscribe", "again", "1"]);
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "r1")
+        == 2));
+    client.send(&command(&["QUIT"]));
+    assert_eq!(client.resp(), Some(Resp::Simple("OK".into())));
+    assert!(client.resp().is_none(), "QUIT closes the connection");
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("offline", "r1")
+        == 2));
+    assert_eq!(common::check_presence_ledger(&server), (1, 2));
 }
 
 #[test]

@@ -82,8 +82,16 @@ pub fn parse_client_line(line: &[u8]) -> Result<ClientLine, String> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(ClientLine::Blank);
     }
+    // serde_json skips the strings of fields it ignores without checking their UTF-8: a
+    // line must be text before it can be JSON.
+    let line = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "line is not a JSON object: invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        )
+    })?;
     let typed: Typed =
-        serde_json::from_slice(line).map_err(|e| format!("line is not a JSON object: {e}"))?;
+        serde_json::from_str(line).map_err(|e| format!("line is not a JSON object: {e}"))?;
     Ok(match typed.kind.as_deref() {
         Some("ping") => ClientLine::Ping,
         Some("pong") => ClientLine::Pong,
@@ -107,7 +115,8 @@ pub struct LineDecoder {
 
 impl LineDecoder {
     /// Feeds bytes read from the client; calls `on_line` for each complete line (without
-    /// its `\n`). Stops at the first line over `max_line` bytes.
+    /// its `\n`). Stops at the first line over `max_line` bytes, not counting the `\r`
+    /// of a `\r\n` ending (which the line's reader ignores).
     pub fn feed(
         &mut self,
         mut bytes: &[u8],
@@ -116,7 +125,9 @@ impl LineDecoder {
     ) -> Result<(), LineTooLong> {
         while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
             let (head, rest) = (&bytes[..end], &bytes[end + 1..]);
-            if self.partial.len() + head.len() > max_line {
+            let last = head.last().or(self.partial.last());
+            let cr = usize::from(last == Some(&b'\r'));
+            if self.partial.len() + head.len() - cr > max_line {
                 return Err(LineTooLong { limit: max_line });
             }
             if self.partial.is_empty() {
@@ -128,7 +139,10 @@ impl LineDecoder {
             }
             bytes = rest;
         }
-        if self.partial.len() + bytes.len() > max_line {
+        // Unfinished: one byte more than the limit may be the `\r` before its `\n`.
+        let held = self.partial.len() + bytes.len();
+        let last = bytes.last().or(self.partial.last());
+        if held > max_line + 1 || (held == max_line + 1 && last != Some(&b'\r')) {
             return Err(LineTooLong { limit: max_line });
         }
         self.partial.extend_from_slice(bytes);
@@ -177,6 +191,42 @@ mod tests {
         let mut decoder = LineDecoder::default();
         assert!(lines(&mut decoder, b"12345678\n", 8).is_ok());
         assert!(lines(&mut decoder, b"123456789\n", 8).is_err());
+    }
+
+    #[test]
+    fn the_cr_of_a_crlf_ending_does_not_count_against_the_limit() {
+        let line = [b'x'; 8];
+        let mut decoder = LineDecoder::default();
+        let crlf = [&line[..], b"\r\n"].concat();
+        assert_eq!(
+            lines(&mut decoder, &crlf, 8).unwrap(),
+            vec![[&line[..], b"\r"].concat()]
+        );
+        // Split anywhere, the \r included.
+        for split in 0..crlf.len() {
+            let mut decoder = LineDecoder::default();
+            let mut seen = lines(&mut decoder, &crlf[..split], 8).unwrap();
+            seen.extend(lines(&mut decoder, &crlf[split..], 8).unwrap());
+            assert_eq!(seen.len(), 1, "split at {split}");
+        }
+        // A ninth byte that is not a \r is over, with or without its \n yet.
+        let mut decoder = LineDecoder::default();
+        assert!(lines(&mut decoder, b"123456789", 8).is_err());
+        let mut decoder = LineDecoder::default();
+        assert!(lines(&mut decoder, b"12345678\r\r\n", 8).is_err());
+        let mut decoder = LineDecoder::default();
+        assert!(lines(&mut decoder, b"12345678\r", 8).is_ok());
+        assert!(lines(&mut decoder, b"x", 8).is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused_like_any_non_json_line() {
+        let why = parse_client_line(b"{\"note\":\"caf\xe9\"}").unwrap_err();
+        assert_eq!(why, "line is not a JSON object: invalid UTF-8 at byte 12");
+        assert_eq!(
+            parse_client_line("{\"note\":\"café\"}".as_bytes()),
+            Ok(ClientLine::Data)
+        );
     }
 
     #[test]

@@ -4,12 +4,20 @@
 //!
 //! Pure bytes in, bytes out; no I/O. A command is bounded by [`MAX_COMMAND_BYTES`] and
 //! [`MAX_ARGS`]: a client announcing more (`*99999999`) is refused before anything is
-//! allocated for it.
+//! allocated for it. The decoder holds at most one unfinished command (so at most
+//! `MAX_COMMAND_BYTES` plus one read), and decoding is linear in the bytes received
+//! however they are split or pipelined.
 
 /// Largest command accepted, all arguments and framing included.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
-/// Most arguments in one command.
-pub const MAX_ARGS: usize = 64;
+/// Most arguments in one command: a `SUBSCRIBE` of every channel a connection may hold
+/// (a library resubscribing after a reconnect sends them all in one command).
+pub const MAX_ARGS: usize = 1 + MAX_CHANNELS;
+/// Most channels and patterns one connection may be subscribed to at once.
+pub const MAX_CHANNELS: usize = 1024;
+/// The Redis version Comet reports (`HELLO`, `INFO`): libraries gate features on it, and
+/// Comet answers what they use on connect as Redis 7.0 does.
+pub const REDIS_VERSION: &str = "7.0.0";
 
 /// Why a client's bytes are not RESP; the client gets `-ERR Protocol error: ...` and is
 /// closed, as Redis does.
@@ -36,34 +44,62 @@ pub type Command = Vec<Vec<u8>>;
 #[derive(Debug, Default)]
 pub struct CommandDecoder {
     buffered: Vec<u8>,
+    // Bytes at the front of `buffered` already handed out as commands. Dropped at the
+    // next `feed` rather than after each command: a read of thousands of pipelined
+    // commands then costs one move of its tail, not one per command (quadratic).
+    consumed: usize,
+    // How far past `consumed` an inline command's `\n` was already looked for, so that
+    // a long line trickled in byte by byte is scanned once.
+    scanned: usize,
 }
 
 impl CommandDecoder {
     /// Adds bytes read from the client.
     pub fn feed(&mut self, bytes: &[u8]) {
+        if self.consumed > 0 {
+            self.buffered.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        if self.buffered.is_empty() && self.buffered.capacity() > 4 * MAX_COMMAND_BYTES {
+            self.buffered = Vec::new();
+        }
         self.buffered.extend_from_slice(bytes);
+    }
+
+    /// Bytes received and not yet decoded into a command.
+    pub fn pending(&self) -> usize {
+        self.buffered.len() - self.consumed
     }
 
     /// The next complete command, `Ok(None)` when more bytes are needed.
     pub fn next_command(&mut self) -> Result<Option<Command>, RespError> {
         loop {
-            let parsed = match self.buffered.first() {
+            let rest = &self.buffered[self.consumed..];
+            let parsed = match rest.first() {
                 None => return Ok(None),
-                Some(b'*') => parse_multibulk(&self.buffered)?,
-                Some(_) => parse_inline(&self.buffered)?,
+                Some(b'*') => parse_multibulk(rest)?,
+                Some(_) => match rest[self.scanned.min(rest.len())..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                {
+                    Some(at) => Some(parse_inline(rest, self.scanned + at)?),
+                    None => {
+                        self.scanned = rest.len();
+                        None
+                    }
+                },
             };
             match parsed {
+                Some((_, used)) if used > MAX_COMMAND_BYTES => return Err(RespError::TooLarge),
                 Some((command, used)) => {
-                    self.buffered.drain(..used);
-                    if self.buffered.is_empty() && self.buffered.capacity() > 1024 {
-                        self.buffered = Vec::new();
-                    }
+                    self.consumed += used;
+                    self.scanned = 0;
                     // Redis skips empty inline lines (a bare Enter in a terminal).
                     if !command.is_empty() {
                         return Ok(Some(command));
                     }
                 }
-                None if self.buffered.len() > MAX_COMMAND_BYTES => {
+                None if rest.len() > MAX_COMMAND_BYTES => {
                     return Err(RespError::TooLarge);
                 }
                 None => return Ok(None),
@@ -74,7 +110,10 @@ impl CommandDecoder {
 
 /// Reads `<digits>\r\n` at `at`; `Ok(None)` when the line is not complete yet.
 fn number_line(buf: &[u8], at: usize, bad: RespError) -> Result<Option<(i64, usize)>, RespError> {
-    let Some(rel) = buf[at..].iter().position(|&b| b == b'\r') else {
+    // A number line is short: look no further than its longest form (`-` and 19
+    // digits), so that a header is never a scan of the whole buffer.
+    let window = &buf[at..buf.len().min(at + 21)];
+    let Some(rel) = window.iter().position(|&b| b == b'\r') else {
         // A number line is short; anything longer without its CR is not a number.
         return if buf.len() - at > 20 {
             Err(bad)
@@ -102,7 +141,8 @@ fn parse_multibulk(buf: &[u8]) -> Result<Option<(Command, usize)>, RespError> {
         return Err(RespError::MultibulkLength);
     }
     let count = count.max(0) as usize;
-    let mut args = Vec::with_capacity(count);
+    // Announced is not received: reserve for a typical command only.
+    let mut args = Vec::with_capacity(count.min(8));
     for _ in 0..count {
         let Some(&marker) = buf.get(at) else {
             return Ok(None);
@@ -129,13 +169,11 @@ fn parse_multibulk(buf: &[u8]) -> Result<Option<(Command, usize)>, RespError> {
     Ok(Some((args, at)))
 }
 
-fn parse_inline(buf: &[u8]) -> Result<Option<(Command, usize)>, RespError> {
-    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        return Ok(None);
-    };
+/// The inline command whose `\n` is at `end`.
+fn parse_inline(buf: &[u8], end: usize) -> Result<(Command, usize), RespError> {
     let line = &buf[..end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    Ok(Some((split_inline(line)?, end + 1)))
+    Ok((split_inline(line)?, end + 1))
 }
 
 /// Splits an inline command on whitespace; `"..."` groups words (no escapes).
@@ -248,11 +286,66 @@ pub fn pong(text: Option<&[u8]>, subscribed: bool, resp3: bool) -> Vec<u8> {
     }
 }
 
-/// The answer to `HELLO`: server facts as a map (RESP3) or a flat array (RESP2).
-pub fn hello(protocol: u8, client_id: u64, version: &str) -> Vec<u8> {
+/// The null reply: `_` in RESP3, the null bulk string in RESP2.
+pub fn null(resp3: bool) -> Vec<u8> {
+    if resp3 {
+        b"_\r\n".to_vec()
+    } else {
+        b"$-1\r\n".to_vec()
+    }
+}
+
+/// The answer to `INFO [section ...]`: the `Server`, `Clients`, `Persistence` and
+/// `Replication` sections, which is what libraries read on connect (ioredis's ready
+/// check waits while `loading` is not `0`; others parse `redis_version` and `role`).
+/// An unknown section is empty, as in Redis.
+pub fn info(sections: &[Vec<u8>], comet_version: &str) -> Vec<u8> {
+    let all: [(&str, String); 4] = [
+        (
+            "Server",
+            format!(
+                "redis_version:{REDIS_VERSION}\r\nredis_mode:standalone\r\n\
+                 comet_version:{comet_version}\r\nos:{}\r\narch_bits:{}\r\n",
+                std::env::consts::OS,
+                usize::BITS
+            ),
+        ),
+        ("Clients", "maxclients:0\r\n".to_owned()),
+        (
+            "Persistence",
+            "loading:0\r\nasync_loading:0\r\nrdb_bgsave_in_progress:0\r\n".to_owned(),
+        ),
+        (
+            "Replication",
+            "role:master\r\nconnected_slaves:0\r\n".to_owned(),
+        ),
+    ];
+    let wanted = |name: &str| {
+        sections.is_empty()
+            || sections.iter().any(|s| {
+                s.eq_ignore_ascii_case(name.as_bytes())
+                    || [&b"all"[..], b"default", b"everything"]
+                        .iter()
+                        .any(|every| s.eq_ignore_ascii_case(every))
+            })
+    };
+    let mut text = String::new();
+    for (name, body) in all.iter().filter(|(name, _)| wanted(name)) {
+        if !text.is_empty() {
+            text.push_str("\r\n");
+        }
+        text.push_str(&format!("# {name}\r\n{body}"));
+    }
+    bulk(text.as_bytes())
+}
+
+/// The answer to `HELLO`: server facts as a map (RESP3) or a flat array (RESP2). The
+/// version is [`REDIS_VERSION`] (libraries compare it with Redis releases); Comet's own
+/// is in `INFO`.
+pub fn hello(protocol: u8, client_id: u64) -> Vec<u8> {
     let fields: [(&str, Vec<u8>); 7] = [
         ("server", bulk(b"comet")),
-        ("version", bulk(version.as_bytes())),
+        ("version", bulk(REDIS_VERSION.as_bytes())),
         ("proto", integer(i64::from(protocol))),
         ("id", integer(client_id as i64)),
         ("mode", bulk(b"standalone")),
@@ -344,7 +437,89 @@ mod tests {
         assert_eq!(pong(None, false, false), b"+PONG\r\n");
         assert_eq!(pong(Some(b"x"), false, true), b"$1\r\nx\r\n");
         assert_eq!(error("ERR a\nb"), b"-ERR a b\r\n");
-        assert!(hello(3, 7, "1.0").starts_with(b"%7\r\n$6\r\nserver\r\n$5\r\ncomet\r\n"));
-        assert!(hello(2, 7, "1.0").starts_with(b"*14\r\n"));
+        assert!(hello(3, 7).starts_with(b"%7\r\n$6\r\nserver\r\n$5\r\ncomet\r\n"));
+        assert!(hello(2, 7).starts_with(b"*14\r\n"));
+    }
+
+    #[test]
+    fn info_has_what_libraries_read_on_connect() {
+        let all = String::from_utf8(info(&[], "9.9")).unwrap();
+        assert!(all.starts_with('$'));
+        for field in [
+            "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n",
+            "comet_version:9.9\r\n",
+            "# Persistence\r\nloading:0\r\n",
+            "role:master\r\n",
+        ] {
+            assert!(all.contains(field), "{field:?} in {all:?}");
+        }
+        let server = String::from_utf8(info(&[b"SERVER".to_vec()], "9.9")).unwrap();
+        assert!(server.contains("redis_version") && !server.contains("loading"));
+        assert_eq!(info(&[b"keyspace".to_vec()], "9.9"), b"$0\r\n\r\n");
+        assert_eq!(info(&[b"everything".to_vec()], "9.9"), info(&[], "9.9"));
+    }
+
+    #[test]
+    fn pipelined_commands_are_consumed_without_moving_the_buffer_each_time() {
+        let mut wire = Vec::new();
+        for _ in 0..2000 {
+            wire.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+        }
+        wire.extend_from_slice(b"*2\r\n$4\r\nE");
+        let mut decoder = CommandDecoder::default();
+        decoder.feed(&wire);
+        let mut n = 0;
+        while decoder.next_command().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 2000);
+        assert_eq!(decoder.pending(), 9);
+        decoder.feed(b"CHO\r\n$2\r\nhi\r\n");
+        assert_eq!(decoder.next_command().unwrap(), Some(args(&["ECHO", "hi"])));
+        assert_eq!(decoder.pending(), 0);
+    }
+
+    #[test]
+    fn a_trickled_inline_line_is_bounded_and_found() {
+        let mut decoder = CommandDecoder::default();
+        for byte in b"SUBSCRIBE a b\r" {
+            decoder.feed(&[*byte]);
+            assert_eq!(decoder.next_command(), Ok(None));
+        }
+        decoder.feed(b"\n");
+        assert_eq!(
+            decoder.next_command(),
+            Ok(Some(args(&["SUBSCRIBE", "a", "b"])))
+        );
+        let mut decoder = CommandDecoder::default();
+        let mut result = Ok(None);
+        for _ in 0..=MAX_COMMAND_BYTES {
+            decoder.feed(b"x");
+            result = decoder.next_command();
+        }
+        assert_eq!(result, Err(RespError::TooLarge));
+    }
+
+    #[test]
+    fn a_command_completed_past_the_bound_is_refused() {
+        // Whole in one buffer, but longer than any command may be.
+        let big = "y".repeat(MAX_COMMAND_BYTES / 2);
+        let wire = command_bytes(&["ECHO", &big, &big]);
+        assert_eq!(commands(&wire), Err(RespError::TooLarge));
+        let max = vec!["c"; MAX_ARGS];
+        assert_eq!(commands(&command_bytes(&max)).unwrap().len(), 1);
+        let over = vec!["c"; MAX_ARGS + 1];
+        assert_eq!(
+            commands(&command_bytes(&over)),
+            Err(RespError::MultibulkLength)
+        );
+    }
+
+    fn command_bytes(words: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", words.len()).into_bytes();
+        for word in words {
+            out.extend(bulk(word.as_bytes()));
+        }
+        out
     }
 }

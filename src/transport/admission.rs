@@ -79,12 +79,6 @@ pub struct Admitted<'a> {
     token: Option<ClientToken>,
 }
 
-/// Checks the node's load and the token, then claims the conn_id. Like [`admit_watching`]
-/// for a client whose socket cannot be probed (TLS, RESP).
-pub async fn admit(shard: &Shard, token: ClientToken) -> Result<Admitted<'_>, Refusal> {
-    admit_watching(shard, token, None).await
-}
-
 /// Checks the node's load and the token, then claims the conn_id. `client_fd`, the
 /// client's plain socket, lets a queued `checkToken` be skipped when the client has
 /// already closed it.
@@ -95,14 +89,41 @@ pub async fn admit(shard: &Shard, token: ClientToken) -> Result<Admitted<'_>, Re
 /// [`Shard::register`] closes it with "going away" like every other client.
 pub(crate) async fn admit_watching(
     shard: &Shard,
-    mut token: ClientToken,
+    token: ClientToken,
     client_fd: Option<RawFd>,
 ) -> Result<Admitted<'_>, Refusal> {
+    let token = verify_watching(shard, token, client_fd).await?;
+    claim_verified(shard, token).await
+}
+
+/// The first half of [`admit_watching`]: the node's load and the token, without claiming
+/// the conn_id. A RESP client authenticates with `AUTH` long before it subscribes (a
+/// pooled connection may never), and only a subscribed one holds its conn_id.
+pub(crate) async fn verify(shard: &Shard, token: ClientToken) -> Result<ClientToken, Refusal> {
+    verify_watching(shard, token, None).await
+}
+
+async fn verify_watching(
+    shard: &Shard,
+    mut token: ClientToken,
+    client_fd: Option<RawFd>,
+) -> Result<ClientToken, Refusal> {
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
     }
     if let Some(signed_info) = check_token(shard, &token, client_fd).await? {
         token.info = signed_info;
+    }
+    Ok(token)
+}
+
+/// The second half of [`admit`], for a token [`verify`] accepted.
+pub(crate) async fn claim_verified(
+    shard: &Shard,
+    token: ClientToken,
+) -> Result<Admitted<'_>, Refusal> {
+    if shard.is_saturated() {
+        return Err(Refusal::Saturated);
     }
     claim(shard, &token.conn_id).await?;
     Ok(Admitted {
