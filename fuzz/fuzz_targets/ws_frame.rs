@@ -1,16 +1,57 @@
 //! Client WebSocket frames, fed in arbitrary chunks: never panics, never buffers more
-//! than one frame's worth.
+//! than one frame's worth, and whatever it lets through keeps RFC 6455's rules: control
+//! payloads of at most 125 bytes, only close codes a peer may send, Text messages that
+//! are UTF-8 as a whole, and nothing at all after the client's Close.
 #![no_main]
 
-use comet::transport::ws::frame::Decoder;
+use comet::transport::ws::frame::{Decoder, Inbound, close_code};
 use libfuzzer_sys::fuzz_target;
 
+const MAX_MESSAGE: usize = 512;
+/// The longest client frame header (2 + 8 length + 4 mask).
+const MAX_HEADER: usize = 14;
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, bytes)) = data.split_first() else { return };
+    let Some((&split, bytes)) = data.split_first() else {
+        return;
+    };
     let mut decoder = Decoder::default();
+    let mut text = Vec::new();
+    let mut closed = false;
     for chunk in bytes.chunks(usize::from(split).max(1)) {
-        if decoder.feed(chunk, 512, |_| {}).is_err() {
+        let fed = decoder.feed(chunk, MAX_MESSAGE, |frame| {
+            assert!(!closed, "a frame was delivered after the client's Close");
+            match frame {
+                Inbound::Ping(payload) => assert!(payload.len() <= 125),
+                Inbound::Pong => {}
+                Inbound::Close(code) => {
+                    closed = true;
+                    assert!(code.is_none_or(close_code::is_valid), "{code:?}");
+                }
+                Inbound::Data {
+                    payload,
+                    fin,
+                    text: is_text,
+                } => {
+                    if is_text {
+                        text.extend_from_slice(&payload);
+                        if fin {
+                            assert!(
+                                std::str::from_utf8(&text).is_ok(),
+                                "invalid text let through"
+                            );
+                        }
+                    }
+                    if fin {
+                        text.clear();
+                    }
+                    assert!(text.len() <= MAX_MESSAGE);
+                }
+            }
+        });
+        if fed.is_err() {
             return;
         }
+        assert!(decoder.buffered() <= MAX_HEADER + MAX_MESSAGE);
     }
 });

@@ -1,13 +1,27 @@
-//! WebSocket upgrade requests (HTTP head and the `t` token object).
+//! WebSocket upgrade requests (HTTP head and the `t` token object): never panics, and
+//! every refusal can be written as an HTTP answer.
 #![no_main]
 
-use comet::transport::ws::handshake::{UpgradePolicy, parse_request};
+use comet::transport::ws::handshake::{UpgradePolicy, parse_request, refusal_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let policy = UpgradePolicy {
         path: "/ws".into(),
-        allowed_origins: vec!["https://*.example.com".into()],
+        allowed_origins: vec![
+            "https://*.example.com".into(),
+            "https://app.example.org".into(),
+        ],
     };
-    let _ = parse_request(data, &policy);
+    match parse_request(data, &policy) {
+        Ok(Some(request)) => {
+            assert_eq!(request.key.len(), 24);
+            assert!(!request.token.conn_id.is_empty() && request.token.conn_id.len() <= 256);
+        }
+        Ok(None) => {}
+        Err(err) => {
+            let response = refusal_response(err.status(), err.headers(), &err.to_string(), None);
+            assert!(response.starts_with(b"HTTP/1.1 4"));
+        }
+    }
 });
