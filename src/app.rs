@@ -332,6 +332,8 @@ fn run_control(
         };
         let interval = node.config.load_check_interval;
         tokio::task::spawn_local(Rc::clone(&node).check_load(interval));
+        let summaries = node.config.log_summary_interval;
+        tokio::task::spawn_local(Rc::clone(&node).log_summaries(summaries));
         let mut registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());
         let mut handover = listeners.handover;
 

@@ -180,6 +180,8 @@ pub struct Config {
     pub log_level: String,
     /// Bytes of log lines that may wait for a slow log reader before lines are dropped.
     pub log_queue_bytes: usize,
+    /// Interval of the INFO summary line (per-client events are debug lines).
+    pub log_summary_interval: Duration,
     /// TTL of the node's etcd lease.
     pub etcd_lease_ttl: Duration,
     /// Interval between lease keepalives.
@@ -361,6 +363,7 @@ impl Config {
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),
             log_queue_bytes: raw.count("log_queue_bytes", 4 << 20, 64 << 10, 1 << 30)?,
+            log_summary_interval: raw.duration("log_summary_interval", Duration::from_secs(60))?,
             etcd_lease_ttl: parse_lease_ttl(raw)?,
             etcd_keepalive_interval: raw
                 .duration("etcd_keepalive_interval", Duration::from_secs(1))?,

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Rpc, connect_url, free_port, next_text, port_open, url_encode, wait_until};
+use common::{Comet, Rpc, connect_url, free_port, next_text, port_open, url_encode, wait_until};
 use serde_json::json;
 
 /// Kills the node if the test fails before stopping it.
@@ -103,4 +103,28 @@ fn a_log_pipe_nobody_reads_never_stalls_handshakes_or_pushes() {
     let text = reader.join().unwrap();
     assert!(text.contains("log lines dropped"), "the drop is reported");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Per-client events are debug lines; at INFO the node writes one summary per interval.
+#[test]
+fn info_logs_a_summary_per_interval_not_a_line_per_client() {
+    let comet = Comet::start(None, "log_summary_interval=1s\nlog_level=info");
+    let _clients: Vec<_> = (0..3)
+        .map(|i| comet.connect(&format!("s{i}"), "t", "").unwrap())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || comet
+            .log_text()
+            .lines()
+            .any(|l| l.contains("summary") && l.contains("connections=3"))),
+        "{}",
+        comet.log_text()
+    );
+    let summary = comet
+        .log_text()
+        .lines()
+        .find(|l| l.contains("summary") && l.contains("connections=3"))
+        .unwrap()
+        .to_owned();
+    assert!(summary.contains(" INFO "), "{summary}");
 }

@@ -101,6 +101,48 @@ fn bump(counter: &Cell<u64>, by: usize) {
     counter.set(counter.get() + by as u64);
 }
 
+/// Running totals behind a summary line.
+#[derive(Default)]
+struct Summary {
+    upgraded: u64,
+    refusals: std::collections::BTreeMap<&'static str, u64>,
+    push_calls: u64,
+    delivered: u64,
+    failed: u64,
+}
+
+impl Summary {
+    fn of(stats: &[ShardStats], counters: &PushCounters) -> Summary {
+        let mut refusals = std::collections::BTreeMap::new();
+        for shard in stats {
+            for (reason, n) in &shard.handshake_refusals {
+                *refusals.entry(*reason).or_default() += n;
+            }
+        }
+        Summary {
+            upgraded: stats.iter().map(|s| s.upgraded).sum(),
+            refusals,
+            push_calls: counters.calls.get(),
+            delivered: counters.delivered.get(),
+            failed: counters.failed.get(),
+        }
+    }
+
+    /// Refusals by reason since `earlier`, only the reasons that moved.
+    fn refusals_since(&self, earlier: &Summary) -> std::collections::BTreeMap<&'static str, u64> {
+        self.refusals
+            .iter()
+            .map(|(reason, n)| {
+                (
+                    *reason,
+                    n - earlier.refusals.get(reason).copied().unwrap_or(0),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
 /// The ids a shard-routed command did not reach.
 struct HolderAnswers {
     /// Not in the directory: not on this node.
@@ -263,6 +305,31 @@ impl Node {
                 self.refuse_new_clients
                     .store(after.refusing, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Logs one INFO line per `every`: clients now, and what happened since the last
+    /// line (connects, refusals by reason, pushes). Per-client events are debug lines: a
+    /// reconnect storm of 100k clients would otherwise write 200k INFO lines.
+    pub async fn log_summaries(self: Rc<Self>, every: Duration) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.tick().await;
+        let mut last = Summary::default();
+        loop {
+            ticker.tick().await;
+            let stats = self.shard_stats().await;
+            let now = Summary::of(&stats, &self.counters);
+            tracing::info!(
+                connections = stats.iter().map(|s| s.connections).sum::<usize>(),
+                connects = now.upgraded - last.upgraded,
+                refusals = ?now.refusals_since(&last),
+                push_calls = now.push_calls - last.push_calls,
+                delivered = now.delivered - last.delivered,
+                failed = now.failed - last.failed,
+                interval = ?every,
+                "summary"
+            );
+            last = now;
         }
     }
 

@@ -505,7 +505,7 @@ impl Shard {
         self.upgraded.set(self.upgraded.get() + 1);
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
-        tracing::info!(shard = self.id, conn_id = ?session.conn_id, "client online");
+        tracing::debug!(shard = self.id, conn_id = ?session.conn_id, "client online");
         crate::fault::panic_if_named("REGISTER", &session.conn_id);
         if self.is_draining() {
             // Accepted before the shard stopped accepting; its handshake ended after.
@@ -531,7 +531,7 @@ impl Shard {
             conn_id: session.conn_id.to_string(),
             shard: self.id,
         });
-        tracing::info!(shard = self.id, conn_id = ?session.conn_id, reason = reason.label(), "client offline");
+        tracing::debug!(shard = self.id, conn_id = ?session.conn_id, reason = reason.label(), "client offline");
     }
 
     fn handle(&self, command: ShardCommand) {

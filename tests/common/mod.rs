@@ -159,7 +159,8 @@ impl Comet {
         let child = command
             .arg("-c")
             .arg(&config)
-            .env("RUST_LOG", "info")
+            // Per-client events are debug lines of the shards; tests read them.
+            .env("RUST_LOG", "info,comet::shard=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

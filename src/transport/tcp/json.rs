@@ -134,12 +134,12 @@ impl Inbound for Lines {
                 }
                 Ok(ClientLine::Pong) | Ok(ClientLine::Blank) => {}
                 Ok(ClientLine::Data) => {
-                    tracing::debug!(conn_id = %session.conn_id, bytes = line.len(), "client message");
+                    tracing::debug!(conn_id = ?session.conn_id, bytes = line.len(), "client message");
                 }
                 Err(why) => {
                     // Answered every time, logged once per connection.
                     if !std::mem::replace(complained, true) {
-                        tracing::info!(conn_id = %session.conn_id, error = %why, "client sent a bad line");
+                        tracing::info!(conn_id = ?session.conn_id, error = %why, "client sent a bad line");
                     }
                     session.send_control(&Arc::from(lines::error_line(&why)));
                 }
@@ -148,7 +148,7 @@ impl Inbound for Lines {
         match fed {
             Ok(()) => None,
             Err(too_long) => {
-                tracing::info!(conn_id = %session.conn_id, error = %too_long, "closing client for a long line");
+                tracing::info!(conn_id = ?session.conn_id, error = %too_long, "closing client for a long line");
                 Some(CloseReason::Protocol {
                     code: close_code::TOO_BIG,
                     why: too_long.to_string().into(),

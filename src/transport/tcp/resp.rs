@@ -180,7 +180,7 @@ async fn greet<S: ClientStream>(
                             }
                             Some(token) => tracing::info!(
                                 shard = shard.id,
-                                conn_id = %token.conn_id,
+                                conn_id = ?token.conn_id,
                                 idle = ?limit,
                                 "RESP client idle without SUBSCRIBE past resp_idle_timeout"
                             ),

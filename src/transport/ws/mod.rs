@@ -170,16 +170,16 @@ impl Inbound for Frames {
                 Frame::Data { payload, fin, text } => {
                     // Not routed anywhere (as in the original): clients talk to the message
                     // server over their own API.
-                    tracing::debug!(conn_id = %session.conn_id, bytes = payload.len(), fin, text, "client message");
+                    tracing::debug!(conn_id = ?session.conn_id, bytes = payload.len(), fin, text, "client message");
                 }
                 Frame::Close(code) => {
-                    tracing::debug!(conn_id = %session.conn_id, ?code, "client sent close");
+                    tracing::debug!(conn_id = ?session.conn_id, ?code, "client sent close");
                     ended.get_or_insert(CloseReason::ClientClosed);
                 }
             }
         });
         if let Err(err) = decoded {
-            tracing::info!(conn_id = %session.conn_id, error = %err, "closing client for a bad frame");
+            tracing::info!(conn_id = ?session.conn_id, error = %err, "closing client for a bad frame");
             return Some(CloseReason::bad_frame(&err));
         }
         ended
