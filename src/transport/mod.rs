@@ -26,6 +26,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::codec::Wire;
+use crate::panics::contain;
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
 
@@ -78,27 +79,22 @@ pub fn spawn(live: LiveConnection, stream: TcpStream, entry: &Entry) {
         tcp::enable_keepalive(fd, live.shard().config.ping_interval);
     }
     let shard = Rc::clone(live.shard());
+    // The panic policy (`panics`): a panic ends this connection only, and the shard then
+    // reports its session offline.
+    let on_panic = move || shard.connection_panicked();
     let task = match (&entry.tls, entry.kind) {
         (None, EntryKind::WebSocket) => {
-            glommio::spawn_local(contained(shard, ws::serve(live, stream, Some(fd))))
+            glommio::spawn_local(contain(ws::serve(live, stream, Some(fd)), on_panic))
         }
         (None, EntryKind::Tcp) => {
-            glommio::spawn_local(contained(shard, tcp::serve(live, stream, Some(fd))))
+            glommio::spawn_local(contain(tcp::serve(live, stream, Some(fd)), on_panic))
         }
-        (Some(acceptor), kind) => glommio::spawn_local(contained(
-            shard,
+        (Some(acceptor), kind) => glommio::spawn_local(contain(
             serve_tls(live, stream, acceptor.clone(), kind),
+            on_panic,
         )),
     };
     task.detach();
-}
-
-/// A connection's task under the panic policy (`panics`): a panic ends this connection
-/// only, and the shard then reports its session offline.
-async fn contained(shard: Rc<Shard>, connection: impl Future<Output = ()>) {
-    if crate::panics::contain(connection).await.is_err() {
-        shard.connection_panicked();
-    }
 }
 
 /// The TLS handshake, then the connection's protocol inside TLS (pushes always go through
