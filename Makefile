@@ -1,8 +1,13 @@
 # The two set-up commands of README.md: `make run` and `make test`.
-.PHONY: deps run test lint bench
+.PHONY: deps test-deps run test lint bench
 
+## What building and running needs (protoc and its well-known types, a C compiler).
 deps:
 	bash scripts/install-deps.sh
+
+## And what the tests need (etcd, Redis clients, Chromium, PHP, ...).
+test-deps:
+	bash scripts/install-deps.sh --test
 
 ## Build and run a node on the embedded default (standalone, no etcd, no message server).
 run: deps
@@ -10,7 +15,7 @@ run: deps
 
 ## Run the whole test suite (unit tests and end-to-end tests against the real binary).
 ## --show-output prints the figures the chaos and soak tests measure.
-test: deps
+test: test-deps
 	cargo test --locked -- --show-output
 
 lint:
@@ -18,6 +23,6 @@ lint:
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 
 ## A short benchmark suite (a few minutes): results in bench/results, report in bench/RESULTS.md.
-bench: deps
+bench: test-deps
 	cargo build --release --locked --workspace
 	./target/release/comet-bench run --n 19000 --churn 20000
