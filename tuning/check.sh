@@ -10,7 +10,12 @@ target=1000000
 apply=false
 while (($#)); do
     case "$1" in
-        --target) target="$2"; shift 2 ;;
+        --target)
+            if [[ $# -lt 2 || ! "$2" =~ ^[0-9]+$ ]]; then
+                echo "--target needs a number of connections" >&2
+                exit 2
+            fi
+            target="$2"; shift 2 ;;
         --apply) apply=true; shift ;;
         -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -85,6 +90,10 @@ if $apply; then
         exit 1
     fi
     install -m 0644 "$here/99-comet.conf" /etc/sysctl.d/99-comet.conf
-    sysctl --system >/dev/null
+    # Keys this kernel lacks (nf_conntrack_max without the module) are reported, not
+    # fatal: the others must still be applied.
+    if ! sysctl --system >/dev/null 2>&1; then
+        echo "some keys of 99-comet.conf do not exist on this kernel (see sysctl --system); the rest were applied" >&2
+    fi
     echo "applied /etc/sysctl.d/99-comet.conf"
 fi
