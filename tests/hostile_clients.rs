@@ -256,7 +256,9 @@ fn a_panic_in_a_connection_task_closes_that_connection_only() {
         .map(|s| s["connection_panics"].as_u64().unwrap())
         .sum();
     assert_eq!(panics, 1);
-    assert!(comet.log_text().contains("panic in a connection task"));
+    assert!(wait_until(Duration::from_secs(5), || comet
+        .log_text()
+        .contains("panic in a connection task")));
     let status = comet.terminate(Duration::from_secs(20)).expect("exits");
     assert!(status.success(), "exit {status:?}");
     assert!(wait_until(Duration::from_secs(5), || {

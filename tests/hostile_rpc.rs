@@ -203,6 +203,10 @@ fn the_connection_cap_holds_and_idle_connections_are_closed() {
         let closed = closed_within(&mut extra, Duration::from_secs(2));
         assert!(closed.is_some(), "a connection over the cap was served");
     }
+    // Log lines are written by the node's log thread, a moment after the event.
+    wait_until(Duration::from_secs(5), || {
+        comet.log_text().contains("over rpc_max_connections")
+    });
     let log = comet.log_text();
     let warnings = log.matches("over rpc_max_connections").count();
     assert_eq!(
@@ -447,7 +451,9 @@ fn a_huge_callback_answer_is_refused_without_rss_growth() {
     // 16 MiB: allocator and huge-page slack; one answer read whole would be 200 MB.
     assert!(grown < 16 * 1024, "RSS grew {grown} KiB");
     assert!(
-        comet.log_text().contains("answer larger than 65536 bytes"),
+        wait_until(Duration::from_secs(5), || comet
+            .log_text()
+            .contains("answer larger than 65536 bytes")),
         "the log says why"
     );
     exits_cleanly(comet);
@@ -482,8 +488,12 @@ fn refusals_carry_no_url_credentials_or_message_server_text() {
         assert!(!body.contains(secret), "{secret:?} in {unavailable:?}");
     }
 
-    let log = comet.log_text();
     let redacted = server.url();
+    // Log lines are written by the node's log thread, a moment after the event.
+    wait_until(Duration::from_secs(5), || {
+        comet.log_text().contains(&redacted)
+    });
+    let log = comet.log_text();
     assert!(log.contains(&redacted), "the log names {redacted}:\n{log}");
     assert!(!log.contains("s3cret"), "credentials in the log:\n{log}");
     assert!(

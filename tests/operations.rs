@@ -235,13 +235,19 @@ fn signed_tokens_are_verified_locally_with_key_rotation() {
         2,
         "no refused client came online"
     );
-    let log = comet.log_text();
-    for reason in [
+    // Log lines are written by the node's log thread, a moment after the event.
+    let reasons = [
         "expired at",
         "issued in the future",
         "bad signature",
         "is for conn_id",
-    ] {
+    ];
+    wait_until(Duration::from_secs(5), || {
+        let log = comet.log_text();
+        reasons.iter().all(|reason| log.contains(reason))
+    });
+    let log = comet.log_text();
+    for reason in reasons {
         assert!(log.contains(reason), "log names the reason {reason:?}");
     }
 }

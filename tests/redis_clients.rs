@@ -609,7 +609,9 @@ fn a_client_that_never_reads_its_replies_is_closed_not_buffered() {
         "closed after {sent} bytes of commands, {:?}",
         started.elapsed()
     );
-    assert!(node.log_text().contains("reason=\"slow_consumer\""));
+    assert!(wait_until(Duration::from_secs(5), || node
+        .log_text()
+        .contains("reason=\"slow_consumer\"")));
     let reply = node.rpc().push(&["bystander"], "unaffected", "");
     assert_eq!(reply["result"], json!("ok"), "{reply}");
     assert_eq!(
