@@ -66,8 +66,7 @@ enum Control {
 #[derive(Clone)]
 pub struct Presence {
     events: Arc<[Sender<PresenceEvent>]>,
-    controls: Arc<[Sender<Control>]>,
-    hasher: ahash::RandomState,
+    routes: Routes,
 }
 
 /// The threads behind a [`Presence`].
@@ -113,30 +112,21 @@ impl Presence {
         }
         let presence = Presence {
             events: events.into(),
-            controls: controls.into(),
-            hasher: ahash::RandomState::new(),
+            routes: Routes {
+                controls: controls.into(),
+                hasher: ahash::RandomState::new(),
+            },
         };
         if let Some(pipe) = predecessor {
-            let routes = presence.clone_routes();
+            // The reader holds the lanes' control channels and the hash that picks a
+            // conn_id's lane, not the event senders: shutdown is not held up by it.
+            let routes = presence.routes.clone();
             // Detached: it ends when the predecessor closes the pipe (it exits).
             let _ = std::thread::Builder::new()
                 .name("presence-order".into())
                 .spawn(move || read_notices(pipe, &routes));
         }
         (presence, PresenceWorkers { threads })
-    }
-
-    /// What the notice reader needs: the lanes' control channels and the hash that picks
-    /// a conn_id's lane (not the event senders, so that shutdown is not held up by it).
-    fn clone_routes(&self) -> Routes {
-        Routes {
-            controls: Arc::clone(&self.controls),
-            hasher: self.hasher.clone(),
-        }
-    }
-
-    fn lane_of(&self, conn_id: &str) -> usize {
-        (self.hasher.hash_one(conn_id) % self.events.len() as u64) as usize
     }
 
     /// Events queued and not yet delivered, over every lane (held ones included).
@@ -151,7 +141,10 @@ impl Presence {
             conn_id: conn_id.to_owned(),
             info: info.to_owned(),
         };
-        if self.events[self.lane_of(conn_id)].send(event).is_err() {
+        if self.events[self.routes.lane_of(conn_id)]
+            .send(event)
+            .is_err()
+        {
             tracing::error!(
                 conn_id = ?conn_id,
                 method = kind.method(),
@@ -168,9 +161,8 @@ impl Presence {
     /// thread's runtime.
     pub fn hand_over(&self, pipe: std::fs::File, held: Vec<String>) {
         let pipe: NoticePipe = Arc::new(Mutex::new(pipe));
-        for control in self.controls.iter() {
-            let _ = control.send(Control::HandedOver(Arc::clone(&pipe)));
-        }
+        self.routes
+            .to_every_lane(|| Control::HandedOver(Arc::clone(&pipe)));
         let mut text = String::new();
         for conn_id in held {
             text.push_str(&Notice::Hold(conn_id).line());
@@ -180,16 +172,21 @@ impl Presence {
     }
 }
 
-/// How the notice reader reaches the lanes.
+/// The lanes' control channels and the hash that picks a conn_id's lane: one lane per
+/// conn_id for its events and its notices alike.
+#[derive(Clone)]
 struct Routes {
     controls: Arc<[Sender<Control>]>,
     hasher: ahash::RandomState,
 }
 
 impl Routes {
+    fn lane_of(&self, conn_id: &str) -> usize {
+        (self.hasher.hash_one(conn_id) % self.controls.len() as u64) as usize
+    }
+
     fn to_lane_of(&self, conn_id: &str, control: Control) {
-        let lane = (self.hasher.hash_one(conn_id) % self.controls.len() as u64) as usize;
-        let _ = self.controls[lane].send(control);
+        let _ = self.controls[self.lane_of(conn_id)].send(control);
     }
 
     fn to_every_lane(&self, control: impl Fn() -> Control) {
