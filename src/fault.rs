@@ -6,8 +6,18 @@
 /// Panics at `point` when `COMET_FAULT_PANIC_<point>` names `conn_id` (debug builds).
 #[cfg(debug_assertions)]
 pub fn panic_if_named(point: &str, conn_id: &str) {
-    let named = std::env::var_os(format!("COMET_FAULT_PANIC_{point}"));
-    if named.is_some_and(|named| named == conn_id) {
+    // Read once: the points sit on the push path (one check per recipient), where an
+    // environment lookup each time would slow the debug build's delivery tests.
+    static NAMED: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    let named = NAMED.get_or_init(|| {
+        std::env::vars_os()
+            .filter_map(|(key, value)| {
+                let point = key.to_str()?.strip_prefix("COMET_FAULT_PANIC_")?;
+                Some((point.to_owned(), value.into_string().ok()?))
+            })
+            .collect()
+    });
+    if named.iter().any(|(p, id)| p == point && id == conn_id) {
         panic!("fault injected at {point} for {conn_id:?}");
     }
 }
