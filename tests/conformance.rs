@@ -9,12 +9,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::clients::{Reader, Resp, command, plain};
+use common::clients::{self, Reader, Resp, command, plain};
 use common::{Client, Comet, MessageServer, free_port, next_text, url_encode, wait_until};
 use serde_json::json;
 
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+const KEY: &str = clients::UPGRADE_KEY;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -24,23 +23,8 @@ const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 const FIN: u8 = 0x80;
 
-/// A masked client frame: `first` is FIN/RSV/opcode, the length in its shortest form.
 fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i & 3]));
-    out
+    clients::masked_frame(first, payload)
 }
 
 fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
@@ -51,11 +35,7 @@ fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
 
 /// The upgrade request for `conn_id`, with `extra` header lines before the blank line.
 fn upgrade_request(conn_id: &str, extra: &str) -> String {
-    let t = url_encode(&json!({"conn_id": conn_id, "token": "t"}).to_string());
-    format!(
-        "GET /ws?t={t} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
-    )
+    clients::upgrade_request("/ws", &json!({"conn_id": conn_id, "token": "t"}), extra)
 }
 
 /// An HTTP answer: status code and head.
@@ -466,7 +446,7 @@ fn framing_violations_get_1002() {
     let top_bit_length = {
         let mut bytes = vec![FIN | OP_BINARY, 0x80 | 127];
         bytes.extend_from_slice(&(1u64 << 63).to_be_bytes());
-        bytes.extend_from_slice(&MASK);
+        bytes.extend_from_slice(&clients::FRAME_MASK);
         bytes
     };
     let cases: Vec<(&str, Vec<u8>)> = vec![

@@ -175,20 +175,13 @@ fn attack(greeting: impl Fn(usize) -> Vec<u8>, flood: Vec<u8>, on_tcp: bool) {
 }
 
 fn websocket_upgrade(conn_id: &str) -> Vec<u8> {
-    let t = json!({"conn_id": conn_id, "token": "t", "info": ""}).to_string();
-    format!(
-        "GET /ws?t={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        common::url_encode(&t)
-    )
-    .into_bytes()
+    let t = json!({"conn_id": conn_id, "token": "t", "info": ""});
+    common::clients::upgrade_request("/ws", &t, "").into_bytes()
 }
 
-/// A masked client ping carrying 125 bytes, so that each pong is as large as it can be.
+/// Masked client pings carrying 125 bytes each, so that each pong is as large as it can be.
 fn masked_ping() -> Vec<u8> {
-    let mut frame = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
-    frame.extend((0..125).map(|i| b'p' ^ [1, 2, 3, 4][i % 4]));
-    frame.repeat(64)
+    common::clients::masked_frame(0x89, &[b'p'; 125]).repeat(64)
 }
 
 #[test]

@@ -40,21 +40,16 @@ fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
 }
 
 /// A WebSocket upgrade request carrying a token object.
-fn upgrade_request(comet: &Comet, conn_id: &str, token: &str) -> String {
-    let t = json!({"conn_id": conn_id, "token": token, "info": ""}).to_string();
-    format!(
-        "GET /ws?t={} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        common::url_encode(&t),
-        comet.ws_port
-    )
+fn upgrade_request(conn_id: &str, token: &str) -> String {
+    let t = json!({"conn_id": conn_id, "token": token, "info": ""});
+    common::clients::upgrade_request("/ws", &t, "")
 }
 
 /// Sends an upgrade request on a fresh socket.
 fn send_upgrade(comet: &Comet, conn_id: &str, token: &str) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", comet.ws_port)).unwrap();
     stream
-        .write_all(upgrade_request(comet, conn_id, token).as_bytes())
+        .write_all(upgrade_request(conn_id, token).as_bytes())
         .unwrap();
     stream
 }

@@ -439,19 +439,11 @@ fn websocket_path_and_origin_checks() {
     );
     let upgrade = |path: &str, origin: Option<&str>| {
         let mut client = Reader::new(plain(node.ws_port));
-        let t = common::url_encode(
-            &json!({"conn_id": format!("o{}", free_port()), "token": "t"}).to_string(),
-        );
+        let t = json!({"conn_id": format!("o{}", free_port()), "token": "t"});
         let origin = origin
             .map(|o| format!("Origin: {o}\r\n"))
             .unwrap_or_default();
-        client.send(
-            format!(
-                "GET {path}?t={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{origin}\r\n"
-            )
-            .as_bytes(),
-        );
+        client.send(common::clients::upgrade_request(path, &t, &origin).as_bytes());
         client.line().unwrap()
     };
     assert!(upgrade("/push", Some("https://app.example.com")).contains(" 101 "));

@@ -221,3 +221,43 @@ pub fn command(words: &[&str]) -> Vec<u8> {
     }
     out
 }
+
+/// The `Sec-WebSocket-Key` of hand-written upgrade requests (RFC 6455's own example).
+pub const UPGRADE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// A hand-written WebSocket upgrade request on `path` carrying `token` (the `t` object),
+/// with `extra` header lines (each ending in CRLF) before the blank line.
+pub fn upgrade_request(path: &str, token: &serde_json::Value, extra: &str) -> String {
+    let t = super::url_encode(&token.to_string());
+    format!(
+        "GET {path}?t={t} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {UPGRADE_KEY}\r\n{extra}\r\n"
+    )
+}
+
+/// The masking key of hand-built client frames.
+pub const FRAME_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// A masked client frame: `first` is FIN/RSV/opcode, the length in its shortest form.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&FRAME_MASK);
+    out.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ FRAME_MASK[i & 3]),
+    );
+    out
+}
