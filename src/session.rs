@@ -488,17 +488,15 @@ pub struct Backlog<'a> {
 impl Backlog<'_> {
     /// The next bytes to write, if anything is queued.
     pub fn next_bytes(&mut self) -> Option<&[u8]> {
-        loop {
-            let front = self.queue.front()?;
-            let [first, second] = self.framing.unwritten(front);
-            if first.is_empty() && second.is_empty() {
-                self.pop_front();
-                continue;
-            }
-            let front = self.queue.front()?;
-            let [first, second] = self.framing.unwritten(front);
-            return Some(if first.is_empty() { second } else { first });
+        while self
+            .queue
+            .front()
+            .is_some_and(|front| front.written >= self.framing.len(front))
+        {
+            self.pop_front();
         }
+        let [first, second] = self.framing.unwritten(self.queue.front()?);
+        Some(if first.is_empty() { second } else { first })
     }
 
     /// Records that the socket took `n` bytes of what [`Backlog::next_bytes`] gave.
