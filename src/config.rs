@@ -46,6 +46,12 @@ pub enum ConfigError {
         key: &'static str,
         reason: &'static str,
     },
+    /// A [`ConfigError::BadValue`] with the line of the file its key came from.
+    #[error("config line {line}: {source}")]
+    AtLine {
+        line: usize,
+        source: Box<ConfigError>,
+    },
 }
 
 /// How clients reach this node (`socket_protocol`, or the older `websocket_protocol`).
@@ -245,10 +251,15 @@ impl Config {
     /// Parses INI text. Returns the config and the warnings (unknown keys) to log.
     pub fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
         let mut raw = RawIni::parse(text)?;
-        let config = Config::from_raw(&mut raw)?;
+        let config = Config::from_raw(&mut raw).map_err(|err| raw.locate(err))?;
         let mut warnings: Vec<String> = raw
             .unused()
-            .map(|(key, line)| format!("config line {line}: unknown key `{key}` ignored"))
+            .map(|(key, line)| match raw.nearest_known(key) {
+                Some(known) => format!(
+                    "config line {line}: unknown key `{key}` ignored (did you mean `{known}`?)"
+                ),
+                None => format!("config line {line}: unknown key `{key}` ignored"),
+            })
             .collect();
         // Not refused: the original ran like this, and configurations of it must start.
         if config.rpc_open_to_anyone() {
@@ -396,6 +407,11 @@ impl Config {
 /// out as they are understood so that the leftovers can be reported as unknown.
 struct RawIni {
     values: HashMap<String, (String, usize)>,
+    /// The line of every key in the file, kept after the key is taken, so that an error
+    /// found later names the line.
+    lines: HashMap<String, usize>,
+    /// Every key the parser asked for, present or not: the known keys, for suggestions.
+    asked: Vec<String>,
 }
 
 impl RawIni {
@@ -425,15 +441,47 @@ impl RawIni {
             }
             values.insert(key.to_ascii_lowercase(), (unquote(value.trim()), index + 1));
         }
-        Ok(RawIni { values })
+        let lines = values.iter().map(|(k, (_, l))| (k.clone(), *l)).collect();
+        Ok(RawIni {
+            values,
+            lines,
+            asked: Vec::new(),
+        })
     }
 
     fn take(&mut self, key: &str) -> Option<String> {
+        self.asked.push(key.to_owned());
         self.values.remove(key).map(|(value, _)| value)
     }
 
     fn has(&self, key: &str) -> bool {
         self.values.get(key).is_some_and(|(v, _)| !v.is_empty())
+    }
+
+    /// Adds the line of the offending key to an error about its value.
+    fn locate(&self, err: ConfigError) -> ConfigError {
+        match &err {
+            ConfigError::BadValue { key, .. } => match self.lines.get(*key) {
+                Some(&line) => ConfigError::AtLine {
+                    line,
+                    source: Box::new(err),
+                },
+                None => err,
+            },
+            _ => err,
+        }
+    }
+
+    /// The known key an unknown one is most likely a typo of: at most two edits away,
+    /// and fewer than a third of its length (so `tls` suggests nothing).
+    fn nearest_known(&self, unknown: &str) -> Option<&str> {
+        let limit = (unknown.len() / 3).clamp(1, 2);
+        self.asked
+            .iter()
+            .map(|known| (edit_distance(unknown, known), known.as_str()))
+            .filter(|(distance, _)| *distance <= limit)
+            .min_by_key(|(distance, _)| *distance)
+            .map(|(_, known)| known)
     }
 
     fn optional_port(&mut self, key: &'static str) -> Result<Option<u16>, ConfigError> {
@@ -510,6 +558,21 @@ impl RawIni {
         keys.sort_by_key(|(_, line)| *line);
         keys.into_iter()
     }
+}
+
+/// Levenshtein distance over bytes (keys are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// Strips one pair of matching quotes: the original's files quote values with spaces.
@@ -962,6 +1025,36 @@ mod tests {
         let (_, warnings) = Config::parse("colour=blue\n").unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("colour"));
+        assert!(!warnings[0].contains("did you mean"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_mistyped_key_suggests_the_nearest_known_one() {
+        let (_, warnings) = Config::parse("max_proc=1\netcd_adr=127.0.0.1:2379\n").unwrap();
+        assert_eq!(
+            warnings,
+            ["config line 2: unknown key `etcd_adr` ignored (did you mean `etcd_addr`?)"]
+        );
+        let (_, warnings) = Config::parse("ping_intervall=5\n").unwrap();
+        assert!(warnings[0].contains("`ping_interval`"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_line() {
+        let err = Config::parse("# comment\nmax_proc=1\n\nping_interval=soon\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config line 4: config key `ping_interval`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(edit_distance("etcd_adr", "etcd_addr"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
     }
 
     #[test]

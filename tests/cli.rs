@@ -52,17 +52,18 @@ fn check_passes_a_good_file_fails_a_typo_and_refuses_a_bad_value() {
     let out = comet(&["check", "-c", typo.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("etcd_adr"),
+        text(&out.stderr)
+            .contains("config line 1: unknown key `etcd_adr` ignored (did you mean `etcd_addr`?)"),
         "{}",
         text(&out.stderr)
     );
 
     let bad = dir.join("bad.ini");
-    std::fs::write(&bad, "max_frame_size=lots\n").unwrap();
+    std::fs::write(&bad, "# sizes\nmax_proc=1\nmax_frame_size=lots\n").unwrap();
     let out = comet(&["check", "-c", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("max_frame_size"),
+        text(&out.stderr).contains("config line 3: config key `max_frame_size`"),
         "{}",
         text(&out.stderr)
     );
