@@ -54,6 +54,16 @@ pub enum ConfigError {
     },
 }
 
+/// How log lines are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2026-12-03T06:10:13Z  INFO comet::app: message key=value`, for people.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`), for log
+    /// shippers that would otherwise have to parse the text form.
+    Json,
+}
+
 /// How clients reach this node (`socket_protocol`, or the older `websocket_protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SocketProtocol {
@@ -184,6 +194,8 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
+    /// How each log line is written: human-readable text, or one JSON object per line.
+    pub log_format: LogFormat,
     /// Bytes of log lines that may wait for a slow log reader before lines are dropped.
     pub log_queue_bytes: usize,
     /// Interval of the INFO summary line (per-client events are debug lines).
@@ -373,6 +385,7 @@ impl Config {
             io_uring_depth: raw.count("io_uring_depth", 4096, 16, 32768)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,
             log_level: raw.string("log_level", "info"),
+            log_format: parse_log_format(raw)?,
             log_queue_bytes: raw.count("log_queue_bytes", 4 << 20, 64 << 10, 1 << 30)?,
             log_summary_interval: raw.duration("log_summary_interval", Duration::from_secs(60))?,
             etcd_lease_ttl: parse_lease_ttl(raw)?,
@@ -705,6 +718,18 @@ fn parse_tcp_protocol(raw: &mut RawIni) -> Result<TcpProtocol, ConfigError> {
             key: "tcp_protocol",
             value,
             reason: "expected auto, json or resp".into(),
+        }),
+    }
+}
+
+fn parse_log_format(raw: &mut RawIni) -> Result<LogFormat, ConfigError> {
+    match raw.take("log_format").as_deref() {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(ConfigError::BadValue {
+            key: "log_format",
+            value: other.to_owned(),
+            reason: "expected text or json".into(),
         }),
     }
 }

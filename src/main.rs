@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use argh::FromArgs;
-use comet::config::{Config, EMBEDDED_DEFAULT};
+use comet::config::{Config, EMBEDDED_DEFAULT, LogFormat};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     let (config, warnings) = config;
     // Held to the end of main: the last lines are written before the process exits.
     let _log_writer = comet::logging::start(config.log_queue_bytes);
-    init_logging(&config.log_level);
+    init_logging(&config.log_level, config.log_format);
     tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "starting");
     for warning in warnings {
         tracing::warn!("{warning}");
@@ -155,16 +155,23 @@ fn load_config(explicit: Option<PathBuf>) -> Result<Loaded, comet::config::Confi
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(comet::logging::QueuedStderr)
-        .init();
+        .with_writer(comet::logging::QueuedStderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Flattened so that a shipper finds `message` and every field at the top level.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 /// `comet check`: what a node would run with, without running it.

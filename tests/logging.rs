@@ -105,6 +105,39 @@ fn a_log_pipe_nobody_reads_never_stalls_handshakes_or_pushes() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `log_format=json`: every line is one JSON object with the level, target and message
+/// at the top level, and a conn_id with control characters stays one line.
+#[test]
+fn json_log_lines_are_one_object_each() {
+    let comet = Comet::start(None, "log_format=json\nlog_summary_interval=1s");
+    let _client = comet.connect("j\u{1b}[31m\nforged", "t", "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || comet
+            .log_text()
+            .contains("summary")),
+        "{}",
+        comet.log_text()
+    );
+    let text = comet.log_text();
+    let mut levels = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line:?}"));
+        assert!(event["timestamp"].is_string(), "{line}");
+        assert!(
+            event["target"].as_str().unwrap().starts_with("comet"),
+            "{line}"
+        );
+        assert!(event["message"].is_string(), "{line}");
+        levels.push(event["level"].as_str().unwrap().to_owned());
+    }
+    assert!(levels.iter().any(|l| l == "INFO"), "{text}");
+    assert!(
+        text.contains("forged"),
+        "the client's online is logged: {text}"
+    );
+}
+
 /// Per-client events are debug lines; at INFO the node writes one summary per interval.
 #[test]
 fn info_logs_a_summary_per_interval_not_a_line_per_client() {
