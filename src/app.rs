@@ -332,6 +332,9 @@ fn run_control(
         };
         let interval = node.config.load_check_interval;
         tokio::task::spawn_local(Rc::clone(&node).check_load(interval));
+        if let Some(interval) = control::watchdog::interval_from_env() {
+            tokio::task::spawn_local(control::watchdog::feed(Rc::clone(&node), interval));
+        }
         let summaries = node.config.log_summary_interval;
         tokio::task::spawn_local(Rc::clone(&node).log_summaries(summaries));
         let mut registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());

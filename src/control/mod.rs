@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod load;
 pub mod metrics;
 pub mod monitor;
+pub(crate) mod watchdog;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -630,16 +631,25 @@ impl Node {
         if let Some(why) = self.not_ready_because() {
             return Some(why.to_owned());
         }
+        self.unanswering_shard(SHARD_PROBE_TIMEOUT)
+            .await
+            .map(|id| format!("shard {id} not answering"))
+    }
+
+    /// The first shard that does not answer a ping through its inbox within `limit`
+    /// (all are pinged at once, so the whole probe takes at most `limit`).
+    pub(crate) async fn unanswering_shard(&self, limit: Duration) -> Option<usize> {
         let mut pings = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (reply, answer) = oneshot::channel();
             shard.send(ShardCommand::Ping { reply });
             pings.push(answer);
         }
+        let deadline = tokio::time::Instant::now() + limit;
         for (id, answer) in pings.into_iter().enumerate() {
-            match tokio::time::timeout(SHARD_PROBE_TIMEOUT, answer).await {
+            match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(())) => {}
-                _ => return Some(format!("shard {id} not answering")),
+                _ => return Some(id),
             }
         }
         None

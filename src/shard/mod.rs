@@ -507,6 +507,7 @@ impl Shard {
             .report(PresenceKind::Online, &session.conn_id, &session.info);
         tracing::debug!(shard = self.id, conn_id = ?session.conn_id, "client online");
         crate::fault::panic_if_named("REGISTER", &session.conn_id);
+        crate::fault::stall_if_named("REGISTER", &session.conn_id);
         if self.is_draining() {
             // Accepted before the shard stopped accepting; its handshake ended after.
             session.request_close(CloseReason::Shutdown);
