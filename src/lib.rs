@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod fault;
 pub mod handover;
+pub(crate) mod histogram;
 pub mod logging;
 pub mod panics;
 pub mod presence;

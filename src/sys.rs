@@ -104,9 +104,21 @@ pub fn shutdown_write(fd: RawFd) {
 pub fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+/// The memory page size in bytes.
+pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(1) as u64)
+    page.max(1) as u64
+}
+
+/// Clock ticks per second, the unit of CPU times in /proc (`USER_HZ`).
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks.max(1) as u64
 }
 
 /// Tells systemd (`Type=notify`) about this process, when started under it: `READY=1`

@@ -315,7 +315,7 @@ fn admin_listener_serves_health_status_and_metrics_that_move() {
     );
     assert_eq!(metric(&after, "comet_push_calls_total", ""), 1.0);
     assert_eq!(metric(&after, "comet_deliveries_total", ""), 1.0);
-    assert_eq!(metric(&after, "comet_delivery_not_on_node_total", ""), 1.0);
+    assert_eq!(metric(&after, "comet_push_not_on_node_total", ""), 1.0);
     assert_eq!(
         metric(&after, "comet_handshake_refusals_total", "reason=\"token\""),
         1.0

@@ -7,23 +7,29 @@ use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
 
 use crate::callback::CallbackFigures;
-use crate::control::load::{LoadSample, LoadState};
+use crate::control::load::LoadState;
+use crate::control::process::ProcessFigures;
+use crate::histogram::Snapshot;
 use crate::shard::ShardStats;
 
 /// Everything one scrape shows.
 pub struct Figures<'a> {
+    /// The standard `process_*` figures.
+    pub(crate) process: &'a ProcessFigures,
     /// Per-shard figures.
     pub shards: &'a [ShardStats],
     /// Push RPC counters: (name, help, value).
     pub pushes: &'a [(&'static str, &'static str, u64)],
+    /// From a push call read to its answer.
+    pub(crate) push_latency: &'a Snapshot,
     /// Callback figures.
     pub callbacks: &'a CallbackFigures,
     /// Whether the node's etcd key is in place (`None`: standalone).
     pub registered: Option<bool>,
     /// Times the key was put on a fresh lease.
     pub registrations: u64,
-    /// Last load sample and verdict.
-    pub load: (LoadSample, LoadState),
+    /// The load self-check's verdict.
+    pub load: LoadState,
     /// Seconds since start.
     pub uptime_secs: u64,
     /// Whether the node is shutting down.
@@ -40,9 +46,75 @@ pub fn render(figures: &Figures<'_>) -> String {
         out.family(name, "counter", help);
         out.sample(name, &[], value);
     }
+    out.histogram(
+        "comet_push_latency_seconds",
+        "Push calls (SendToConnections, Broadcast, SendToGroup), from the request read to its answer.",
+        &[],
+        figures.push_latency,
+    );
     callbacks(&mut out, figures.callbacks);
     node(&mut out, figures);
+    process(&mut out, figures.process);
     out.0
+}
+
+/// The standard process collector's names, so stock dashboards and alerts work as is.
+fn process(out: &mut Exposition, figures: &ProcessFigures) {
+    let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
+    let families = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, in seconds.",
+            figures.cpu_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            as_f64(figures.resident_bytes),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            as_f64(figures.virtual_bytes),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors (each client is one).",
+            as_f64(figures.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "The soft limit on open file descriptors.",
+            as_f64(figures.max_fds),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the epoch, in seconds.",
+            figures.start_time_seconds,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        if let Some(value) = value {
+            out.family(name, kind, help);
+            out.sample(name, &[], value);
+        }
+    }
+    out.family(
+        "comet_build_info",
+        "gauge",
+        "Always 1; the labels say which build is running.",
+    );
+    out.sample(
+        "comet_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
 }
 
 /// A per-shard gauge or counter: name, type, help, and how to read it.
@@ -120,7 +192,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             out.sample(name, &[("shard", &shard)], value(stats));
         }
     }
-    let by_reason: [ShardReasons; 2] = [
+    let by_reason: [ShardReasons; 3] = [
         (
             "comet_handshake_refusals_total",
             "Handshakes refused, by reason.",
@@ -130,6 +202,11 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             "comet_delivery_failures_total",
             "Deliveries that failed on a shard, by reason.",
             |s| &s.delivery_failures,
+        ),
+        (
+            "comet_disconnects_total",
+            "Client sessions ended, by close reason.",
+            |s| &s.disconnects,
         ),
     ];
     for (name, help, reasons) in by_reason {
@@ -190,7 +267,7 @@ fn callbacks(out: &mut Exposition, figures: &CallbackFigures) {
 }
 
 fn node(out: &mut Exposition, figures: &Figures<'_>) {
-    let (sample, state) = figures.load;
+    let state = figures.load;
     let flag = |b: bool| u64::from(b);
     let gauges = [
         (
@@ -212,11 +289,6 @@ fn node(out: &mut Exposition, figures: &Figures<'_>) {
             "comet_draining",
             "1 while shutting down.",
             Some(flag(figures.draining)),
-        ),
-        (
-            "comet_rss_bytes",
-            "Resident memory at the last load sample.",
-            Some(sample.rss),
         ),
         (
             "comet_uptime_seconds",
@@ -257,6 +329,24 @@ fn node(out: &mut Exposition, figures: &Figures<'_>) {
 struct Exposition(String);
 
 impl Exposition {
+    /// A histogram family with one label set.
+    fn histogram(&mut self, name: &str, help: &str, labels: &[(&str, &str)], snapshot: &Snapshot) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        for (bound, count) in &snapshot.cumulative {
+            let le = if bound.is_infinite() {
+                "+Inf".to_owned()
+            } else {
+                bound.to_string()
+            };
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&bucket, &with_le, count);
+        }
+        self.sample(&format!("{name}_sum"), labels, snapshot.sum_seconds);
+        self.sample(&format!("{name}_count"), labels, snapshot.count);
+    }
+
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
@@ -297,13 +387,21 @@ mod tests {
         };
         let mut stats = ShardStats::default();
         stats.handshake_refusals.insert("to\"ken", 2);
+        let process = ProcessFigures {
+            open_fds: Some(12),
+            ..ProcessFigures::default()
+        };
+        let latency = crate::histogram::Histogram::default();
+        latency.observe(std::time::Duration::from_micros(300));
         let text = render(&Figures {
+            push_latency: &latency.snapshot(),
+            process: &process,
             shards: &[stats],
             pushes: &[("comet_push_calls_total", "Push calls.", 5)],
             callbacks: &callbacks,
             registered: None,
             registrations: 0,
-            load: (LoadSample::default(), LoadState::default()),
+            load: LoadState::default(),
             uptime_secs: 9,
             draining: false,
             presence_backlog: 0,
@@ -313,6 +411,19 @@ mod tests {
         assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("reason=\"to\\\"ken\"} 2\n"));
         assert!(text.contains("comet_push_calls_total 5\n"));
+        assert!(text.contains("process_open_fds 12\n"), "{text}");
+        assert!(
+            text.contains("comet_push_latency_seconds_bucket{le=\"0.00025\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("comet_push_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("comet_push_latency_seconds_bucket{le=\"+Inf\"} 1\n"));
+        assert!(text.contains("comet_push_latency_seconds_count 1\n"));
+        assert!(
+            !text.contains("process_max_fds"),
+            "a figure /proc did not give is left out"
+        );
+        assert!(text.contains("comet_build_info{version=\""));
         assert!(
             !text.contains("comet_etcd_registered "),
             "standalone nodes have no such gauge"

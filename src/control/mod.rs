@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod load;
 pub mod metrics;
 pub mod monitor;
+pub(crate) mod process;
 pub(crate) mod watchdog;
 
 use std::cell::{Cell, RefCell};
@@ -96,6 +97,9 @@ struct PushCounters {
     group_pushes: Cell<u64>,
     kicks: Cell<u64>,
     not_on_node: Cell<u64>,
+    /// From a push call read to its answer (`SendToConnections`, `Broadcast`,
+    /// `SendToGroup`), as the node sees it.
+    latency: crate::histogram::Histogram,
 }
 
 fn bump(counter: &Cell<u64>, by: usize) {
@@ -107,6 +111,7 @@ fn bump(counter: &Cell<u64>, by: usize) {
 struct Summary {
     upgraded: u64,
     refusals: std::collections::BTreeMap<&'static str, u64>,
+    disconnects: std::collections::BTreeMap<&'static str, u64>,
     push_calls: u64,
     delivered: u64,
     failed: u64,
@@ -115,14 +120,19 @@ struct Summary {
 impl Summary {
     fn of(stats: &[ShardStats], counters: &PushCounters) -> Summary {
         let mut refusals = std::collections::BTreeMap::new();
+        let mut disconnects = std::collections::BTreeMap::new();
         for shard in stats {
             for (reason, n) in &shard.handshake_refusals {
                 *refusals.entry(*reason).or_default() += n;
+            }
+            for (reason, n) in &shard.disconnects {
+                *disconnects.entry(*reason).or_default() += n;
             }
         }
         Summary {
             upgraded: stats.iter().map(|s| s.upgraded).sum(),
             refusals,
+            disconnects,
             push_calls: counters.calls.get(),
             delivered: counters.delivered.get(),
             failed: counters.failed.get(),
@@ -131,17 +141,27 @@ impl Summary {
 
     /// Refusals by reason since `earlier`, only the reasons that moved.
     fn refusals_since(&self, earlier: &Summary) -> std::collections::BTreeMap<&'static str, u64> {
-        self.refusals
-            .iter()
-            .map(|(reason, n)| {
-                (
-                    *reason,
-                    n - earlier.refusals.get(reason).copied().unwrap_or(0),
-                )
-            })
-            .filter(|(_, n)| *n > 0)
-            .collect()
+        moved_since(&self.refusals, &earlier.refusals)
     }
+
+    /// Disconnects by reason since `earlier`, only the reasons that moved.
+    fn disconnects_since(
+        &self,
+        earlier: &Summary,
+    ) -> std::collections::BTreeMap<&'static str, u64> {
+        moved_since(&self.disconnects, &earlier.disconnects)
+    }
+}
+
+/// The growth of each counter from `earlier` to `now`, only those that grew.
+fn moved_since(
+    now: &std::collections::BTreeMap<&'static str, u64>,
+    earlier: &std::collections::BTreeMap<&'static str, u64>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    now.iter()
+        .map(|(reason, n)| (*reason, n - earlier.get(reason).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// The ids a shard-routed command did not reach.
@@ -323,6 +343,7 @@ impl Node {
             tracing::info!(
                 connections = stats.iter().map(|s| s.connections).sum::<usize>(),
                 connects = now.upgraded - last.upgraded,
+                disconnects = ?now.disconnects_since(&last),
                 refusals = ?now.refusals_since(&last),
                 push_calls = now.push_calls - last.push_calls,
                 delivered = now.delivered - last.delivered,
@@ -689,12 +710,12 @@ impl Node {
                 c.delivered.get(),
             ),
             (
-                "comet_delivery_failed_total",
-                "Messages that could not be handed to a client.",
+                "comet_push_failed_total",
+                "Push recipients reported failed to the caller.",
                 c.failed.get(),
             ),
             (
-                "comet_delivery_not_on_node_total",
+                "comet_push_not_on_node_total",
                 "Push recipients not connected to this node.",
                 c.not_on_node.get(),
             ),
@@ -715,17 +736,27 @@ impl Node {
             ),
         ];
         let registration = self.registrar.as_ref().map(Registrar::status);
+        let process = tokio::task::spawn_blocking(process::ProcessFigures::read)
+            .await
+            .unwrap_or_default();
         metrics::render(&metrics::Figures {
+            process: &process,
             shards: &shards,
             pushes: &pushes,
             callbacks: &self.callback_stats.figures(),
+            push_latency: &self.counters.latency.snapshot(),
             registered: registration.as_ref().map(|r| r.state == "registered"),
             registrations: registration.map_or(0, |r| r.registrations),
-            load: (self.last_sample.get(), self.load_state()),
+            load: self.load_state(),
             uptime_secs: self.started.elapsed().as_secs(),
             draining: self.draining.get(),
             presence_backlog: self.presence.backlog() as u64,
         })
+    }
+
+    /// Counts one push call's time, from its request read to its answer.
+    pub(crate) fn observe_push_latency(&self, elapsed: Duration) {
+        self.counters.latency.observe(elapsed);
     }
 
     /// Tells every shard to close its clients and stop.

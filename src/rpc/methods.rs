@@ -76,8 +76,23 @@ async fn failure_text(
 }
 
 /// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
+/// Push calls are timed into `comet_push_latency_seconds`.
 pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
     let name = method.strip_prefix("Server.").unwrap_or(method);
+    let started = std::time::Instant::now();
+    let result = dispatch_named(node, name, method, param).await;
+    if matches!(name, "SendToConnections" | "Broadcast" | "SendToGroup") {
+        node.observe_push_latency(started.elapsed());
+    }
+    result
+}
+
+async fn dispatch_named(
+    node: &Node,
+    name: &str,
+    method: &str,
+    param: Value,
+) -> Result<Value, String> {
     match name {
         "SendToConnections" => match param {
             Value::String(inner) => send_first_generation(node, inner).await,

@@ -134,6 +134,8 @@ pub struct ShardStats {
     pub handshake_refusals: BTreeMap<&'static str, u64>,
     /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
     pub delivery_failures: BTreeMap<&'static str, u64>,
+    /// Sessions ended, by close reason (`CloseReason::label`).
+    pub disconnects: BTreeMap<&'static str, u64>,
     /// Connection tasks that panicked (each closed that connection only).
     pub connection_panics: u64,
 }
@@ -164,6 +166,7 @@ pub struct Shard {
     accept_fd_exhausted: Cell<u64>,
     upgraded: Cell<u64>,
     handshake_refusals: RefCell<BTreeMap<&'static str, u64>>,
+    disconnects: RefCell<BTreeMap<&'static str, u64>>,
     delivery_failures: RefCell<BTreeMap<&'static str, u64>>,
     connection_panics: Cell<u64>,
 }
@@ -426,6 +429,7 @@ impl Shard {
             accept_fd_exhausted: Cell::new(0),
             upgraded: Cell::new(0),
             handshake_refusals: RefCell::new(BTreeMap::new()),
+            disconnects: RefCell::new(BTreeMap::new()),
             delivery_failures: RefCell::new(BTreeMap::new()),
             connection_panics: Cell::new(0),
         }
@@ -525,6 +529,11 @@ impl Shard {
             sessions.remove(&session.conn_id);
         }
         drop(sessions);
+        *self
+            .disconnects
+            .borrow_mut()
+            .entry(reason.label())
+            .or_default() += 1;
         self.leave_all_groups(session);
         self.presence
             .report(PresenceKind::Offline, &session.conn_id, &session.info);
@@ -735,6 +744,7 @@ impl Shard {
             upgraded: self.upgraded.get(),
             handshake_refusals: self.handshake_refusals.borrow().clone(),
             delivery_failures: self.delivery_failures.borrow().clone(),
+            disconnects: self.disconnects.borrow().clone(),
             connection_panics: self.connection_panics.get(),
         }
     }
