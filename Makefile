@@ -1,5 +1,5 @@
 # The two set-up commands of README.md: `make run` and `make test`.
-.PHONY: deps test-deps run test lint bench
+.PHONY: deps test-deps run test check lint bench
 
 ## What building and running needs (protoc and its well-known types, a C compiler).
 deps:
@@ -17,6 +17,13 @@ run: deps
 ## --show-output prints the figures the chaos and soak tests measure.
 test: test-deps
 	cargo test --locked -- --show-output
+
+## The edit-test loop (about 2 minutes): lint, unit tests, and the fast end-to-end
+## files. `make test` runs everything (about 15 minutes, 5 of them the soak).
+FAST_TESTS = cli conformance connect dashboard examples logging protocols push rpc watchdog
+check: test-deps lint
+	cargo test --locked --lib
+	cargo test --locked $(addprefix --test ,$(FAST_TESTS))
 
 lint:
 	cargo fmt --all --check

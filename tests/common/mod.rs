@@ -88,6 +88,12 @@ pub struct Comet {
     pub log: PathBuf,
 }
 
+/// The tests' own heartbeat: test clients read only when a test reads them, so the
+/// defaults (a ping every 9 s, dropped after 10 s of silence) dropped the first of 1,000
+/// clients while a busy machine was still connecting the last. A test of heartbeats sets
+/// its own (a later line of the INI wins).
+pub const HEARTBEAT: &str = "ping_interval=60s\nheartbeat_timeout=120s";
+
 impl Comet {
     /// Starts a node on free ports with `rpc_api_url` pointing at `server` (if any) and
     /// the extra INI lines given.
@@ -121,7 +127,8 @@ impl Comet {
         let ini = format!(
             "max_proc=2\ncomet_service_name=comet\netcd_addr=\nrpc_api_url={url}\n\
              rpc_user_agent=\"CtxImRpc 1.0\"\nsocket_protocol=websocket\nwebsocket_host=127.0.0.1\n\
-             websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\ndrain_window=0\n{extra}\n"
+             websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\ndrain_window=0\n\
+             {HEARTBEAT}\n{extra}\n"
         );
         (ini, ws_port, rpc_port)
     }
