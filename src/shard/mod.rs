@@ -7,6 +7,7 @@
 //! the shard's blocking pool, presence callbacks on the presence workers.
 
 pub mod inbox;
+mod table;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -17,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ahash::{AHashMap, AHashSet};
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
@@ -25,16 +25,18 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tokio::sync::oneshot;
 
 use crate::callback::CallbackClient;
-use crate::codec::{Message, Wire, json};
+use crate::codec::{Message, json};
 use crate::config::Config;
 use crate::control::{ControlLink, DirectoryRequest};
 use crate::presence::{Presence, PresenceKind};
-use crate::session::{CloseReason, Delivery, Session};
+use crate::session::{CloseReason, Session};
 use crate::token::TokenVerifier;
 use crate::transport::Entry;
 use crate::transport::ws::frame::EncodedFrame;
 
 pub use inbox::ShardHandle;
+pub use table::BroadcastOutcome;
+use table::{Heartbeat, Pings, SessionTable};
 
 /// Bytes read from a socket per read call; shared by every connection of a shard, so an
 /// idle connection holds no read buffer at all.
@@ -90,27 +92,6 @@ pub enum ShardCommand {
     Drained,
 }
 
-/// What a broadcast did on one shard.
-#[derive(Debug, Default, Clone)]
-pub struct BroadcastOutcome {
-    /// Sessions that accepted the message.
-    pub delivered: usize,
-    /// Sessions that did not (closing or slow consumers).
-    pub failed: Vec<String>,
-}
-
-impl BroadcastOutcome {
-    /// Sums the outcomes of several shards.
-    pub fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
-        let mut total = BroadcastOutcome::default();
-        for outcome in outcomes {
-            total.delivered += outcome.delivered;
-            total.failed.extend(outcome.failed);
-        }
-        total
-    }
-}
-
 /// One shard's figures.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct ShardStats {
@@ -155,19 +136,15 @@ pub struct Shard {
     /// Local verifier of signed tokens (skips `checkToken`).
     pub verifier: Option<TokenVerifier>,
     refuse_new_clients: Arc<AtomicBool>,
-    sessions: RefCell<AHashMap<Rc<str>, Rc<Session>>>,
-    groups: RefCell<AHashMap<Rc<str>, AHashSet<Rc<str>>>>,
+    table: RefCell<SessionTable>,
     scratch: RefCell<Box<[u8]>>,
     draining: Cell<bool>,
     live_connections: Cell<usize>,
-    websocket_ping: Arc<[u8]>,
-    json_ping: Arc<[u8]>,
+    pings: Pings,
     accepted: Cell<u64>,
     accept_fd_exhausted: Cell<u64>,
     upgraded: Cell<u64>,
     handshake_refusals: RefCell<BTreeMap<&'static str, u64>>,
-    disconnects: RefCell<BTreeMap<&'static str, u64>>,
-    delivery_failures: RefCell<BTreeMap<&'static str, u64>>,
     connection_panics: Cell<u64>,
 }
 
@@ -418,19 +395,18 @@ impl Shard {
             callbacks: deps.callbacks,
             refuse_new_clients: deps.refuse_new_clients,
             verifier: deps.verifier,
-            sessions: RefCell::new(AHashMap::new()),
-            groups: RefCell::new(AHashMap::new()),
+            table: RefCell::new(SessionTable::default()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
-            websocket_ping: EncodedFrame::ping().bytes().into(),
-            json_ping: Arc::from(json::PING_LINE),
+            pings: Pings {
+                websocket: EncodedFrame::ping().bytes().into(),
+                json: Arc::from(json::PING_LINE),
+            },
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),
             upgraded: Cell::new(0),
             handshake_refusals: RefCell::new(BTreeMap::new()),
-            disconnects: RefCell::new(BTreeMap::new()),
-            delivery_failures: RefCell::new(BTreeMap::new()),
             connection_panics: Cell::new(0),
         }
     }
@@ -464,20 +440,6 @@ impl Shard {
             .or_default() += 1;
     }
 
-    /// Counts a delivery that failed, under its reason.
-    fn delivery_failed(&self, delivery: Option<Delivery>) {
-        let reason = match delivery {
-            None => "unknown",
-            Some(Delivery::Overflow) => "queue_full",
-            Some(_) => "closed",
-        };
-        *self
-            .delivery_failures
-            .borrow_mut()
-            .entry(reason)
-            .or_default() += 1;
-    }
-
     /// A connection's task panicked and was dropped (`panics`): counts it, and ends the
     /// session it held, if any, as the task would have (its `offline`, its conn_id).
     pub fn connection_panicked(&self) {
@@ -489,13 +451,7 @@ impl Shard {
     /// held by its task until the task unregisters it, so one held by the table alone
     /// lost its task to a panic.
     fn reap_orphans(&self) {
-        let orphans: Vec<Rc<Session>> = self
-            .sessions
-            .borrow()
-            .values()
-            .filter(|session| Rc::strong_count(session) == 1)
-            .cloned()
-            .collect();
+        let orphans = self.table.borrow().orphans();
         for session in orphans {
             self.unregister(&session, &CloseReason::InternalError);
         }
@@ -503,9 +459,7 @@ impl Shard {
 
     /// Puts an upgraded client in the table and reports it online.
     pub fn register(&self, session: &Rc<Session>) {
-        self.sessions
-            .borrow_mut()
-            .insert(Rc::clone(&session.conn_id), Rc::clone(session));
+        self.table.borrow_mut().insert(session);
         self.upgraded.set(self.upgraded.get() + 1);
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
@@ -521,20 +475,7 @@ impl Shard {
     /// Takes an ended session out of the table, reports it offline and frees its conn_id.
     /// The `offline` is queued before the release so that a reconnect's `online` follows it.
     pub fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {
-        let mut sessions = self.sessions.borrow_mut();
-        if sessions
-            .get(&session.conn_id)
-            .is_some_and(|s| Rc::ptr_eq(s, session))
-        {
-            sessions.remove(&session.conn_id);
-        }
-        drop(sessions);
-        *self
-            .disconnects
-            .borrow_mut()
-            .entry(reason.label())
-            .or_default() += 1;
-        self.leave_all_groups(session);
+        self.table.borrow_mut().remove(session, reason);
         self.presence
             .report(PresenceKind::Offline, &session.conn_id, &session.info);
         self.control.send(DirectoryRequest::Release {
@@ -554,14 +495,14 @@ impl Shard {
                 let _ = reply.send(self.push(&message, conn_ids));
             }
             ShardCommand::Broadcast { message, reply } => {
-                let _ = reply.send(self.broadcast(&message));
+                let _ = reply.send(self.table.borrow_mut().broadcast(&message));
             }
             ShardCommand::Kick {
                 conn_ids,
                 reason,
                 reply,
             } => {
-                let missing = self.kick(conn_ids, &reason);
+                let missing = self.table.borrow().kick(conn_ids, &reason);
                 if let Some(reply) = reply {
                     let _ = reply.send(missing);
                 }
@@ -571,21 +512,21 @@ impl Shard {
                 conn_ids,
                 reply,
             } => {
-                let _ = reply.send(self.join_group(&group, conn_ids));
+                let _ = reply.send(self.table.borrow_mut().join(&group, conn_ids));
             }
             ShardCommand::GroupLeave {
                 group,
                 conn_ids,
                 reply,
             } => {
-                let _ = reply.send(self.leave_group(&group, conn_ids));
+                let _ = reply.send(self.table.borrow_mut().leave(&group, conn_ids));
             }
             ShardCommand::GroupPush {
                 group,
                 message,
                 reply,
             } => {
-                let _ = reply.send(self.group_push(&group, &message));
+                let _ = reply.send(self.table.borrow_mut().group_push(&group, &message));
             }
             ShardCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
@@ -597,192 +538,46 @@ impl Shard {
         }
     }
 
-    fn join_group(&self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
-        let sessions = self.sessions.borrow();
-        let mut groups = self.groups.borrow_mut();
-        let name: Rc<str> = match groups.get_key_value(group) {
-            Some((name, _)) => Rc::clone(name),
-            None => group.into(),
-        };
-        let members = groups.entry(Rc::clone(&name)).or_default();
-        let missing = conn_ids
-            .into_iter()
-            .filter(|id| match sessions.get(id.as_str()) {
-                Some(session) => {
-                    if members.insert(Rc::clone(&session.conn_id)) {
-                        session.joined(Rc::clone(&name));
-                    }
-                    false
-                }
-                None => true,
-            })
-            .collect();
-        if members.is_empty() {
-            groups.remove(group);
-        }
-        missing
-    }
-
-    fn leave_group(&self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
-        let sessions = self.sessions.borrow();
-        let mut groups = self.groups.borrow_mut();
-        let missing = conn_ids
-            .into_iter()
-            .filter(|id| {
-                let Some(session) = sessions.get(id.as_str()) else {
-                    return true;
-                };
-                if let Some(members) = groups.get_mut(group) {
-                    members.remove(id.as_str());
-                }
-                session.left(group);
-                false
-            })
-            .collect();
-        if groups.get(group).is_some_and(|members| members.is_empty()) {
-            groups.remove(group);
-        }
-        missing
-    }
-
-    fn leave_all_groups(&self, session: &Session) {
-        let mut groups = self.groups.borrow_mut();
-        for group in session.take_groups() {
-            if let Some(members) = groups.get_mut(&group) {
-                members.remove(&session.conn_id);
-                if members.is_empty() {
-                    groups.remove(&group);
-                }
-            }
-        }
-    }
-
-    fn group_push(&self, group: &str, message: &Arc<Message>) -> BroadcastOutcome {
-        let mut outcome = BroadcastOutcome::default();
-        let groups = self.groups.borrow();
-        let Some(members) = groups.get(group) else {
-            return outcome;
-        };
-        let sessions = self.sessions.borrow();
-        for member in members {
-            if self.deliver_to(sessions.get(member), message) {
-                outcome.failed.push(member.to_string());
-            } else {
-                outcome.delivered += 1;
-            }
-        }
-        outcome
-    }
-
     fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
         for id in &conn_ids {
             crate::fault::panic_if_named("PUSH", id);
         }
-        let sessions = self.sessions.borrow();
-        conn_ids
-            .into_iter()
-            .filter(|id| self.deliver_to(sessions.get(id.as_str()), message))
-            .collect()
-    }
-
-    /// Delivers to one session (if there is one); true when that failed.
-    fn deliver_to(&self, session: Option<&Rc<Session>>, message: &Arc<Message>) -> bool {
-        let delivery = session.map(|s| s.deliver(message));
-        let failed = !delivery.is_some_and(Delivery::accepted);
-        if failed {
-            self.delivery_failed(delivery);
-        }
-        failed
-    }
-
-    fn broadcast(&self, message: &Arc<Message>) -> BroadcastOutcome {
-        let mut outcome = BroadcastOutcome::default();
-        for session in self.sessions.borrow().values() {
-            if self.deliver_to(Some(session), message) {
-                outcome.failed.push(session.conn_id.to_string());
-            } else {
-                outcome.delivered += 1;
-            }
-        }
-        outcome
-    }
-
-    fn kick(&self, conn_ids: Vec<String>, reason: &CloseReason) -> Vec<String> {
-        let sessions = self.sessions.borrow();
-        conn_ids
-            .into_iter()
-            .filter(|id| match sessions.get(id.as_str()) {
-                Some(session) => {
-                    session.request_close(reason.clone());
-                    false
-                }
-                None => true,
-            })
-            .collect()
+        self.table.borrow_mut().push(message, conn_ids)
     }
 
     fn stats(&self) -> ShardStats {
-        let sessions = self.sessions.borrow();
-        let mut connections_by_transport: BTreeMap<&'static str, usize> =
-            [Wire::WebSocket, Wire::JsonLines, Wire::Resp]
-                .into_iter()
-                .map(|wire| (wire.label(), 0))
-                .collect();
-        for session in sessions.values() {
-            *connections_by_transport
-                .entry(session.wire().label())
-                .or_default() += 1;
-        }
+        let table = self.table.borrow();
+        let figures = table.figures();
         ShardStats {
             shard: self.id,
-            connections: sessions.len(),
-            connections_by_transport,
-            queued_messages: sessions.values().map(|s| s.backlog_messages()).sum(),
-            queued_bytes: sessions.values().map(|s| s.backlog_bytes()).sum(),
+            connections: figures.connections,
+            connections_by_transport: figures.connections_by_transport,
+            queued_messages: figures.queued_messages,
+            queued_bytes: figures.queued_bytes,
             accepted: self.accepted.get(),
             accept_fd_exhausted: self.accept_fd_exhausted.get(),
             upgraded: self.upgraded.get(),
             handshake_refusals: self.handshake_refusals.borrow().clone(),
-            delivery_failures: self.delivery_failures.borrow().clone(),
-            disconnects: self.disconnects.borrow().clone(),
+            delivery_failures: table.delivery_failures().clone(),
+            disconnects: table.disconnects().clone(),
             connection_panics: self.connection_panics.get(),
         }
     }
 
-    /// Pings sessions that have been quiet for a ping interval; closes those silent past
-    /// the heartbeat timeout. RESP sessions are left to TCP keepalive: Redis clients do
-    /// not answer a server's ping. A session over its byte budget is not read from, so it
-    /// goes silent too: one that stays over for a heartbeat timeout, whatever it speaks,
-    /// is a slow consumer.
+    /// The heartbeat rules applied to every session (`SessionTable::sweep`).
     fn sweep(&self, now: Instant) {
-        let config = &self.config;
-        for session in self.sessions.borrow().values() {
-            let silent = now.saturating_duration_since(session.last_seen());
-            if silent > config.heartbeat_timeout && session.is_over_budget() {
-                session.request_close(CloseReason::SlowConsumer);
-                continue;
-            }
-            let ping = match session.wire() {
-                Wire::WebSocket => &self.websocket_ping,
-                Wire::JsonLines => &self.json_ping,
-                Wire::Resp => continue,
-            };
-            if silent > config.heartbeat_timeout {
-                session.request_close(CloseReason::HeartbeatTimeout);
-            } else if silent >= config.ping_interval
-                && now.saturating_duration_since(session.last_ping()) >= config.ping_interval
-            {
-                session.send_control(ping);
-                session.pinged(now);
-            }
-        }
+        let heartbeat = Heartbeat {
+            ping_interval: self.config.ping_interval,
+            timeout: self.config.heartbeat_timeout,
+        };
+        self.table.borrow().sweep(now, heartbeat, &self.pings);
     }
 
     /// Closes every session with "going away", spread evenly over `drain_window` so that
     /// clients do not all reconnect at once, and waits for their tasks to finish (bounded).
     async fn drain(&self) {
         self.draining.set(true);
-        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        let sessions: Vec<Rc<Session>> = self.table.borrow().all();
         let window = self.config.drain_window.as_secs_f64();
         let started = Instant::now();
         let mut closed = 0;

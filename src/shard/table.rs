@@ -1,0 +1,514 @@
+//! A shard's session table: its sessions by conn_id, its groups, and the counts of what
+//! happened to them (deliveries that failed, sessions ended, by reason).
+//!
+//! Pure: no sockets, timers or channels. Time comes in as `now`, and what a rule decides
+//! is done through the sessions' own queues (`Session::deliver`, `request_close`), so
+//! every rule of push, broadcast, kick, groups and the heartbeat runs in a unit test in
+//! milliseconds. It must never report presence or talk to the directory: the shard does
+//! that around it, in the order the presence ledger needs.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::{AHashMap, AHashSet};
+
+use crate::codec::{Message, Wire};
+use crate::session::{CloseReason, Delivery, Session};
+
+/// What a broadcast (or a group push) did on one shard.
+#[derive(Debug, Default, Clone)]
+pub struct BroadcastOutcome {
+    /// Sessions that accepted the message.
+    pub delivered: usize,
+    /// Sessions that did not (closing or slow consumers).
+    pub failed: Vec<String>,
+}
+
+impl BroadcastOutcome {
+    /// Sums the outcomes of several shards.
+    pub fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
+        let mut total = BroadcastOutcome::default();
+        for outcome in outcomes {
+            total.delivered += outcome.delivered;
+            total.failed.extend(outcome.failed);
+        }
+        total
+    }
+}
+
+/// The heartbeat rules: when a quiet client is pinged, when a silent one is dropped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heartbeat {
+    pub ping_interval: Duration,
+    pub timeout: Duration,
+}
+
+/// The ping bytes of each framing that is pinged (RESP clients are not: Redis clients do
+/// not answer a server's ping, and rely on TCP keepalive).
+pub(crate) struct Pings {
+    pub websocket: Arc<[u8]>,
+    pub json: Arc<[u8]>,
+}
+
+/// The figures of the table that a shard reports.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct TableFigures {
+    pub connections: usize,
+    pub connections_by_transport: BTreeMap<&'static str, usize>,
+    pub queued_messages: usize,
+    pub queued_bytes: usize,
+}
+
+/// Sessions by conn_id and groups by name, with their counters.
+#[derive(Default)]
+pub(crate) struct SessionTable {
+    sessions: AHashMap<Rc<str>, Rc<Session>>,
+    groups: AHashMap<Rc<str>, AHashSet<Rc<str>>>,
+    delivery_failures: BTreeMap<&'static str, u64>,
+    disconnects: BTreeMap<&'static str, u64>,
+}
+
+impl SessionTable {
+    /// Puts a session in the table (the directory granted its conn_id to this shard, so
+    /// no other session here holds it).
+    pub(crate) fn insert(&mut self, session: &Rc<Session>) {
+        self.sessions
+            .insert(Rc::clone(&session.conn_id), Rc::clone(session));
+    }
+
+    /// Takes an ended session out (only that session: a successor under the same conn_id
+    /// stays), takes it out of its groups and counts why it ended.
+    pub(crate) fn remove(&mut self, session: &Rc<Session>, reason: &CloseReason) {
+        if self
+            .sessions
+            .get(&session.conn_id)
+            .is_some_and(|s| Rc::ptr_eq(s, session))
+        {
+            self.sessions.remove(&session.conn_id);
+        }
+        *self.disconnects.entry(reason.label()).or_default() += 1;
+        for group in session.take_groups() {
+            if let Some(members) = self.groups.get_mut(&group) {
+                members.remove(&session.conn_id);
+                if members.is_empty() {
+                    self.groups.remove(&group);
+                }
+            }
+        }
+    }
+
+    /// Hands `message` to each of `conn_ids`; returns those it did not reach.
+    pub(crate) fn push(&mut self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
+        conn_ids
+            .into_iter()
+            .filter(|id| {
+                let session = self.sessions.get(id.as_str());
+                failed(&mut self.delivery_failures, session, message)
+            })
+            .collect()
+    }
+
+    /// Hands `message` to every session.
+    pub(crate) fn broadcast(&mut self, message: &Arc<Message>) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        for session in self.sessions.values() {
+            if failed(&mut self.delivery_failures, Some(session), message) {
+                outcome.failed.push(session.conn_id.to_string());
+            } else {
+                outcome.delivered += 1;
+            }
+        }
+        outcome
+    }
+
+    /// Hands `message` to every member of `group` here.
+    pub(crate) fn group_push(&mut self, group: &str, message: &Arc<Message>) -> BroadcastOutcome {
+        let mut outcome = BroadcastOutcome::default();
+        let Some(members) = self.groups.get(group) else {
+            return outcome;
+        };
+        for member in members {
+            let session = self.sessions.get(member);
+            if failed(&mut self.delivery_failures, session, message) {
+                outcome.failed.push(member.to_string());
+            } else {
+                outcome.delivered += 1;
+            }
+        }
+        outcome
+    }
+
+    /// Asks each of `conn_ids` to close for `reason`; returns those not here.
+    pub(crate) fn kick(&self, conn_ids: Vec<String>, reason: &CloseReason) -> Vec<String> {
+        conn_ids
+            .into_iter()
+            .filter(|id| match self.sessions.get(id.as_str()) {
+                Some(session) => {
+                    session.request_close(reason.clone());
+                    false
+                }
+                None => true,
+            })
+            .collect()
+    }
+
+    /// Adds each of `conn_ids` to `group`; returns those not here. No empty group is kept.
+    pub(crate) fn join(&mut self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
+        let name: Rc<str> = match self.groups.get_key_value(group) {
+            Some((name, _)) => Rc::clone(name),
+            None => group.into(),
+        };
+        let members = self.groups.entry(Rc::clone(&name)).or_default();
+        let missing = conn_ids
+            .into_iter()
+            .filter(|id| match self.sessions.get(id.as_str()) {
+                Some(session) => {
+                    if members.insert(Rc::clone(&session.conn_id)) {
+                        session.joined(Rc::clone(&name));
+                    }
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        if members.is_empty() {
+            self.groups.remove(group);
+        }
+        missing
+    }
+
+    /// Takes each of `conn_ids` out of `group`; returns those not here.
+    pub(crate) fn leave(&mut self, group: &str, conn_ids: Vec<String>) -> Vec<String> {
+        let missing = conn_ids
+            .into_iter()
+            .filter(|id| {
+                let Some(session) = self.sessions.get(id.as_str()) else {
+                    return true;
+                };
+                if let Some(members) = self.groups.get_mut(group) {
+                    members.remove(id.as_str());
+                }
+                session.left(group);
+                false
+            })
+            .collect();
+        if self
+            .groups
+            .get(group)
+            .is_some_and(|members| members.is_empty())
+        {
+            self.groups.remove(group);
+        }
+        missing
+    }
+
+    /// Pings sessions quiet for a ping interval; closes those silent past the timeout.
+    /// A session over its byte budget is not read from, so it goes silent too: one that
+    /// stays over for a heartbeat timeout, whatever it speaks, is a slow consumer.
+    pub(crate) fn sweep(&self, now: Instant, heartbeat: Heartbeat, pings: &Pings) {
+        for session in self.sessions.values() {
+            let silent = now.saturating_duration_since(session.last_seen());
+            if silent > heartbeat.timeout && session.is_over_budget() {
+                session.request_close(CloseReason::SlowConsumer);
+                continue;
+            }
+            let ping = match session.wire() {
+                Wire::WebSocket => &pings.websocket,
+                Wire::JsonLines => &pings.json,
+                Wire::Resp => continue,
+            };
+            if silent > heartbeat.timeout {
+                session.request_close(CloseReason::HeartbeatTimeout);
+            } else if silent >= heartbeat.ping_interval
+                && now.saturating_duration_since(session.last_ping()) >= heartbeat.ping_interval
+            {
+                session.send_control(ping);
+                session.pinged(now);
+            }
+        }
+    }
+
+    /// Sessions held by the table alone: every registered session is held by its
+    /// connection task until the task removes it, so these lost their task to a panic.
+    pub(crate) fn orphans(&self) -> Vec<Rc<Session>> {
+        self.sessions
+            .values()
+            .filter(|session| Rc::strong_count(session) == 1)
+            .cloned()
+            .collect()
+    }
+
+    /// Every session, for a drain.
+    pub(crate) fn all(&self) -> Vec<Rc<Session>> {
+        self.sessions.values().cloned().collect()
+    }
+
+    pub(crate) fn figures(&self) -> TableFigures {
+        let mut connections_by_transport: BTreeMap<&'static str, usize> =
+            [Wire::WebSocket, Wire::JsonLines, Wire::Resp]
+                .into_iter()
+                .map(|wire| (wire.label(), 0))
+                .collect();
+        for session in self.sessions.values() {
+            *connections_by_transport
+                .entry(session.wire().label())
+                .or_default() += 1;
+        }
+        TableFigures {
+            connections: self.sessions.len(),
+            connections_by_transport,
+            queued_messages: self.sessions.values().map(|s| s.backlog_messages()).sum(),
+            queued_bytes: self.sessions.values().map(|s| s.backlog_bytes()).sum(),
+        }
+    }
+
+    /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
+    pub(crate) fn delivery_failures(&self) -> &BTreeMap<&'static str, u64> {
+        &self.delivery_failures
+    }
+
+    /// Sessions ended, by close reason.
+    pub(crate) fn disconnects(&self) -> &BTreeMap<&'static str, u64> {
+        &self.disconnects
+    }
+}
+
+/// Delivers to one session, if there is one; true (and counted by reason) when that
+/// failed.
+fn failed(
+    failures: &mut BTreeMap<&'static str, u64>,
+    session: Option<&Rc<Session>>,
+    message: &Arc<Message>,
+) -> bool {
+    let delivery = session.map(|s| s.deliver(message));
+    if delivery.is_some_and(Delivery::accepted) {
+        return false;
+    }
+    let reason = match delivery {
+        None => "unknown",
+        Some(Delivery::Overflow) => "queue_full",
+        Some(_) => "closed",
+    };
+    *failures.entry(reason).or_default() += 1;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionSpec;
+
+    const HEARTBEAT: Heartbeat = Heartbeat {
+        ping_interval: Duration::from_secs(9),
+        timeout: Duration::from_secs(10),
+    };
+
+    fn pings() -> Pings {
+        Pings {
+            websocket: Arc::from(&b"ws-ping"[..]),
+            json: Arc::from(&b"json-ping\n"[..]),
+        }
+    }
+
+    /// A session with no socket: what it is handed waits in its queue.
+    fn session(conn_id: &str, wire: Wire, queue_limit: usize) -> Rc<Session> {
+        Rc::new(Session::new(SessionSpec {
+            conn_id: conn_id.into(),
+            info: String::new(),
+            wire,
+            message_head: Box::default(),
+            direct_fd: None,
+            queue_limit,
+            queue_bytes: 1 << 20,
+        }))
+    }
+
+    fn table_of(sessions: &[&Rc<Session>]) -> SessionTable {
+        let mut table = SessionTable::default();
+        for s in sessions {
+            table.insert(s);
+        }
+        table
+    }
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_push_reaches_the_named_sessions_and_reports_the_rest() {
+        let (a, b) = (
+            session("a", Wire::WebSocket, 8),
+            session("b", Wire::JsonLines, 8),
+        );
+        let mut table = table_of(&[&a, &b]);
+        let failed = table.push(&Message::new(b"hi"), ids(&["a", "nobody", "b"]));
+        assert_eq!(failed, ["nobody"]);
+        assert_eq!((a.backlog_messages(), b.backlog_messages()), (1, 1));
+        assert_eq!(table.delivery_failures().get("unknown"), Some(&1));
+    }
+
+    #[test]
+    fn a_full_queue_fails_the_push_and_closes_the_slow_consumer() {
+        let slow = session("slow", Wire::WebSocket, 1);
+        let mut table = table_of(&[&slow]);
+        assert!(table.push(&Message::new(b"1"), ids(&["slow"])).is_empty());
+        assert_eq!(table.push(&Message::new(b"2"), ids(&["slow"])), ["slow"]);
+        assert_eq!(table.delivery_failures().get("queue_full"), Some(&1));
+        assert!(matches!(
+            slow.close_reason(),
+            Some(CloseReason::SlowConsumer)
+        ));
+        // Closing now: a later push fails as `closed`, not queued behind the close.
+        assert_eq!(table.push(&Message::new(b"3"), ids(&["slow"])), ["slow"]);
+        assert_eq!(table.delivery_failures().get("closed"), Some(&1));
+    }
+
+    #[test]
+    fn a_broadcast_reaches_every_session_and_names_those_closing() {
+        let (a, b) = (
+            session("a", Wire::WebSocket, 8),
+            session("b", Wire::Resp, 8),
+        );
+        b.request_close(CloseReason::Kicked);
+        let mut table = table_of(&[&a, &b]);
+        let outcome = table.broadcast(&Message::new(b"all"));
+        assert_eq!((outcome.delivered, &outcome.failed), (1, &ids(&["b"])));
+        let merged = BroadcastOutcome::merge([outcome.clone(), outcome]);
+        assert_eq!((merged.delivered, merged.failed.len()), (2, 2));
+    }
+
+    #[test]
+    fn kick_closes_with_the_reason_and_names_the_absent() {
+        let a = session("a", Wire::WebSocket, 8);
+        let table = table_of(&[&a]);
+        assert_eq!(
+            table.kick(ids(&["a", "gone"]), &CloseReason::Kicked),
+            ["gone"]
+        );
+        assert!(matches!(a.close_reason(), Some(CloseReason::Kicked)));
+    }
+
+    #[test]
+    fn groups_hold_members_until_they_leave_or_end() {
+        let (a, b) = (
+            session("a", Wire::WebSocket, 8),
+            session("b", Wire::WebSocket, 8),
+        );
+        let mut table = table_of(&[&a, &b]);
+        assert_eq!(table.join("g", ids(&["a", "b", "x"])), ["x"]);
+        // Joining twice adds nothing.
+        assert!(table.join("g", ids(&["a"])).is_empty());
+        assert_eq!(table.group_push("g", &Message::new(b"m")).delivered, 2);
+        assert_eq!(a.backlog_messages(), 1);
+        assert!(table.leave("g", ids(&["a"])).is_empty());
+        assert_eq!(table.group_push("g", &Message::new(b"m")).delivered, 1);
+        table.remove(&b, &CloseReason::ClientClosed);
+        // The last member gone, the group is gone: nothing left to deliver to.
+        assert_eq!(table.group_push("g", &Message::new(b"m")).delivered, 0);
+        assert!(table.groups.is_empty());
+        assert_eq!(table.leave("g", ids(&["b"])), ["b"]);
+        assert!(table.join("empty", ids(&["nobody"])) == ["nobody"] && table.groups.is_empty());
+    }
+
+    #[test]
+    fn removing_a_replaced_session_leaves_its_successor() {
+        let old = session("same", Wire::WebSocket, 8);
+        let new = session("same", Wire::WebSocket, 8);
+        let mut table = table_of(&[&old]);
+        table.insert(&new);
+        table.remove(&old, &CloseReason::Replaced);
+        assert!(table.push(&Message::new(b"m"), ids(&["same"])).is_empty());
+        assert_eq!(new.backlog_messages(), 1);
+        assert_eq!(table.disconnects().get("replaced"), Some(&1));
+        table.remove(&new, &CloseReason::ClientGone);
+        assert_eq!(table.figures().connections, 0);
+    }
+
+    #[test]
+    fn the_sweep_pings_the_quiet_and_drops_the_silent() {
+        let (ws, json, resp) = (
+            session("ws", Wire::WebSocket, 8),
+            session("json", Wire::JsonLines, 8),
+            session("resp", Wire::Resp, 8),
+        );
+        let table = table_of(&[&ws, &json, &resp]);
+        let start = Instant::now();
+        table.sweep(start + Duration::from_secs(5), HEARTBEAT, &pings());
+        assert_eq!(ws.backlog_bytes(), 0, "not quiet long enough for a ping");
+        table.sweep(start + Duration::from_millis(9_500), HEARTBEAT, &pings());
+        assert_eq!(ws.backlog_bytes(), b"ws-ping".len());
+        assert_eq!(json.backlog_bytes(), b"json-ping\n".len());
+        assert_eq!(resp.backlog_bytes(), 0, "RESP clients are never pinged");
+        // Pinged once per interval, not once per sweep.
+        table.sweep(start + Duration::from_millis(9_900), HEARTBEAT, &pings());
+        assert_eq!(ws.backlog_bytes(), b"ws-ping".len());
+        ws.touch(start + Duration::from_secs(10));
+        table.sweep(start + Duration::from_millis(10_500), HEARTBEAT, &pings());
+        assert!(ws.close_reason().is_none(), "heard from: kept");
+        assert!(matches!(
+            json.close_reason(),
+            Some(CloseReason::HeartbeatTimeout)
+        ));
+        assert!(resp.close_reason().is_none(), "left to TCP keepalive");
+    }
+
+    #[test]
+    fn a_silent_session_over_its_budget_is_a_slow_consumer_whatever_it_speaks() {
+        let resp = Rc::new(Session::new(SessionSpec {
+            conn_id: "r".into(),
+            info: String::new(),
+            wire: Wire::Resp,
+            message_head: Box::default(),
+            direct_fd: None,
+            queue_limit: 8,
+            queue_bytes: 4,
+        }));
+        let mut table = table_of(&[&resp]);
+        assert!(
+            table
+                .push(&Message::new(b"more than four"), ids(&["r"]))
+                .is_empty()
+        );
+        assert!(resp.is_over_budget());
+        table.sweep(
+            Instant::now() + Duration::from_secs(11),
+            HEARTBEAT,
+            &pings(),
+        );
+        assert!(matches!(
+            resp.close_reason(),
+            Some(CloseReason::SlowConsumer)
+        ));
+    }
+
+    #[test]
+    fn figures_count_sessions_by_transport_and_what_waits() {
+        let (a, b) = (
+            session("a", Wire::WebSocket, 8),
+            session("b", Wire::JsonLines, 8),
+        );
+        let mut table = table_of(&[&a, &b]);
+        table.push(&Message::new(b"xyz"), ids(&["a"]));
+        let figures = table.figures();
+        assert_eq!(figures.connections, 2);
+        assert_eq!(figures.connections_by_transport["websocket"], 1);
+        assert_eq!(figures.connections_by_transport["json"], 1);
+        assert_eq!(figures.connections_by_transport["resp"], 0);
+        assert_eq!(figures.queued_messages, 1);
+        assert!(figures.queued_bytes >= 3);
+    }
+
+    #[test]
+    fn orphans_are_the_sessions_only_the_table_holds() {
+        let held = session("held", Wire::WebSocket, 8);
+        let mut table = table_of(&[&held]);
+        table.insert(&session("orphan", Wire::WebSocket, 8));
+        let orphans = table.orphans();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(&*orphans[0].conn_id, "orphan");
+        assert_eq!(table.all().len(), 2);
+    }
+}
