@@ -97,14 +97,37 @@ struct Conn {
     unauthenticated_since: Instant,
 }
 
-/// What a command before push mode leads to.
+/// What a command before push mode leads to: what the driver must do next. Deciding it
+/// is synchronous, so every rule of the greeting is unit-tested without a socket or a
+/// shard; the driver does the waiting (verification, claims, writes).
+#[derive(Debug)]
 enum Step {
     Reply(Vec<u8>),
+    /// Count a refused handshake under `reason`, then send `reply`.
+    Refuse {
+        reason: &'static str,
+        reply: Vec<u8>,
+    },
+    /// Verify `token` (`admission::verify`), then hand the outcome to
+    /// [`Conn::verified`].
+    Verify {
+        token: ClientToken,
+        then: AfterVerify,
+    },
     Subscribe {
         channels: Vec<Vec<u8>>,
         pattern: bool,
     },
     Quit,
+}
+
+/// Which command a verification answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterVerify {
+    /// `AUTH`: `+OK`.
+    Auth,
+    /// `HELLO protocol AUTH ..`: the HELLO reply, in that protocol.
+    Hello { protocol: u8 },
 }
 
 /// How a session ended that leaves the connection open.
@@ -128,8 +151,20 @@ async fn greet<S: ClientStream>(
     loop {
         match conn.decoder.next_command() {
             Ok(Some(command)) => {
-                let reply = match conn.step(shard, command).await {
+                let reply = match conn.step(command) {
                     Step::Reply(reply) => reply,
+                    Step::Refuse { reason, reply } => {
+                        shard.handshake_refused(reason);
+                        reply
+                    }
+                    Step::Verify { token, then } => {
+                        let outcome = admission::verify(shard, token).await;
+                        if let Err(refusal) = &outcome {
+                            shard.handshake_refused(refusal.label());
+                            tracing::info!(shard = shard.id, reason = %refusal, "RESP client refused");
+                        }
+                        conn.verified(outcome, then)
+                    }
                     Step::Quit => {
                         let _ =
                             write_reply(stream, &resp::simple("OK"), shard.config.close_timeout)
@@ -340,7 +375,7 @@ impl Conn {
     }
 
     /// One command before push mode.
-    async fn step(&mut self, shard: &Shard, command: Command) -> Step {
+    fn step(&mut self, command: Command) -> Step {
         let name = upper(&command[0]);
         let args = &command[1..];
         if let Some(reply) = self.common(&name, args, false) {
@@ -356,12 +391,12 @@ impl Conn {
                 self.reset();
                 Step::Reply(resp::simple("RESET"))
             }
-            "AUTH" => Step::Reply(match args {
-                [user, password] => self.authenticate(shard, Some(user), password).await,
-                [password] => self.authenticate(shard, None, password).await,
-                _ => wrong_arity(&name),
-            }),
-            "HELLO" => Step::Reply(self.hello(shard, args).await),
+            "AUTH" => match args {
+                [user, password] => self.authenticate(Some(user), password, AfterVerify::Auth),
+                [password] => self.authenticate(None, password, AfterVerify::Auth),
+                _ => Step::Reply(wrong_arity(&name)),
+            },
+            "HELLO" => self.hello(args),
             "SUBSCRIBE" | "PSUBSCRIBE" if args.is_empty() => Step::Reply(wrong_arity(&name)),
             "SUBSCRIBE" | "PSUBSCRIBE" => Step::Subscribe {
                 channels: args.to_vec(),
@@ -374,7 +409,7 @@ impl Conn {
             }
             _ => {
                 // What a library sends that Comet does not know is what to add next.
-                tracing::debug!(shard = shard.id, command = %text(&command[0]), "unknown RESP command");
+                tracing::debug!(command = %text(&command[0]), "unknown RESP command");
                 Step::Reply(resp::error(&format!(
                     "ERR unknown command '{}': Comet accepts HELLO, AUTH, CLIENT, INFO, SELECT, PING, ECHO, RESET, QUIT, SUBSCRIBE, PSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE",
                     text(&command[0])
@@ -460,23 +495,21 @@ impl Conn {
         }
     }
 
-    /// `HELLO [protover [AUTH user pass] [SETNAME name]]` before push mode.
-    async fn hello(&mut self, shard: &Shard, args: &[Vec<u8>]) -> Vec<u8> {
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]` before push mode. With `AUTH`,
+    /// the protocol switches only once the credentials are verified.
+    fn hello(&mut self, args: &[Vec<u8>]) -> Step {
         let (protocol, auth, name) = match parse_hello(args, self.resp3) {
             Ok(parsed) => parsed,
-            Err(refused) => return refused,
+            Err(refused) => return Step::Reply(refused),
         };
         if let Some(name) = name {
             self.name = Some(name);
         }
         if let Some((user, password)) = auth {
-            let answer = self.authenticate(shard, Some(&user), &password).await;
-            if answer.first() == Some(&b'-') {
-                return answer;
-            }
+            return self.authenticate(Some(&user), &password, AfterVerify::Hello { protocol });
         }
         self.resp3 = protocol == 3;
-        resp::hello(protocol, self.client_id)
+        Step::Reply(resp::hello(protocol, self.client_id))
     }
 
     /// `HELLO` in push mode: the facts again, but neither new credentials nor another
@@ -499,30 +532,31 @@ impl Conn {
         }
     }
 
-    /// Verifies credentials; on success they replace any earlier ones (a failed `AUTH`
-    /// keeps them, as in Redis).
-    async fn authenticate(
-        &mut self,
-        shard: &Shard,
-        user: Option<&[u8]>,
-        password: &[u8],
-    ) -> Vec<u8> {
-        let token = match credentials(user, password, self.name.as_deref()) {
-            Ok(token) => token,
-            Err(why) => {
-                shard.handshake_refused("token");
-                return resp::error(why);
-            }
-        };
-        match admission::verify(shard, token).await {
+    /// Credentials to verify, or why they are not credentials at all.
+    fn authenticate(&self, user: Option<&[u8]>, password: &[u8], then: AfterVerify) -> Step {
+        match credentials(user, password, self.name.as_deref()) {
+            Ok(token) => Step::Verify { token, then },
+            Err(why) => Step::Refuse {
+                reason: "token",
+                reply: resp::error(why),
+            },
+        }
+    }
+
+    /// The reply to the command a verification answers. Verified credentials replace
+    /// any earlier ones; refused ones keep them (as in Redis), and the protocol with them.
+    fn verified(&mut self, outcome: Result<ClientToken, Refusal>, then: AfterVerify) -> Vec<u8> {
+        match outcome {
+            Err(refusal) => resp::error(&refusal_text(&refusal)),
             Ok(token) => {
                 self.credentials = Some(token);
-                resp::simple("OK")
-            }
-            Err(refusal) => {
-                shard.handshake_refused(refusal.label());
-                tracing::info!(shard = shard.id, reason = %refusal, "RESP client refused");
-                resp::error(&refusal_text(&refusal))
+                match then {
+                    AfterVerify::Auth => resp::simple("OK"),
+                    AfterVerify::Hello { protocol } => {
+                        self.resp3 = protocol == 3;
+                        resp::hello(protocol, self.client_id)
+                    }
+                }
             }
         }
     }
@@ -802,6 +836,118 @@ mod tests {
 
     fn command(words: &[&str]) -> Command {
         words.iter().map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    fn verify_step(step: Step) -> (ClientToken, AfterVerify) {
+        match step {
+            Step::Verify { token, then } => (token, then),
+            other => panic!("expected a verification, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn auth_asks_for_a_verification_and_ok_follows_it() {
+        let mut conn = Conn::new(b"");
+        let (token, then) = verify_step(conn.step(command(&["AUTH", "alice", "secret"])));
+        assert_eq!(
+            (token.conn_id.as_str(), token.token.as_str()),
+            ("alice", "secret")
+        );
+        assert_eq!(then, AfterVerify::Auth);
+        assert!(conn.credentials.is_none(), "not before it is verified");
+        assert_eq!(conn.verified(Ok(token), then), b"+OK\r\n");
+        assert_eq!(conn.credentials.as_ref().unwrap().conn_id, "alice");
+    }
+
+    #[test]
+    fn a_refused_auth_keeps_the_earlier_credentials() {
+        let mut conn = Conn::new(b"");
+        let (token, then) = verify_step(conn.step(command(&["AUTH", "alice", "pw"])));
+        conn.verified(Ok(token), then);
+        let (_, then) = verify_step(conn.step(command(&["AUTH", "bob", "pw"])));
+        let reply = conn.verified(Err(Refusal::Duplicate), then);
+        assert!(
+            reply.starts_with(b"-ERR "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert_eq!(conn.credentials.as_ref().unwrap().conn_id, "alice");
+    }
+
+    #[test]
+    fn malformed_credentials_are_refused_without_a_verification() {
+        let mut conn = Conn::new(b"");
+        for words in [
+            &["AUTH", "", "pw"][..],
+            &["AUTH", "{not json"],
+            &["AUTH", "pw-only"],
+        ] {
+            match conn.step(command(words)) {
+                Step::Refuse { reason, reply } => {
+                    assert_eq!(reason, "token");
+                    assert_eq!(reply[0], b'-');
+                }
+                other => panic!("{words:?}: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(conn.step(command(&["AUTH"])), Step::Reply(r) if r.starts_with(b"-ERR wrong number"))
+        );
+    }
+
+    #[test]
+    fn hello_with_auth_switches_protocol_only_once_verified() {
+        let mut conn = Conn::new(b"");
+        let step = conn.step(command(&[
+            "HELLO",
+            "3",
+            "AUTH",
+            "default",
+            r#"{"conn_id":"c","token":"t"}"#,
+            "SETNAME",
+            "app",
+        ]));
+        let (token, then) = verify_step(step);
+        assert_eq!(then, AfterVerify::Hello { protocol: 3 });
+        assert_eq!((token.conn_id.as_str(), token.info.as_str()), ("c", "app"));
+        assert!(!conn.resp3);
+        let refused = conn.verified(Err(Refusal::Duplicate), then);
+        assert_eq!(refused[0], b'-');
+        assert!(!conn.resp3, "a refused HELLO AUTH keeps RESP2");
+        let reply = conn.verified(Ok(token), then);
+        assert!(conn.resp3);
+        assert_eq!(reply[0], b'%', "RESP3 HELLO replies with a map");
+    }
+
+    #[test]
+    fn hello_without_auth_answers_at_once() {
+        let mut conn = Conn::new(b"");
+        assert!(matches!(conn.step(command(&["HELLO", "3"])), Step::Reply(r) if r[0] == b'%'));
+        assert!(conn.resp3);
+        assert!(
+            matches!(conn.step(command(&["HELLO", "4"])), Step::Reply(r) if r.starts_with(b"-NOPROTO"))
+        );
+    }
+
+    #[test]
+    fn subscribe_quit_and_ping_before_push_mode() {
+        let mut conn = Conn::new(b"");
+        assert!(matches!(
+            conn.step(command(&["SUBSCRIBE", "a", "b"])),
+            Step::Subscribe { channels, pattern: false } if channels.len() == 2
+        ));
+        assert!(matches!(
+            conn.step(command(&["PSUBSCRIBE", "p*"])),
+            Step::Subscribe { pattern: true, .. }
+        ));
+        assert!(
+            matches!(conn.step(command(&["SUBSCRIBE"])), Step::Reply(r) if r.starts_with(b"-ERR wrong number"))
+        );
+        assert!(matches!(conn.step(command(&["QUIT"])), Step::Quit));
+        assert!(matches!(conn.step(command(&["PING"])), Step::Reply(r) if r == b"+PONG\r\n"));
+        assert!(
+            matches!(conn.step(command(&["FLUSHALL"])), Step::Reply(r) if r.starts_with(b"-ERR unknown command"))
+        );
     }
 
     #[test]
