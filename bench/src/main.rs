@@ -6,8 +6,11 @@
 //! churn. It writes a JSON result and re-renders `bench/RESULTS.md` with plots.
 
 mod clock;
+mod compare;
+mod floor;
 mod gateway;
 mod report;
+mod rpc;
 mod run;
 mod token;
 mod worker;
@@ -29,6 +32,8 @@ struct Args {
 #[argh(subcommand)]
 enum Sub {
     Run(RunArgs),
+    Compare(CompareArgs),
+    Floor(FloorArgs),
     Render(RenderArgs),
     Worker(WorkerArgs),
 }
@@ -87,6 +92,65 @@ struct RunArgs {
     out: PathBuf,
 }
 
+/// Comet, the floor and Bun/uWebSockets back to back: every figure with its ratio to the
+/// floor and to Bun.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "compare")]
+struct CompareArgs {
+    /// clients at full size (default 10000)
+    #[argh(option, default = "10000")]
+    n: usize,
+    /// broadcasts in the burst (default 20)
+    #[argh(option, default = "20")]
+    broadcasts: usize,
+    /// message payload bytes (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds of each unicast load (default 3)
+    #[argh(option, default = "3")]
+    unicast_secs: u64,
+    /// handshakes in flight per worker (default 32)
+    #[argh(option, default = "32")]
+    concurrency: usize,
+    /// comet shards (default 2)
+    #[argh(option, default = "2")]
+    shards: usize,
+    /// the comet binary (default target/release/comet)
+    #[argh(option, default = "PathBuf::from(\"target/release/comet\")")]
+    binary: PathBuf,
+    /// the bun executable (default target/bun/node_modules/bun/bin/bun.exe, as
+    /// `npm install bun` in target/bun leaves it); skipped when it does not run
+    #[argh(
+        option,
+        default = "PathBuf::from(\"target/bun/node_modules/bun/bin/bun.exe\")"
+    )]
+    bun: PathBuf,
+    /// the Bun server script (default bench/peers/bun-server.js)
+    #[argh(option, default = "PathBuf::from(\"bench/peers/bun-server.js\")")]
+    bun_script: PathBuf,
+    /// signed-token secret of all three servers
+    #[argh(option, default = "String::from(\"bench-secret-0123456789\")")]
+    secret: String,
+    /// where results go (default bench/results/compare)
+    #[argh(option, default = "PathBuf::from(\"bench/results/compare\")")]
+    out: PathBuf,
+}
+
+/// (internal) the floor server: the least work on Comet's wire contract.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "floor")]
+struct FloorArgs {
+    /// client (WebSocket) port on 127.0.0.1
+    #[argh(option)]
+    ws_port: u16,
+    /// push RPC port on 127.0.0.1
+    #[argh(option)]
+    rpc_port: u16,
+    /// signed-token secret
+    #[argh(option)]
+    secret: String,
+}
+
 /// Re-render bench/RESULTS.md from the stored results.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "render")]
@@ -137,6 +201,12 @@ fn main() -> anyhow::Result<()> {
         }),
         Sub::Render(r) => report::render(&r.results, &results_page(&r.results)),
         Sub::Run(r) => run_suite(r),
+        Sub::Compare(c) => run_compare(c),
+        Sub::Floor(f) => floor::serve(
+            std::net::TcpListener::bind(("127.0.0.1", f.ws_port))?,
+            std::net::TcpListener::bind(("127.0.0.1", f.rpc_port))?,
+            &f.secret,
+        ),
     }
 }
 
@@ -181,6 +251,50 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
     eprintln!("comet-bench: wrote {}", path.display());
     report::render(&args.out, &results_page(&args.out))?;
     Ok(())
+}
+
+fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("comet-bench-{}", std::process::id()));
+    let plan = run::Plan {
+        n: args.n,
+        broadcasts: args.broadcasts,
+        payload: args.payload.max(40),
+        unicast_rate: 0,
+        unicast_secs: args.unicast_secs,
+        churn: 0,
+        concurrency: args.concurrency,
+        rate: 0,
+        secret: args.secret.clone(),
+    };
+    let bun = runnable(&args.bun).then_some(args.bun.clone());
+    if bun.is_none() {
+        eprintln!(
+            "compare: {} does not run; Bun is skipped (npm install bun in target/bun)",
+            args.bun.display()
+        );
+    }
+    let servers = compare::Servers {
+        comet: gateway::Launch {
+            binary: &args.binary,
+            shards: args.shards,
+            secret: &args.secret,
+            dir: &scratch,
+            etcd: false,
+        },
+        bun,
+        bun_script: &args.bun_script,
+    };
+    compare::compare(&servers, &plan, &args.out)
+}
+
+/// Whether `program --version` runs and succeeds.
+fn runnable(program: &std::path::Path) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `RESULTS.md` beside the results directory (bench/results -> bench/RESULTS.md).
