@@ -40,6 +40,8 @@ pub struct Servers<'a> {
     /// The `bun` executable, when it runs here.
     pub bun: Option<PathBuf>,
     pub bun_script: &'a Path,
+    /// Which of them to measure, in this order.
+    pub only: Vec<String>,
 }
 
 /// One server's figures.
@@ -90,27 +92,30 @@ pub fn compare(servers: &Servers<'_>, plan: &Plan, out: &Path) -> anyhow::Result
         skipped: Vec::new(),
     };
     let dir = servers.comet.dir;
-    eprintln!("compare: comet");
-    let comet = Gateway::start(&servers.comet)?;
-    comparison.servers.push(measure("comet", &comet, plan)?);
-    drop(comet);
-    eprintln!("compare: floor");
-    let floor = Gateway::start_peer(&Peer::Floor, &plan.secret, dir)?;
-    comparison.servers.push(measure("floor", &floor, plan)?);
-    drop(floor);
-    match &servers.bun {
-        Some(bun) => {
-            eprintln!("compare: bun");
-            let peer = Peer::Bun {
-                bun,
-                script: servers.bun_script,
-            };
-            let bun = Gateway::start_peer(&peer, &plan.secret, dir)?;
-            comparison.servers.push(measure("bun", &bun, plan)?);
-        }
-        None => comparison
-            .skipped
-            .push("bun: no runnable bun (see --bun); `make bench` installs it".into()),
+    for name in &servers.only {
+        eprintln!("compare: {name}");
+        let server = match name.as_str() {
+            "comet" => Gateway::start(&servers.comet)?,
+            "floor" => Gateway::start_peer(&Peer::Floor, &plan.secret, dir)?,
+            "bun" => match &servers.bun {
+                Some(bun) => {
+                    let peer = Peer::Bun {
+                        bun,
+                        script: servers.bun_script,
+                    };
+                    Gateway::start_peer(&peer, &plan.secret, dir)?
+                }
+                None => {
+                    comparison
+                        .skipped
+                        .push("bun: no runnable bun (see --bun); `make bench` installs it".into());
+                    continue;
+                }
+            },
+            other => anyhow::bail!("unknown server {other:?} (comet, floor, bun)"),
+        };
+        eprintln!("  {name}: pid {:?}", server.pid);
+        comparison.servers.push(measure(name, &server, plan)?);
     }
     comparison.load_after = load();
     std::fs::create_dir_all(out)?;

@@ -131,6 +131,9 @@ struct CompareArgs {
     /// signed-token secret of all three servers
     #[argh(option, default = "String::from(\"bench-secret-0123456789\")")]
     secret: String,
+    /// the servers to measure, in order (default comet,floor,bun)
+    #[argh(option, default = "String::from(\"comet,floor,bun\")")]
+    servers: String,
     /// where results go (default bench/results/compare)
     #[argh(option, default = "PathBuf::from(\"bench/results/compare\")")]
     out: PathBuf,
@@ -283,6 +286,7 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
         },
         bun,
         bun_script: &args.bun_script,
+        only: args.servers.split(',').map(str::to_owned).collect(),
     };
     compare::compare(&servers, &plan, &args.out)
 }
