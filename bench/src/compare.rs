@@ -252,7 +252,7 @@ fn calls(server: &Gateway, plan: &Plan, fleet: &mut Fleet, load: Load) -> anyhow
                         let ok = match load {
                             Load::Persistent => {
                                 let conn = &shared[caller % shared.len()];
-                                let bytes = rpc::encode(wire, "Server.SendToConnections", &param, seq, false);
+                                let bytes = rpc::encode(wire, "Server.SendToConnections", &param, seq);
                                 conn.call(&bytes, &tx).is_ok() && rx.recv().unwrap_or(false)
                             }
                             Load::PerCall => call_once(addr, wire, &param, seq),
@@ -291,13 +291,7 @@ fn call_once(addr: SocketAddr, wire: Wire, param: &serde_json::Value, id: u64) -
     let attempt = || -> std::io::Result<bool> {
         let mut stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        stream.write_all(&rpc::encode(
-            wire,
-            "Server.SendToConnections",
-            param,
-            id,
-            true,
-        ))?;
+        stream.write_all(&rpc::encode(wire, "Server.SendToConnections", param, id))?;
         let mut reader = BufReader::new(stream);
         Ok(rpc::read_reply(&mut reader, wire)?.is_some_and(|r| rpc::is_ok(&r)))
     };

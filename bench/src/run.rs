@@ -389,13 +389,7 @@ pub(crate) fn unicast(
         state ^= state << 17;
         let to = &ids[(state % ids.len() as u64) as usize];
         let param = json!({"connections": [to], "msg": clock::stamped(plan.payload, u64::MAX)});
-        writer.write_all(&rpc::encode(
-            wire,
-            "Server.SendToConnections",
-            &param,
-            seq,
-            false,
-        ))?;
+        writer.write_all(&rpc::encode(wire, "Server.SendToConnections", &param, seq))?;
         seq += 1;
     }
     writer.flush()?;
