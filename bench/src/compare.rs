@@ -79,8 +79,8 @@ pub struct Comparison {
 }
 
 /// Runs the phases against Comet, the floor and Bun; writes JSON and a Markdown table
-/// into `out`, and prints the table.
-pub fn compare(servers: &Servers<'_>, plan: &Plan, out: &Path) -> anyhow::Result<()> {
+/// into `out`, prints the table and puts it into `page` (RESULTS.md) between its markers.
+pub fn compare(servers: &Servers<'_>, plan: &Plan, out: &Path, page: &Path) -> anyhow::Result<()> {
     let mut comparison = Comparison {
         date: crate::report::today(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -129,6 +129,30 @@ pub fn compare(servers: &Servers<'_>, plan: &Plan, out: &Path) -> anyhow::Result
     std::fs::write(base.with_extension("md"), &table)?;
     println!("{table}");
     eprintln!("compare: wrote {}.json and .md", base.display());
+    if let Err(err) = write_latest(page, &table) {
+        eprintln!("compare: {} not updated: {err}", page.display());
+    }
+    Ok(())
+}
+
+/// Between these markers `RESULTS.md` shows the latest comparison (inside the part that
+/// `comet-bench render` keeps).
+const LATEST_BEGIN: &str = "<!-- compare: latest run, written by comet-bench compare -->";
+const LATEST_END: &str = "<!-- compare: end -->";
+
+/// Replaces the latest comparison in `page` with `table`.
+fn write_latest(page: &Path, table: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(page)?;
+    let start = text
+        .find(LATEST_BEGIN)
+        .ok_or_else(|| anyhow::anyhow!("no {LATEST_BEGIN:?} marker"))?
+        + LATEST_BEGIN.len();
+    let end = start
+        + text[start..]
+            .find(LATEST_END)
+            .ok_or_else(|| anyhow::anyhow!("no {LATEST_END:?} marker"))?;
+    let updated = format!("{}\n{table}\n{}", &text[..start], &text[end..]);
+    std::fs::write(page, updated)?;
     Ok(())
 }
 
@@ -414,5 +438,24 @@ fn shown(v: Option<f64>) -> String {
         Some(v) if v >= 100.0 => format!("{v:.0}"),
         Some(v) => format!("{v:.2}"),
         None => "-".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_table_replaces_only_what_lies_between_the_markers() {
+        let page = std::env::temp_dir().join(format!("compare-page-{}.md", std::process::id()));
+        let text = format!("before\n{LATEST_BEGIN}\nold table\n{LATEST_END}\nafter\n");
+        std::fs::write(&page, text).expect("scratch file");
+        write_latest(&page, "new table").expect("markers present");
+        let updated = std::fs::read_to_string(&page).expect("written");
+        let _ = std::fs::remove_file(&page);
+        assert_eq!(
+            updated,
+            format!("before\n{LATEST_BEGIN}\nnew table\n{LATEST_END}\nafter\n")
+        );
     }
 }

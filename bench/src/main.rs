@@ -4,6 +4,10 @@
 //! measure the gateway), worker processes holding the clients, and drives the scenarios:
 //! connect, idle memory, broadcast (burst and spaced), unicast through the push RPC, and
 //! churn. It writes a JSON result and re-renders `bench/RESULTS.md` with plots.
+//!
+//! `comet-bench compare` runs the same phases against Comet, the floor (`comet-bench
+//! floor`, src/floor.rs) and the Bun/uWebSockets peer (bench/peers/bun-server.js), back to
+//! back, and prints each figure with its ratio to the floor and to Bun.
 
 mod clock;
 mod compare;
@@ -137,6 +141,9 @@ struct CompareArgs {
     /// where results go (default bench/results/compare)
     #[argh(option, default = "PathBuf::from(\"bench/results/compare\")")]
     out: PathBuf,
+    /// the page whose latest-comparison block is rewritten (default bench/RESULTS.md)
+    #[argh(option, default = "PathBuf::from(\"bench/RESULTS.md\")")]
+    page: PathBuf,
 }
 
 /// (internal) the floor server: the least work on Comet's wire contract.
@@ -288,7 +295,7 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
         bun_script: &args.bun_script,
         only: args.servers.split(',').map(str::to_owned).collect(),
     };
-    compare::compare(&servers, &plan, &args.out)
+    compare::compare(&servers, &plan, &args.out, &args.page)
 }
 
 /// Whether `program --version` runs and succeeds.
