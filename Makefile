@@ -29,7 +29,10 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --locked --workspace --all-targets -- -D warnings
 
-## A short benchmark suite (a few minutes): results in bench/results, report in bench/RESULTS.md.
+## A short benchmark suite (a few minutes): results in bench/results, report in bench/RESULTS.md;
+## then Comet, the floor and Bun (npm package `bun`, into target/bun) side by side.
 bench: test-deps
 	cargo build --release --locked --workspace
 	./target/release/comet-bench run --n 19000 --churn 20000
+	npm install --prefix target/bun --no-save bun || echo "bun did not install: compare skips it"
+	./target/release/comet-bench compare --n 19000

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::clock;
+use crate::rpc::Wire;
 
 /// The server being measured.
 pub struct Gateway {
@@ -21,6 +22,16 @@ pub struct Gateway {
     pub ws: SocketAddr,
     /// Push RPC address.
     pub rpc: SocketAddr,
+    /// How push calls travel to it.
+    pub wire: Wire,
+}
+
+/// A server of `comet-bench compare` other than Comet.
+pub enum Peer<'a> {
+    /// The floor (`comet-bench floor`, this executable).
+    Floor,
+    /// The Bun/uWebSockets peer: the `bun` executable and the server script.
+    Bun { bun: &'a Path, script: &'a Path },
 }
 
 /// How to start a Comet node for a run.
@@ -73,36 +84,57 @@ impl Gateway {
                 launch.shards, launch.secret
             ),
         )?;
-        let child = Command::new(launch.binary)
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("cannot start {}", launch.binary.display()))?;
-        let mut gateway = Gateway {
-            pid: Some(child.id()),
-            child: Some(child),
-            etcd,
-            ws: SocketAddr::from(([127, 0, 0, 1], ws_port)),
-            rpc: SocketAddr::from(([127, 0, 0, 1], rpc_port)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if gateway
-                .child
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
-            {
-                break;
+        let mut command = Command::new(launch.binary);
+        command.arg("-c").arg(&config);
+        match spawn(command, ws_port, rpc_port, Wire::Lines, &log) {
+            Ok(mut gateway) => {
+                gateway.etcd = etcd;
+                Ok(gateway)
             }
-            if TcpStream::connect(gateway.ws).is_ok() && TcpStream::connect(gateway.rpc).is_ok() {
-                return Ok(gateway);
+            Err(err) => {
+                if let Some(mut etcd) = etcd {
+                    let _ = etcd.kill();
+                    let _ = etcd.wait();
+                }
+                Err(err)
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("the gateway did not start listening; see {}", log.display())
+    }
+
+    /// Starts the floor or the Bun peer on free loopback ports with signed tokens under
+    /// `secret` (a few attempts, as [`Gateway::start`]).
+    pub fn start_peer(peer: &Peer<'_>, secret: &str, dir: &Path) -> anyhow::Result<Gateway> {
+        std::fs::create_dir_all(dir)?;
+        let mut last = None;
+        for _ in 0..3 {
+            let (ws_port, rpc_port) = (free_port()?, free_port()?);
+            let started = match peer {
+                Peer::Floor => {
+                    let mut command = Command::new(std::env::current_exe()?);
+                    command.args(["floor", "--ws-port", &ws_port.to_string()]);
+                    command.args(["--rpc-port", &rpc_port.to_string(), "--secret", secret]);
+                    spawn(
+                        command,
+                        ws_port,
+                        rpc_port,
+                        Wire::Lines,
+                        &dir.join("floor.log"),
+                    )
+                }
+                Peer::Bun { bun, script } => {
+                    let mut command = Command::new(bun);
+                    command.arg(script).env("SECRET", secret);
+                    command.env("WS_PORT", ws_port.to_string());
+                    command.env("RPC_PORT", rpc_port.to_string());
+                    spawn(command, ws_port, rpc_port, Wire::Http, &dir.join("bun.log"))
+                }
+            };
+            match started {
+                Ok(gateway) => return Ok(gateway),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.expect("three attempts"))
     }
 
     /// A server somebody else started.
@@ -113,6 +145,7 @@ impl Gateway {
             pid,
             ws,
             rpc,
+            wire: Wire::Lines,
         }
     }
 
@@ -150,6 +183,45 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts `command` (output to `log`) and waits until both ports listen.
+fn spawn(
+    mut command: Command,
+    ws_port: u16,
+    rpc_port: u16,
+    wire: Wire,
+    log: &Path,
+) -> anyhow::Result<Gateway> {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log.with_extension("out"))?)
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    let mut gateway = Gateway {
+        pid: Some(child.id()),
+        child: Some(child),
+        etcd: None,
+        ws: SocketAddr::from(([127, 0, 0, 1], ws_port)),
+        rpc: SocketAddr::from(([127, 0, 0, 1], rpc_port)),
+        wire,
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if gateway
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        {
+            break;
+        }
+        if TcpStream::connect(gateway.ws).is_ok() && TcpStream::connect(gateway.rpc).is_ok() {
+            return Ok(gateway);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{command:?} did not start listening; see {}", log.display())
 }
 
 /// A single-member etcd (Debian's etcd-server) on free ports in `dir`.

@@ -4,10 +4,17 @@
 //! measure the gateway), worker processes holding the clients, and drives the scenarios:
 //! connect, idle memory, broadcast (burst and spaced), unicast through the push RPC, and
 //! churn. It writes a JSON result and re-renders `bench/RESULTS.md` with plots.
+//!
+//! `comet-bench compare` runs the same phases against Comet, the floor (`comet-bench
+//! floor`, src/floor.rs) and the Bun/uWebSockets peer (bench/peers/bun-server.js), back to
+//! back, and prints each figure with its ratio to the floor and to Bun.
 
 mod clock;
+mod compare;
+mod floor;
 mod gateway;
 mod report;
+mod rpc;
 mod run;
 mod token;
 mod worker;
@@ -29,6 +36,8 @@ struct Args {
 #[argh(subcommand)]
 enum Sub {
     Run(RunArgs),
+    Compare(CompareArgs),
+    Floor(FloorArgs),
     Render(RenderArgs),
     Worker(WorkerArgs),
 }
@@ -87,6 +96,71 @@ struct RunArgs {
     out: PathBuf,
 }
 
+/// Comet, the floor and Bun/uWebSockets back to back: every figure with its ratio to the
+/// floor and to Bun.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "compare")]
+struct CompareArgs {
+    /// clients at full size (default 10000)
+    #[argh(option, default = "10000")]
+    n: usize,
+    /// broadcasts in the burst (default 20)
+    #[argh(option, default = "20")]
+    broadcasts: usize,
+    /// message payload bytes (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// seconds of each unicast load (default 3)
+    #[argh(option, default = "3")]
+    unicast_secs: u64,
+    /// handshakes in flight per worker (default 32)
+    #[argh(option, default = "32")]
+    concurrency: usize,
+    /// comet shards (default 2)
+    #[argh(option, default = "2")]
+    shards: usize,
+    /// the comet binary (default target/release/comet)
+    #[argh(option, default = "PathBuf::from(\"target/release/comet\")")]
+    binary: PathBuf,
+    /// the bun executable (default target/bun/node_modules/bun/bin/bun.exe, as
+    /// `npm install bun` in target/bun leaves it); skipped when it does not run
+    #[argh(
+        option,
+        default = "PathBuf::from(\"target/bun/node_modules/bun/bin/bun.exe\")"
+    )]
+    bun: PathBuf,
+    /// the Bun server script (default bench/peers/bun-server.js)
+    #[argh(option, default = "PathBuf::from(\"bench/peers/bun-server.js\")")]
+    bun_script: PathBuf,
+    /// signed-token secret of all three servers
+    #[argh(option, default = "String::from(\"bench-secret-0123456789\")")]
+    secret: String,
+    /// the servers to measure, in order (default comet,floor,bun)
+    #[argh(option, default = "String::from(\"comet,floor,bun\")")]
+    servers: String,
+    /// where results go (default bench/results/compare)
+    #[argh(option, default = "PathBuf::from(\"bench/results/compare\")")]
+    out: PathBuf,
+    /// the page whose latest-comparison block is rewritten (default bench/RESULTS.md)
+    #[argh(option, default = "PathBuf::from(\"bench/RESULTS.md\")")]
+    page: PathBuf,
+}
+
+/// (internal) the floor server: the least work on Comet's wire contract.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "floor")]
+struct FloorArgs {
+    /// client (WebSocket) port on 127.0.0.1
+    #[argh(option)]
+    ws_port: u16,
+    /// push RPC port on 127.0.0.1
+    #[argh(option)]
+    rpc_port: u16,
+    /// signed-token secret
+    #[argh(option)]
+    secret: String,
+}
+
 /// Re-render bench/RESULTS.md from the stored results.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "render")]
@@ -137,6 +211,12 @@ fn main() -> anyhow::Result<()> {
         }),
         Sub::Render(r) => report::render(&r.results, &results_page(&r.results)),
         Sub::Run(r) => run_suite(r),
+        Sub::Compare(c) => run_compare(c),
+        Sub::Floor(f) => floor::serve(
+            std::net::TcpListener::bind(("127.0.0.1", f.ws_port))?,
+            std::net::TcpListener::bind(("127.0.0.1", f.rpc_port))?,
+            &f.secret,
+        ),
     }
 }
 
@@ -181,6 +261,51 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
     eprintln!("comet-bench: wrote {}", path.display());
     report::render(&args.out, &results_page(&args.out))?;
     Ok(())
+}
+
+fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("comet-bench-{}", std::process::id()));
+    let plan = run::Plan {
+        n: args.n,
+        broadcasts: args.broadcasts,
+        payload: args.payload.max(40),
+        unicast_rate: 0,
+        unicast_secs: args.unicast_secs,
+        churn: 0,
+        concurrency: args.concurrency,
+        rate: 0,
+        secret: args.secret.clone(),
+    };
+    let bun = runnable(&args.bun).then_some(args.bun.clone());
+    if bun.is_none() {
+        eprintln!(
+            "compare: {} does not run; Bun is skipped (npm install bun in target/bun)",
+            args.bun.display()
+        );
+    }
+    let servers = compare::Servers {
+        comet: gateway::Launch {
+            binary: &args.binary,
+            shards: args.shards,
+            secret: &args.secret,
+            dir: &scratch,
+            etcd: false,
+        },
+        bun,
+        bun_script: &args.bun_script,
+        only: args.servers.split(',').map(str::to_owned).collect(),
+    };
+    compare::compare(&servers, &plan, &args.out, &args.page)
+}
+
+/// Whether `program --version` runs and succeeds.
+fn runnable(program: &std::path::Path) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `RESULTS.md` beside the results directory (bench/results -> bench/RESULTS.md).

@@ -189,7 +189,7 @@ impl Results {
     }
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -197,7 +197,7 @@ fn today() -> String {
         .unwrap_or_default()
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -257,8 +257,23 @@ pub fn render(dir: &Path, out: &Path) -> anyhow::Result<()> {
     plot_memory(latest, &plots.join("memory.svg"))?;
     plot_cdf(latest, &plots.join("latency-cdf.svg"))?;
     plot_throughput(latest, &plots.join("deliveries.svg"))?;
-    std::fs::write(out, markdown(latest, &runs))?;
+    let kept = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|page| kept_block(&page).map(str::to_owned));
+    std::fs::write(out, markdown(latest, &runs, kept.as_deref()))?;
     Ok(())
+}
+
+/// Where the hand-written part of `RESULTS.md` starts and ends; `render` writes it back
+/// as it found it (the comparisons with the floor and their profiles live there).
+pub(crate) const KEPT_BEGIN: &str = "<!-- kept: comet-bench render leaves this part as it is -->";
+pub(crate) const KEPT_END: &str = "<!-- end of the kept part -->";
+
+/// The kept part of a page, markers included.
+fn kept_block(page: &str) -> Option<&str> {
+    let start = page.find(KEPT_BEGIN)?;
+    let end = start + page[start..].find(KEPT_END)? + KEPT_END.len();
+    Some(&page[start..end])
 }
 
 fn kb(bytes: f64) -> String {
@@ -269,7 +284,7 @@ fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
-fn markdown(latest: &Results, runs: &[Results]) -> String {
+fn markdown(latest: &Results, runs: &[Results], kept: Option<&str>) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmark results\n");
     let _ = writeln!(
@@ -290,6 +305,9 @@ fn markdown(latest: &Results, runs: &[Results]) -> String {
         md,
         "![bytes per connection](plots/memory.svg) ![latency CDF](plots/latency-cdf.svg) ![deliveries](plots/deliveries.svg)\n"
     );
+    if let Some(kept) = kept {
+        let _ = writeln!(md, "{kept}\n");
+    }
     let _ = writeln!(
         md,
         "## Memory (idle clients)\n\n| clients | gateway RSS | kernel TCP memory |\n|---|---|---|"
@@ -556,4 +574,19 @@ fn plot_throughput(run: &Results, path: &Path) -> anyhow::Result<()> {
     chart.configure_series_labels().border_style(BLACK).draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_part_is_found_with_its_markers() {
+        let page = format!("# R\nrendered\n{KEPT_BEGIN}\nmine\n{KEPT_END}\nrendered\n");
+        assert_eq!(
+            kept_block(&page),
+            Some(&*format!("{KEPT_BEGIN}\nmine\n{KEPT_END}"))
+        );
+        assert_eq!(kept_block("# R\nrendered only\n"), None);
+    }
 }

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use crate::clock;
 use crate::gateway::{self, Gateway};
 use crate::report::{Churn, Connect, Delivery, Idle, Latency, Results, per};
+use crate::rpc::{self, Rpc};
 
 /// Connections one worker process holds at most (descriptor limit 20,000 here).
 pub const PER_WORKER: usize = 9_500;
@@ -43,7 +44,7 @@ pub struct Plan {
     pub secret: String,
 }
 
-struct Worker {
+pub(crate) struct Worker {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -134,14 +135,14 @@ fn workers_at_once(plan: &Plan) -> u64 {
 }
 
 /// The workers of a run, together.
-struct Fleet(Vec<Worker>);
+pub(crate) struct Fleet(pub(crate) Vec<Worker>);
 
 impl Fleet {
-    fn clients(&self) -> usize {
+    pub(crate) fn clients(&self) -> usize {
         self.0.iter().map(|w| w.count).sum()
     }
 
-    fn ids(&self) -> Vec<String> {
+    pub(crate) fn ids(&self) -> Vec<String> {
         self.0
             .iter()
             .flat_map(|w| (0..w.count).map(move |i| format!("{}{i}", w.prefix)))
@@ -175,7 +176,7 @@ impl Fleet {
     }
 
     /// Polls reports until `expected` messages arrived (or `limit` passes); merges them.
-    fn collect(
+    pub(crate) fn collect(
         &mut self,
         expected: u64,
         limit: Duration,
@@ -209,46 +210,15 @@ impl Fleet {
     }
 }
 
-/// A blocking push RPC client.
-struct Rpc {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-    id: u64,
-}
-
-impl Rpc {
-    fn connect(addr: SocketAddr) -> anyhow::Result<Rpc> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        Ok(Rpc {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-            id: 0,
-        })
-    }
-
-    fn call(&mut self, method: &str, param: Value) -> anyhow::Result<Value> {
-        self.id += 1;
-        writeln!(
-            self.writer,
-            "{}",
-            json!({"method": method, "params": [param], "id": self.id})
-        )?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        Ok(serde_json::from_str(&line)?)
-    }
-}
-
 /// Gateway CPU time so far: (user + system, user), seconds.
-fn cpu(gateway: &Gateway) -> (f64, f64) {
+pub(crate) fn cpu(gateway: &Gateway) -> (f64, f64) {
     gateway
         .cpu_split()
         .map_or((f64::NAN, f64::NAN), |(user, system)| (user + system, user))
 }
 
 /// CPU used since `before`: (total, user).
-fn cpu_since(gateway: &Gateway, before: (f64, f64)) -> (f64, f64) {
+pub(crate) fn cpu_since(gateway: &Gateway, before: (f64, f64)) -> (f64, f64) {
     let now = cpu(gateway);
     (now.0 - before.0, now.1 - before.1)
 }
@@ -294,7 +264,7 @@ pub fn suite(gateway: &Gateway, plan: &Plan) -> anyhow::Result<Results> {
 }
 
 /// Adds workers until `target` clients are connected; returns the connect figures.
-fn grow(
+pub(crate) fn grow(
     gateway: &Gateway,
     plan: &Plan,
     fleet: &mut Fleet,
@@ -329,7 +299,7 @@ fn grow(
     })
 }
 
-fn broadcast(
+pub(crate) fn broadcast(
     gateway: &Gateway,
     plan: &Plan,
     fleet: &mut Fleet,
@@ -337,7 +307,7 @@ fn broadcast(
     spacing: Option<Duration>,
 ) -> anyhow::Result<Delivery> {
     fleet.collect(0, Duration::ZERO)?;
-    let mut rpc = Rpc::connect(gateway.rpc)?;
+    let mut rpc = Rpc::connect(gateway.rpc, gateway.wire)?;
     let cpu_before = cpu(gateway);
     let started = Instant::now();
     for seq in 0..plan.broadcasts as u64 {
@@ -369,7 +339,7 @@ fn broadcast(
 
 /// Pushes to one random client at a time through one pipelined RPC connection, at
 /// `rate` pushes per second (or as fast as replies come back with 512 in flight).
-fn unicast(
+pub(crate) fn unicast(
     gateway: &Gateway,
     plan: &Plan,
     fleet: &mut Fleet,
@@ -383,21 +353,15 @@ fn unicast(
     let mut writer = std::io::BufWriter::new(stream);
     let answered = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    let wire = gateway.wire;
     let reading = {
         let (answered, failed) = (answered.clone(), failed.clone());
         std::thread::spawn(move || {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if !line.contains("\"ok\"") {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                        }
-                        answered.fetch_add(1, Ordering::SeqCst);
-                    }
+            while let Ok(Some(reply)) = rpc::read_reply(&mut reader, wire) {
+                if !rpc::is_ok(&reply) {
+                    failed.fetch_add(1, Ordering::SeqCst);
                 }
+                answered.fetch_add(1, Ordering::SeqCst);
             }
         })
     };
@@ -424,8 +388,8 @@ fn unicast(
         state ^= state >> 7;
         state ^= state << 17;
         let to = &ids[(state % ids.len() as u64) as usize];
-        let request = json!({"method": "Server.SendToConnections", "params": [{"connections": [to], "msg": clock::stamped(plan.payload, u64::MAX)}], "id": seq});
-        writeln!(writer, "{request}")?;
+        let param = json!({"connections": [to], "msg": clock::stamped(plan.payload, u64::MAX)});
+        writer.write_all(&rpc::encode(wire, "Server.SendToConnections", &param, seq))?;
         seq += 1;
     }
     writer.flush()?;
