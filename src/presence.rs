@@ -67,6 +67,10 @@ enum Control {
 pub struct Presence {
     events: Arc<[Sender<PresenceEvent>]>,
     routes: Routes,
+    /// False with no message server: events are not even queued. Queuing them only for
+    /// the lane to drop them cost 36% of a handshake's CPU (the presence thread woken
+    /// per connect, and the shard's wake of it), measured with `comet-bench compare`.
+    reporting: bool,
 }
 
 /// The threads behind a [`Presence`].
@@ -75,8 +79,8 @@ pub struct PresenceWorkers {
 }
 
 impl Presence {
-    /// Starts `workers` lanes. With no client (no message server configured) events are
-    /// dropped after a debug log line. `predecessor`: the read end of a predecessor's
+    /// Starts `workers` lanes. With no client (no message server configured) nothing is
+    /// reported. `predecessor`: the read end of a predecessor's
     /// notices (a successor of a hand-over); its lanes then wait for them.
     pub fn start(
         client: Option<CallbackClient>,
@@ -111,6 +115,7 @@ impl Presence {
             threads.push(thread);
         }
         let presence = Presence {
+            reporting: client.is_some(),
             events: events.into(),
             routes: Routes {
                 controls: controls.into(),
@@ -136,6 +141,9 @@ impl Presence {
 
     /// Queues a presence callback; never blocks.
     pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
+        if !self.reporting {
+            return;
+        }
         let event = PresenceEvent {
             kind,
             conn_id: conn_id.to_owned(),
