@@ -3,8 +3,12 @@
 //!
 //! Survives etcd being down at start (the node serves clients and registers once etcd
 //! answers), lost leases (a new lease and the key again), and refuses to take over a key
-//! another live process holds. Runs only on the control thread's runtime and never makes
-//! a shard wait: a slow etcd delays only this task.
+//! another live process holds. A member that fails or hangs (a keepalive forwarded to a
+//! leader that was cut off) costs no key: the same lease is renewed through the first
+//! other member that answers ([`Registrar::reach`]), well within the TTL, so the key
+//! never changes and the monitor has nothing to announce. Reports `registered` only
+//! while etcd's last renewal covers now. Runs only on the control thread's runtime and
+//! never makes a shard wait: a slow etcd delays only this task.
 
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -394,7 +398,11 @@ impl Registrar {
             if self.live_lease().is_some() {
                 // The lease still holds the key: move to another member at once, before
                 // it can expire.
-                tracing::warn!(key = %self.key, error = %error, "etcd member failed; keeping the lease through another member");
+                if first_failure {
+                    tracing::warn!(key = %self.key, error = %error, "etcd member failed; keeping the lease through another member");
+                } else {
+                    tracing::debug!(key = %self.key, error = %error, "no etcd member renewed the lease yet");
+                }
                 self.state.borrow_mut().fail_overs += 1;
                 retry = Duration::from_millis(100);
                 // Members that refuse at once (no leader) must not make this a busy loop.
@@ -423,7 +431,19 @@ impl Registrar {
     /// again afterwards.
     pub async fn deregister(&self) {
         self.stopped.set(true);
-        let current = self.current.borrow_mut().take();
+        let taken = self.current.borrow_mut().take();
+        let current = match (taken, self.live_lease()) {
+            (Some(current), _) => Some(current),
+            // Stopped between two members (a fail-over in progress): the lease may still
+            // hold the key, so revoke it through the member to be tried next.
+            (None, Some(lease)) => self
+                .endpoints
+                .connect(call_deadline(self.ttl))
+                .await
+                .ok()
+                .map(|client| (client, lease)),
+            (None, None) => None,
+        };
         if let Some((mut client, lease)) = current {
             match tokio::time::timeout(call_deadline(self.ttl), client.lease_revoke(lease)).await {
                 Ok(Ok(_)) => tracing::info!(key = %self.key, "etcd key removed"),
