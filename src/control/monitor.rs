@@ -44,14 +44,18 @@ enum Start {
 /// How to go on after a session ended with `end`, having seen every event up to
 /// `last_seen` (none: the listing itself was not finished). Resuming is exact and costs
 /// no listing; a re-list is needed only when etcd dropped the history (a compaction
-/// cancels the watch) or an announcement was given up (the re-list retries it).
+/// cancels the watch) or an announcement was given up (the re-list retries it). A watch
+/// cancelled for another reason ("no leader" during an election) resumes: a re-list
+/// reconciles against the records that every monitor shares, so it would skip a removal
+/// another monitor already announced (seen: two monitors, one cut off, and the removal
+/// reached the message server once instead of twice).
 fn after_interruption(
     last_seen: Option<i64>,
     end: &SessionEnd,
     missed_announcement: bool,
 ) -> Start {
     match (last_seen, end) {
-        (_, SessionEnd::WatchCancelled(_)) => Start::Relist,
+        (_, SessionEnd::WatchCancelled(compacted)) if *compacted > 0 => Start::Relist,
         (None, _) => Start::Relist,
         _ if missed_announcement => Start::Relist,
         (Some(revision), _) => Start::Resume(revision + 1),
@@ -65,7 +69,7 @@ enum SessionEnd {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("watch cancelled by etcd (compacted to revision {0})")]
+    #[error("watch cancelled by etcd (compacted to revision {0}; 0: not compacted)")]
     WatchCancelled(i64),
     #[error("watch stream ended")]
     WatchEnded,
@@ -425,14 +429,18 @@ mod tests {
             after_interruption(Some(41), &compacted, false),
             Start::Relist
         );
-        let cancelled = SessionEnd::WatchCancelled(0);
-        assert_eq!(
-            after_interruption(Some(41), &cancelled, false),
-            Start::Relist
-        );
         assert_eq!(
             after_interruption(None, &SessionEnd::WatchEnded, false),
             Start::Relist
+        );
+    }
+
+    #[test]
+    fn a_watch_cancelled_without_compaction_resumes() {
+        let no_leader = SessionEnd::WatchCancelled(0);
+        assert_eq!(
+            after_interruption(Some(41), &no_leader, false),
+            Start::Resume(42)
         );
     }
 
