@@ -47,8 +47,9 @@ enum Start {
 /// cancels the watch) or an announcement was given up (the re-list retries it). A watch
 /// cancelled for another reason ("no leader" during an election) resumes: a re-list
 /// reconciles against the records that every monitor shares, so it would skip a removal
-/// another monitor already announced (seen: two monitors, one cut off, and the removal
-/// reached the message server once instead of twice).
+/// another monitor already announced. (Two monitors with one cut off once delivered a
+/// removal once instead of twice, in one run of four under load; this is the one path
+/// found that can do that, not a confirmed cause.)
 fn after_interruption(
     last_seen: Option<i64>,
     end: &SessionEnd,
