@@ -341,7 +341,7 @@ fn registration_and_monitor_survive_losing_one_of_three_etcd_members() {
     let all: Vec<String> = members.iter().map(Etcd::endpoint).collect();
     let endpoints = all.join(",");
     let server = MessageServer::start();
-    let _monitor = Monitor::start(&server, &endpoints);
+    let monitor = Monitor::start(&server, &endpoints);
     let mut first = Comet::start(None, &node_config(&endpoints));
     let first_key = first.etcd_key();
     assert!(wait_until(Duration::from_secs(10), || additions(
@@ -376,6 +376,11 @@ fn registration_and_monitor_survive_losing_one_of_three_etcd_members() {
         1,
         "fail-over must not re-announce nodes"
     );
+    // The monitor watched the killed member (the first listed): its watch resumed on
+    // another member from the last revision seen instead of listing again.
+    let log = monitor.log_text();
+    assert!(log.contains("resuming"), "{log}");
+    assert!(!log.contains("re-listing"), "{log}");
 }
 
 #[test]

@@ -5,7 +5,10 @@
 //! `removeCometServer(key, revision)`. What it has announced is recorded in etcd under
 //! `/<comet_service_name>.monitor/announced/`, so that after a restart, an etcd outage or
 //! a compaction it re-lists and reconciles: a node that left while nobody was watching
-//! still gets its `removeCometServer`. It opens no listener and holds no clients.
+//! still gets its `removeCometServer`. A watch broken while the monitor runs (a member
+//! failed, a partition) resumes from the revision after the last event seen, so nothing
+//! is missed or announced twice; only a compaction or a given-up announcement makes it
+//! re-list ([`after_interruption`]). It opens no listener and holds no clients.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -23,15 +26,51 @@ use crate::control::etcd::Endpoints;
 const MAX_RETRY: Duration = Duration::from_secs(1);
 /// Bound on one etcd request.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the member being watched is asked whether it still serves
+/// ([`Monitor::check_member`]).
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long that answer may take: generous, since a false alarm costs a resumed watch.
+const HEALTH_CHECK_DEADLINE: Duration = Duration::from_secs(2);
 
-/// Why a watch session ended (the monitor then re-lists).
+/// How the next watch session starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// List the nodes and reconcile with the records, then watch from the listing.
+    Relist,
+    /// Watch again from this revision: nothing after it was seen.
+    Resume(i64),
+}
+
+/// How to go on after a session ended with `end`, having seen every event up to
+/// `last_seen` (none: the listing itself was not finished). Resuming is exact and costs
+/// no listing; a re-list is needed only when etcd dropped the history (a compaction
+/// cancels the watch) or an announcement was given up (the re-list retries it). A watch
+/// cancelled for another reason ("no leader" during an election) resumes: a re-list
+/// reconciles against the records that every monitor shares, so it would skip a removal
+/// another monitor already announced. (Two monitors with one cut off once delivered a
+/// removal once instead of twice, in one run of four under load; this is the one path
+/// found that can do that, not a confirmed cause.)
+fn after_interruption(
+    last_seen: Option<i64>,
+    end: &SessionEnd,
+    missed_announcement: bool,
+) -> Start {
+    match (last_seen, end) {
+        (_, SessionEnd::WatchCancelled(compacted)) if *compacted > 0 => Start::Relist,
+        (None, _) => Start::Relist,
+        _ if missed_announcement => Start::Relist,
+        (Some(revision), _) => Start::Resume(revision + 1),
+    }
+}
+
+/// Why a watch session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("watch cancelled by etcd (compacted to revision {0})")]
+    #[error("watch cancelled by etcd (compacted to revision {0}; 0: not compacted)")]
     WatchCancelled(i64),
     #[error("watch stream ended")]
     WatchEnded,
@@ -85,6 +124,13 @@ struct Monitor {
     records: String,
     callbacks: CallbackClient,
     retries: u32,
+    /// The revision of the last event handled (or of the listing): a broken watch
+    /// resumes after it.
+    last_seen: Cell<Option<i64>>,
+    /// An announcement was given up since the last listing.
+    missed: Cell<bool>,
+    /// The session got as far as watching (the back-off starts over).
+    watching: Cell<bool>,
 }
 
 impl Monitor {
@@ -105,15 +151,33 @@ impl Monitor {
                 std::sync::Arc::new(CallbackStats::default()),
             ),
             retries: config.callback_retries,
+            last_seen: Cell::new(None),
+            missed: Cell::new(false),
+            watching: Cell::new(false),
         }
     }
 
     async fn run(&self) {
         let mut retry = Duration::from_millis(100);
+        let mut start = Start::Relist;
         loop {
-            match self.session().await {
+            self.watching.set(false);
+            let end = match self.session(start).await {
                 Ok(never) => match never {},
-                Err(end) => tracing::warn!(error = %end, "monitor watch interrupted; re-listing"),
+                Err(end) => end,
+            };
+            start = after_interruption(self.last_seen.get(), &end, self.missed.get());
+            match start {
+                Start::Relist => {
+                    self.last_seen.set(None);
+                    tracing::warn!(error = %end, "monitor watch interrupted; re-listing");
+                }
+                Start::Resume(from) => {
+                    tracing::warn!(error = %end, from_revision = from, "monitor watch interrupted; resuming")
+                }
+            }
+            if self.watching.get() {
+                retry = Duration::from_millis(100);
             }
             self.endpoints.rotate();
             tokio::time::sleep(retry).await;
@@ -121,21 +185,43 @@ impl Monitor {
         }
     }
 
-    async fn session(&self) -> Result<std::convert::Infallible, SessionEnd> {
+    async fn session(&self, start: Start) -> Result<std::convert::Infallible, SessionEnd> {
         let mut client = timed(self.endpoints.connect(ETCD_TIMEOUT)).await?;
         self.write_records(&mut client).await?;
-        let revision = self.reconcile(&mut client).await?;
-        let watch = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
+        let from = match start {
+            Start::Relist => {
+                let revision = self.reconcile(&mut client).await?;
+                self.last_seen.set(Some(revision));
+                revision + 1
+            }
+            Start::Resume(from) => from,
+        };
+        let watch = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut stream = timed(client.watch(self.prefix.as_str(), Some(watch))).await?;
-        tracing::info!(prefix = %self.prefix, from_revision = revision + 1, "watching nodes");
-        while let Some(reply) = stream.message().await? {
+        self.watching.set(true);
+        tracing::info!(prefix = %self.prefix, from_revision = from, "watching nodes");
+        let mut health = tokio::time::interval(HEALTH_CHECK_EVERY);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await;
+        loop {
+            let reply = tokio::select! {
+                reply = stream.message() => reply?,
+                _ = health.tick() => {
+                    self.check_member(&mut client).await?;
+                    continue;
+                }
+            };
+            let Some(reply) = reply else {
+                return Err(SessionEnd::WatchEnded);
+            };
             if reply.canceled() || reply.compact_revision() > 0 {
                 return Err(SessionEnd::WatchCancelled(reply.compact_revision()));
             }
             for event in reply.events() {
                 let Some(kv) = event.kv() else { continue };
+                // Seen once handled here: an announcement made stays made even if
+                // recording it fails, and a replay would announce a removal twice.
+                self.last_seen.set(Some(kv.mod_revision()));
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 match event.event_type() {
                     EventType::Put => {
@@ -146,12 +232,31 @@ impl Monitor {
                 }
             }
         }
-        Err(SessionEnd::WatchEnded)
+    }
+
+    /// Ends the session unless the member watched still serves: a linearizable count of
+    /// the nodes goes through the leader. A member cut off from the monitor or from its
+    /// quorum sends no events and no error (its TCP connection just hangs, and HTTP/2
+    /// keepalive, at 10 s for etcd's sake, would notice only after 13 s): without this
+    /// check a removal came up to 13 s late; with it, within
+    /// `HEALTH_CHECK_EVERY + HEALTH_CHECK_DEADLINE` plus a resume.
+    async fn check_member(&self, client: &mut Client) -> Result<(), SessionEnd> {
+        let count = GetOptions::new().with_prefix().with_count_only();
+        match tokio::time::timeout(
+            HEALTH_CHECK_DEADLINE,
+            client.get(self.prefix.as_str(), Some(count)),
+        )
+        .await
+        {
+            Ok(reply) => reply.map(drop).map_err(SessionEnd::from),
+            Err(_) => Err(SessionEnd::Timeout(HEALTH_CHECK_DEADLINE)),
+        }
     }
 
     /// Announces every node present and removes every announced node that is gone.
     /// Returns the revision the listing was taken at.
     async fn reconcile(&self, client: &mut Client) -> Result<i64, SessionEnd> {
+        self.missed.set(false);
         let nodes =
             timed(client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
         let revision = nodes.header().map_or(0, |h| h.revision());
@@ -283,8 +388,9 @@ impl Monitor {
         })
         .await
         .unwrap_or_else(|panic| Err(CallbackError::Unreachable(panic.to_string())));
-        if outcome.is_ok() {
-            tracing::info!(key, method, "message server notified");
+        match outcome {
+            Ok(()) => tracing::info!(key, method, "message server notified"),
+            Err(_) => self.missed.set(true),
         }
         outcome
     }
@@ -296,5 +402,54 @@ async fn timed<T>(
     match tokio::time::timeout(ETCD_TIMEOUT, call).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(SessionEnd::Timeout(ETCD_TIMEOUT)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_watch_resumes_after_the_last_revision_seen() {
+        let broke = SessionEnd::WatchEnded;
+        assert_eq!(
+            after_interruption(Some(41), &broke, false),
+            Start::Resume(42)
+        );
+        let timeout = SessionEnd::Timeout(ETCD_TIMEOUT);
+        assert_eq!(
+            after_interruption(Some(7), &timeout, false),
+            Start::Resume(8)
+        );
+    }
+
+    #[test]
+    fn a_compaction_or_an_unfinished_listing_re_lists() {
+        let compacted = SessionEnd::WatchCancelled(100);
+        assert_eq!(
+            after_interruption(Some(41), &compacted, false),
+            Start::Relist
+        );
+        assert_eq!(
+            after_interruption(None, &SessionEnd::WatchEnded, false),
+            Start::Relist
+        );
+    }
+
+    #[test]
+    fn a_watch_cancelled_without_compaction_resumes() {
+        let no_leader = SessionEnd::WatchCancelled(0);
+        assert_eq!(
+            after_interruption(Some(41), &no_leader, false),
+            Start::Resume(42)
+        );
+    }
+
+    #[test]
+    fn a_given_up_announcement_re_lists_to_retry_it() {
+        assert_eq!(
+            after_interruption(Some(41), &SessionEnd::WatchEnded, true),
+            Start::Relist
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Real etcd servers for the tests (Debian's etcd-server): single members or clusters on
-//! free loopback ports with temporary data directories, killable and restartable, plus a
-//! small blocking view of their keys through etcd-client.
+//! free loopback ports with temporary data directories, or one member per host of a
+//! [`Net`] (etcd's default timing there), killable and restartable, plus a small
+//! blocking view of their keys and their leader through etcd-client.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions};
 
+use super::netns::Net;
 use super::{free_port, temp_dir, wait_until};
 
 /// One etcd member.
@@ -18,6 +20,11 @@ pub struct Etcd {
     peer_port: u16,
     data_dir: PathBuf,
     initial_cluster: String,
+    /// The address it listens on.
+    host: String,
+    /// The network namespace it runs in; `None`: this one, on loopback with the tests'
+    /// fast election timing.
+    netns: Option<String>,
 }
 
 impl Etcd {
@@ -37,6 +44,8 @@ impl Etcd {
             client_port,
             peer_port,
             data_dir: temp_dir("etcd"),
+            host: "127.0.0.1".to_owned(),
+            netns: None,
         };
         member.spawn();
         assert!(
@@ -66,25 +75,70 @@ impl Etcd {
                 peer_port: *peer,
                 data_dir: temp_dir("etcd"),
                 initial_cluster: initial_cluster.clone(),
+                host: "127.0.0.1".to_owned(),
+                netns: None,
             })
             .collect();
-        for member in &mut members {
+        Etcd::start_all(&mut members);
+        members
+    }
+
+    /// One member on each of `hosts` of `net`, on etcd's standard ports and with etcd's
+    /// default heartbeat and election timeout (100 ms, 1 s), every member healthy.
+    pub fn cluster_on(net: &Net, hosts: &[usize]) -> Vec<Etcd> {
+        let tag = free_port();
+        let name = |i: usize| format!("m{tag}x{i}");
+        let initial_cluster = hosts
+            .iter()
+            .map(|&h| format!("{}=http://{}:2380", name(h), net.host(h).addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = hosts
+            .iter()
+            .map(|&h| Etcd {
+                child: None,
+                name: name(h),
+                client_port: 2379,
+                peer_port: 2380,
+                data_dir: temp_dir("etcd"),
+                initial_cluster: initial_cluster.clone(),
+                host: net.host(h).addr.to_string(),
+                netns: Some(net.host(h).netns.clone()),
+            })
+            .collect();
+        Etcd::start_all(&mut members);
+        members
+    }
+
+    fn start_all(members: &mut [Etcd]) {
+        for member in members.iter_mut() {
             member.spawn();
         }
-        for member in &members {
+        for member in members.iter() {
             assert!(
                 member.wait_healthy(Duration::from_secs(20)),
                 "etcd member did not start"
             );
         }
-        members
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.host, self.client_port);
+        let peer = format!("http://{}:{}", self.host, self.peer_port);
         let log = std::fs::File::create(self.data_dir.join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, "etcd"]);
+                command
+            }
+            None => {
+                let mut command = Command::new("etcd");
+                command.args(["--heartbeat-interval", "50", "--election-timeout", "500"]);
+                command
+            }
+        };
+        let child = command
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.data_dir.join("data"))
@@ -107,7 +161,6 @@ impl Etcd {
                 "--initial-cluster-token",
                 "comet-test",
             ])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -116,13 +169,29 @@ impl Etcd {
         self.child = Some(child);
     }
 
-    /// `127.0.0.1:port`, as `etcd_addr` takes it.
+    /// `host:port`, as `etcd_addr` takes it.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        format!("{}:{}", self.host, self.client_port)
+    }
+
+    /// Whether this member is the cluster's leader now (false when it does not answer).
+    pub fn is_leader(&self) -> bool {
+        let endpoint = self.endpoint();
+        block_on(async {
+            let Some(mut client) = connect(&[endpoint]).await else {
+                return false;
+            };
+            let Ok(status) = client.status().await else {
+                return false;
+            };
+            status
+                .header()
+                .is_some_and(|header| header.member_id() == status.leader())
+        })
     }
 
     fn wait_healthy(&self, limit: Duration) -> bool {
-        let url = format!("http://127.0.0.1:{}/health", self.client_port);
+        let url = format!("http://{}/health", self.endpoint());
         wait_until(limit, || {
             ureq::get(&url)
                 .timeout(Duration::from_millis(500))

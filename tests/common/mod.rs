@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod etcd;
 pub mod message_server;
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
