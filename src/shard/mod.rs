@@ -572,6 +572,7 @@ impl Shard {
             }
             ShardCommand::HandOver { conn_id, to, grant } => {
                 let parcel = self.table.borrow_mut().hand_over(&conn_id);
+                tracing::debug!(shard = self.id, conn_id = ?conn_id, kept = parcel.is_some(), "recovery buffer handed to another shard");
                 to.send(ShardCommand::Adopt {
                     conn_id,
                     parcel,
