@@ -259,7 +259,10 @@ impl RecoveryStore {
         let existed = self.rings.contains_key(conn_id);
         let ring = self.rings.entry(Rc::clone(conn_id)).or_default();
         ring.parked_until = None;
-        let since = since?;
+        let Some(since) = since else {
+            self.clear(conn_id);
+            return None;
+        };
         let last = ring.next_seq - 1;
         let lost = if since.epoch != epoch {
             Some((Lost::Epoch, None))
@@ -564,6 +567,18 @@ mod tests {
         store.record(&id, &msg("m1"));
         let resume = store.attach(&id, Some(&since(1)), EPOCH).unwrap();
         assert!(resume.lost.is_none() && resume.replay.is_empty());
+    }
+
+    #[test]
+    fn opting_in_without_since_starts_afresh_with_seqs_going_on() {
+        let mut store = store(10);
+        let id: Rc<str> = "a".into();
+        store.attach(&id, None, EPOCH);
+        store.record(&id, &msg("m1"));
+        store.park("a", Instant::now());
+        assert!(store.attach(&id, None, EPOCH).is_none());
+        assert_eq!(store.figures().messages, 0);
+        assert_eq!(store.record(&id, &msg("m2")), 2);
     }
 
     #[test]

@@ -354,6 +354,25 @@ fn a_kicked_client_gets_no_recovery() {
 }
 
 #[test]
+fn a_replaced_connection_hands_its_buffer_to_the_new_one() {
+    let comet = Comet::start(None, &format!("{RECOVERY}\nduplicate_conn_id=replace"));
+    let mut rpc = comet.rpc();
+    let mut old = connect(&comet, "rep", None);
+    push_range(&mut rpc, "rep", 1, 5);
+    let mut checker = Checker::default();
+    read_messages(&mut old, &mut checker, 2);
+    // The new connection takes over while the old one still holds 3 unread messages.
+    let mut new = connect(&comet, "rep", checker.position.as_ref());
+    assert_eq!(common::close_code(&mut old), Some(1008), "replaced");
+    let header = parse(&next_text(&mut new).unwrap());
+    checker.header(&header, 5);
+    push_range(&mut rpc, "rep", 6, 7);
+    read_messages(&mut new, &mut checker, 5);
+    let expected: Vec<String> = (1..=7).map(|i| format!("m{i}")).collect();
+    assert_eq!(checker.got, expected);
+}
+
+#[test]
 fn a_flood_to_absent_recovering_clients_stays_within_the_total_bound() {
     // 8 MiB for the node (4 MiB per shard); unbounded, the flood below would keep 80 MB.
     let comet = Comet::start(

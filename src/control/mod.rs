@@ -397,19 +397,7 @@ impl Node {
                     self.release(&conn_id, shard, false);
                 }
             }
-            Claim::Moved { waiter, from } => {
-                // The claimant's shard first keeps what is pushed from now on, then the
-                // buffer's shard sends it the buffer and the grant, so the client's first
-                // frame comes after everything it missed, in order.
-                self.shards[shard].send(ShardCommand::ExpectParcel {
-                    conn_id: conn_id.clone(),
-                });
-                self.shards[from].send(ShardCommand::HandOver {
-                    conn_id,
-                    to: self.shards[shard].clone(),
-                    grant: waiter,
-                });
-            }
+            Claim::Moved { waiter, from } => self.move_buffer(conn_id, from, shard, waiter),
             Claim::Refused(reply) => {
                 let _ = reply.send(false);
             }
@@ -429,18 +417,41 @@ impl Node {
         }
     }
 
+    /// Grants `conn_id` to a claimant on shard `to` once the recovery buffer parked on
+    /// `from` is there: `to` first keeps what is pushed from now on, then `from` sends it
+    /// the buffer and the grant, so the client's first frame comes after everything it
+    /// missed, in order.
+    fn move_buffer(&self, conn_id: String, from: usize, to: usize, grant: oneshot::Sender<bool>) {
+        self.shards[to].send(ShardCommand::ExpectParcel {
+            conn_id: conn_id.clone(),
+        });
+        self.shards[from].send(ShardCommand::HandOver {
+            conn_id,
+            to: self.shards[to].clone(),
+            grant,
+        });
+    }
+
     fn release(&self, conn_id: &str, shard: usize, parked: bool) {
         let mut releasing = shard;
+        // Whether `releasing` holds a parked recovery buffer for it.
+        let mut parked = parked;
         loop {
             let next = self
                 .directory
                 .borrow_mut()
                 .release(conn_id, releasing, parked);
             match next {
+                Some((next_shard, waiter)) if parked && next_shard != releasing => {
+                    return self.move_buffer(conn_id.to_owned(), releasing, next_shard, waiter);
+                }
                 Some((next_shard, waiter)) => match waiter.send(true) {
                     Ok(()) => return,
                     // That claimant gave up waiting: release on its behalf and go on.
-                    Err(_) => releasing = next_shard,
+                    Err(_) => {
+                        parked = parked && next_shard == releasing;
+                        releasing = next_shard;
+                    }
                 },
                 None => return,
             }
