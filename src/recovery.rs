@@ -192,6 +192,9 @@ struct Ring {
     bytes: usize,
     /// `Some`: the client is gone and the ring is kept until then.
     parked_until: Option<Instant>,
+    /// Made by [`RecoveryStore::expect`] for a ring that never came (it expired on its
+    /// shard meanwhile): it holds only pushes made since, and no history.
+    orphan: bool,
 }
 
 impl Default for Ring {
@@ -201,6 +204,7 @@ impl Default for Ring {
             entries: VecDeque::new(),
             bytes: 0,
             parked_until: None,
+            orphan: false,
         }
     }
 }
@@ -259,12 +263,21 @@ impl RecoveryStore {
         let existed = self.rings.contains_key(conn_id);
         let ring = self.rings.entry(Rc::clone(conn_id)).or_default();
         ring.parked_until = None;
+        let orphan = std::mem::take(&mut ring.orphan);
         let Some(since) = since else {
             self.clear(conn_id);
             return None;
         };
         let last = ring.next_seq - 1;
-        let lost = if since.epoch != epoch {
+        let lost = if orphan {
+            // Its seqs started afresh here: what the client had is unknown, but every
+            // message kept was pushed after it left.
+            return Some(Resume {
+                lost: Some((Lost::Expired, None)),
+                seq: last,
+                replay: ring.entries.iter().cloned().collect(),
+            });
+        } else if since.epoch != epoch {
             Some((Lost::Epoch, None))
         } else if !existed {
             Some((Lost::Expired, None))
@@ -375,6 +388,7 @@ impl RecoveryStore {
         self.forget(conn_id);
         let ring = Ring {
             parked_until: Some(now + self.limits.ttl),
+            orphan: true,
             ..Ring::default()
         };
         self.rings.insert(Rc::clone(conn_id), ring);
@@ -387,6 +401,7 @@ impl RecoveryStore {
         let Some(Parcel(mut ring)) = parcel else {
             return;
         };
+        ring.orphan = false;
         let since_expected: Vec<Arc<Message>> = self
             .rings
             .get(conn_id)
@@ -469,11 +484,13 @@ impl RecoveryStore {
         if self.order.len() <= 2 * self.kept + 64 {
             return;
         }
+        // Entries leave a ring only from its front, so those still kept are the ones at
+        // or past its oldest seq (checked in O(1), not by walking the ring).
         let rings = &self.rings;
         self.order.retain(|(id, seq)| {
             rings
                 .get(id)
-                .is_some_and(|ring| ring.entries.iter().any(|(s, _)| s == seq))
+                .is_some_and(|ring| *seq >= ring.first_kept() && *seq < ring.next_seq)
         });
     }
 
@@ -755,6 +772,19 @@ mod tests {
             Request::from_token(&json!(true), &json!({"epoch": "e".repeat(65), "seq": 1})).is_err()
         );
         assert!(Request::from_token(&json!(true), &json!([1])).is_err());
+    }
+
+    #[test]
+    fn a_ring_that_expired_on_its_way_is_not_recovered_but_keeps_what_came_since() {
+        let mut store = store(4);
+        let id: Rc<str> = "a".into();
+        let now = Instant::now();
+        store.expect(&id, now);
+        assert!(store.buffer_if_parked("a", &msg("new"), now));
+        store.adopt(&id, None, now);
+        let resume = store.attach(&id, Some(&since(1)), EPOCH).unwrap();
+        assert_eq!(resume.lost, Some((Lost::Expired, None)));
+        assert_eq!(payloads(&resume), [(1, "new".into())]);
     }
 
     #[test]
