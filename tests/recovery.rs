@@ -441,7 +441,36 @@ fn clients_that_did_not_opt_in_get_plain_frames_and_json_lines_carry_seq() {
     assert_eq!(line["type"], json!("message"));
     assert_eq!(line["data"], json!("hello"));
     assert_eq!(line["seq"], json!(1));
-    assert!(line["epoch"].is_string());
+    let epoch = line["epoch"].as_str().unwrap().to_owned();
+    // A JSON-lines reconnect: the `ok` line, the first frame as a line, then the missed.
+    drop(lines);
+    let result = push(&mut rpc, &["lines"], "again");
+    assert!(
+        result == json!("ok") || result == json!({"buffered": ["lines"]}),
+        "{result}"
+    );
+    let token = json!({"conn_id": "lines", "token": "t", "recover": true,
+                       "since": {"epoch": epoch, "seq": 1}});
+    let mut lines = Reader::new(plain(tcp_port));
+    let answer = loop {
+        lines.send(format!("{token}\n").as_bytes());
+        let answer = lines.json().unwrap();
+        if answer["type"] == json!("ok") {
+            break answer;
+        }
+        // Its first connection may still hold the conn_id for a moment.
+        std::thread::sleep(Duration::from_millis(50));
+        lines = Reader::new(plain(tcp_port));
+    };
+    assert_eq!(answer["type"], json!("ok"));
+    assert_eq!(
+        lines.json().unwrap(),
+        json!({"recovered": true, "epoch": epoch, "seq": 2})
+    );
+    assert_eq!(
+        lines.json().unwrap(),
+        json!({"type": "message", "data": "again", "seq": 2, "epoch": epoch})
+    );
     // Gone, a client that did not opt in has nothing kept: its pushes fail as before.
     plain_ws.close(None).unwrap();
     while next_text(&mut plain_ws).is_some() {}
