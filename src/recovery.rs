@@ -355,10 +355,10 @@ impl RecoveryStore {
             .is_some_and(|until| until > now)
     }
 
-    /// Drops `conn_id`'s ring (kicked clients get no recovery).
-    pub(crate) fn forget(&mut self, conn_id: &str) {
+    /// Drops `conn_id`'s ring (kicked clients get no recovery); false if it had none.
+    pub(crate) fn forget(&mut self, conn_id: &str) -> bool {
         self.clear(conn_id);
-        self.rings.remove(conn_id);
+        self.rings.remove(conn_id).is_some()
     }
 
     /// Drops parked rings whose TTL passed; returns their conn_ids.

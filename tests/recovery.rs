@@ -351,6 +351,19 @@ fn a_kicked_client_gets_no_recovery() {
     let header = parse(&next_text(&mut client).unwrap());
     assert_eq!(header["recovered"], json!(false));
     assert_eq!(header["reason"], json!("expired"));
+    // Kicked while away: the buffer goes, and with it the `buffered` answers.
+    let mut away = connect(&comet, "k2", None);
+    away.close(None).unwrap();
+    while next_text(&mut away).is_some() {}
+    let mut seq = 0;
+    wait_parked(&mut rpc, "k2", &mut seq);
+    rpc.call(
+        "Server.KickConnections",
+        json!({"connections": ["k2"], "token": ""}),
+    );
+    let reply = rpc.push(&["k2"], "after kick", "");
+    let error: Value = serde_json::from_str(reply["error"].as_str().unwrap()).unwrap();
+    assert_eq!(error["ids"], json!(["k2"]), "{reply}");
 }
 
 #[test]

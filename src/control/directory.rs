@@ -149,6 +149,11 @@ impl<W> Directory<W> {
         self.entries.get(conn_id).map(|e| e.shard)
     }
 
+    /// Whether a client holds `conn_id` here (a parked one is not connected).
+    pub fn is_connected(&self, conn_id: &str) -> bool {
+        self.entries.get(conn_id).is_some_and(|e| !e.parked)
+    }
+
     /// Every conn_id connected to this node (not the parked ones).
     pub fn conn_ids(&self) -> impl Iterator<Item = &str> {
         self.entries
@@ -232,6 +237,7 @@ mod tests {
         dir.claim("a", 0, ());
         assert!(dir.release("a", 0, true).is_none());
         assert_eq!(dir.shard_of("a"), Some(0), "pushes go to the buffer");
+        assert!(!dir.is_connected("a"));
         assert_eq!((dir.len(), dir.per_shard()), (0, &[0, 0][..]));
         assert_eq!(dir.conn_ids().count(), 0);
         // Reclaimed on the same shard: granted there, a connection again.

@@ -634,7 +634,7 @@ impl Node {
         let directory = self.directory.borrow();
         conn_ids
             .iter()
-            .filter(|id| directory.shard_of(id).is_some())
+            .filter(|id| directory.is_connected(id))
             .cloned()
             .collect()
     }

@@ -539,6 +539,15 @@ impl Shard {
                 reason,
                 reply,
             } => {
+                if reason == CloseReason::Kicked {
+                    let dropped = self.table.borrow_mut().drop_parked(&conn_ids);
+                    for conn_id in dropped {
+                        self.control.send(DirectoryRequest::Expired {
+                            conn_id,
+                            shard: self.id,
+                        });
+                    }
+                }
                 let missing = self.table.borrow().kick(conn_ids, &reason);
                 if let Some(reply) = reply {
                     let _ = reply.send(missing);

@@ -278,6 +278,19 @@ impl SessionTable {
             .unwrap_or_default()
     }
 
+    /// Drops the parked recovery buffers of `conn_ids` (a kick of a client already away:
+    /// kicked clients get no recovery); returns the conn_ids whose buffer it dropped.
+    pub(crate) fn drop_parked(&mut self, conn_ids: &[String]) -> Vec<String> {
+        let Some(recovery) = &mut self.recovery else {
+            return Vec::new();
+        };
+        conn_ids
+            .iter()
+            .filter(|id| !self.sessions.contains_key(id.as_str()) && recovery.store.forget(id))
+            .cloned()
+            .collect()
+    }
+
     /// Asks each of `conn_ids` to close for `reason`; returns those not here.
     pub(crate) fn kick(&self, conn_ids: Vec<String>, reason: &CloseReason) -> Vec<String> {
         conn_ids
@@ -842,6 +855,12 @@ mod tests {
             ["r"]
         );
         assert!(!table.remove(&kicked, &CloseReason::Kicked, now));
+        assert_eq!(table.recovery_figures(), StoreFigures::default());
+        // Kicked while away: the parked buffer goes too.
+        let away = recovering("away", Wire::WebSocket);
+        table.insert(&away, None);
+        table.remove(&away, &CloseReason::ClientGone, now);
+        assert_eq!(table.drop_parked(&ids(&["away", "r", "none"])), ["away"]);
         assert_eq!(table.recovery_figures(), StoreFigures::default());
         assert_eq!(
             table.push(&Message::new(b"y"), ids(&["r"]), now).failed,
