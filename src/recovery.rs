@@ -23,10 +23,13 @@ use ahash::AHashMap;
 
 use crate::codec::Message;
 
-/// Bytes counted for each kept message besides its payload: the ring slot, the shard's
-/// age-order slot and the message's own header, so that a flood of tiny pushes is bounded
-/// by `recovery_bytes` too (the payload alone would let a million empty messages in).
-pub(crate) const ENTRY_OVERHEAD: usize = 96;
+/// Bytes counted for each kept message besides its payload: the message's own
+/// allocation (the `Arc`, its lazily encoded forms), the payload's allocator rounding, the
+/// ring slot and the shard's age-order slot (each in a deque that grows by doubling), so
+/// that the bounds hold for what the process really holds, tiny pushes included.
+/// Measured: 100,000 pushes of 100 bytes to absent clients grew the node's RSS by
+/// 30,460 KiB, 311 bytes per message, so 211 besides the payload.
+pub(crate) const ENTRY_OVERHEAD: usize = 224;
 
 /// The bounds of one shard's buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
