@@ -230,6 +230,10 @@ pub(crate) struct RecoveryStore {
     /// Every kept entry, oldest first, for the shard's total bound. Entries a ring already
     /// dropped stay until they reach the front or [`RecoveryStore::compact`] runs.
     order: VecDeque<(Rc<str>, u64)>,
+    /// Parked rings by expiry, oldest first (the TTL is one for all, so parking order is
+    /// expiry order): a sweep looks only at the ones due, never at every ring. An entry
+    /// whose ring was reattached or parked again since is skipped when it comes due.
+    expiries: VecDeque<(Rc<str>, Instant)>,
     kept: usize,
     bytes: usize,
 }
@@ -249,6 +253,7 @@ impl RecoveryStore {
             limits,
             rings: AHashMap::new(),
             order: VecDeque::new(),
+            expiries: VecDeque::new(),
             kept: 0,
             bytes: 0,
         }
@@ -344,8 +349,16 @@ impl RecoveryStore {
 
     /// The client is gone (not kicked): its ring is kept for `recovery_ttl` from `now`.
     pub(crate) fn park(&mut self, conn_id: &str, now: Instant) {
-        if let Some(ring) = self.rings.get_mut(conn_id) {
-            ring.parked_until = Some(now + self.limits.ttl);
+        let until = now + self.limits.ttl;
+        if let Some(key) = self.rings.get_key_value(conn_id).map(|(k, _)| Rc::clone(k)) {
+            self.set_parked(key, until);
+        }
+    }
+
+    fn set_parked(&mut self, conn_id: Rc<str>, until: Instant) {
+        if let Some(ring) = self.rings.get_mut(&conn_id) {
+            ring.parked_until = Some(until);
+            self.expiries.push_back((conn_id, until));
         }
     }
 
@@ -366,14 +379,19 @@ impl RecoveryStore {
 
     /// Drops parked rings whose TTL passed; returns their conn_ids.
     pub(crate) fn sweep(&mut self, now: Instant) -> Vec<Rc<str>> {
-        let expired: Vec<Rc<str>> = self
-            .rings
-            .iter()
-            .filter(|(_, ring)| ring.parked_until.is_some_and(|until| until <= now))
-            .map(|(id, _)| Rc::clone(id))
-            .collect();
-        for id in &expired {
-            self.forget(id);
+        let mut expired = Vec::new();
+        while let Some((_, until)) = self.expiries.front()
+            && *until <= now
+        {
+            let (id, until) = self.expiries.pop_front().expect("front checked");
+            let due = self
+                .rings
+                .get(&id)
+                .is_some_and(|r| r.parked_until == Some(until));
+            if due {
+                self.forget(&id);
+                expired.push(id);
+            }
         }
         self.compact();
         expired
@@ -390,11 +408,11 @@ impl RecoveryStore {
     pub(crate) fn expect(&mut self, conn_id: &Rc<str>, now: Instant) {
         self.forget(conn_id);
         let ring = Ring {
-            parked_until: Some(now + self.limits.ttl),
             orphan: true,
             ..Ring::default()
         };
         self.rings.insert(Rc::clone(conn_id), ring);
+        self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
     }
 
     /// Puts a ring from another shard here, parked from `now`, followed by whatever was
@@ -413,8 +431,8 @@ impl RecoveryStore {
         self.forget(conn_id);
         let entries = std::mem::take(&mut ring.entries);
         ring.bytes = 0;
-        ring.parked_until = Some(now + self.limits.ttl);
         self.rings.insert(Rc::clone(conn_id), ring);
+        self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
         for (seq, message) in entries {
             self.keep(conn_id, seq, &message);
         }
@@ -661,6 +679,28 @@ mod tests {
         assert_eq!(store.figures(), StoreFigures::default());
         let resume = store.attach(&id, Some(&since(1)), EPOCH).unwrap();
         assert_eq!(resume.lost, Some((Lost::Expired, None)));
+    }
+
+    #[test]
+    fn a_ring_parked_again_expires_at_its_latest_ttl_only() {
+        let mut store = store(4);
+        let id: Rc<str> = "a".into();
+        store.attach(&id, None, EPOCH);
+        let t0 = Instant::now();
+        store.park("a", t0);
+        store.attach(&id, None, EPOCH);
+        store.park("a", t0 + Duration::from_secs(30));
+        assert!(
+            store.sweep(t0 + Duration::from_secs(60)).is_empty(),
+            "re-parked at 30 s"
+        );
+        assert_eq!(store.sweep(t0 + Duration::from_secs(90)).len(), 1);
+        assert!(store.expiries.is_empty());
+        // Reattached: never due.
+        store.attach(&id, None, EPOCH);
+        store.park("a", t0);
+        store.attach(&id, None, EPOCH);
+        assert!(store.sweep(t0 + Duration::from_secs(600)).is_empty());
     }
 
     #[test]
