@@ -491,3 +491,56 @@ fn clients_that_did_not_opt_in_get_plain_frames_and_json_lines_carry_seq() {
         rpc.push(&["plain"], "after", "")["error"].is_string()
     }));
 }
+
+/// The epoch docs/PROTOCOL.md §6 shows in its examples.
+const DOC_EPOCH: &str = "1880a3f2c2a1b9e4";
+
+/// A live node's frames, with its epoch written as the doc's, must appear in the doc
+/// byte for byte.
+fn assert_documented(doc: &str, epoch: &str, frame: &str) {
+    let shown = frame.replace(epoch, DOC_EPOCH);
+    assert!(
+        doc.lines().any(|line| line == shown),
+        "docs/PROTOCOL.md §6 does not show {shown}"
+    );
+}
+
+#[test]
+fn the_protocol_doc_shows_the_frames_byte_for_byte() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md")).unwrap();
+    let section = &doc[doc.find("## 6. Recovery").expect("a Recovery section")..];
+    for (window, reason) in [(3, "recovered"), (2, "window_exceeded")] {
+        let tcp_port = free_port();
+        let comet = Comet::start(
+            None,
+            &format!("recovery_window={window}\nrecovery_ttl=60s\ntcp_port={tcp_port}"),
+        );
+        let mut rpc = comet.rpc();
+        let mut client = connect(&comet, "u1", None);
+        push(&mut rpc, &["u1"], "hello");
+        let first = next_text(&mut client).unwrap();
+        let epoch = parse(&first)["epoch"].as_str().unwrap().to_owned();
+        assert_documented(section, &epoch, &first);
+        client.close(None).unwrap();
+        while next_text(&mut client).is_some() {}
+        let mut seq = 1;
+        wait_parked(&mut rpc, "u1", &mut seq);
+        push_range(&mut rpc, "u1", seq + 1, 44);
+        let since = Position {
+            epoch: epoch.clone(),
+            seq: 41,
+        };
+        let mut client = connect(&comet, "u1", Some(&since));
+        assert_documented(section, &epoch, &next_text(&mut client).unwrap());
+        if reason == "recovered" {
+            let mut fresh = connect(&comet, "u2", Some(&since));
+            assert_documented(section, &epoch, &next_text(&mut fresh).unwrap());
+            let mut lines = Reader::new(plain(tcp_port));
+            lines.send(b"{\"conn_id\":\"u3\",\"token\":\"t\",\"recover\":true}\n");
+            lines.line().unwrap();
+            push(&mut rpc, &["u3"], "hello");
+            assert_documented(section, &epoch, &lines.line().unwrap());
+        }
+    }
+}
