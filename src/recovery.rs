@@ -363,8 +363,7 @@ impl RecoveryStore {
     }
 
     /// Whether a parked ring for `conn_id` is kept at `now`.
-    #[cfg(test)]
-    fn is_parked(&self, conn_id: &str, now: Instant) -> bool {
+    pub(crate) fn is_parked(&self, conn_id: &str, now: Instant) -> bool {
         self.rings
             .get(conn_id)
             .and_then(|ring| ring.parked_until)

@@ -502,6 +502,13 @@ impl Shard {
         }
     }
 
+    /// Whether this shard keeps a parked recovery buffer for `conn_id` (a client admitted
+    /// but never registered gives its conn_id back as parked then, so that pushes go on
+    /// reaching the buffer).
+    pub fn keeps_recovery_buffer(&self, conn_id: &str) -> bool {
+        self.table.borrow().keeps_parked(conn_id, Instant::now())
+    }
+
     /// Takes an ended session out of the table, reports it offline and frees its conn_id.
     /// The `offline` is queued before the release so that a reconnect's `online` follows it.
     pub fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {

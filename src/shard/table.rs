@@ -270,6 +270,13 @@ impl SessionTable {
         }
     }
 
+    /// Whether a parked recovery buffer for `conn_id` is kept here at `now`.
+    pub(crate) fn keeps_parked(&self, conn_id: &str, now: Instant) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|r| r.store.is_parked(conn_id, now))
+    }
+
     /// What the recovery buffers hold.
     pub(crate) fn recovery_figures(&self) -> StoreFigures {
         self.recovery
@@ -812,6 +819,7 @@ mod tests {
         let now = Instant::now();
         table.push(&Message::new(b"one"), ids(&["r"]), now);
         assert!(table.remove(&first, &CloseReason::ClientGone, now));
+        assert!(table.keeps_parked("r", now));
         let outcome = table.push(&Message::new(b"two"), ids(&["r", "x"]), now);
         assert_eq!(outcome.buffered, ["r"]);
         assert_eq!(outcome.failed, ["x"]);

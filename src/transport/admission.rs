@@ -175,10 +175,11 @@ impl Admitted<'_> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
+            let parked = self.shard.keeps_recovery_buffer(&token.conn_id);
             self.shard.control.send(DirectoryRequest::Release {
                 conn_id: token.conn_id,
                 shard: self.shard.id,
-                parked: false,
+                parked,
             });
         }
     }
