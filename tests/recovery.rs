@@ -544,3 +544,24 @@ fn the_protocol_doc_shows_the_frames_byte_for_byte() {
         }
     }
 }
+
+#[test]
+fn a_malformed_recover_or_since_is_a_malformed_token() {
+    let comet = Comet::start(None, RECOVERY);
+    for token in [
+        json!({"conn_id": "m", "token": "t", "recover": "yes"}),
+        json!({"conn_id": "m", "token": "t", "recover": true, "since": {"epoch": "e", "seq": -1}}),
+        json!({"conn_id": "m", "token": "t", "recover": true, "since": "e:1"}),
+    ] {
+        let url = format!(
+            "ws://127.0.0.1:{}/ws?t={}",
+            comet.ws_port,
+            url_encode(&token.to_string())
+        );
+        assert_eq!(
+            common::refusal_status(connect_url(&url, comet.ws_port)),
+            401,
+            "{token}"
+        );
+    }
+}
