@@ -174,6 +174,14 @@ pub struct Config {
     pub coalesce_messages: bool,
     /// What a duplicate conn_id does.
     pub duplicate_conn_id: DuplicatePolicy,
+    /// Pushes kept per conn_id for clients that opt in to recovery; 0: off.
+    pub recovery_window: usize,
+    /// How long a gone recovering client's buffer is kept (and takes pushes).
+    pub recovery_ttl: Duration,
+    /// Bytes kept per conn_id (payloads plus a fixed overhead per message).
+    pub recovery_bytes: usize,
+    /// Bytes kept on the node, split evenly between the shards (they share nothing).
+    pub recovery_total_bytes: usize,
     /// Timeout of one callback HTTP request.
     pub callback_timeout: Duration,
     /// How many times an `online`/`offline` is retried before it is given up (logged).
@@ -377,6 +385,10 @@ impl Config {
             outbound_queue_bytes: raw.count("outbound_queue_bytes", 1 << 20, 1024, 1 << 30)?,
             coalesce_messages: raw.boolean("coalesce_messages", false)?,
             duplicate_conn_id: parse_duplicate_policy(raw)?,
+            recovery_window: raw.count("recovery_window", 0, 0, 1 << 20)?,
+            recovery_ttl: raw.duration("recovery_ttl", Duration::from_secs(60))?,
+            recovery_bytes: raw.count("recovery_bytes", 64 << 10, 1024, 1 << 30)?,
+            recovery_total_bytes: raw.count("recovery_total_bytes", 256 << 20, 1 << 20, 1 << 40)?,
             callback_timeout: raw.duration("callback_timeout", Duration::from_secs(5))?,
             callback_retries: raw.count("callback_retries", 5, 0, 100)? as u32,
             callback_threads: raw.count("callback_threads", 8, 1, 256)?,

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod panics;
 pub mod presence;
 pub mod presence_gate;
+pub mod recovery;
 pub mod rpc;
 pub mod session;
 pub mod shard;

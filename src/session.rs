@@ -195,6 +195,8 @@ pub struct Session {
     queue_limit: u32,
     byte_limit: u32,
     queued_messages: Cell<u32>,
+    // 248 bytes with it: still within the session's 256-byte allocation.
+    recover: bool,
     // Unwritten bytes of everything queued, kept as a running count so that neither the
     // hot path nor a flush ever walks the queue.
     queued_bytes: Cell<usize>,
@@ -226,6 +228,9 @@ pub struct SessionSpec {
     /// Most bytes queued (pushes and replies) before the client is not read from, and a
     /// push overflows.
     pub queue_bytes: usize,
+    /// The client opted in to recovery (and the node keeps buffers): its messages are
+    /// numbered, one frame per session (docs/PROTOCOL.md, "Recovery").
+    pub recover: bool,
 }
 
 impl Session {
@@ -244,6 +249,7 @@ impl Session {
             queue_limit: u32::try_from(spec.queue_limit).unwrap_or(u32::MAX),
             byte_limit: u32::try_from(spec.queue_bytes).unwrap_or(u32::MAX),
             queued_messages: Cell::new(0),
+            recover: spec.recover,
             queued_bytes: Cell::new(0),
             queue: RefCell::new(VecDeque::new()),
             waker: RefCell::new(None),
@@ -317,6 +323,11 @@ impl Session {
         }
         self.queued_bytes.set(self.queued_bytes.get() + unwritten);
         queue.push_back(outgoing);
+    }
+
+    /// Whether the client recovers missed messages: each gets its own numbered frame.
+    pub fn recovers(&self) -> bool {
+        self.recover
     }
 
     /// The plain socket pushes are written into directly, if there is one.
@@ -606,6 +617,7 @@ mod tests {
             direct_fd: None,
             queue_limit,
             queue_bytes,
+            recover: false,
         })
     }
 
@@ -724,6 +736,11 @@ mod tests {
         assert_eq!(framing.unwritten(&outgoing), [&b"AD"[..], b"$2\r\nhi\r\n"]);
         outgoing.written = 7;
         assert_eq!(framing.unwritten(&outgoing), [&b"\nhi\r\n"[..], b""]);
+    }
+
+    #[test]
+    fn a_session_fits_a_256_byte_allocation() {
+        assert!(std::mem::size_of::<Session>() <= 256);
     }
 
     #[test]

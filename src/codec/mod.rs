@@ -53,6 +53,14 @@ impl Message {
         })
     }
 
+    /// A message whose JSON line is `line` as given rather than encoded from `payload`: a
+    /// recovering client's numbered line (`recovery::message_line`), one per session.
+    pub(crate) fn with_json_line(payload: &[u8], line: Box<[u8]>) -> Arc<Message> {
+        let message = Message::new(payload);
+        let _ = message.json_line.set(line);
+        message
+    }
+
     /// The message as the application sees it.
     pub fn payload(&self) -> &[u8] {
         &self.payload

@@ -4,6 +4,11 @@
 //! they upgrade a client and tell it when the client is gone; the push RPC reads it to
 //! split recipients per shard. It is the only place a duplicate conn_id across shards can
 //! be seen. Pure state machine: no I/O, no channels beyond the opaque waiter it stores.
+//!
+//! A conn_id whose client is gone but whose recovery buffer is kept is *parked*: pushes
+//! are still routed to the shard holding the buffer, but it is not a connection (not
+//! counted, not listed) and a new claim for it is granted, naming the shard the buffer
+//! is on. It leaves when that shard says the buffer expired.
 
 use ahash::AHashMap;
 
@@ -16,6 +21,14 @@ pub enum Claim<W> {
     Granted(W),
     /// The conn_id is connected elsewhere on this node (reject policy).
     Refused(W),
+    /// The conn_id was parked (a recovery buffer is kept for it) on shard `from`, another
+    /// than the claimant's: it is the claimant's now, and the buffer must follow it.
+    Moved {
+        /// The claimant's waiter.
+        waiter: W,
+        /// The shard holding the parked buffer.
+        from: usize,
+    },
     /// Replace policy: the holder on `shard` must be kicked; the claimant waits.
     KickHolder {
         /// Shard holding the conn_id now.
@@ -28,12 +41,15 @@ pub enum Claim<W> {
 struct Entry<W> {
     shard: usize,
     waiting: Option<(usize, W)>,
+    /// No client holds it; the shard keeps its recovery buffer.
+    parked: bool,
 }
 
 /// conn_id -> shard, with per-shard counts.
 pub struct Directory<W> {
     entries: AHashMap<String, Entry<W>>,
     per_shard: Vec<usize>,
+    connected: usize,
     policy: DuplicatePolicy,
 }
 
@@ -43,6 +59,7 @@ impl<W> Directory<W> {
         Directory {
             entries: AHashMap::new(),
             per_shard: vec![0; shards],
+            connected: 0,
             policy,
         }
     }
@@ -56,11 +73,25 @@ impl<W> Directory<W> {
                 Entry {
                     shard,
                     waiting: None,
+                    parked: false,
                 },
             );
             self.per_shard[shard] += 1;
+            self.connected += 1;
             return Claim::Granted(waiter);
         };
+        if entry.parked {
+            let from = entry.shard;
+            entry.parked = false;
+            entry.shard = shard;
+            self.per_shard[shard] += 1;
+            self.connected += 1;
+            return if from == shard {
+                Claim::Granted(waiter)
+            } else {
+                Claim::Moved { waiter, from }
+            };
+        }
         match self.policy {
             DuplicatePolicy::Reject => Claim::Refused(waiter),
             DuplicatePolicy::Replace => {
@@ -73,19 +104,26 @@ impl<W> Directory<W> {
         }
     }
 
-    /// `shard` no longer holds `conn_id`. Returns the claimant that now owns it, if one
-    /// was waiting: the caller tells it `Granted` (or releases again if it is gone).
-    pub fn release(&mut self, conn_id: &str, shard: usize) -> Option<(usize, W)> {
+    /// `shard` no longer holds `conn_id` (with `parked`: it keeps its recovery buffer).
+    /// Returns the claimant that now owns it, if one was waiting: the caller tells it
+    /// `Granted` (or releases again if it is gone).
+    pub fn release(&mut self, conn_id: &str, shard: usize, parked: bool) -> Option<(usize, W)> {
         let entry = self.entries.get_mut(conn_id)?;
-        if entry.shard != shard {
+        if entry.shard != shard || entry.parked {
             return None;
         }
         self.per_shard[shard] -= 1;
+        self.connected -= 1;
         match entry.waiting.take() {
             Some((next_shard, waiter)) => {
                 entry.shard = next_shard;
                 self.per_shard[next_shard] += 1;
+                self.connected += 1;
                 Some((next_shard, waiter))
+            }
+            None if parked => {
+                entry.parked = true;
+                None
             }
             None => {
                 self.entries.remove(conn_id);
@@ -94,14 +132,34 @@ impl<W> Directory<W> {
         }
     }
 
-    /// The shard holding `conn_id`.
+    /// `shard` dropped the parked buffer of `conn_id` (its TTL passed): forgotten, unless
+    /// a client claimed it since.
+    pub fn expired(&mut self, conn_id: &str, shard: usize) {
+        if self
+            .entries
+            .get(conn_id)
+            .is_some_and(|e| e.parked && e.shard == shard)
+        {
+            self.entries.remove(conn_id);
+        }
+    }
+
+    /// The shard holding `conn_id`, or its parked recovery buffer.
     pub fn shard_of(&self, conn_id: &str) -> Option<usize> {
         self.entries.get(conn_id).map(|e| e.shard)
     }
 
-    /// Every conn_id on this node.
+    /// Whether a client holds `conn_id` here (a parked one is not connected).
+    pub fn is_connected(&self, conn_id: &str) -> bool {
+        self.entries.get(conn_id).is_some_and(|e| !e.parked)
+    }
+
+    /// Every conn_id connected to this node (not the parked ones).
     pub fn conn_ids(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.parked)
+            .map(|(id, _)| id.as_str())
     }
 
     /// Connections per shard.
@@ -111,12 +169,12 @@ impl<W> Directory<W> {
 
     /// Connections on this node.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.connected
     }
 
     /// Whether no client is connected.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.connected == 0
     }
 }
 
@@ -130,7 +188,7 @@ mod tests {
         assert_eq!(dir.claim("a", 0, ()), Claim::Granted(()));
         assert_eq!(dir.claim("a", 1, ()), Claim::Refused(()));
         assert_eq!(dir.per_shard(), &[1, 0]);
-        assert!(dir.release("a", 0).is_none());
+        assert!(dir.release("a", 0, false).is_none());
         assert_eq!(dir.claim("a", 1, ()), Claim::Granted(()));
         assert_eq!(dir.per_shard(), &[0, 1]);
     }
@@ -146,7 +204,7 @@ mod tests {
                 superseded: None
             }
         );
-        assert_eq!(dir.release("a", 0), Some((1, "new")));
+        assert_eq!(dir.release("a", 0, false), Some((1, "new")));
         assert_eq!(dir.shard_of("a"), Some(1));
         assert_eq!(dir.per_shard(), &[0, 1]);
     }
@@ -169,7 +227,48 @@ mod tests {
     fn release_by_a_shard_that_does_not_hold_it_is_ignored() {
         let mut dir: Directory<()> = Directory::new(2, DuplicatePolicy::Reject);
         dir.claim("a", 0, ());
-        assert!(dir.release("a", 1).is_none());
+        assert!(dir.release("a", 1, false).is_none());
         assert_eq!(dir.len(), 1);
+    }
+
+    #[test]
+    fn a_parked_conn_id_routes_to_its_buffer_until_claimed_or_expired() {
+        let mut dir: Directory<()> = Directory::new(2, DuplicatePolicy::Reject);
+        dir.claim("a", 0, ());
+        assert!(dir.release("a", 0, true).is_none());
+        assert_eq!(dir.shard_of("a"), Some(0), "pushes go to the buffer");
+        assert!(!dir.is_connected("a"));
+        assert_eq!((dir.len(), dir.per_shard()), (0, &[0, 0][..]));
+        assert_eq!(dir.conn_ids().count(), 0);
+        // Reclaimed on the same shard: granted there, a connection again.
+        assert_eq!(dir.claim("a", 0, ()), Claim::Granted(()));
+        assert_eq!((dir.len(), dir.per_shard()), (1, &[1, 0][..]));
+        dir.release("a", 0, true);
+        // On another shard: the buffer must move.
+        assert_eq!(
+            dir.claim("a", 1, ()),
+            Claim::Moved {
+                waiter: (),
+                from: 0
+            }
+        );
+        assert_eq!(dir.shard_of("a"), Some(1));
+        // The old shard's late expiry does not forget the new holder.
+        dir.expired("a", 0);
+        assert_eq!(dir.shard_of("a"), Some(1));
+        dir.release("a", 1, true);
+        dir.expired("a", 0);
+        assert_eq!(dir.shard_of("a"), Some(1));
+        dir.expired("a", 1);
+        assert_eq!(dir.shard_of("a"), None);
+    }
+
+    #[test]
+    fn a_parked_conn_id_is_not_a_duplicate() {
+        let mut dir: Directory<()> = Directory::new(1, DuplicatePolicy::Reject);
+        dir.claim("a", 0, ());
+        dir.release("a", 0, true);
+        assert_eq!(dir.claim("a", 0, ()), Claim::Granted(()));
+        assert_eq!(dir.claim("a", 0, ()), Claim::Refused(()));
     }
 }

@@ -30,7 +30,7 @@ use crate::codec::Message;
 use crate::config::Config;
 use crate::presence::Presence;
 use crate::session::CloseReason;
-use crate::shard::{BroadcastOutcome, ShardCommand, ShardHandle, ShardStats};
+use crate::shard::{BroadcastOutcome, PushOutcome, ShardCommand, ShardHandle, ShardStats};
 use directory::{Claim, Directory};
 use etcd::{Published, Registrar};
 use load::{LoadCheck, LoadSample, LoadState};
@@ -43,8 +43,15 @@ pub enum DirectoryRequest {
         shard: usize,
         reply: oneshot::Sender<bool>,
     },
-    /// The client holding this conn_id on this shard is gone.
-    Release { conn_id: String, shard: usize },
+    /// The client holding this conn_id on this shard is gone (`parked`: the shard keeps
+    /// its recovery buffer, so pushes still go there).
+    Release {
+        conn_id: String,
+        shard: usize,
+        parked: bool,
+    },
+    /// The parked recovery buffer of this conn_id on this shard expired.
+    Expired { conn_id: String, shard: usize },
 }
 
 /// A shard's non-blocking line to the control thread.
@@ -369,7 +376,14 @@ impl Node {
                     shard,
                     reply,
                 } => self.claim(conn_id, shard, reply),
-                DirectoryRequest::Release { conn_id, shard } => self.release(&conn_id, shard),
+                DirectoryRequest::Release {
+                    conn_id,
+                    shard,
+                    parked,
+                } => self.release(&conn_id, shard, parked),
+                DirectoryRequest::Expired { conn_id, shard } => {
+                    self.directory.borrow_mut().expired(&conn_id, shard)
+                }
             }
         }
     }
@@ -380,9 +394,10 @@ impl Node {
             Claim::Granted(reply) => {
                 if reply.send(true).is_err() {
                     // The claimant gave up (timed out) before hearing back.
-                    self.release(&conn_id, shard);
+                    self.release(&conn_id, shard, false);
                 }
             }
+            Claim::Moved { waiter, from } => self.move_buffer(conn_id, from, shard, waiter),
             Claim::Refused(reply) => {
                 let _ = reply.send(false);
             }
@@ -402,15 +417,41 @@ impl Node {
         }
     }
 
-    fn release(&self, conn_id: &str, shard: usize) {
+    /// Grants `conn_id` to a claimant on shard `to` once the recovery buffer parked on
+    /// `from` is there: `to` first keeps what is pushed from now on, then `from` sends it
+    /// the buffer and the grant, so the client's first frame comes after everything it
+    /// missed, in order.
+    fn move_buffer(&self, conn_id: String, from: usize, to: usize, grant: oneshot::Sender<bool>) {
+        self.shards[to].send(ShardCommand::ExpectParcel {
+            conn_id: conn_id.clone(),
+        });
+        self.shards[from].send(ShardCommand::HandOver {
+            conn_id,
+            to: self.shards[to].clone(),
+            grant,
+        });
+    }
+
+    fn release(&self, conn_id: &str, shard: usize, parked: bool) {
         let mut releasing = shard;
+        // Whether `releasing` holds a parked recovery buffer for it.
+        let mut parked = parked;
         loop {
-            let next = self.directory.borrow_mut().release(conn_id, releasing);
+            let next = self
+                .directory
+                .borrow_mut()
+                .release(conn_id, releasing, parked);
             match next {
+                Some((next_shard, waiter)) if parked && next_shard != releasing => {
+                    return self.move_buffer(conn_id.to_owned(), releasing, next_shard, waiter);
+                }
                 Some((next_shard, waiter)) => match waiter.send(true) {
                     Ok(()) => return,
                     // That claimant gave up waiting: release on its behalf and go on.
-                    Err(_) => releasing = next_shard,
+                    Err(_) => {
+                        parked = parked && next_shard == releasing;
+                        releasing = next_shard;
+                    }
                 },
                 None => return,
             }
@@ -418,9 +459,11 @@ impl Node {
     }
 
     /// Delivers `msg` to each of `conn_ids` (duplicates count once); returns those not
-    /// delivered: not on this node, closing, or whose queue was full.
-    pub async fn push(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
-        let failed = self.fan_out(conn_ids, msg).await;
+    /// delivered (not on this node, closing, or whose queue was full) and those only kept
+    /// in a recovery buffer for a client away.
+    pub async fn push(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
+        let outcome = self.fan_out(conn_ids, msg).await;
+        let failed = &outcome.failed;
         bump(&self.counters.calls, 1);
         bump(&self.counters.recipients, conn_ids.len());
         bump(&self.counters.failed, failed.len());
@@ -428,20 +471,34 @@ impl Node {
             &self.counters.delivered,
             conn_ids.len().saturating_sub(failed.len()),
         );
-        failed
+        outcome
     }
 
-    async fn fan_out(&self, conn_ids: &[String], msg: &str) -> Vec<String> {
+    async fn fan_out(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
         let message = Message::new(msg.as_bytes());
+        let buffered = RefCell::new(Vec::new());
         let answers = self
-            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
-                message: Arc::clone(&message),
-                conn_ids,
-                reply,
+            .to_holders(conn_ids, |conn_ids, reply| {
+                let (tx, rx) = oneshot::channel();
+                buffered.borrow_mut().push(rx);
+                ShardCommand::Push {
+                    message: Arc::clone(&message),
+                    conn_ids,
+                    reply,
+                    buffered: tx,
+                }
             })
             .await;
         bump(&self.counters.not_on_node, answers.not_here.len());
-        answers.all()
+        let mut outcome = PushOutcome {
+            failed: answers.all(),
+            buffered: Vec::new(),
+        };
+        // Each shard answered `buffered` before its reply, so these are ready (or gone).
+        for rx in buffered.into_inner() {
+            outcome.buffered.extend(rx.await.unwrap_or_default());
+        }
+        outcome
     }
 
     /// Splits `conn_ids` (each once) by the shard holding them and sends each shard the
@@ -577,7 +634,7 @@ impl Node {
         let directory = self.directory.borrow();
         conn_ids
             .iter()
-            .filter(|id| directory.shard_of(id).is_some())
+            .filter(|id| directory.is_connected(id))
             .cloned()
             .collect()
     }

@@ -11,6 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::codec::Request;
 use crate::control::Node;
+use crate::shard::PushOutcome;
 
 /// Newest-generation status codes.
 mod code {
@@ -31,8 +32,9 @@ pub(crate) const PUSH_SLICE: usize = 16 * 1024;
 /// failure text naming 350,000 ids took 2.6 s of the control thread (debug build).
 const OFF_THREAD_IDS: usize = 10_000;
 
-/// Delivers `msg` to `ids` (each once), a large list in slices; returns the failed ids.
-async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> Vec<String> {
+/// Delivers `msg` to `ids` (each once), a large list in slices; returns the failed ids
+/// and those only kept in a recovery buffer.
+async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> PushOutcome {
     if ids.len() <= PUSH_SLICE {
         return node.push(&ids, msg).await;
     }
@@ -46,12 +48,14 @@ async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> Vec<String>
     })
     .await
     .unwrap_or_default();
-    let mut failed = Vec::new();
+    let mut outcome = PushOutcome::default();
     for slice in unique.chunks(PUSH_SLICE) {
-        failed.extend(node.push(slice, msg).await);
+        let part = node.push(slice, msg).await;
+        outcome.failed.extend(part.failed);
+        outcome.buffered.extend(part.buffered);
         tokio::task::yield_now().await;
     }
-    failed
+    outcome
 }
 
 /// `{"<ids_key>": ids, "<text_key>": text}` as text, a long list off the thread.
@@ -285,7 +289,7 @@ async fn send_first_generation(node: &Node, inner: String) -> Result<Value, Stri
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = push_in_slices(node, to, &msg).await;
+    let failed = push_in_slices(node, to, &msg).await.failed;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
@@ -314,17 +318,25 @@ async fn send_second_generation(node: &Node, mut fields: Fields) -> Result<Value
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = push_in_slices(node, connections, &msg).await;
-    if failed.is_empty() {
-        Ok(json!("ok"))
-    } else {
-        Err(failure_text(
+    let PushOutcome { failed, buffered } = push_in_slices(node, connections, &msg).await;
+    // `buffered` (recovery, docs/PROTOCOL.md): only when some ids were kept for a client
+    // away, so a node without recovery answers exactly as before.
+    match (failed.is_empty(), buffered.is_empty()) {
+        (true, true) => Ok(json!("ok")),
+        (true, false) => Ok(json!({"buffered": buffered})),
+        (false, true) => Err(failure_text(
             failed,
             "ids",
             "msg",
             "some connections could not be reached.",
         )
-        .await)
+        .await),
+        (false, false) => Err(json!({
+            "ids": failed,
+            "msg": "some connections could not be reached.",
+            "buffered": buffered,
+        })
+        .to_string()),
     }
 }
 

@@ -7,6 +7,7 @@
 //! the shard's blocking pool, presence callbacks on the presence workers.
 
 pub mod inbox;
+mod recovery;
 mod table;
 
 use std::cell::{Cell, RefCell};
@@ -35,7 +36,7 @@ use crate::transport::Entry;
 use crate::transport::ws::frame::EncodedFrame;
 
 pub use inbox::ShardHandle;
-pub use table::BroadcastOutcome;
+pub use table::{BroadcastOutcome, PushOutcome};
 use table::{Heartbeat, Pings, SessionTable};
 
 /// Bytes read from a socket per read call; shared by every connection of a shard, so an
@@ -46,11 +47,13 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Work the control thread hands to a shard.
 pub enum ShardCommand {
-    /// Deliver one message to these conn_ids; reply with the ones not delivered.
+    /// Deliver one message to these conn_ids; reply with the ones not delivered, and on
+    /// `buffered` (sent first) those kept in a recovery buffer for a client away.
     Push {
         message: Arc<Message>,
         conn_ids: Vec<String>,
         reply: oneshot::Sender<Vec<String>>,
+        buffered: oneshot::Sender<Vec<String>>,
     },
     /// Deliver one message to every session; reply with the counts.
     Broadcast {
@@ -80,6 +83,22 @@ pub enum ShardCommand {
         group: String,
         message: Arc<Message>,
         reply: oneshot::Sender<BroadcastOutcome>,
+    },
+    /// A client is reclaiming a conn_id whose recovery buffer is parked on another shard:
+    /// keep what is pushed to it from now on until the buffer arrives.
+    ExpectParcel { conn_id: String },
+    /// Send the parked recovery buffer of `conn_id` (if still kept) to `to`, with the
+    /// claimant's `grant`.
+    HandOver {
+        conn_id: String,
+        to: ShardHandle,
+        grant: oneshot::Sender<bool>,
+    },
+    /// Take a recovery buffer from another shard, then grant the claim.
+    Adopt {
+        conn_id: String,
+        parcel: Option<crate::recovery::Parcel>,
+        grant: oneshot::Sender<bool>,
     },
     /// Report this shard's figures.
     Stats { reply: oneshot::Sender<ShardStats> },
@@ -119,6 +138,12 @@ pub struct ShardStats {
     pub disconnects: BTreeMap<&'static str, u64>,
     /// Connection tasks that panicked (each closed that connection only).
     pub connection_panics: u64,
+    /// Recovery buffers held (live and parked conn_ids).
+    pub recovery_buffers: usize,
+    /// Messages kept in recovery buffers.
+    pub recovery_messages: usize,
+    /// Bytes counted against `recovery_total_bytes` (payloads plus overhead).
+    pub recovery_bytes: usize,
 }
 
 /// Everything a shard owns. Lives on the shard's thread only.
@@ -387,15 +412,19 @@ fn heartbeat_tick(config: &Config) -> Duration {
 
 impl Shard {
     fn new(id: usize, deps: ShardDeps) -> Shard {
+        let config = deps.config;
         Shard {
             id,
-            config: deps.config,
+            config: Arc::clone(&config),
             control: deps.control,
             presence: deps.presence,
             callbacks: deps.callbacks,
             refuse_new_clients: deps.refuse_new_clients,
             verifier: deps.verifier,
-            table: RefCell::new(SessionTable::default()),
+            table: RefCell::new(SessionTable::with_recovery(
+                recovery::limits(&config),
+                recovery::epoch(),
+            )),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
@@ -458,8 +487,9 @@ impl Shard {
     }
 
     /// Puts an upgraded client in the table and reports it online.
-    pub fn register(&self, session: &Rc<Session>) {
-        self.table.borrow_mut().insert(session);
+    /// A recovering session with `since` gets its first frame and what it missed here.
+    pub fn register(&self, session: &Rc<Session>, since: Option<&crate::recovery::Since>) {
+        self.table.borrow_mut().insert(session, since);
         self.upgraded.set(self.upgraded.get() + 1);
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
@@ -472,15 +502,26 @@ impl Shard {
         }
     }
 
+    /// Whether this shard keeps a parked recovery buffer for `conn_id` (a client admitted
+    /// but never registered gives its conn_id back as parked then, so that pushes go on
+    /// reaching the buffer).
+    pub fn keeps_recovery_buffer(&self, conn_id: &str) -> bool {
+        self.table.borrow().keeps_parked(conn_id, Instant::now())
+    }
+
     /// Takes an ended session out of the table, reports it offline and frees its conn_id.
     /// The `offline` is queued before the release so that a reconnect's `online` follows it.
     pub fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {
-        self.table.borrow_mut().remove(session, reason);
+        let parked = self
+            .table
+            .borrow_mut()
+            .remove(session, reason, Instant::now());
         self.presence
             .report(PresenceKind::Offline, &session.conn_id, &session.info);
         self.control.send(DirectoryRequest::Release {
             conn_id: session.conn_id.to_string(),
             shard: self.id,
+            parked,
         });
         tracing::debug!(shard = self.id, conn_id = ?session.conn_id, reason = reason.label(), "client offline");
     }
@@ -491,8 +532,11 @@ impl Shard {
                 message,
                 conn_ids,
                 reply,
+                buffered,
             } => {
-                let _ = reply.send(self.push(&message, conn_ids));
+                let outcome = self.push(&message, conn_ids);
+                let _ = buffered.send(outcome.buffered);
+                let _ = reply.send(outcome.failed);
             }
             ShardCommand::Broadcast { message, reply } => {
                 let _ = reply.send(self.table.borrow_mut().broadcast(&message));
@@ -502,6 +546,15 @@ impl Shard {
                 reason,
                 reply,
             } => {
+                if reason == CloseReason::Kicked {
+                    let dropped = self.table.borrow_mut().drop_parked(&conn_ids);
+                    for conn_id in dropped {
+                        self.control.send(DirectoryRequest::Expired {
+                            conn_id,
+                            shard: self.id,
+                        });
+                    }
+                }
                 let missing = self.table.borrow().kick(conn_ids, &reason);
                 if let Some(reply) = reply {
                     let _ = reply.send(missing);
@@ -528,6 +581,37 @@ impl Shard {
             } => {
                 let _ = reply.send(self.table.borrow_mut().group_push(&group, &message));
             }
+            ShardCommand::ExpectParcel { conn_id } => {
+                self.table
+                    .borrow_mut()
+                    .expect_parcel(&conn_id, Instant::now());
+            }
+            ShardCommand::HandOver { conn_id, to, grant } => {
+                let parcel = self.table.borrow_mut().hand_over(&conn_id);
+                tracing::debug!(shard = self.id, conn_id = ?conn_id, kept = parcel.is_some(), "recovery buffer handed to another shard");
+                to.send(ShardCommand::Adopt {
+                    conn_id,
+                    parcel,
+                    grant,
+                });
+            }
+            ShardCommand::Adopt {
+                conn_id,
+                parcel,
+                grant,
+            } => {
+                self.table
+                    .borrow_mut()
+                    .adopt(&conn_id, parcel, Instant::now());
+                if grant.send(true).is_err() {
+                    // The claimant gave up waiting: the buffer stays parked here.
+                    self.control.send(DirectoryRequest::Release {
+                        conn_id,
+                        shard: self.id,
+                        parked: true,
+                    });
+                }
+            }
             ShardCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
@@ -538,16 +622,19 @@ impl Shard {
         }
     }
 
-    fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
+    fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> PushOutcome {
         for id in &conn_ids {
             crate::fault::panic_if_named("PUSH", id);
         }
-        self.table.borrow_mut().push(message, conn_ids)
+        self.table
+            .borrow_mut()
+            .push(message, conn_ids, Instant::now())
     }
 
     fn stats(&self) -> ShardStats {
         let table = self.table.borrow();
         let figures = table.figures();
+        let recovery = table.recovery_figures();
         ShardStats {
             shard: self.id,
             connections: figures.connections,
@@ -561,6 +648,9 @@ impl Shard {
             delivery_failures: table.delivery_failures().clone(),
             disconnects: table.disconnects().clone(),
             connection_panics: self.connection_panics.get(),
+            recovery_buffers: recovery.rings,
+            recovery_messages: recovery.messages,
+            recovery_bytes: recovery.bytes,
         }
     }
 
@@ -571,6 +661,14 @@ impl Shard {
             timeout: self.config.heartbeat_timeout,
         };
         self.table.borrow().sweep(now, heartbeat, &self.pings);
+        let expired = self.table.borrow_mut().sweep_recovery(now);
+        for conn_id in expired {
+            // The directory stops routing pushes for it here.
+            self.control.send(DirectoryRequest::Expired {
+                conn_id: conn_id.to_string(),
+                shard: self.id,
+            });
+        }
     }
 
     /// Closes every session with "going away", spread evenly over `drain_window` so that

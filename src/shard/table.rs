@@ -6,6 +6,11 @@
 //! every rule of push, broadcast, kick, groups and the heartbeat runs in a unit test in
 //! milliseconds. It must never report presence or talk to the directory: the shard does
 //! that around it, in the order the presence ledger needs.
+//!
+//! It also holds the shard's recovery buffers (`crate::recovery`): a session that opted
+//! in gets each message numbered and framed for it alone; a parked buffer takes pushes by
+//! conn_id while its client is away; a session that registers with `since` gets its
+//! first frame and what it missed before anything live.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -15,7 +20,25 @@ use std::time::{Duration, Instant};
 use ahash::{AHashMap, AHashSet};
 
 use crate::codec::{Message, Wire};
+use crate::recovery::{self, Limits, Parcel, RecoveryStore, Since, StoreFigures};
 use crate::session::{CloseReason, Delivery, Session};
+
+/// What a push by conn_id did on one shard.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Ids it did not reach and will not (not here, closing, slow consumers).
+    pub failed: Vec<String>,
+    /// Ids whose client is away: the message waits in its recovery buffer.
+    pub buffered: Vec<String>,
+}
+
+/// What handing one message to one conn_id did.
+enum Reach {
+    Delivered,
+    /// Kept in the recovery buffer for a reconnect (the client is away or closing).
+    Buffered,
+    Failed(&'static str),
+}
 
 /// What a broadcast (or a group push) did on one shard.
 #[derive(Debug, Default, Clone)]
@@ -68,25 +91,79 @@ pub(crate) struct SessionTable {
     groups: AHashMap<Rc<str>, AHashSet<Rc<str>>>,
     delivery_failures: BTreeMap<&'static str, u64>,
     disconnects: BTreeMap<&'static str, u64>,
+    recovery: Option<Recovery>,
+}
+
+/// The recovery buffers and the epoch their seqs belong to.
+struct Recovery {
+    store: RecoveryStore,
+    epoch: Rc<str>,
 }
 
 impl SessionTable {
+    /// A table keeping recovery buffers within `limits`, numbering in `epoch`.
+    pub(crate) fn with_recovery(limits: Limits, epoch: &str) -> SessionTable {
+        SessionTable {
+            recovery: (limits.window > 0).then(|| Recovery {
+                store: RecoveryStore::new(limits),
+                epoch: epoch.into(),
+            }),
+            ..SessionTable::default()
+        }
+    }
+
     /// Puts a session in the table (the directory granted its conn_id to this shard, so
-    /// no other session here holds it).
-    pub(crate) fn insert(&mut self, session: &Rc<Session>) {
+    /// no other session here holds it). A recovering session with `since` is handed its
+    /// first frame and the messages it missed, before anything else.
+    pub(crate) fn insert(&mut self, session: &Rc<Session>, since: Option<&Since>) {
         self.sessions
             .insert(Rc::clone(&session.conn_id), Rc::clone(session));
+        let Some(recovery) = self.recovery.as_mut().filter(|_| session.recovers()) else {
+            return;
+        };
+        let Some(resume) = recovery
+            .store
+            .attach(&session.conn_id, since, &recovery.epoch)
+        else {
+            return;
+        };
+        let header = resume.header(&recovery.epoch);
+        session.deliver(&match session.wire() {
+            Wire::JsonLines => Message::with_json_line(
+                header.as_bytes(),
+                format!("{header}\n").into_bytes().into(),
+            ),
+            _ => Message::new(header.as_bytes()),
+        });
+        for (seq, message) in &resume.replay {
+            session.deliver(&numbered(&recovery.epoch, session.wire(), *seq, message));
+        }
     }
 
     /// Takes an ended session out (only that session: a successor under the same conn_id
-    /// stays), takes it out of its groups and counts why it ended.
-    pub(crate) fn remove(&mut self, session: &Rc<Session>, reason: &CloseReason) {
+    /// stays), takes it out of its groups and counts why it ended. A recovering session's
+    /// buffer is parked from `now` unless it was kicked; true when it was.
+    pub(crate) fn remove(
+        &mut self,
+        session: &Rc<Session>,
+        reason: &CloseReason,
+        now: Instant,
+    ) -> bool {
+        let mut parked = false;
         if self
             .sessions
             .get(&session.conn_id)
             .is_some_and(|s| Rc::ptr_eq(s, session))
         {
             self.sessions.remove(&session.conn_id);
+            if let Some(recovery) = self.recovery.as_mut().filter(|_| session.recovers()) {
+                if *reason == CloseReason::Kicked {
+                    recovery.store.forget(&session.conn_id);
+                } else {
+                    recovery.store.park(&session.conn_id, now);
+                    parked = true;
+                }
+            }
         }
         *self.disconnects.entry(reason.label()).or_default() += 1;
         for group in session.take_groups() {
@@ -97,28 +174,51 @@ impl SessionTable {
                 }
             }
         }
+        parked
     }
 
-    /// Hands `message` to each of `conn_ids`; returns those it did not reach.
-    pub(crate) fn push(&mut self, message: &Arc<Message>, conn_ids: Vec<String>) -> Vec<String> {
-        conn_ids
-            .into_iter()
-            .filter(|id| {
-                let session = self.sessions.get(id.as_str());
-                failed(&mut self.delivery_failures, session, message)
-            })
-            .collect()
+    /// Hands `message` to each of `conn_ids` (or, for a client away, to its parked
+    /// recovery buffer still within its TTL at `now`).
+    pub(crate) fn push(
+        &mut self,
+        message: &Arc<Message>,
+        conn_ids: Vec<String>,
+        now: Instant,
+    ) -> PushOutcome {
+        let mut outcome = PushOutcome::default();
+        for id in conn_ids {
+            let reach = match self.sessions.get(id.as_str()) {
+                Some(session) => reach(&mut self.recovery, session, message),
+                None => {
+                    let kept = self
+                        .recovery
+                        .as_mut()
+                        .is_some_and(|r| r.store.buffer_if_parked(&id, message, now));
+                    if kept {
+                        Reach::Buffered
+                    } else {
+                        Reach::Failed("unknown")
+                    }
+                }
+            };
+            match reach {
+                Reach::Delivered => {}
+                Reach::Buffered => outcome.buffered.push(id),
+                Reach::Failed(why) => {
+                    *self.delivery_failures.entry(why).or_default() += 1;
+                    outcome.failed.push(id);
+                }
+            }
+        }
+        outcome
     }
 
     /// Hands `message` to every session.
     pub(crate) fn broadcast(&mut self, message: &Arc<Message>) -> BroadcastOutcome {
         let mut outcome = BroadcastOutcome::default();
         for session in self.sessions.values() {
-            if failed(&mut self.delivery_failures, Some(session), message) {
-                outcome.failed.push(session.conn_id.to_string());
-            } else {
-                outcome.delivered += 1;
-            }
+            let reach = reach(&mut self.recovery, session, message);
+            count(&mut self.delivery_failures, &mut outcome, session, reach);
         }
         outcome
     }
@@ -130,14 +230,72 @@ impl SessionTable {
             return outcome;
         };
         for member in members {
-            let session = self.sessions.get(member);
-            if failed(&mut self.delivery_failures, session, message) {
+            let Some(session) = self.sessions.get(member) else {
+                *self.delivery_failures.entry("unknown").or_default() += 1;
                 outcome.failed.push(member.to_string());
-            } else {
-                outcome.delivered += 1;
-            }
+                continue;
+            };
+            let reach = reach(&mut self.recovery, session, message);
+            count(&mut self.delivery_failures, &mut outcome, session, reach);
         }
         outcome
+    }
+
+    /// Drops parked recovery buffers whose TTL passed at `now`; returns their conn_ids.
+    pub(crate) fn sweep_recovery(&mut self, now: Instant) -> Vec<Rc<str>> {
+        self.recovery
+            .as_mut()
+            .map(|r| r.store.sweep(now))
+            .unwrap_or_default()
+    }
+
+    /// A reclaim of `conn_id` is under way from another shard: pushes to it are kept here
+    /// (parked from `now`) until [`SessionTable::adopt`].
+    pub(crate) fn expect_parcel(&mut self, conn_id: &str, now: Instant) {
+        if let Some(r) = &mut self.recovery {
+            r.store.expect(&conn_id.into(), now);
+        }
+    }
+
+    /// Takes the parked buffer of `conn_id` out for another shard (none if it expired).
+    pub(crate) fn hand_over(&mut self, conn_id: &str) -> Option<Parcel> {
+        self.recovery.as_mut()?.store.take(conn_id)
+    }
+
+    /// Puts the buffer handed over for `conn_id` here, before what was kept since
+    /// [`SessionTable::expect_parcel`].
+    pub(crate) fn adopt(&mut self, conn_id: &str, parcel: Option<Parcel>, now: Instant) {
+        if let Some(r) = &mut self.recovery {
+            r.store.adopt(&conn_id.into(), parcel, now);
+        }
+    }
+
+    /// Whether a parked recovery buffer for `conn_id` is kept here at `now`.
+    pub(crate) fn keeps_parked(&self, conn_id: &str, now: Instant) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|r| r.store.is_parked(conn_id, now))
+    }
+
+    /// What the recovery buffers hold.
+    pub(crate) fn recovery_figures(&self) -> StoreFigures {
+        self.recovery
+            .as_ref()
+            .map(|r| r.store.figures())
+            .unwrap_or_default()
+    }
+
+    /// Drops the parked recovery buffers of `conn_ids` (a kick of a client already away:
+    /// kicked clients get no recovery); returns the conn_ids whose buffer it dropped.
+    pub(crate) fn drop_parked(&mut self, conn_ids: &[String]) -> Vec<String> {
+        let Some(recovery) = &mut self.recovery else {
+            return Vec::new();
+        };
+        conn_ids
+            .iter()
+            .filter(|id| !self.sessions.contains_key(id.as_str()) && recovery.store.forget(id))
+            .cloned()
+            .collect()
     }
 
     /// Asks each of `conn_ids` to close for `reason`; returns those not here.
@@ -275,24 +433,59 @@ impl SessionTable {
     }
 }
 
-/// Delivers to one session, if there is one; true (and counted by reason) when that
-/// failed.
-fn failed(
-    failures: &mut BTreeMap<&'static str, u64>,
-    session: Option<&Rc<Session>>,
-    message: &Arc<Message>,
-) -> bool {
-    let delivery = session.map(|s| s.deliver(message));
-    if delivery.is_some_and(Delivery::accepted) {
-        return false;
-    }
-    let reason = match delivery {
-        None => "unknown",
-        Some(Delivery::Overflow) => "queue_full",
-        Some(_) => "closed",
+/// Delivers to one session: the shared message, or for a recovering one its own
+/// numbered frame, kept in its buffer first (so that a session closing now still gets it
+/// on its reconnect, unless it was kicked).
+fn reach(recovery: &mut Option<Recovery>, session: &Session, message: &Arc<Message>) -> Reach {
+    let Some(recovery) = recovery.as_mut().filter(|_| session.recovers()) else {
+        return match session.deliver(message) {
+            Delivery::Sent | Delivery::Queued => Reach::Delivered,
+            Delivery::Overflow => Reach::Failed("queue_full"),
+            Delivery::Closed => Reach::Failed("closed"),
+        };
     };
-    *failures.entry(reason).or_default() += 1;
-    true
+    if session.close_reason() == Some(CloseReason::Kicked) {
+        return Reach::Failed("closed");
+    }
+    let seq = recovery.store.record(&session.conn_id, message);
+    let framed = numbered(&recovery.epoch, session.wire(), seq, message);
+    if session.deliver(&framed).accepted() {
+        Reach::Delivered
+    } else {
+        Reach::Buffered
+    }
+}
+
+/// Counts one session's part of a broadcast or group push (a buffered message counts as
+/// delivered: its client gets it on its reconnect).
+fn count(
+    failures: &mut BTreeMap<&'static str, u64>,
+    outcome: &mut BroadcastOutcome,
+    session: &Session,
+    reach: Reach,
+) {
+    match reach {
+        Reach::Delivered | Reach::Buffered => outcome.delivered += 1,
+        Reach::Failed(why) => {
+            *failures.entry(why).or_default() += 1;
+            outcome.failed.push(session.conn_id.to_string());
+        }
+    }
+}
+
+/// Message `seq` framed for one recovering client on `wire`.
+fn numbered(epoch: &str, wire: Wire, seq: u64, message: &Message) -> Arc<Message> {
+    match wire {
+        Wire::JsonLines => Message::with_json_line(
+            message.payload(),
+            recovery::message_line(epoch, seq, message.payload())
+                .into_bytes()
+                .into(),
+        ),
+        Wire::WebSocket | Wire::Resp => {
+            Message::new(recovery::message_text(epoch, seq, message.payload()).as_bytes())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -322,13 +515,14 @@ mod tests {
             direct_fd: None,
             queue_limit,
             queue_bytes: 1 << 20,
+            recover: false,
         }))
     }
 
     fn table_of(sessions: &[&Rc<Session>]) -> SessionTable {
         let mut table = SessionTable::default();
         for s in sessions {
-            table.insert(s);
+            table.insert(s, None);
         }
         table
     }
@@ -344,7 +538,13 @@ mod tests {
             session("b", Wire::JsonLines, 8),
         );
         let mut table = table_of(&[&a, &b]);
-        let failed = table.push(&Message::new(b"hi"), ids(&["a", "nobody", "b"]));
+        let failed = table
+            .push(
+                &Message::new(b"hi"),
+                ids(&["a", "nobody", "b"]),
+                Instant::now(),
+            )
+            .failed;
         assert_eq!(failed, ["nobody"]);
         assert_eq!((a.backlog_messages(), b.backlog_messages()), (1, 1));
         assert_eq!(table.delivery_failures().get("unknown"), Some(&1));
@@ -354,15 +554,30 @@ mod tests {
     fn a_full_queue_fails_the_push_and_closes_the_slow_consumer() {
         let slow = session("slow", Wire::WebSocket, 1);
         let mut table = table_of(&[&slow]);
-        assert!(table.push(&Message::new(b"1"), ids(&["slow"])).is_empty());
-        assert_eq!(table.push(&Message::new(b"2"), ids(&["slow"])), ["slow"]);
+        assert!(
+            table
+                .push(&Message::new(b"1"), ids(&["slow"]), Instant::now())
+                .failed
+                .is_empty()
+        );
+        assert_eq!(
+            table
+                .push(&Message::new(b"2"), ids(&["slow"]), Instant::now())
+                .failed,
+            ["slow"]
+        );
         assert_eq!(table.delivery_failures().get("queue_full"), Some(&1));
         assert!(matches!(
             slow.close_reason(),
             Some(CloseReason::SlowConsumer)
         ));
         // Closing now: a later push fails as `closed`, not queued behind the close.
-        assert_eq!(table.push(&Message::new(b"3"), ids(&["slow"])), ["slow"]);
+        assert_eq!(
+            table
+                .push(&Message::new(b"3"), ids(&["slow"]), Instant::now())
+                .failed,
+            ["slow"]
+        );
         assert_eq!(table.delivery_failures().get("closed"), Some(&1));
     }
 
@@ -405,7 +620,7 @@ mod tests {
         assert_eq!(a.backlog_messages(), 1);
         assert!(table.leave("g", ids(&["a"])).is_empty());
         assert_eq!(table.group_push("g", &Message::new(b"m")).delivered, 1);
-        table.remove(&b, &CloseReason::ClientClosed);
+        table.remove(&b, &CloseReason::ClientClosed, Instant::now());
         // The last member gone, the group is gone: nothing left to deliver to.
         assert_eq!(table.group_push("g", &Message::new(b"m")).delivered, 0);
         assert!(table.groups.is_empty());
@@ -418,12 +633,17 @@ mod tests {
         let old = session("same", Wire::WebSocket, 8);
         let new = session("same", Wire::WebSocket, 8);
         let mut table = table_of(&[&old]);
-        table.insert(&new);
-        table.remove(&old, &CloseReason::Replaced);
-        assert!(table.push(&Message::new(b"m"), ids(&["same"])).is_empty());
+        table.insert(&new, None);
+        table.remove(&old, &CloseReason::Replaced, Instant::now());
+        assert!(
+            table
+                .push(&Message::new(b"m"), ids(&["same"]), Instant::now())
+                .failed
+                .is_empty()
+        );
         assert_eq!(new.backlog_messages(), 1);
         assert_eq!(table.disconnects().get("replaced"), Some(&1));
-        table.remove(&new, &CloseReason::ClientGone);
+        table.remove(&new, &CloseReason::ClientGone, Instant::now());
         assert_eq!(table.figures().connections, 0);
     }
 
@@ -465,11 +685,17 @@ mod tests {
             direct_fd: None,
             queue_limit: 8,
             queue_bytes: 4,
+            recover: false,
         }));
         let mut table = table_of(&[&resp]);
         assert!(
             table
-                .push(&Message::new(b"more than four"), ids(&["r"]))
+                .push(
+                    &Message::new(b"more than four"),
+                    ids(&["r"]),
+                    Instant::now()
+                )
+                .failed
                 .is_empty()
         );
         assert!(resp.is_over_budget());
@@ -491,7 +717,7 @@ mod tests {
             session("b", Wire::JsonLines, 8),
         );
         let mut table = table_of(&[&a, &b]);
-        table.push(&Message::new(b"xyz"), ids(&["a"]));
+        table.push(&Message::new(b"xyz"), ids(&["a"]), Instant::now());
         let figures = table.figures();
         assert_eq!(figures.connections, 2);
         assert_eq!(figures.connections_by_transport["websocket"], 1);
@@ -505,10 +731,148 @@ mod tests {
     fn orphans_are_the_sessions_only_the_table_holds() {
         let held = session("held", Wire::WebSocket, 8);
         let mut table = table_of(&[&held]);
-        table.insert(&session("orphan", Wire::WebSocket, 8));
+        table.insert(&session("orphan", Wire::WebSocket, 8), None);
         let orphans = table.orphans();
         assert_eq!(orphans.len(), 1);
         assert_eq!(&*orphans[0].conn_id, "orphan");
         assert_eq!(table.all().len(), 2);
+    }
+
+    fn recovering(conn_id: &str, wire: Wire) -> Rc<Session> {
+        Rc::new(Session::new(SessionSpec {
+            conn_id: conn_id.into(),
+            info: String::new(),
+            wire,
+            message_head: Box::default(),
+            direct_fd: None,
+            queue_limit: 64,
+            queue_bytes: 1 << 20,
+            recover: true,
+        }))
+    }
+
+    fn recovery_table() -> SessionTable {
+        SessionTable::with_recovery(
+            Limits {
+                window: 8,
+                ttl: Duration::from_secs(60),
+                bytes: 1 << 20,
+                total_bytes: 1 << 20,
+            },
+            "E",
+        )
+    }
+
+    /// Every message text queued for `session`, in order.
+    fn texts(session: &Session) -> Vec<String> {
+        let bytes = session.take_unwritten();
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        // Unmasked text frames with 7-bit or 16-bit lengths.
+        while rest.len() >= 2 {
+            let (len, head) = match rest[1] {
+                126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            out.push(String::from_utf8(rest[head..head + len].to_vec()).unwrap());
+            rest = &rest[head + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn a_recovering_session_gets_numbered_frames_and_others_the_shared_one() {
+        let (plain, numbered) = (
+            session("p", Wire::WebSocket, 8),
+            recovering("r", Wire::WebSocket),
+        );
+        let mut table = recovery_table();
+        table.insert(&plain, None);
+        table.insert(&numbered, None);
+        let message = Message::new(b"hi");
+        let now = Instant::now();
+        assert_eq!(
+            table.push(&message, ids(&["p", "r"]), now),
+            PushOutcome::default()
+        );
+        table.push(&message, ids(&["r"]), now);
+        assert_eq!(texts(&plain), ["hi"]);
+        assert_eq!(
+            texts(&numbered),
+            [
+                r#"{"seq":1,"epoch":"E","msg":"hi"}"#,
+                r#"{"seq":2,"epoch":"E","msg":"hi"}"#
+            ]
+        );
+        assert_eq!(
+            table.recovery_figures().rings,
+            1,
+            "none for the plain client"
+        );
+    }
+
+    #[test]
+    fn pushes_while_away_are_buffered_and_replayed_after_the_first_frame() {
+        let first = recovering("r", Wire::WebSocket);
+        let mut table = recovery_table();
+        table.insert(&first, None);
+        let now = Instant::now();
+        table.push(&Message::new(b"one"), ids(&["r"]), now);
+        assert!(table.remove(&first, &CloseReason::ClientGone, now));
+        assert!(table.keeps_parked("r", now));
+        let outcome = table.push(&Message::new(b"two"), ids(&["r", "x"]), now);
+        assert_eq!(outcome.buffered, ["r"]);
+        assert_eq!(outcome.failed, ["x"]);
+        let again = recovering("r", Wire::WebSocket);
+        let since = Since {
+            epoch: "E".into(),
+            seq: 1,
+        };
+        table.insert(&again, Some(&since));
+        assert_eq!(
+            texts(&again),
+            [
+                r#"{"recovered":true,"epoch":"E","seq":2}"#,
+                r#"{"seq":2,"epoch":"E","msg":"two"}"#
+            ]
+        );
+        // The TTL passed: nothing kept, nothing buffered.
+        table.remove(&again, &CloseReason::ClientGone, now);
+        let later = now + Duration::from_secs(61);
+        assert_eq!(table.sweep_recovery(later).len(), 1);
+        assert_eq!(
+            table.push(&Message::new(b"3"), ids(&["r"]), later).failed,
+            ["r"]
+        );
+    }
+
+    #[test]
+    fn a_kicked_session_leaves_no_buffer() {
+        let kicked = recovering("r", Wire::JsonLines);
+        let mut table = recovery_table();
+        table.insert(&kicked, None);
+        let now = Instant::now();
+        table.push(&Message::new(b"one"), ids(&["r"]), now);
+        assert_eq!(
+            kicked.take_unwritten(),
+            b"{\"type\":\"message\",\"data\":\"one\",\"seq\":1,\"epoch\":\"E\"}\n"
+        );
+        table.kick(ids(&["r"]), &CloseReason::Kicked);
+        assert_eq!(
+            table.push(&Message::new(b"x"), ids(&["r"]), now).failed,
+            ["r"]
+        );
+        assert!(!table.remove(&kicked, &CloseReason::Kicked, now));
+        assert_eq!(table.recovery_figures(), StoreFigures::default());
+        // Kicked while away: the parked buffer goes too.
+        let away = recovering("away", Wire::WebSocket);
+        table.insert(&away, None);
+        table.remove(&away, &CloseReason::ClientGone, now);
+        assert_eq!(table.drop_parked(&ids(&["away", "r", "none"])), ["away"]);
+        assert_eq!(table.recovery_figures(), StoreFigures::default());
+        assert_eq!(
+            table.push(&Message::new(b"y"), ids(&["r"]), now).failed,
+            ["r"]
+        );
     }
 }

@@ -153,6 +153,9 @@ impl Admitted<'_> {
         direct_fd: Option<RawFd>,
     ) -> Rc<Session> {
         let token = self.token.take().expect("registered once");
+        // RESP has no room for numbered messages: its clients never recover.
+        let recover =
+            token.recovery.recover && wire != Wire::Resp && self.shard.config.recovery_window > 0;
         let session = Rc::new(Session::new(SessionSpec {
             conn_id: token.conn_id.into(),
             info: token.info,
@@ -161,8 +164,10 @@ impl Admitted<'_> {
             direct_fd,
             queue_limit: self.shard.config.outbound_queue_size,
             queue_bytes: self.shard.config.outbound_queue_bytes,
+            recover,
         }));
-        self.shard.register(&session);
+        let since = token.recovery.since.as_ref().filter(|_| recover);
+        self.shard.register(&session, since);
         session
     }
 }
@@ -170,9 +175,11 @@ impl Admitted<'_> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
+            let parked = self.shard.keeps_recovery_buffer(&token.conn_id);
             self.shard.control.send(DirectoryRequest::Release {
                 conn_id: token.conn_id,
                 shard: self.shard.id,
+                parked,
             });
         }
     }

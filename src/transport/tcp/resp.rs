@@ -349,6 +349,8 @@ fn credentials(
         conn_id: text(user),
         token: text(password),
         info: name.unwrap_or_default().to_owned(),
+        // RESP clients do not recover (docs/PROTOCOL.md, "Recovery").
+        recovery: Default::default(),
     })
 }
 
@@ -1004,6 +1006,7 @@ mod tests {
             conn_id: "c".into(),
             token: "t".into(),
             info: String::new(),
+            recovery: Default::default(),
         });
         s.conn.reset();
         assert!(s.conn.credentials.is_none() && !s.conn.resp3);
@@ -1128,6 +1131,7 @@ mod tests {
             direct_fd: None,
             queue_limit: 16,
             queue_bytes: 1 << 20,
+            recover: false,
         });
         let mut s = subscriber(false);
         s.add(&[b"a".to_vec()], false).unwrap();

@@ -28,6 +28,8 @@ pub struct ClientToken {
     pub token: String,
     /// Opaque client data handed back on every callback.
     pub info: String,
+    /// `recover` and `since` (docs/PROTOCOL.md, "Recovery").
+    pub recovery: crate::recovery::Request,
 }
 
 /// A well-formed upgrade request.
@@ -294,6 +296,10 @@ struct TokenJson {
     token: serde_json::Value,
     #[serde(default)]
     info: serde_json::Value,
+    #[serde(default)]
+    recover: serde_json::Value,
+    #[serde(default)]
+    since: serde_json::Value,
 }
 
 /// Decodes `t` from a query string: form-encoded (`+` is a space, as PHP and Go write it).
@@ -335,10 +341,13 @@ pub fn token_from_json(json: &[u8]) -> Result<ClientToken, HandshakeError> {
             "conn_id longer than 256 bytes".into(),
         ));
     }
+    let recovery = crate::recovery::Request::from_token(&parsed.recover, &parsed.since)
+        .map_err(HandshakeError::BadToken)?;
     Ok(ClientToken {
         conn_id,
         token: scalar_text(parsed.token),
         info: scalar_text(parsed.info),
+        recovery,
     })
 }
 
