@@ -89,11 +89,14 @@ pub struct Comet {
     pub log: PathBuf,
 }
 
-/// The tests' own heartbeat: test clients read only when a test reads them, so the
-/// defaults (a ping every 9 s, dropped after 10 s of silence) dropped the first of 1,000
-/// clients while a busy machine was still connecting the last. A test of heartbeats sets
-/// its own (a later line of the INI wins).
-pub const HEARTBEAT: &str = "ping_interval=60s\nheartbeat_timeout=120s";
+/// The tests' own heartbeat and RPC first-call window: test clients read only when a
+/// test reads them, so the defaults (a ping every 9 s, dropped after 10 s of silence)
+/// dropped the first of 1,000 clients while a busy machine was still connecting the last;
+/// and a test that opens its RPC connection before starting a Redis library's client
+/// made its first call after the default 10 s on a loaded machine, and found it closed.
+/// A test of either sets its own (a later line of the INI wins).
+pub const TEST_TIMING: &str =
+    "ping_interval=60s\nheartbeat_timeout=120s\nrpc_first_call_timeout=120s";
 
 impl Comet {
     /// Starts a node on free ports with `rpc_api_url` pointing at `server` (if any) and
@@ -129,7 +132,7 @@ impl Comet {
             "max_proc=2\ncomet_service_name=comet\netcd_addr=\nrpc_api_url={url}\n\
              rpc_user_agent=\"CtxImRpc 1.0\"\nsocket_protocol=websocket\nwebsocket_host=127.0.0.1\n\
              websocket_port=:{ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\ndrain_window=0\n\
-             {HEARTBEAT}\n{extra}\n"
+             {TEST_TIMING}\n{extra}\n"
         );
         (ini, ws_port, rpc_port)
     }
