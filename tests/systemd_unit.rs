@@ -10,7 +10,7 @@ const SYSCTL: &str = include_str!("../tuning/99-comet.conf");
 fn directive<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines()
         .filter_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
-        .next_back()?
+        .next_back()
         .map(str::trim)
 }
 
@@ -18,7 +18,7 @@ fn sysctl(key: &str) -> Option<u64> {
     SYSCTL
         .lines()
         .filter_map(|line| line.trim().strip_prefix(key)?.trim().strip_prefix('='))
-        .next_back()??
+        .next_back()?
         .trim()
         .parse()
         .ok()
