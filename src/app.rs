@@ -43,7 +43,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         config.callback_retries,
         predecessor_notices,
     );
-    let (control_link, directory_requests) = control::link();
+    let (control_link, directory_requests) = crate::link::directory_channel();
     let deps = ShardDeps {
         config: Arc::clone(&config),
         control: control_link,
@@ -304,7 +304,7 @@ fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<Callba
 /// hand-over to a successor on SIGUSR2.
 fn run_control(
     node: Rc<Node>,
-    directory_requests: control::DirectoryRequests,
+    directory_requests: crate::link::DirectoryRequests,
     listeners: ControlListeners,
     shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
     presence: Presence,

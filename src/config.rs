@@ -25,6 +25,9 @@ websocket_port=:8900
 rpc_addr=127.0.0.1:8901
 ";
 
+/// The default of `rpc_max_request_size`: the largest single push RPC request.
+pub const DEFAULT_RPC_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
 /// Why a configuration was refused. Every variant names the offending key or line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -362,7 +365,7 @@ impl Config {
             rpc_max_connections: raw.count("rpc_max_connections", 4096, 1, 1 << 16)?,
             rpc_max_request_size: raw.count(
                 "rpc_max_request_size",
-                crate::rpc::codec::MAX_REQUEST_BYTES,
+                DEFAULT_RPC_MAX_REQUEST_BYTES,
                 1024,
                 256 << 20,
             )?,

@@ -10,6 +10,7 @@ pub mod control;
 pub mod fault;
 pub mod handover;
 pub(crate) mod histogram;
+pub mod link;
 pub mod logging;
 pub mod panics;
 pub mod presence;

@@ -10,7 +10,7 @@ use crate::callback::CallbackFigures;
 use crate::control::load::LoadState;
 use crate::control::process::ProcessFigures;
 use crate::histogram::Snapshot;
-use crate::shard::ShardStats;
+use crate::link::ShardStats;
 
 /// Everything one scrape shows.
 pub struct Figures<'a> {

@@ -4,7 +4,8 @@
 //!
 //! It may wait on the network (RPC clients, etcd) but never on a shard: commands go out
 //! through non-blocking channel sends and replies come back as futures. Shards reach it
-//! only through [`ControlLink`].
+//! only through `link` ([`crate::link::ControlLink`]), and it reaches them only through
+//! their [`crate::link::ShardHandle`]s: it never names the `shard` module.
 
 pub mod admin;
 pub mod directory;
@@ -23,57 +24,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::callback::CallbackStats;
 use crate::codec::Message;
 use crate::config::Config;
+use crate::link::{
+    BroadcastOutcome, DirectoryRequest, DirectoryRequests, PushOutcome, ShardCommand, ShardHandle,
+    ShardStats,
+};
 use crate::presence::Presence;
 use crate::session::CloseReason;
-use crate::shard::{BroadcastOutcome, PushOutcome, ShardCommand, ShardHandle, ShardStats};
 use directory::{Claim, Directory};
 use etcd::{Published, Registrar};
 use load::{LoadCheck, LoadSample, LoadState};
-
-/// What shards ask of the directory.
-pub enum DirectoryRequest {
-    /// Claim a conn_id before upgrading a client; the reply says whether it is granted.
-    Claim {
-        conn_id: String,
-        shard: usize,
-        reply: oneshot::Sender<bool>,
-    },
-    /// The client holding this conn_id on this shard is gone (`parked`: the shard keeps
-    /// its recovery buffer, so pushes still go there).
-    Release {
-        conn_id: String,
-        shard: usize,
-        parked: bool,
-    },
-    /// The parked recovery buffer of this conn_id on this shard expired.
-    Expired { conn_id: String, shard: usize },
-}
-
-/// A shard's non-blocking line to the control thread.
-#[derive(Clone)]
-pub struct ControlLink(mpsc::UnboundedSender<DirectoryRequest>);
-
-impl ControlLink {
-    /// Sends without waiting. A send after the control thread ended is dropped: by then
-    /// the process is exiting and nobody reads the directory.
-    pub fn send(&self, request: DirectoryRequest) {
-        let _ = self.0.send(request);
-    }
-}
-
-/// The receiving end of every [`ControlLink`].
-pub type DirectoryRequests = mpsc::UnboundedReceiver<DirectoryRequest>;
-
-/// A connected link and receiver.
-pub fn link() -> (ControlLink, DirectoryRequests) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (ControlLink(tx), rx)
-}
 
 /// Longest wait for a shard's reply. Shards answer in microseconds to milliseconds (a
 /// broadcast to 100,000 clients takes well under a second); a shard that has not answered

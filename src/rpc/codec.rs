@@ -14,7 +14,7 @@
 use serde_json::{Value, json};
 
 /// Largest single request accepted, in bytes (the default of `rpc_max_request_size`).
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_REQUEST_BYTES: usize = crate::config::DEFAULT_RPC_MAX_REQUEST_BYTES;
 
 /// Nesting the scanner accepts; deeper is a syntax error (serde_json's own limit is 128,
 /// so a value the scanner passes is never refused for depth by the parser).

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 
 use super::codec::Request;
 use crate::control::Node;
-use crate::shard::PushOutcome;
+use crate::link::PushOutcome;
 
 /// Newest-generation status codes.
 mod code {

@@ -2,11 +2,10 @@
 //! table and every connection accepted on it for that connection's whole life.
 //!
 //! A shard never blocks and never shares its table: the control thread reaches it only
-//! through its [`ShardHandle`] (a crossbeam channel plus a waker), and it reaches the
+//! through its `link::ShardHandle` (a crossbeam channel plus a waker), and it reaches the
 //! control thread only through non-blocking sends. Blocking work (`checkToken`) runs on
 //! the shard's blocking pool, presence callbacks on the presence workers.
 
-pub mod inbox;
 mod recovery;
 mod table;
 
@@ -23,20 +22,19 @@ use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
-use tokio::sync::oneshot;
 
 use crate::callback::CallbackClient;
 use crate::codec::{Message, json};
 use crate::config::Config;
-use crate::control::{ControlLink, DirectoryRequest};
+use crate::link::{
+    self, ControlLink, DirectoryRequest, PushOutcome, ShardCommand, ShardHandle, ShardStats,
+};
 use crate::presence::{Presence, PresenceKind};
 use crate::session::{CloseReason, Session};
 use crate::token::TokenVerifier;
 use crate::transport::Entry;
 use crate::transport::ws::frame::EncodedFrame;
 
-pub use inbox::ShardHandle;
-pub use table::{BroadcastOutcome, PushOutcome};
 use table::{Heartbeat, Pings, SessionTable};
 
 /// Bytes read from a socket per read call; shared by every connection of a shard, so an
@@ -44,107 +42,6 @@ use table::{Heartbeat, Pings, SessionTable};
 const SCRATCH_BYTES: usize = 16 * 1024;
 /// Longest pause of the acceptor after running out of descriptors.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Work the control thread hands to a shard.
-pub enum ShardCommand {
-    /// Deliver one message to these conn_ids; reply with the ones not delivered, and on
-    /// `buffered` (sent first) those kept in a recovery buffer for a client away.
-    Push {
-        message: Arc<Message>,
-        conn_ids: Vec<String>,
-        reply: oneshot::Sender<Vec<String>>,
-        buffered: oneshot::Sender<Vec<String>>,
-    },
-    /// Deliver one message to every session; reply with the counts.
-    Broadcast {
-        message: Arc<Message>,
-        reply: oneshot::Sender<BroadcastOutcome>,
-    },
-    /// Close these sessions; reply (when asked) with the conn_ids not found here.
-    Kick {
-        conn_ids: Vec<String>,
-        reason: CloseReason,
-        reply: Option<oneshot::Sender<Vec<String>>>,
-    },
-    /// Add these sessions to a group; reply with the conn_ids not found here.
-    GroupJoin {
-        group: String,
-        conn_ids: Vec<String>,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    /// Remove these sessions from a group; reply with the conn_ids not found here.
-    GroupLeave {
-        group: String,
-        conn_ids: Vec<String>,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    /// Deliver one message to every member of a group on this shard.
-    GroupPush {
-        group: String,
-        message: Arc<Message>,
-        reply: oneshot::Sender<BroadcastOutcome>,
-    },
-    /// A client is reclaiming a conn_id whose recovery buffer is parked on another shard:
-    /// keep what is pushed to it from now on until the buffer arrives.
-    ExpectParcel { conn_id: String },
-    /// Send the parked recovery buffer of `conn_id` (if still kept) to `to`, with the
-    /// claimant's `grant`.
-    HandOver {
-        conn_id: String,
-        to: ShardHandle,
-        grant: oneshot::Sender<bool>,
-    },
-    /// Take a recovery buffer from another shard, then grant the claim.
-    Adopt {
-        conn_id: String,
-        parcel: Option<crate::recovery::Parcel>,
-        grant: oneshot::Sender<bool>,
-    },
-    /// Report this shard's figures.
-    Stats { reply: oneshot::Sender<ShardStats> },
-    /// Answer at once: the liveness probe behind `/readyz`.
-    Ping { reply: oneshot::Sender<()> },
-    /// Stop accepting, close every session with 1001 spread over `drain_window`, then
-    /// end the executor. Pushes are still served to sessions not yet closed.
-    Shutdown,
-    /// Sent by the shard to itself when its drain has finished.
-    Drained,
-}
-
-/// One shard's figures.
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ShardStats {
-    /// Shard index.
-    pub shard: usize,
-    /// Sessions in the table.
-    pub connections: usize,
-    /// Sessions in the table by the framing they speak (`websocket`, `json`, `resp`).
-    pub connections_by_transport: BTreeMap<&'static str, usize>,
-    /// Messages waiting in outbound queues.
-    pub queued_messages: usize,
-    /// Bytes waiting in outbound queues (pushes and replies).
-    pub queued_bytes: usize,
-    /// Connections accepted (handshake or not).
-    pub accepted: u64,
-    /// Accepts refused because descriptors ran out.
-    pub accept_fd_exhausted: u64,
-    /// Clients upgraded.
-    pub upgraded: u64,
-    /// Handshakes refused, by reason.
-    pub handshake_refusals: BTreeMap<&'static str, u64>,
-    /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
-    pub delivery_failures: BTreeMap<&'static str, u64>,
-    /// Sessions ended, by close reason (`CloseReason::label`).
-    pub disconnects: BTreeMap<&'static str, u64>,
-    /// Connection tasks that panicked (each closed that connection only).
-    pub connection_panics: u64,
-    /// Recovery buffers held (live and parked conn_ids).
-    pub recovery_buffers: usize,
-    /// Messages kept in recovery buffers.
-    pub recovery_messages: usize,
-    /// Bytes counted against `recovery_total_bytes` (payloads plus overhead).
-    pub recovery_bytes: usize,
-}
 
 /// Everything a shard owns. Lives on the shard's thread only.
 pub struct Shard {
@@ -250,7 +147,7 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
     let mut handles = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
     for (id, fds) in per_shard.into_iter().enumerate() {
-        let (handle, inbox) = inbox::channel();
+        let (handle, inbox) = link::shard_channel();
         let own_handle = handle.clone();
         let deps = deps.clone();
         let ready = ready_tx.clone();
@@ -290,7 +187,7 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
 async fn run(
     shard: Rc<Shard>,
     listeners: Vec<(TcpListener, Entry)>,
-    inbox: inbox::Inbox,
+    inbox: link::Inbox,
     own: ShardHandle,
 ) {
     // Long-running tasks end by returning when their stop channel closes, not by

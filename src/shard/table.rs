@@ -20,17 +20,9 @@ use std::time::{Duration, Instant};
 use ahash::{AHashMap, AHashSet};
 
 use crate::codec::{Message, Wire};
+use crate::link::{BroadcastOutcome, PushOutcome};
 use crate::recovery::{self, Limits, Parcel, RecoveryStore, Since, StoreFigures};
 use crate::session::{CloseReason, Delivery, Session};
-
-/// What a push by conn_id did on one shard.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PushOutcome {
-    /// Ids it did not reach and will not (not here, closing, slow consumers).
-    pub failed: Vec<String>,
-    /// Ids whose client is away: the message waits in its recovery buffer.
-    pub buffered: Vec<String>,
-}
 
 /// What handing one message to one conn_id did.
 enum Reach {
@@ -38,27 +30,6 @@ enum Reach {
     /// Kept in the recovery buffer for a reconnect (the client is away or closing).
     Buffered,
     Failed(&'static str),
-}
-
-/// What a broadcast (or a group push) did on one shard.
-#[derive(Debug, Default, Clone)]
-pub struct BroadcastOutcome {
-    /// Sessions that accepted the message.
-    pub delivered: usize,
-    /// Sessions that did not (closing or slow consumers).
-    pub failed: Vec<String>,
-}
-
-impl BroadcastOutcome {
-    /// Sums the outcomes of several shards.
-    pub fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
-        let mut total = BroadcastOutcome::default();
-        for outcome in outcomes {
-            total.delivered += outcome.delivered;
-            total.failed.extend(outcome.failed);
-        }
-        total
-    }
 }
 
 /// The heartbeat rules: when a quiet client is pinged, when a silent one is dropped.

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::callback::CallbackError;
 use crate::codec::Wire;
-use crate::control::DirectoryRequest;
+use crate::link::DirectoryRequest;
 use crate::session::{Session, SessionSpec};
 use crate::shard::Shard;
 use crate::transport::with_deadline;
