@@ -144,3 +144,31 @@ pub fn notify_systemd(state: &str) {
         tracing::warn!(error = %err, "could not notify systemd");
     }
 }
+
+/// Turns on TCP keepalive on a socket: probes after `idle` of silence, then every
+/// `interval`, the connection dropped after `retries` unanswered. `fd` must be an open
+/// socket for the whole call (the caller's connection).
+pub fn set_keepalive(
+    fd: RawFd,
+    idle: std::time::Duration,
+    interval: std::time::Duration,
+    retries: u32,
+) {
+    // SAFETY: the caller guarantees `fd` is open for the whole call; it is only borrowed.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(retries);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+}
+
+/// A glommio listener that takes ownership of the listening socket `fd`. Each such
+/// descriptor must be given to exactly one call (the shard that accepts on it), which
+/// then closes it.
+pub fn glommio_listener(fd: RawFd) -> glommio::net::TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller hands over sole ownership of an open listening socket.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+}

@@ -12,7 +12,7 @@ mod table;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,11 +156,11 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
             .ring_depth(deps.config.io_uring_depth)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(deps.config.callback_threads))
             .spawn(move || async move {
-                // SAFETY: each descriptor is a listening socket whose ownership was given
+                // Each descriptor is a listening socket whose ownership was given
                 // to this shard alone above.
                 let listeners = fds
                     .into_iter()
-                    .map(|(fd, entry)| (unsafe { TcpListener::from_raw_fd(fd) }, entry))
+                    .map(|(fd, entry)| (crate::sys::glommio_listener(fd), entry))
                     .collect();
                 let _ = ready.send(());
                 run(Rc::new(Shard::new(id, deps)), listeners, inbox, own_handle).await;

@@ -8,7 +8,7 @@
 pub mod json;
 pub mod resp;
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use futures_lite::AsyncReadExt;
@@ -55,14 +55,7 @@ async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<V
 /// connection dropped after three unanswered. RESP clients cannot be pinged by the
 /// server, so this is how a dead one is found (JSON-lines clients have both).
 pub fn enable_keepalive(fd: RawFd, idle: Duration) {
-    // SAFETY: `fd` is the connection's socket, open for the whole call.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let socket = socket2::SockRef::from(&borrowed);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(idle)
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    let _ = socket.set_tcp_keepalive(&keepalive);
+    crate::sys::set_keepalive(fd, idle, (idle / 3).max(Duration::from_secs(1)), 3);
 }
 
 /// One read before `limit`: `Some(n)` bytes (0 at EOF), `None` on timeout or error.
