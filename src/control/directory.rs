@@ -149,6 +149,23 @@ impl<W> Directory<W> {
         self.entries.get(conn_id).map(|e| e.shard)
     }
 
+    /// The fan-out of a push: `conn_ids` (each once, in the order first named) split by
+    /// the shard holding them (`per_shard[shard]`), and those on no shard here.
+    pub fn split_by_shard(&self, conn_ids: &[String]) -> Split {
+        let mut split = Split {
+            per_shard: vec![Vec::new(); self.per_shard.len()],
+            missing: Vec::new(),
+        };
+        let mut seen = ahash::AHashSet::with_capacity(conn_ids.len());
+        for id in conn_ids.iter().filter(|id| seen.insert(id.as_str())) {
+            match self.shard_of(id) {
+                Some(shard) => split.per_shard[shard].push(id.clone()),
+                None => split.missing.push(id.clone()),
+            }
+        }
+        split
+    }
+
     /// Whether a client holds `conn_id` here (a parked one is not connected).
     pub fn is_connected(&self, conn_id: &str) -> bool {
         self.entries.get(conn_id).is_some_and(|e| !e.parked)
@@ -178,9 +195,44 @@ impl<W> Directory<W> {
     }
 }
 
+/// A push's recipients split by shard ([`Directory::split_by_shard`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Split {
+    /// The ids each shard holds, indexed by shard.
+    pub per_shard: Vec<Vec<String>>,
+    /// The ids no shard here holds.
+    pub missing: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_push_splits_by_holder_once_per_id_in_order() {
+        let mut dir = Directory::new(3, DuplicatePolicy::Reject);
+        for (id, shard) in [("a", 0), ("b", 2), ("c", 0), ("p", 1)] {
+            assert_eq!(dir.claim(id, shard, ()), Claim::Granted(()));
+        }
+        assert!(dir.release("p", 1, true).is_none());
+        let split = dir.split_by_shard(&ids(&["c", "x", "a", "b", "c", "p", "x", "y"]));
+        assert_eq!(
+            split,
+            Split {
+                per_shard: vec![ids(&["c", "a"]), ids(&["p"]), ids(&["b"])],
+                missing: ids(&["x", "y"]),
+            },
+            "duplicates named once; a parked id goes to its buffer's shard"
+        );
+        assert_eq!(
+            dir.split_by_shard(&[]).per_shard,
+            vec![Vec::<String>::new(); 3]
+        );
+    }
 
     #[test]
     fn reject_policy_refuses_a_second_claim_on_any_shard() {

@@ -17,7 +17,6 @@ pub(crate) mod process;
 pub(crate) mod watchdog;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +34,7 @@ use crate::link::{
 };
 use crate::presence::Presence;
 use crate::session::CloseReason;
-use directory::{Claim, Directory};
+use directory::{Claim, Directory, Split};
 use etcd::{Published, Registrar};
 use load::{LoadCheck, LoadSample, LoadState};
 
@@ -473,18 +472,7 @@ impl Node {
         conn_ids: &[String],
         make: impl Fn(Vec<String>, oneshot::Sender<Vec<String>>) -> ShardCommand,
     ) -> HolderAnswers {
-        let mut per_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards.len()];
-        let mut missing = Vec::new();
-        let mut seen = HashSet::with_capacity(conn_ids.len());
-        {
-            let directory = self.directory.borrow();
-            for id in conn_ids.iter().filter(|id| seen.insert(id.as_str())) {
-                match directory.shard_of(id) {
-                    Some(shard) => per_shard[shard].push(id.clone()),
-                    None => missing.push(id.clone()),
-                }
-            }
-        }
+        let Split { per_shard, missing } = self.directory.borrow().split_by_shard(conn_ids);
         let mut replies = Vec::new();
         let mut answered = Vec::new();
         for (shard, ids) in per_shard.into_iter().enumerate() {
