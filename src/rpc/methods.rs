@@ -460,3 +460,342 @@ fn check_online(node: &Node, fields: &Fields) -> Enveloped {
         .map_err(|why| Failure::new(code::BAD_PARAMS, why))?;
     Ok(json!(node.online(&connections)))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every method against a real `Node` whose shards are test threads answering the
+    //! shard commands from a set of conn_ids they hold: the reply shapes and the rules of
+    //! push, broadcast, kick and groups without a socket.
+
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::rc::Rc;
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{Value, json};
+    use tokio::sync::oneshot;
+
+    use super::{code, dispatch};
+    use crate::callback::CallbackStats;
+    use crate::config::{Config, EMBEDDED_DEFAULT};
+    use crate::control::{Node, NodeParts};
+    use crate::link::{self, BroadcastOutcome, DirectoryRequest, Inbox, ShardCommand, ShardStats};
+    use crate::presence::Presence;
+
+    /// What the test shards were handed: (shard, conn_id, message).
+    type Deliveries = Arc<Mutex<Vec<(usize, String, String)>>>;
+
+    /// A shard thread holding `held`, answering until the node's handles are gone.
+    fn fake_shard(id: usize, inbox: Inbox, held: &[&str], seen: Deliveries) {
+        let mut held: HashSet<String> = held.iter().map(|s| s.to_string()).collect();
+        let mut groups: HashMap<String, HashSet<String>> = HashMap::new();
+        std::thread::spawn(move || {
+            while let Some(command) = futures_lite::future::block_on(inbox.recv()) {
+                let text =
+                    |m: &crate::codec::Message| String::from_utf8_lossy(m.payload()).into_owned();
+                match command {
+                    ShardCommand::Push {
+                        message,
+                        conn_ids,
+                        reply,
+                        buffered,
+                    } => {
+                        let (here, away): (Vec<_>, Vec<_>) =
+                            conn_ids.into_iter().partition(|c| held.contains(c));
+                        for conn_id in here {
+                            seen.lock().unwrap().push((id, conn_id, text(&message)));
+                        }
+                        let _ = buffered.send(Vec::new());
+                        let _ = reply.send(away);
+                    }
+                    ShardCommand::Broadcast { message, reply } => {
+                        for conn_id in &held {
+                            seen.lock()
+                                .unwrap()
+                                .push((id, conn_id.clone(), text(&message)));
+                        }
+                        let _ = reply.send(BroadcastOutcome {
+                            delivered: held.len(),
+                            failed: Vec::new(),
+                        });
+                    }
+                    ShardCommand::Kick {
+                        conn_ids, reply, ..
+                    } => {
+                        let missing = conn_ids.into_iter().filter(|c| !held.remove(c)).collect();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(missing);
+                        }
+                    }
+                    ShardCommand::GroupJoin {
+                        group,
+                        conn_ids,
+                        reply,
+                    } => {
+                        let (here, missing): (Vec<_>, Vec<_>) =
+                            conn_ids.into_iter().partition(|c| held.contains(c));
+                        groups.entry(group).or_default().extend(here);
+                        let _ = reply.send(missing);
+                    }
+                    ShardCommand::GroupLeave {
+                        group,
+                        conn_ids,
+                        reply,
+                    } => {
+                        let members = groups.entry(group).or_default();
+                        let missing = conn_ids
+                            .into_iter()
+                            .filter(|c| !members.remove(c))
+                            .collect();
+                        let _ = reply.send(missing);
+                    }
+                    ShardCommand::GroupPush {
+                        group,
+                        message,
+                        reply,
+                    } => {
+                        let members = groups.get(&group).cloned().unwrap_or_default();
+                        for conn_id in &members {
+                            seen.lock()
+                                .unwrap()
+                                .push((id, conn_id.clone(), text(&message)));
+                        }
+                        let _ = reply.send(BroadcastOutcome {
+                            delivered: members.len(),
+                            failed: Vec::new(),
+                        });
+                    }
+                    ShardCommand::Stats { reply } => {
+                        let _ = reply.send(ShardStats {
+                            shard: id,
+                            connections: held.len(),
+                            ..ShardStats::default()
+                        });
+                    }
+                    ShardCommand::Ping { reply } => {
+                        let _ = reply.send(());
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+
+    /// A node with a shard per entry of `shards` (the conn_ids it holds, claimed through
+    /// the directory as a real shard claims them), running `test` on the control thread.
+    fn with_node<F, Fut>(extra: &str, shards: &[&[&str]], test: F)
+    where
+        F: FnOnce(Rc<Node>, Deliveries) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let (config, _) = Config::parse(&format!("{EMBEDDED_DEFAULT}\n{extra}")).unwrap();
+        let seen: Deliveries = Arc::default();
+        let mut handles = Vec::new();
+        for (id, held) in shards.iter().enumerate() {
+            let (handle, inbox) = link::shard_channel();
+            fake_shard(id, inbox, held, Arc::clone(&seen));
+            handles.push(handle);
+        }
+        let (presence, _workers) = Presence::start(None, 1, 0, None);
+        let node = Node::new(NodeParts {
+            config: Arc::new(config),
+            shards: handles,
+            refuse_new_clients: Arc::default(),
+            callback_stats: Arc::new(CallbackStats::default()),
+            inherited_lease: None,
+            presence,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&runtime, async move {
+            let (link, requests) = link::directory_channel();
+            tokio::task::spawn_local(Rc::clone(&node).serve_directory(requests));
+            for (shard, held) in shards.iter().enumerate() {
+                for conn_id in *held {
+                    let (reply, granted) = oneshot::channel();
+                    link.send(DirectoryRequest::Claim {
+                        conn_id: conn_id.to_string(),
+                        shard,
+                        reply,
+                    });
+                    assert!(granted.await.unwrap(), "{conn_id} claimed");
+                }
+            }
+            test(node, seen).await;
+        });
+    }
+
+    fn delivered(seen: &Deliveries) -> BTreeMap<String, String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|(_, id, msg)| (id.clone(), msg.clone()))
+            .collect()
+    }
+
+    fn error_object(answer: Result<Value, String>) -> Value {
+        serde_json::from_str(&answer.expect_err("a failure")).unwrap()
+    }
+
+    #[test]
+    fn second_generation_push_reaches_holders_on_every_shard_and_names_the_rest() {
+        with_node("", &[&["a", "b"], &["c"]], |node, seen| async move {
+            let all = json!({"connections": ["a", "c"], "msg": "hi"});
+            assert_eq!(
+                dispatch(&node, "Server.SendToConnections", all).await,
+                Ok(json!("ok"))
+            );
+            let some = json!({"Connections": ["b", "zz", "b"], "MSG": "again"});
+            let failure = error_object(dispatch(&node, "Server.SendToConnections", some).await);
+            assert_eq!(
+                failure,
+                json!({"ids": ["zz"], "msg": "some connections could not be reached."})
+            );
+            let got = delivered(&seen);
+            assert_eq!(got["a"], "hi");
+            assert_eq!(got["c"], "hi");
+            assert_eq!(got["b"], "again");
+            assert_eq!(
+                seen.lock().unwrap().len(),
+                3,
+                "b named twice, delivered once"
+            );
+            let empty = json!({"connections": [], "msg": "x"});
+            let failure = error_object(dispatch(&node, "SendToConnections", empty).await);
+            assert_eq!(failure["msg"], "connections is empty.");
+        });
+    }
+
+    #[test]
+    fn first_generation_push_takes_a_json_string() {
+        with_node("", &[&["a"]], |node, seen| async move {
+            let param = json!(json!({"to": ["a", "x"], "msg": "one"}).to_string());
+            let failure = error_object(dispatch(&node, "Server.SendToConnections", param).await);
+            assert_eq!(
+                failure,
+                json!({"error_ids": ["x"], "error_info": "some connections could not be reached"})
+            );
+            assert_eq!(delivered(&seen)["a"], "one");
+            let not_json = dispatch(&node, "Server.SendToConnections", json!("{nope")).await;
+            assert_eq!(
+                error_object(not_json)["error_info"],
+                "param is not a JSON object string"
+            );
+            let wrong = dispatch(&node, "Server.SendToConnections", json!(42)).await;
+            assert!(wrong.unwrap_err().contains("takes a JSON string or object"));
+        });
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_by_every_method_before_anything_is_done() {
+        with_node(
+            "comet_rpc_token=sesame",
+            &[&["a"]],
+            |node, seen| async move {
+                let push = json!({"connections": ["a"], "msg": "m", "token": "guess"});
+                assert_eq!(
+                    error_object(dispatch(&node, "SendToConnections", push).await)["msg"],
+                    "token error."
+                );
+                let gen1 = json!(json!({"to": ["a"], "msg": "m", "token": "guess"}).to_string());
+                assert_eq!(
+                    error_object(dispatch(&node, "SendToConnections", gen1).await)["error_info"],
+                    "token error."
+                );
+                for method in [
+                    "Broadcast",
+                    "GetAllConnections",
+                    "CheckConnectionsOnline",
+                    "Status",
+                    "GetNode",
+                ] {
+                    let answer = dispatch(&node, method, json!({"token": "guess", "msg": "m"}))
+                        .await
+                        .unwrap();
+                    assert_eq!(answer["error"], "token error.", "{method}");
+                    assert_eq!(answer["code"], code::BAD_TOKEN, "{method}");
+                }
+                assert!(seen.lock().unwrap().is_empty(), "nothing was delivered");
+                let right = json!({"connections": ["a"], "msg": "m", "token": "sesame"});
+                assert_eq!(
+                    dispatch(&node, "SendToConnections", right).await,
+                    Ok(json!("ok"))
+                );
+            },
+        );
+    }
+
+    #[test]
+    fn broadcast_and_groups_answer_with_codes_and_counts() {
+        with_node("", &[&["a", "b"], &["c"]], |node, seen| async move {
+            let answer = dispatch(&node, "Broadcast", json!({"msg": "all"}))
+                .await
+                .unwrap();
+            assert_eq!(
+                answer,
+                json!({"code": code::OK, "data": {"delivered": 3, "failed": []}, "error": ""})
+            );
+            let join = json!({"group": "g", "connections": ["a", "c", "gone"]});
+            let answer = dispatch(&node, "JoinGroup", join).await.unwrap();
+            assert_eq!(answer["data"], json!({"group": "g", "not_found": ["gone"]}));
+            assert_eq!(answer["code"], code::SOME_FAILED, "a partial join");
+            let answer = dispatch(&node, "SendToGroup", json!({"group": "g", "msg": "grp"}))
+                .await
+                .unwrap();
+            assert_eq!(answer["data"]["delivered"], 2);
+            let seen_group: Vec<_> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, _, m)| m == "grp")
+                .map(|(_, id, _)| id.clone())
+                .collect();
+            assert_eq!(seen_group.len(), 2);
+            let answer = dispatch(&node, "SendToGroup", json!({"msg": "x"}))
+                .await
+                .unwrap();
+            assert_eq!(answer["error"], "group is empty.");
+            assert_eq!(answer["code"], code::BAD_PARAMS);
+            let answer = dispatch(&node, "Broadcast", json!({})).await.unwrap();
+            assert_eq!(answer["error"], "msg is empty.");
+        });
+    }
+
+    #[test]
+    fn kick_online_checks_and_unknown_methods() {
+        with_node("", &[&["a"], &["b"]], |node, _| async move {
+            let online = dispatch(
+                &node,
+                "CheckConnectionsOnline",
+                json!({"connections": ["a", "b", "x"]}),
+            )
+            .await
+            .unwrap();
+            assert_eq!(online["code"], code::OK);
+            assert_eq!(
+                online["data"],
+                json!(["a", "b"]),
+                "the ones online, in the order asked"
+            );
+            let mut all: Vec<String> = serde_json::from_value(
+                dispatch(&node, "GetAllConnections", json!({}))
+                    .await
+                    .unwrap()["data"]
+                    .clone(),
+            )
+            .unwrap();
+            all.sort();
+            assert_eq!(all, ["a", "b"]);
+            assert_eq!(
+                dispatch(&node, "KickConnections", json!({"connections": ["a"]})).await,
+                Ok(json!("ok"))
+            );
+            let failure =
+                error_object(dispatch(&node, "KickConnections", json!({"connections": []})).await);
+            assert_eq!(failure["msg"], "connections is empty.");
+            let unknown = dispatch(&node, "Server.Nope", json!({})).await.unwrap_err();
+            assert_eq!(unknown, "rpc: can't find method Server.Nope");
+        });
+    }
+}
