@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 target="$(rustc -vV | sed -n 's/^host: //p')"
 tests=("$@")
 if ((${#tests[@]} == 0)); then
-    tests=(connect push rpc operations protocols examples cluster restart reliability)
+    tests=(connect push rpc operations protocols examples cluster restart reliability recovery)
 fi
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=leak -Cforce-frame-pointers=yes" \
     cargo build --locked --bin comet --no-default-features --target "$target" --target-dir target/lsan
