@@ -247,3 +247,225 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
         out_of_order.len()
     );
 }
+
+/// One client's time without a connection to either process, as the client saw it: from
+/// the old process's close to the handshake of the connection that stayed.
+type Gap = (std::time::Instant, std::time::Instant);
+
+/// Closed with 1001 by the draining process: reconnects at once until a connection
+/// stays (a reconnect may still reach the old one); returns the gap and the connection.
+fn reconnect_after_close(
+    mut client: common::Client,
+    url: &str,
+    port: u16,
+) -> (Gap, common::Client) {
+    assert_eq!(close_code(&mut client), Some(1001));
+    let closed = std::time::Instant::now();
+    for _ in 0..50 {
+        if let Ok(mut again) = common::connect_url(url, port) {
+            let connected = std::time::Instant::now();
+            again
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            // A connection that stays gets only pushes (text) for 1.5 s, no close.
+            let stays_until = connected + Duration::from_millis(1500);
+            let stayed = loop {
+                match again.read() {
+                    Ok(tungstenite::Message::Text(_)) | Err(tungstenite::Error::Io(_))
+                        if std::time::Instant::now() >= stays_until =>
+                    {
+                        break true;
+                    }
+                    Ok(tungstenite::Message::Text(_)) | Err(tungstenite::Error::Io(_)) => {}
+                    _ => break false,
+                }
+            };
+            if stayed {
+                return ((closed, connected), again);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("could not reconnect");
+}
+
+/// One push call as the pusher saw it: sent, answered, the ids answered failed.
+struct PushRecord {
+    sent: std::time::Instant,
+    answered: std::time::Instant,
+    failed: Vec<String>,
+}
+
+/// A message server pushing over one persistent RPC connection. A connection closed
+/// with no reply to the call just written means the call was not executed (the node
+/// closes only idle connections), so it reconnects and sends that call again.
+struct Pusher {
+    port: u16,
+    stream: Option<(std::io::BufReader<std::net::TcpStream>, std::net::TcpStream)>,
+    reconnects: usize,
+}
+
+impl Pusher {
+    fn call(&mut self, ids: &[String], n: u64) -> Vec<String> {
+        use std::io::{BufRead, Write};
+        let request = json!({"method": "Server.SendToConnections",
+            "params": [{"connections": ids, "msg": format!("m{n}"), "token": ""}], "id": n});
+        let request = format!("{request}\n");
+        loop {
+            if self.stream.is_none() {
+                let stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                self.stream = Some((reader, stream));
+            }
+            let (reader, writer) = self.stream.as_mut().unwrap();
+            let mut line = String::new();
+            let answered = writer.write_all(request.as_bytes()).is_ok()
+                && matches!(reader.read_line(&mut line), Ok(n) if n > 0);
+            if !answered {
+                self.stream = None;
+                self.reconnects += 1;
+                continue;
+            }
+            let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(reply["id"], json!(n), "{reply}");
+            if reply["result"] == json!("ok") {
+                return Vec::new();
+            }
+            let error: serde_json::Value =
+                serde_json::from_str(reply["error"].as_str().unwrap()).unwrap();
+            return error["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|id| id.as_str().unwrap().to_owned())
+                .collect();
+        }
+    }
+}
+
+/// Pushes at a steady rate on one persistent RPC connection through a hand-over, while
+/// the draining process's clients reconnect to the successor: the draining process
+/// forwards pushes for ids it no longer holds to the successor, then closes the idle RPC
+/// connection so the pusher moves. A push is answered failed only for an id truly between
+/// connections (closed by the old process, not yet reconnected; 200 ms of slack either
+/// side for the clocks of client and node). Before forwarding, about half of all pushes
+/// during a drain failed.
+#[test]
+fn pushes_during_a_restart_fail_only_for_clients_between_connections() {
+    const CLIENTS: usize = 100;
+    const PER_PUSH: usize = 10;
+    let server = MessageServer::start();
+    let mut old = Comet::start(
+        Some(&server),
+        "drain_window=2s\nping_interval=5s\nheartbeat_timeout=30s",
+    );
+    let port = old.ws_port;
+    let ids: Vec<String> = (0..CLIENTS).map(|i| format!("p{i}")).collect();
+    let clients: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let url = old.ws_url(id, "t", "");
+            let mut client = common::connect_url(&url, port).unwrap();
+            client
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            std::thread::spawn(move || reconnect_after_close(client, &url, port))
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || server
+        .calls_of("online")
+        .len()
+        == CLIENTS));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (stop, ids, rpc_port) = (stop.clone(), ids.clone(), old.rpc_port);
+        std::thread::spawn(move || {
+            let mut pusher = Pusher {
+                port: rpc_port,
+                stream: None,
+                reconnects: 0,
+            };
+            let mut records = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let start = (n as usize * PER_PUSH) % CLIENTS;
+                let batch = ids[start..start + PER_PUSH].to_vec();
+                let sent = std::time::Instant::now();
+                let failed = pusher.call(&batch, n);
+                records.push(PushRecord {
+                    sent,
+                    answered: std::time::Instant::now(),
+                    failed,
+                });
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (records, pusher.reconnects)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    let status = old
+        .wait_exit(Duration::from_secs(40))
+        .expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+    let _reap = Reap(successor_pid(&old.log_text()).expect("the log names the successor"));
+    let moved: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (records, reconnects) = pusher.join().unwrap();
+
+    let slack = Duration::from_millis(200);
+    let gaps: std::collections::HashMap<&str, Gap> = ids
+        .iter()
+        .map(String::as_str)
+        .zip(moved.iter().map(|(gap, _)| *gap))
+        .collect();
+    let between_connections = |id: &str, record: &PushRecord| {
+        let (closed, connected) = gaps[id];
+        record.answered + slack >= closed && record.sent <= connected + slack
+    };
+    let failed: usize = records.iter().map(|r| r.failed.len()).sum();
+    let failed_while_connected: Vec<String> = records
+        .iter()
+        .flat_map(|r| {
+            r.failed
+                .iter()
+                .filter(|id| !between_connections(id, r))
+                .cloned()
+        })
+        .collect();
+    let log = old.log_text();
+    println!(
+        "{} pushes ({} recipients) through a restart: {failed} recipients answered failed, \
+         {} of them while connected on either process; the pusher reconnected {reconnects} time(s)",
+        records.len(),
+        records.len() * PER_PUSH,
+        failed_while_connected.len()
+    );
+    assert!(
+        records.len() > 500,
+        "the pusher kept pushing: {}",
+        records.len()
+    );
+    assert!(
+        failed_while_connected.is_empty(),
+        "pushes failed for connected ids: {failed_while_connected:?}"
+    );
+    assert!(
+        reconnects >= 1,
+        "the draining process closed the idle RPC connection, and the pusher moved"
+    );
+    assert!(
+        log.contains("pushes for clients not held here go to the successor"),
+        "{log}"
+    );
+}
