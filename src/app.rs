@@ -393,7 +393,11 @@ fn run_control(
                 }
             }
         }
-        crate::sys::notify_systemd("STOPPING=1");
+        // Not after a hand-over: systemd follows the successor (its MAINPID) by then, and
+        // under NotifyAccess=all a STOPPING=1 from us would read as the service stopping.
+        if !matches!(ending, Ending::HandedOver(..)) {
+            crate::sys::notify_systemd("STOPPING=1");
+        }
         node.shutdown_shards();
         let joined = tokio::task::spawn_blocking(move || {
             for thread in shard_threads {

@@ -469,3 +469,85 @@ fn pushes_during_a_restart_fail_only_for_clients_between_connections() {
         "{log}"
     );
 }
+
+/// A SIGUSR2 with a broken comet.ini: the successor fails at start, the node goes on
+/// serving, and the failed successor is reaped (it was left a zombie before).
+#[test]
+fn a_restart_with_a_broken_config_keeps_serving_and_leaves_no_zombie() {
+    let old = Comet::start(None, "");
+    let config = old.log.parent().unwrap().join("comet.ini");
+    // SIGUSR2 is watched once the control thread runs, a moment after the ports open.
+    assert!(wait_until(Duration::from_secs(10), || old
+        .log_text()
+        .contains("comet ready")));
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&config, "max_proc=banana\n").unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(20), || old
+            .log_text()
+            .contains("restart aborted, still serving")),
+        "{}",
+        old.log_text()
+    );
+    let children_of = |pid: u32| -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+            .filter(|stat| {
+                // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+                let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                after.split_whitespace().nth(1) == Some(&pid.to_string())
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || children_of(old.pid()).is_empty()),
+        "children left: {:?}",
+        children_of(old.pid())
+    );
+    let mut client = comet_client(&old, "still");
+    let mut rpc = old.rpc();
+    assert_eq!(rpc.push(&["still"], "served", "")["result"], json!("ok"));
+    assert_eq!(next_text(&mut client).as_deref(), Some("served"));
+}
+
+/// Presence callbacks per second at the default `presence_workers` (16) against a message
+/// server answering each `offline` in 1 ms and in 10 ms: how fast a drain is reported.
+/// Prints the figures (`cargo test --test restart callback_throughput -- --show-output`);
+/// asserts only a floor far below them, for a busy machine.
+#[test]
+fn callback_throughput_at_1ms_and_10ms() {
+    const CLIENTS: usize = 600;
+    common::raise_open_files_limit();
+    for latency_ms in [1, 10] {
+        let server = MessageServer::start();
+        let comet = Comet::start(Some(&server), "ping_interval=30s\nheartbeat_timeout=60s");
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| comet.connect(&format!("t{i}"), "t", "").unwrap())
+            .collect();
+        assert!(wait_until(Duration::from_secs(30), || server
+            .calls_of("online")
+            .len()
+            == CLIENTS));
+        server.stall("offline", Duration::from_millis(latency_ms));
+        drop(clients);
+        assert!(wait_until(Duration::from_secs(60), || server
+            .calls_of("offline")
+            .len()
+            == CLIENTS));
+        let offlines = server.calls_of("offline");
+        let first = offlines.iter().map(|c| c.at).min().unwrap();
+        let last = offlines.iter().map(|c| c.at).max().unwrap();
+        let per_second = (CLIENTS - 1) as f64 / (last - first).as_secs_f64();
+        println!(
+            "presence_workers=16, message server answering in {latency_ms} ms: \
+             {per_second:.0} offline callbacks/s ({CLIENTS} in {:?}); 100k clients would take {:.0} s",
+            last - first,
+            100_000.0 / per_second
+        );
+        assert!(per_second > 100.0, "{per_second:.0}/s");
+    }
+}
