@@ -416,7 +416,7 @@ fn run_control(
         }
         if matches!(ending, Ending::HandedOver(..)) {
             tokio::select! {
-                () = move_rpc_clients(&node) => {}
+                ((), ()) = async { tokio::join!(move_rpc_clients(&node), answer_admin_requests(&node)) } => {}
                 _ = terminate.recv() => exit_now(),
                 _ = interrupt.recv() => exit_now(),
             }
@@ -444,6 +444,19 @@ async fn move_rpc_clients(node: &Node) {
         "rpc clients told to reconnect to the successor"
     );
 }
+
+/// Waits (bounded) until the admin requests accepted before the hand-over are answered:
+/// they would be dropped with the runtime.
+async fn answer_admin_requests(node: &Node) {
+    let deadline = tokio::time::Instant::now() + ADMIN_ANSWER_TIMEOUT;
+    while node.admin_requests() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// An admin request is read within 5 s of its accept, and answered at once (a readiness
+/// probe of a process that handed over asks no shard).
+const ADMIN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// How long a draining process waits for its RPC connections to finish their calls and
 /// close: a call in flight waits on shards for at most 10 s, then on the successor.

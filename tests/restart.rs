@@ -551,3 +551,48 @@ fn callback_throughput_at_1ms_and_10ms() {
         assert!(per_second > 100.0, "{per_second:.0}/s");
     }
 }
+
+/// A `/readyz` probe the old process accepted just before the hand-over is answered by
+/// it, ready (the address serves, by the successor), not "503 draining" or dropped.
+#[test]
+fn a_readyz_probe_accepted_before_the_hand_over_is_answered_ready() {
+    use std::io::{Read, Write};
+    let admin_port = common::free_port();
+    let mut old = Comet::start(
+        None,
+        &format!("admin_addr=127.0.0.1:{admin_port}\ndrain_window=2s"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || old
+        .log_text()
+        .contains("comet ready")));
+    // The control thread watches SIGUSR2 a moment after it logs ready.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut probe = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Accepted by the old process (its task now waits for the request).
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(4), || old
+            .log_text()
+            .contains("successor serving: draining")),
+        "{}",
+        old.log_text()
+    );
+    let _reap = Reap(successor_pid(&old.log_text()).expect("the log names the successor"));
+    probe
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = probe.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.ends_with("ready\n"), "{answer:?}");
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+}

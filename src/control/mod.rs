@@ -198,6 +198,8 @@ pub struct Node {
     /// Set once this draining process has no clients left: every RPC connection closes
     /// as soon as it is idle, so message servers reconnect to the successor.
     rpc_moving: watch::Sender<bool>,
+    /// One receiver per admin request being answered (its count is how many).
+    admin_requests: watch::Sender<()>,
     started: Instant,
     started_unix: u64,
 }
@@ -227,6 +229,7 @@ impl Node {
             handed_over: Cell::new(false),
             successor: RefCell::new(None),
             rpc_moving: watch::Sender::new(false),
+            admin_requests: watch::Sender::new(()),
             config,
             shards,
             started: Instant::now(),
@@ -782,6 +785,17 @@ impl Node {
     /// RPC connections still open (each holds one [`Node::rpc_moving`] receiver).
     pub fn rpc_connections(&self) -> usize {
         self.rpc_moving.receiver_count()
+    }
+
+    /// Held by an admin request until it is answered ([`Node::admin_requests`]).
+    pub(crate) fn admin_request(&self) -> watch::Receiver<()> {
+        self.admin_requests.subscribe()
+    }
+
+    /// Admin requests accepted and not yet answered: a process that handed over answers
+    /// them before it exits (a probe accepted just before must not be dropped).
+    pub fn admin_requests(&self) -> usize {
+        self.admin_requests.receiver_count()
     }
 
     /// Tells every shard to close its clients and stop.
