@@ -59,7 +59,10 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         .map(|(_, group)| group)
         .collect();
     let shards = shard::start(deps, ports)?;
-    inherited.signal_ready();
+    inherited.signal_ready(&handover::ForwardTarget::for_listener(
+        config.rpc_listen,
+        &config.comet_rpc_token,
+    ));
     crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     tracing::info!(
         shards = config.max_proc,
@@ -262,7 +265,7 @@ struct ControlListeners {
 enum Ending {
     Signal,
     Conflict(anyhow::Error),
-    HandedOver(u32, std::fs::File),
+    HandedOver(u32, handover::Ready),
 }
 
 fn token_verifier(config: &Config) -> Option<TokenVerifier> {
@@ -351,7 +354,7 @@ fn run_control(
                 _ = restart.recv() => {
                     handover.lease = node.current_lease();
                     match hand_over(&handover).await {
-                        Ok((pid, notices)) => break Ending::HandedOver(pid, notices),
+                        Ok((pid, ready)) => break Ending::HandedOver(pid, ready),
                         Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
                     }
                 }
@@ -366,8 +369,10 @@ fn run_control(
                 node.deregister().await;
             }
             Ending::Conflict(conflict) => tracing::error!("{conflict}; shutting down"),
-            Ending::HandedOver(pid, notices) => {
+            Ending::HandedOver(pid, ready) => {
                 tracing::info!(successor = pid, "successor serving: draining this process");
+                node.handed_over(ready.forward.clone());
+                let notices = &ready.notices;
                 // Before any client is closed: the successor holds back the `online` of
                 // each conn_id listed here until this process has delivered its `offline`.
                 let held = node.all_connections();
@@ -391,7 +396,11 @@ fn run_control(
                 }
             }
         }
-        crate::sys::notify_systemd("STOPPING=1");
+        // Not after a hand-over: systemd follows the successor (its MAINPID) by then, and
+        // under NotifyAccess=all a STOPPING=1 from us would read as the service stopping.
+        if !matches!(ending, Ending::HandedOver(..)) {
+            crate::sys::notify_systemd("STOPPING=1");
+        }
         node.shutdown_shards();
         let joined = tokio::task::spawn_blocking(move || {
             for thread in shard_threads {
@@ -408,6 +417,13 @@ fn run_control(
             _ = terminate.recv() => exit_now(),
             _ = interrupt.recv() => exit_now(),
         }
+        if matches!(ending, Ending::HandedOver(..)) {
+            tokio::select! {
+                ((), ()) = async { tokio::join!(move_rpc_clients(&node), answer_admin_requests(&node)) } => {}
+                _ = terminate.recv() => exit_now(),
+                _ = interrupt.recv() => exit_now(),
+            }
+        }
         match ending {
             Ending::Conflict(conflict) => Err(conflict),
             Ending::Signal | Ending::HandedOver(..) => Ok(()),
@@ -415,8 +431,43 @@ fn run_control(
     })
 }
 
-/// Starts the successor and waits (bounded) until it serves; kills it if it does not.
-async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, std::fs::File)> {
+/// Once the draining process has no clients left: closes each RPC connection as soon as
+/// it is idle (its calls answered), so that message servers reconnect to the successor,
+/// and waits (bounded) for them to go. Until a connection goes, its pushes are forwarded.
+async fn move_rpc_clients(node: &Node) {
+    node.move_rpc_clients();
+    let open = node.rpc_connections();
+    let deadline = tokio::time::Instant::now() + RPC_MOVE_TIMEOUT;
+    while node.rpc_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        moved = open - node.rpc_connections().min(open),
+        still_open = node.rpc_connections(),
+        "rpc clients told to reconnect to the successor"
+    );
+}
+
+/// Waits (bounded) until the admin requests accepted before the hand-over are answered:
+/// they would be dropped with the runtime.
+async fn answer_admin_requests(node: &Node) {
+    let deadline = tokio::time::Instant::now() + ADMIN_ANSWER_TIMEOUT;
+    while node.admin_requests() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// An admin request is read within 5 s of its accept, and answered at once (a readiness
+/// probe of a process that handed over asks no shard).
+const ADMIN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// How long a draining process waits for its RPC connections to finish their calls and
+/// close: a call in flight waits on shards for at most 10 s, then on the successor.
+const RPC_MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Starts the successor and waits (bounded) until it serves; kills it if it does not,
+/// and reaps it either way so that a failed successor leaves no zombie.
+async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, handover::Ready)> {
     let successor = handover.spawn_successor()?;
     let pid = successor.pid;
     tracing::info!(
@@ -425,11 +476,19 @@ async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, std::fs::File)> 
     );
     let ready = tokio::task::spawn_blocking(move || successor.wait_ready());
     match tokio::time::timeout(SUCCESSOR_READY_TIMEOUT, ready).await {
-        Ok(Ok(Some(notices))) => Ok((pid, notices)),
+        Ok(Ok(Some(ready))) => Ok((pid, ready)),
         outcome => {
             // SAFETY: kill on a pid we started; at worst it has already exited.
             unsafe {
                 libc::kill(pid as i32, libc::SIGKILL);
+            }
+            let reaped =
+                tokio::task::spawn_blocking(move || handover::reap(pid, REAP_TIMEOUT)).await;
+            if !matches!(reaped, Ok(true)) {
+                tracing::warn!(
+                    successor = pid,
+                    "failed successor not reaped within {REAP_TIMEOUT:?}"
+                );
             }
             match outcome {
                 Err(_) => {
@@ -449,6 +508,9 @@ fn stop_limit(config: &Config) -> std::time::Duration {
         + config.close_timeout * 2
         + std::time::Duration::from_secs(10)
 }
+
+/// How long a killed successor may take to exit (SIGKILL: milliseconds).
+const REAP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a successor may take to start serving.
 const SUCCESSOR_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -89,6 +89,17 @@ pub(crate) fn redacted_url(url: &str) -> String {
 /// unbounded bucket follows.
 pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 
+/// The methods whose latency is kept apart (`comet_callback_latency_seconds`);
+/// every other method (the monitor's node events) counts as `other`.
+pub const LATENCY_METHODS: [&str; 4] = ["checkToken", "online", "offline", "other"];
+
+/// One method's latency histogram (lock-free).
+#[derive(Debug, Default)]
+struct MethodLatency {
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
 /// Callback counters shared by every thread that makes callbacks (lock-free).
 #[derive(Debug, Default)]
 pub struct CallbackStats {
@@ -97,9 +108,31 @@ pub struct CallbackStats {
     refusals: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
+    by_method: [MethodLatency; LATENCY_METHODS.len()],
+}
+
+/// The histogram bucket of a latency.
+fn bucket_of(elapsed: Duration) -> usize {
+    let ms = elapsed.as_millis() as u64;
+    LATENCY_BUCKETS_MS
+        .iter()
+        .position(|&bound| ms < bound)
+        .unwrap_or(LATENCY_BUCKETS_MS.len())
 }
 
 impl CallbackStats {
+    fn record_method(&self, method: &str, elapsed: Duration) {
+        let index = LATENCY_METHODS
+            .iter()
+            .position(|&known| known == method)
+            .unwrap_or(LATENCY_METHODS.len() - 1);
+        let latency = &self.by_method[index];
+        latency.buckets[bucket_of(elapsed)].fetch_add(1, Ordering::Relaxed);
+        latency
+            .sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
     fn record(&self, elapsed: Duration, outcome: &Result<(), CallbackError>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         match outcome {
@@ -111,12 +144,7 @@ impl CallbackStats {
                 self.failures.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let ms = elapsed.as_millis() as u64;
-        let bucket = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|&bound| ms < bound)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency[bucket_of(elapsed)].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
@@ -134,8 +162,33 @@ impl CallbackStats {
                 .iter()
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
+            by_method: LATENCY_METHODS
+                .iter()
+                .zip(&self.by_method)
+                .map(|(method, latency)| MethodFigures {
+                    method,
+                    latency_sum_us: latency.sum_us.load(Ordering::Relaxed),
+                    latency_counts: latency
+                        .buckets
+                        .iter()
+                        .map(|b| b.load(Ordering::Relaxed))
+                        .collect(),
+                })
+                .collect(),
         }
     }
+}
+
+/// One method's latency figures: per-bucket counts (not cumulative, over
+/// [`LATENCY_BUCKETS_MS`] and a last unbounded bucket) and their sum.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MethodFigures {
+    /// One of [`LATENCY_METHODS`].
+    pub method: &'static str,
+    /// Sum of latencies, microseconds.
+    pub latency_sum_us: u64,
+    /// Per-bucket counts, one more than the bounds.
+    pub latency_counts: Vec<u64>,
 }
 
 /// A snapshot of [`CallbackStats`]. `latency_counts[i]` counts calls that took less than
@@ -154,6 +207,8 @@ pub struct CallbackFigures {
     pub latency_le_ms: [u64; LATENCY_BUCKETS_MS.len()],
     /// Per-bucket counts (not cumulative), one more than the bounds.
     pub latency_counts: Vec<u64>,
+    /// The same latency, by method.
+    pub by_method: Vec<MethodFigures>,
 }
 
 /// A blocking client for the message server's callback URL. Cheap to clone (shared agent).
@@ -248,7 +303,9 @@ impl CallbackClient {
     pub fn call(&self, method: &str, args: &[serde_json::Value]) -> Result<(), CallbackError> {
         let started = Instant::now();
         let outcome = self.post(method, args);
-        self.stats.record(started.elapsed(), &outcome);
+        let elapsed = started.elapsed();
+        self.stats.record(elapsed, &outcome);
+        self.stats.record_method(method, elapsed);
         outcome
     }
 
@@ -322,6 +379,22 @@ fn read_bounded(reader: impl Read, limit: usize) -> Result<Vec<u8>, CallbackErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_is_kept_per_method_and_unknown_methods_count_as_other() {
+        let stats = CallbackStats::default();
+        stats.record_method("online", Duration::from_millis(3));
+        stats.record_method("online", Duration::from_micros(500));
+        stats.record_method("addCometServer", Duration::from_secs(9));
+        let figures = stats.figures();
+        let online = &figures.by_method[1];
+        assert_eq!((online.method, online.latency_sum_us), ("online", 3_500));
+        assert_eq!(online.latency_counts[..3], [1, 0, 1]);
+        let other = &figures.by_method[3];
+        assert_eq!(other.method, "other");
+        assert_eq!(other.latency_counts.last(), Some(&1));
+        assert_eq!(figures.by_method[0].latency_counts.iter().sum::<u64>(), 0);
+    }
 
     #[test]
     fn logged_urls_lose_credentials_query_and_fragment() {

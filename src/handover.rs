@@ -12,6 +12,12 @@
 //! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9;presence=12`: each client port's
 //! listeners under that port's name (`ws` for `websocket_port` whatever it serves, `tcp`
 //! for `tcp_port`, `wss` for `wss_port`).
+//!
+//! The successor says "ready" by writing `R` to the `ready` pipe, followed by one JSON
+//! object naming where its push RPC answers and with which token
+//! (`{"rpc":"127.0.0.1:8902","token":"…"}`), then closing the pipe: the draining process
+//! forwards to it the pushes for ids it no longer holds (`rpc/forward.rs`). A predecessor
+//! that reads only the `R` (an older binary) ignores the rest.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -106,11 +112,14 @@ impl Inherited {
         self.from_predecessor
     }
 
-    /// Tells the predecessor this process is serving (it then stops accepting).
-    pub fn signal_ready(&mut self) {
+    /// Tells the predecessor this process is serving (it then stops accepting), and where
+    /// to forward the pushes for ids that have moved here.
+    pub fn signal_ready(&mut self, forward: &ForwardTarget) {
         if let Some(fd) = self.ready.take() {
             let mut pipe = std::fs::File::from(fd);
-            let _ = pipe.write_all(b"R");
+            let mut message = b"R".to_vec();
+            message.extend(forward.encode());
+            let _ = pipe.write_all(&message);
         }
     }
 }
@@ -155,6 +164,59 @@ pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
     }
 }
 
+/// Where a successor's push RPC answers, as its predecessor forwards to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardTarget {
+    /// A connectable address of the (shared) RPC listener.
+    pub addr: SocketAddr,
+    /// The successor's `comet_rpc_token` (it may differ from ours after a config change).
+    pub token: String,
+}
+
+/// The most a successor may write after its `R` (a bound on what we read from the pipe).
+const MAX_READY_BYTES: u64 = 64 * 1024;
+
+impl ForwardTarget {
+    /// The target for a node listening on `listen`: an unspecified address (0.0.0.0, ::)
+    /// is reached on loopback.
+    pub fn for_listener(listen: SocketAddr, token: &str) -> ForwardTarget {
+        let mut addr = listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        ForwardTarget {
+            addr,
+            token: token.to_owned(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::json!({"rpc": self.addr.to_string(), "token": self.token})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// What followed the `R`; `None` when nothing usable did (an older successor).
+    fn decode(bytes: &[u8]) -> Option<ForwardTarget> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        Some(ForwardTarget {
+            addr: value.get("rpc")?.as_str()?.parse().ok()?,
+            token: value.get("token")?.as_str()?.to_owned(),
+        })
+    }
+}
+
+/// A successor that is serving.
+pub struct Ready {
+    /// The pipe to write presence notices to.
+    pub notices: std::fs::File,
+    /// Where it takes forwarded pushes (`None`: an older binary that does not say).
+    pub forward: Option<ForwardTarget>,
+}
+
 /// The descriptors a running node hands over.
 pub struct Handover {
     /// Client listeners (one per shard) by port name (`ws`, `tcp`, `wss`).
@@ -177,11 +239,37 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Blocks until the successor is serving (the pipe to write presence notices to) or
-    /// has exited (`None`). Run it on a blocking thread, bounded by a timeout.
-    pub fn wait_ready(mut self) -> Option<std::fs::File> {
-        let mut byte = [0u8; 1];
-        matches!(self.ready.read(&mut byte), Ok(1)).then_some(self.notices)
+    /// Blocks until the successor is serving or has exited (`None`). Run it on a
+    /// blocking thread, bounded by a timeout.
+    pub fn wait_ready(self) -> Option<Ready> {
+        let mut said = Vec::new();
+        // The successor closes the pipe right after writing, so this reads to its end.
+        let _ = (&self.ready)
+            .take(1 + MAX_READY_BYTES)
+            .read_to_end(&mut said);
+        let rest = said.strip_prefix(b"R")?;
+        Some(Ready {
+            notices: self.notices,
+            forward: ForwardTarget::decode(rest),
+        })
+    }
+}
+
+/// Waits for a successor that failed (or was killed) so that it leaves no zombie
+/// behind; gives up after `limit` (the process then stays a zombie until we exit).
+pub fn reap(pid: u32, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on a child we started; WNOHANG never blocks.
+        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if reaped == pid as libc::pid_t || reaped < 0 {
+            return reaped > 0;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -294,5 +382,19 @@ mod tests {
             .port();
         assert!(check_listener(&fd, port).is_ok());
         assert!(check_listener(&fd, port.wrapping_add(1)).is_err());
+    }
+
+    #[test]
+    fn the_forward_target_survives_the_pipe_and_garbage_reads_as_none() {
+        let target = ForwardTarget::for_listener("0.0.0.0:8902".parse().unwrap(), "s\"e\ncret");
+        assert_eq!(target.addr, "127.0.0.1:8902".parse().unwrap());
+        assert_eq!(ForwardTarget::decode(&target.encode()), Some(target));
+        assert_eq!(ForwardTarget::decode(b""), None);
+        assert_eq!(
+            ForwardTarget::decode(b"{\"rpc\":\"nowhere\",\"token\":\"\"}"),
+            None
+        );
+        let v6 = ForwardTarget::for_listener("[::]:9".parse().unwrap(), "");
+        assert_eq!(v6.addr, "[::1]:9".parse().unwrap());
     }
 }

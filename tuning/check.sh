@@ -56,13 +56,25 @@ mem_kib=$(awk '/MemTotal/ {print $2}' /proc/meminfo)
 tcp_mem_max=$(awk '{print $3}' /proc/sys/net/ipv4/tcp_mem 2>/dev/null || echo 0)
 rmem_default=$(awk '{print $2}' /proc/sys/net/ipv4/tcp_rmem 2>/dev/null || echo 0)
 wmem_default=$(awk '{print $2}' /proc/sys/net/ipv4/tcp_wmem 2>/dev/null || echo 0)
-# Measured: ~10 KB kernel per loopback connection pair; ~1.5-3 KB in Comet per idle client.
+# Measured: ~10 KB kernel per loopback connection pair (socket structures, not tcp_mem);
+# ~1.5-3 KB in Comet per idle client.
 per_conn=$((5 * 1024 + 3 * 1024))
 by_memory=$((mem_kib * 1024 * 7 / 10 / per_conn))
-by_tcp_mem=$((tcp_mem_max * 4096 / (5 * 1024)))
+# tcp_mem counts only queued bytes: an idle socket holds no pages (3,000 idle loopback
+# pairs: +0 pages), one with a small unread message holds one (+1.02 pages each). So it
+# caps how many clients may have a message in flight at once, as a broadcast to all does.
+by_tcp_mem=$tcp_mem_max
 printf '     %-34s %12s KiB\n' "MemTotal" "$mem_kib"
-printf '     %-34s %12s pages (max)\n' "net.ipv4.tcp_mem" "$tcp_mem_max"
+printf '     %-34s %12s pages (max; a broadcast holds ~1 per client until read)\n' "net.ipv4.tcp_mem" "$tcp_mem_max"
+# The cap --apply would set: 25% of RAM (6 GiB fixed was 75% of an 8 GiB host).
+tcp_mem_want_max=$((mem_kib / 4 / 4))
+tcp_mem_want="$((tcp_mem_want_max / 2)) $((tcp_mem_want_max * 2 / 3)) $tcp_mem_want_max"
+printf '     %-34s %12s pages (25%% of MemTotal)\n' "tcp_mem max --apply sets" "$tcp_mem_want_max"
 printf '     %-34s %12s / %s bytes\n' "tcp_rmem / tcp_wmem default" "$rmem_default" "$wmem_default"
+echo
+echo "Drains (one server-side TIME-WAIT per client, orphans of silent clients):"
+verdict "net.ipv4.tcp_max_tw_buckets" "$(read_sysctl net.ipv4.tcp_max_tw_buckets)" "$((target * 2))" "TIME-WAIT sockets of two drains"
+verdict "net.ipv4.tcp_max_orphans" "$(read_sysctl net.ipv4.tcp_max_orphans)" "$((target / 2))" "closed sockets whose peer has not answered"
 echo
 if [[ -r /proc/sys/net/netfilter/nf_conntrack_max ]]; then
     echo "Connection tracking is loaded:"
@@ -75,7 +87,11 @@ reason="open-files hard limit"
 nr_open=$(read_sysctl fs.nr_open)
 if [[ "$nr_open" != "n/a" ]] && ((nr_open < limit)); then limit=$nr_open; reason="fs.nr_open"; fi
 if ((by_memory < limit)); then limit=$by_memory; reason="memory (70% of RAM at ~8 KiB per connection)"; fi
-if ((by_tcp_mem > 0 && by_tcp_mem < limit)); then limit=$by_tcp_mem; reason="net.ipv4.tcp_mem"; fi
+if ((by_tcp_mem > 0 && by_tcp_mem < limit)); then limit=$by_tcp_mem; reason="net.ipv4.tcp_mem (one page per client a broadcast reaches at once)"; fi
+unit_nofile=$(awk -F= '/^LimitNOFILE=/ {print $2}' "$here/comet.service")
+if [[ "$nr_open" != "n/a" && -n "$unit_nofile" ]] && ((unit_nofile > nr_open)); then
+    advice+=("fs.nr_open: $nr_open -> $((unit_nofile + 1024)) (comet.service's LimitNOFILE=$unit_nofile is above it: apply 99-comet.conf before starting the unit, or systemd cannot set the limit)")
+fi
 echo "=> about $limit connections here, limited by $reason."
 if ((${#advice[@]})); then
     echo
@@ -89,11 +105,13 @@ if $apply; then
         echo "--apply needs root" >&2
         exit 1
     fi
-    install -m 0644 "$here/99-comet.conf" /etc/sysctl.d/99-comet.conf
+    # tcp_mem from this host's MemTotal, not the file's fixed 6 GiB.
+    sed "s/^net.ipv4.tcp_mem = .*/net.ipv4.tcp_mem = $tcp_mem_want/" "$here/99-comet.conf" >/etc/sysctl.d/99-comet.conf
+    chmod 0644 /etc/sysctl.d/99-comet.conf
     # Keys this kernel lacks (nf_conntrack_max without the module) are reported, not
     # fatal: the others must still be applied.
     if ! sysctl --system >/dev/null 2>&1; then
         echo "some keys of 99-comet.conf do not exist on this kernel (see sysctl --system); the rest were applied" >&2
     fi
-    echo "applied /etc/sysctl.d/99-comet.conf"
+    echo "applied /etc/sysctl.d/99-comet.conf (tcp_mem = $tcp_mem_want)"
 fi

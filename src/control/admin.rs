@@ -23,7 +23,13 @@ pub async fn serve(node: Rc<Node>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(answer(Rc::clone(&node), stream));
+                // Held until answered: a process that handed over waits for it.
+                let in_flight = node.admin_request();
+                let node = Rc::clone(&node);
+                tokio::task::spawn_local(async move {
+                    let _in_flight = in_flight;
+                    answer(node, stream).await;
+                });
             }
             Err(err) => {
                 tracing::warn!(error = %err, "admin accept failed");

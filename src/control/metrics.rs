@@ -241,29 +241,47 @@ fn callbacks(out: &mut Exposition, figures: &CallbackFigures) {
         out.family(name, "counter", help);
         out.sample(name, &[], value);
     }
+    method_latency(out, figures);
+}
+
+/// `comet_callback_latency_seconds{method}`: the latency of each callback method apart
+/// (a slow `offline` must not hide behind fast `checkToken`s; `sum without (method)` is
+/// the whole).
+fn method_latency(out: &mut Exposition, figures: &CallbackFigures) {
     let name = "comet_callback_latency_seconds";
-    out.family(name, "histogram", "Callback latency.");
-    let mut cumulative = 0;
-    for (bound_ms, count) in figures.latency_le_ms.iter().zip(&figures.latency_counts) {
-        cumulative += count;
-        let le = format!("{}", *bound_ms as f64 / 1000.0);
+    out.family(
+        name,
+        "histogram",
+        "Callback latency by method (checkToken, online, offline, other).",
+    );
+    for method in &figures.by_method {
+        let mut cumulative = 0;
+        for (bound_ms, count) in figures.latency_le_ms.iter().zip(&method.latency_counts) {
+            cumulative += count;
+            let le = format!("{}", *bound_ms as f64 / 1000.0);
+            out.sample(
+                "comet_callback_latency_seconds_bucket",
+                &[("method", method.method), ("le", &le)],
+                cumulative,
+            );
+        }
+        let count: u64 = method.latency_counts.iter().sum();
         out.sample(
             "comet_callback_latency_seconds_bucket",
-            &[("le", &le)],
-            cumulative,
+            &[("method", method.method), ("le", "+Inf")],
+            count,
+        );
+        out.sample(
+            "comet_callback_latency_seconds_sum",
+            &[("method", method.method)],
+            method.latency_sum_us as f64 / 1e6,
+        );
+        out.sample(
+            "comet_callback_latency_seconds_count",
+            &[("method", method.method)],
+            count,
         );
     }
-    out.sample(
-        "comet_callback_latency_seconds_bucket",
-        &[("le", "+Inf")],
-        figures.calls,
-    );
-    out.sample(
-        "comet_callback_latency_seconds_sum",
-        &[],
-        figures.latency_sum_us as f64 / 1e6,
-    );
-    out.sample("comet_callback_latency_seconds_count", &[], figures.calls);
 }
 
 fn node(out: &mut Exposition, figures: &Figures<'_>) {
@@ -384,6 +402,11 @@ mod tests {
             latency_sum_us: 3_500,
             latency_le_ms: crate::callback::LATENCY_BUCKETS_MS,
             latency_counts: vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            by_method: vec![crate::callback::MethodFigures {
+                method: "offline",
+                latency_sum_us: 12_000,
+                latency_counts: vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            }],
         };
         let mut stats = ShardStats::default();
         stats.handshake_refusals.insert("to\"ken", 2);
@@ -406,9 +429,6 @@ mod tests {
             draining: false,
             presence_backlog: 0,
         });
-        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.001\"} 1\n"));
-        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"0.002\"} 2\n"));
-        assert!(text.contains("comet_callback_latency_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("reason=\"to\\\"ken\"} 2\n"));
         assert!(text.contains("comet_push_calls_total 5\n"));
         assert!(text.contains("process_open_fds 12\n"), "{text}");
@@ -424,6 +444,16 @@ mod tests {
             "a figure /proc did not give is left out"
         );
         assert!(text.contains("comet_build_info{version=\""));
+        assert!(text.contains(
+            "comet_callback_latency_seconds_bucket{method=\"offline\",le=\"0.005\"} 0\n"
+        ));
+        assert!(
+            text.contains(
+                "comet_callback_latency_seconds_bucket{method=\"offline\",le=\"0.01\"} 1\n"
+            )
+        );
+        assert!(text.contains("comet_callback_latency_seconds_count{method=\"offline\"} 2\n"));
+        assert!(text.contains("comet_callback_latency_seconds_sum{method=\"offline\"} 0.012\n"));
         assert!(
             !text.contains("comet_etcd_registered "),
             "standalone nodes have no such gauge"

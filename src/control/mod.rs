@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::callback::CallbackStats;
 use crate::codec::Message;
@@ -33,6 +33,7 @@ use crate::link::{
     ShardStats,
 };
 use crate::presence::Presence;
+use crate::rpc::forward::Forwarder;
 use crate::session::CloseReason;
 use directory::{Claim, Directory, Split};
 use etcd::{Published, Registrar};
@@ -70,6 +71,8 @@ struct PushCounters {
     /// From a push call read to its answer (`SendToConnections`, `Broadcast`,
     /// `SendToGroup`), as the node sees it.
     latency: crate::histogram::Histogram,
+    /// Recipients sent on to a successor while this process drains.
+    forwarded: Cell<u64>,
 }
 
 fn bump(counter: &Cell<u64>, by: usize) {
@@ -179,6 +182,15 @@ pub struct Node {
     presence: Presence,
     counters: PushCounters,
     draining: Cell<bool>,
+    /// Whether a successor serves in this process's place (`/readyz` answers for it).
+    handed_over: Cell<bool>,
+    /// After a hand-over: the successor that takes the pushes for ids not held here.
+    successor: RefCell<Option<Rc<Forwarder>>>,
+    /// Set once this draining process has no clients left: every RPC connection closes
+    /// as soon as it is idle, so message servers reconnect to the successor.
+    rpc_moving: watch::Sender<bool>,
+    /// One receiver per admin request being answered (its count is how many).
+    admin_requests: watch::Sender<()>,
     started: Instant,
     started_unix: u64,
 }
@@ -205,6 +217,10 @@ impl Node {
             presence,
             counters: PushCounters::default(),
             draining: Cell::new(false),
+            handed_over: Cell::new(false),
+            successor: RefCell::new(None),
+            rpc_moving: watch::Sender::new(false),
+            admin_requests: watch::Sender::new(()),
             config,
             shards,
             started: Instant::now(),
@@ -423,9 +439,17 @@ impl Node {
 
     /// Delivers `msg` to each of `conn_ids` (duplicates count once); returns those not
     /// delivered (not on this node, closing, or whose queue was full) and those only kept
-    /// in a recovery buffer for a client away.
+    /// in a recovery buffer for a client away. After a hand-over the ids not delivered here
+    /// are tried on the successor, where the clients closed by this drain reconnect; only
+    /// those it cannot reach either are returned.
     pub async fn push(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
-        let outcome = self.fan_out(conn_ids, msg).await;
+        let mut outcome = self.fan_out(conn_ids, msg).await;
+        let successor = self.successor.borrow().clone();
+        if let Some(successor) = successor.filter(|_| !outcome.failed.is_empty()) {
+            bump(&self.counters.forwarded, outcome.failed.len());
+            let not_here = std::mem::take(&mut outcome.failed);
+            outcome.failed = successor.push(not_here, msg).await;
+        }
         let failed = &outcome.failed;
         bump(&self.counters.calls, 1);
         bump(&self.counters.recipients, conn_ids.len());
@@ -639,6 +663,7 @@ impl Node {
                 "group_pushes": c.group_pushes.get(),
                 "kicked": c.kicks.get(),
                 "not_on_node": c.not_on_node.get(),
+                "forwarded": c.forwarded.get(),
             },
             "callbacks": self.callback_stats.figures(),
             "presence_backlog": self.presence.backlog(),
@@ -658,6 +683,12 @@ impl Node {
     /// reasons of [`Node::not_ready_because`], or a shard that does not answer a ping
     /// within a second.
     pub async fn readiness(&self) -> Option<String> {
+        // A probe this process accepted just before handing over: it asked whether the
+        // address serves, and it does (the successor holds the listeners). "draining"
+        // would make a load balancer pull a node that is serving.
+        if self.handed_over.get() {
+            return None;
+        }
         if let Some(why) = self.not_ready_because() {
             return Some(why.to_owned());
         }
@@ -729,6 +760,11 @@ impl Node {
                 c.not_on_node.get(),
             ),
             (
+                "comet_push_forwarded_total",
+                "Push recipients not reached here that a draining node sent on to its successor.",
+                c.forwarded.get(),
+            ),
+            (
                 "comet_broadcasts_total",
                 "Broadcast calls.",
                 c.broadcasts.get(),
@@ -766,6 +802,51 @@ impl Node {
     /// Counts one push call's time, from its request read to its answer.
     pub(crate) fn observe_push_latency(&self, elapsed: Duration) {
         self.counters.latency.observe(elapsed);
+    }
+
+    /// A successor serves now: from here on `/readyz` answers ready for the probes this
+    /// process accepted before (the address they probed is served, by the successor), and
+    /// the pushes this process cannot deliver go to the successor at `forward` (`None`:
+    /// an older successor that did not say where).
+    pub fn handed_over(&self, forward: Option<crate::handover::ForwardTarget>) {
+        self.handed_over.set(true);
+        match forward {
+            Some(target) => {
+                tracing::info!(successor_rpc = %target.addr, "pushes for clients not held here go to the successor");
+                *self.successor.borrow_mut() = Some(Rc::new(Forwarder::new(target)));
+            }
+            None => tracing::warn!(
+                "the successor did not say where its push RPC answers: pushes for clients that moved are reported failed"
+            ),
+        }
+    }
+
+    /// Tells every RPC connection to close once idle (every call it read answered), so
+    /// that its client reconnects to the successor, which holds the listener now.
+    pub fn move_rpc_clients(&self) {
+        self.rpc_moving.send_replace(true);
+    }
+
+    /// What an RPC connection watches to learn that it should move
+    /// ([`Node::move_rpc_clients`]); its count is the number of open RPC connections.
+    pub(crate) fn rpc_moving(&self) -> watch::Receiver<bool> {
+        self.rpc_moving.subscribe()
+    }
+
+    /// RPC connections still open (each holds one [`Node::rpc_moving`] receiver).
+    pub fn rpc_connections(&self) -> usize {
+        self.rpc_moving.receiver_count()
+    }
+
+    /// Held by an admin request until it is answered ([`Node::admin_requests`]).
+    pub(crate) fn admin_request(&self) -> watch::Receiver<()> {
+        self.admin_requests.subscribe()
+    }
+
+    /// Admin requests accepted and not yet answered: a process that handed over answers
+    /// them before it exits (a probe accepted just before must not be dropped).
+    pub fn admin_requests(&self) -> usize {
+        self.admin_requests.receiver_count()
     }
 
     /// Tells every shard to close its clients and stop.

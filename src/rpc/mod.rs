@@ -19,6 +19,7 @@
 //! +668 MB resident for good.)
 
 pub mod codec;
+pub(crate) mod forward;
 pub mod methods;
 
 use std::cell::Cell;
@@ -199,6 +200,15 @@ enum Closed {
     WriteStalled(Duration),
     #[error("unauthenticated request over its allowance and the pre-auth pool is spent")]
     PreauthPoolSpent,
+    #[error("this node has handed over and has no clients left: reconnect to the successor")]
+    Moved,
+}
+
+/// Returns once the node tells its RPC connections to move; never, if it cannot.
+async fn until_moving(moving: &mut tokio::sync::watch::Receiver<bool>) {
+    if moving.wait_for(|moving| *moving).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn serve_connection(
@@ -214,8 +224,21 @@ async fn serve_connection(
     let mut chunk = vec![0u8; PREAUTH_READ_CHUNK];
     let mut replies = Vec::new();
     let mut calls = VecDeque::new();
+    let mut moving = node.rpc_moving();
     let outcome = loop {
-        let read = stream.read(&mut chunk);
+        // Idle here: every call read so far is answered. A draining node closes the
+        // connection now if told to (`Node::move_rpc_clients`), never with a request half
+        // read, so a call the client sent that got no reply was not executed.
+        let idle = decoder.buffered() == 0;
+        let read = async {
+            if !idle {
+                return Some(stream.read(&mut chunk).await);
+            }
+            tokio::select! {
+                read = stream.read(&mut chunk) => Some(read),
+                () = until_moving(&mut moving) => None,
+            }
+        };
         let n = if !authenticated {
             match tokio::time::timeout_at(first_call_deadline, read).await {
                 Ok(read) => read,
@@ -230,8 +253,9 @@ async fn serve_connection(
             read.await
         };
         let n = match n {
-            Ok(0) | Err(_) => break Ok(()),
-            Ok(n) => n,
+            None => break Err(Closed::Moved),
+            Some(Ok(0) | Err(_)) => break Ok(()),
+            Some(Ok(n)) => n,
         };
         decoder.extend(&chunk[..n]);
         // Every call that arrived together is started at once (a pipelining client gets

@@ -1,0 +1,201 @@
+//! Forwarding pushes to a successor while this process drains (zero-downtime restart).
+//!
+//! After a hand-over the draining process still answers the RPC connections it accepted
+//! before, but its clients are moving to the successor: a push for an id it no longer
+//! holds (or that its shard could not reach because the client was being closed) is sent
+//! on, as one second-generation `SendToConnections`, to the successor's push RPC, and the
+//! ids the successor could not reach either are the ones reported failed. Without it
+//! about half of all pushes failed during each drain (~5,000 per restart at 2,000/s).
+//!
+//! Owns one RPC connection to the successor, opened on first use and used for one call
+//! at a time (calls queue in order, so two pushes to one client reach it in the order
+//! they were sent). Runs on the control thread; every wait is bounded, and any failure
+//! reports the forwarded ids failed and drops the connection (the next call opens one).
+//! Never forwards what the successor answers: the successor has no successor of its own,
+//! so nothing can loop.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Mutex;
+
+use crate::handover::ForwardTarget;
+
+/// Longest wait to connect to the successor (it is on this host, listening already).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for its reply: a push to a few thousand ids takes milliseconds, and its
+/// own shard waits give up after 10 s.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(12);
+/// The largest reply read (it names at most the ids we sent, each escaped JSON).
+const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Why one forwarded call failed (its ids are then reported failed).
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("cannot connect to the successor at {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("the successor did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the successor's connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the successor closed the connection")]
+    Closed,
+    #[error("unreadable reply from the successor: {0}")]
+    BadReply(String),
+}
+
+struct Connection {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+/// The draining process's line to its successor's push RPC.
+pub(crate) struct Forwarder {
+    target: ForwardTarget,
+    connection: Mutex<Option<Connection>>,
+    next_id: std::cell::Cell<u64>,
+}
+
+impl Forwarder {
+    pub(crate) fn new(target: ForwardTarget) -> Forwarder {
+        Forwarder {
+            target,
+            connection: Mutex::new(None),
+            next_id: std::cell::Cell::new(1),
+        }
+    }
+
+    /// Pushes `msg` to `ids` through the successor; returns the ids it did not reach
+    /// (all of them when the successor could not be asked).
+    pub(crate) async fn push(&self, ids: Vec<String>, msg: &str) -> Vec<String> {
+        if ids.is_empty() {
+            return ids;
+        }
+        let mut connection = self.connection.lock().await;
+        match self.call(&mut connection, &ids, msg).await {
+            Ok(failed) => failed,
+            Err(err) => {
+                tracing::warn!(ids = ids.len(), error = %err, "push not forwarded to the successor; reported failed");
+                *connection = None;
+                ids
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        connection: &mut Option<Connection>,
+        ids: &[String],
+        msg: &str,
+    ) -> Result<Vec<String>, ForwardError> {
+        if connection.is_none() {
+            *connection = Some(self.connect().await?);
+        }
+        let Some(connection) = connection.as_mut() else {
+            return Err(ForwardError::Closed);
+        };
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let param = json!({"connections": ids, "msg": msg, "token": self.target.token});
+        let mut request =
+            json!({"method": "Server.SendToConnections", "params": [param], "id": id})
+                .to_string()
+                .into_bytes();
+        request.push(b'\n');
+        let exchange = async {
+            connection.writer.write_all(&request).await?;
+            let mut line = Vec::new();
+            (&mut connection.reader)
+                .take(MAX_REPLY_BYTES)
+                .read_until(b'\n', &mut line)
+                .await?;
+            Ok::<_, ForwardError>(line)
+        };
+        let line = tokio::time::timeout(REPLY_TIMEOUT, exchange)
+            .await
+            .map_err(|_| ForwardError::Timeout(REPLY_TIMEOUT))??;
+        if line.last() != Some(&b'\n') {
+            return Err(ForwardError::Closed);
+        }
+        failed_ids(&line, id, ids)
+    }
+
+    async fn connect(&self) -> Result<Connection, ForwardError> {
+        let addr = self.target.addr;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                ForwardError::Connect(addr, format!("timed out after {CONNECT_TIMEOUT:?}"))
+            })?
+            .map_err(|err| ForwardError::Connect(addr, err.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        Ok(Connection {
+            reader: BufReader::new(reader),
+            writer,
+        })
+    }
+}
+
+/// The ids a second-generation `SendToConnections` reply says failed: none for
+/// `"ok"`, the `ids` of the error object otherwise, all of `sent` for an error without
+/// them (a refused token, say).
+fn failed_ids(line: &[u8], id: u64, sent: &[String]) -> Result<Vec<String>, ForwardError> {
+    let reply: Value = serde_json::from_slice(line).map_err(|err| {
+        ForwardError::BadReply(format!("{err}: {}", crate::callback::escaped_prefix(line)))
+    })?;
+    if reply.get("id") != Some(&json!(id)) {
+        return Err(ForwardError::BadReply(format!(
+            "reply to another call: {}",
+            crate::callback::escaped_prefix(line)
+        )));
+    }
+    if reply.get("result") == Some(&json!("ok")) {
+        return Ok(Vec::new());
+    }
+    let error = reply.get("error").and_then(Value::as_str).unwrap_or("");
+    let listed = serde_json::from_str::<Value>(error).ok().and_then(|e| {
+        e.get("ids")?
+            .as_array()?
+            .iter()
+            .map(|id| id.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+    });
+    match listed {
+        Some(ids) if !ids.is_empty() => Ok(ids),
+        _ => {
+            tracing::warn!(error = %crate::callback::escaped_prefix(error.as_bytes()), "the successor refused a forwarded push");
+            Ok(sent.to_vec())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    #[test]
+    fn replies_name_the_failed_ids() {
+        let ok = br#"{"id":3,"result":"ok","error":null}"#;
+        assert_eq!(failed_ids(ok, 3, &sent()).unwrap(), Vec::<String>::new());
+        let some = br#"{"id":3,"result":null,"error":"{\"ids\":[\"b\"],\"msg\":\"x\"}"}"#;
+        assert_eq!(failed_ids(some, 3, &sent()).unwrap(), vec!["b".to_owned()]);
+        let refused = br#"{"id":3,"result":null,"error":"{\"ids\":[],\"msg\":\"token error.\"}"}"#;
+        assert_eq!(failed_ids(refused, 3, &sent()).unwrap(), sent());
+    }
+
+    #[test]
+    fn a_reply_to_another_call_or_garbage_is_an_error() {
+        let other = br#"{"id":4,"result":"ok","error":null}"#;
+        assert!(failed_ids(other, 3, &sent()).is_err());
+        assert!(failed_ids(b"\x1b[31m", 3, &sent()).is_err());
+    }
+}
