@@ -163,6 +163,12 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// A client that has not completed its upgrade within this is dropped.
     pub handshake_timeout: Duration,
+    /// Connections from one source (an IPv4 address, an IPv6 /64) still in their
+    /// handshake, per shard; one more is closed at once. 0 = no limit.
+    pub handshake_per_source_limit: usize,
+    /// Descriptors kept free for push RPC, admin and callbacks: a shard stops accepting
+    /// clients when the process comes within this many of its open-files limit. 0 = none.
+    pub fd_reserve: usize,
     /// Largest message a client may send (bytes).
     pub max_frame_size: usize,
     /// A RESP connection that is authenticated but not subscribed (a pooled connection,
@@ -382,6 +388,13 @@ impl Config {
             ping_interval,
             heartbeat_timeout,
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
+            handshake_per_source_limit: raw.count(
+                "handshake_per_source_limit",
+                crate::transport::admission::DEFAULT_HANDSHAKES_PER_SOURCE,
+                0,
+                1 << 20,
+            )?,
+            fd_reserve: raw.count("fd_reserve", 64, 0, 1 << 20)?,
             max_frame_size: raw.count("max_frame_size", 512, 2, 16 << 20)?,
             resp_idle_timeout: raw.duration("resp_idle_timeout", Duration::from_secs(300))?,
             outbound_queue_size: raw.count("outbound_queue_size", 1024, 1, 1 << 20)?,

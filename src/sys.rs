@@ -121,6 +121,27 @@ pub fn clock_ticks_per_second() -> u64 {
     ticks.max(1) as u64
 }
 
+/// The soft `RLIMIT_NOFILE`: the most descriptors this process may hold.
+pub fn nofile_soft_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Descriptors this process holds now (a listing of `/proc/self/fd`, so not for a hot
+/// path); `None` where that cannot be read.
+pub fn open_descriptors() -> Option<usize> {
+    let listed = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    // The listing's own descriptor is in it.
+    Some(listed.saturating_sub(1))
+}
+
 /// Tells systemd (`Type=notify`) about this process, when started under it: `READY=1`
 /// once serving, `MAINPID=` so that a successor started by a zero-downtime restart
 /// becomes the unit's main process, `STOPPING=1` when draining. No-op elsewhere.

@@ -313,10 +313,13 @@ fn presence_survives_a_briefly_dead_message_server() {
 #[test]
 fn accept_backs_off_without_spinning_when_descriptors_run_out() {
     // A hard limit of 64 descriptors: the node raises its soft limit to it and no further.
+    // No reserve (`fd_reserve=0`): the clients take every descriptor, as they do when
+    // something else has used up the reserve (tests/limits.rs covers the reserve itself).
     let ws_port = common::free_port();
     let rpc_port = common::free_port();
     let ini = format!(
-        "max_proc=1\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\nrpc_api_url=\n"
+        "max_proc=1\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\nrpc_api_url=\n\
+         fd_reserve=0\n"
     );
     let comet = Comet::spawn_with_ini_limited(&ini, ws_port, rpc_port, 64).unwrap();
     let mut held = Vec::new();

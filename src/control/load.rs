@@ -5,6 +5,13 @@
 //! Pure state machine; the control thread samples and applies it. A state switches on
 //! when any configured figure reaches its threshold and off only when every figure is
 //! below [`CLEAR_RATIO`] of its threshold, so a node hovering at a limit does not flap.
+//!
+//! The hard connection bound is the exception: the shards check it per handshake
+//! against an exact count (`transport::admission::ClientCounts`), since a sample taken
+//! once per `load_check_interval` let a burst of 150 through a bound of 200 with 150
+//! connected. Here it only reports: a sample at the bound is `refusing` (and overloaded)
+//! without hysteresis, and the shards' flag ([`LoadState::refuse_by_sample`]) is the
+//! sampled figures' alone, so that a node just under its bound admits exactly up to it.
 
 use crate::config::OverloadThresholds;
 
@@ -27,8 +34,12 @@ pub struct LoadSample {
 pub struct LoadState {
     /// Advertised in etcd as `overloaded: true`.
     pub overloaded: bool,
-    /// New handshakes are refused with 503.
+    /// New handshakes are refused with 503 (by a sampled figure, or at the connection
+    /// bound).
     pub refusing: bool,
+    /// Refusing by the sampled figures (RSS, queued messages): the shards' flag.
+    #[serde(skip)]
+    pub refuse_by_sample: bool,
 }
 
 /// Applies thresholds with hysteresis.
@@ -50,17 +61,17 @@ impl LoadCheck {
     /// Folds in a sample; returns the (possibly changed) state.
     pub fn update(&mut self, sample: LoadSample) -> LoadState {
         let t = &self.thresholds;
-        let hard = [
-            (sample.connections, t.hard_connections),
-            (sample.rss, t.hard_rss),
-            (sample.queued, t.hard_queued),
-        ];
+        let hard = [(sample.rss, t.hard_rss), (sample.queued, t.hard_queued)];
+        let at_bound = t
+            .hard_connections
+            .is_some_and(|bound| sample.connections >= bound);
         let soft = [
             (sample.connections, t.soft_connections),
             (sample.rss, t.soft_rss),
             (sample.queued, t.soft_queued),
         ];
-        self.state.refusing = next(self.state.refusing, &hard);
+        self.state.refuse_by_sample = next(self.state.refuse_by_sample, &hard);
+        self.state.refusing = self.state.refuse_by_sample || at_bound;
         // Refusing new clients and advertising capacity at once would be a lie.
         self.state.overloaded = next(self.state.overloaded, &soft) || self.state.refusing;
         self.state
@@ -116,13 +127,37 @@ mod tests {
 
     #[test]
     fn hard_threshold_refuses_and_implies_overloaded() {
+        let mut check = LoadCheck::new(OverloadThresholds {
+            hard_queued: Some(1000),
+            ..OverloadThresholds::default()
+        });
+        let queued = |n| LoadSample {
+            queued: n,
+            ..LoadSample::default()
+        };
+        let state = check.update(queued(1000));
+        assert!(state.refusing && state.refuse_by_sample && state.overloaded);
+        let state = check.update(queued(950));
+        assert!(
+            state.refuse_by_sample,
+            "still within 90% of the hard threshold"
+        );
+        let state = check.update(queued(800));
+        assert!(!state.refusing && !state.overloaded);
+    }
+
+    #[test]
+    fn connection_bound_reports_without_hysteresis_and_leaves_the_flag_alone() {
         let mut check = check();
         let state = check.update(conns(200));
         assert!(state.refusing && state.overloaded);
-        let state = check.update(conns(185));
-        assert!(state.refusing, "still within 90% of the hard threshold");
-        let state = check.update(conns(150));
-        assert!(!state.refusing && state.overloaded);
+        assert!(
+            !state.refuse_by_sample,
+            "the shards check the bound exactly"
+        );
+        let state = check.update(conns(199));
+        assert!(!state.refusing, "one place free: admitted");
+        assert!(state.overloaded, "soft threshold of 100 still passed");
     }
 
     #[test]

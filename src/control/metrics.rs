@@ -147,7 +147,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             );
         }
     }
-    let per_shard: [ShardFigure; 6] = [
+    let per_shard: [ShardFigure; 7] = [
         (
             "comet_connection_panics_total",
             "counter",
@@ -183,6 +183,12 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             "counter",
             "Accepts deferred because descriptors ran out.",
             |s| s.accept_fd_exhausted,
+        ),
+        (
+            "comet_accept_fd_reserve_total",
+            "counter",
+            "Acceptor pauses: descriptors within fd_reserve of the open-files limit.",
+            |s| s.accept_fd_reserve,
         ),
     ];
     for (name, kind, help, value) in per_shard {

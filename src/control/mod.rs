@@ -310,7 +310,7 @@ impl Node {
                     "load state changed"
                 );
                 self.refuse_new_clients
-                    .store(after.refusing, Ordering::Relaxed);
+                    .store(after.refuse_by_sample, Ordering::Relaxed);
             }
         }
     }

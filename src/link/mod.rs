@@ -102,6 +102,9 @@ pub struct ShardStats {
     pub accepted: u64,
     /// Accepts refused because descriptors ran out.
     pub accept_fd_exhausted: u64,
+    /// Pauses of the acceptor because the process was within `fd_reserve` descriptors of
+    /// its open-files limit.
+    pub accept_fd_reserve: u64,
     /// Clients upgraded.
     pub upgraded: u64,
     /// Handshakes refused, by reason.

@@ -33,6 +33,7 @@ use crate::presence::{Presence, PresenceKind};
 use crate::session::{CloseReason, Session};
 use crate::token::TokenVerifier;
 use crate::transport::Entry;
+use crate::transport::admission::{ClientCounts, HandshakesBySource, handshake_slot};
 use crate::transport::ws::frame::EncodedFrame;
 
 use table::{Heartbeat, Pings, SessionTable};
@@ -59,12 +60,17 @@ pub struct Shard {
     pub verifier: Option<TokenVerifier>,
     refuse_new_clients: Arc<AtomicBool>,
     table: RefCell<SessionTable>,
+    /// Connections still in their handshake, by source address.
+    pub(crate) handshakes_by_source: HandshakesBySource,
+    /// Shared by all shards: the exact connection bound, the descriptor reserve.
+    pub(crate) counts: Arc<ClientCounts>,
     scratch: RefCell<Box<[u8]>>,
     draining: Cell<bool>,
     live_connections: Cell<usize>,
     pings: Pings,
     accepted: Cell<u64>,
     accept_fd_exhausted: Cell<u64>,
+    accept_fd_reserve: Cell<u64>,
     upgraded: Cell<u64>,
     handshake_refusals: RefCell<BTreeMap<&'static str, u64>>,
     connection_panics: Cell<u64>,
@@ -85,6 +91,7 @@ impl Drop for LiveConnection {
         self.0
             .live_connections
             .set(self.0.live_connections.get() - 1);
+        self.0.counts.socket_closed();
     }
 }
 
@@ -143,6 +150,9 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
             per_shard[j % count].push((fd.into_raw_fd(), port.entry.clone()));
         }
     }
+    // Unknown: no reserve can be kept, and accepting stops only at EMFILE.
+    let nofile = crate::sys::nofile_soft_limit().map_or(usize::MAX, |n| n as usize);
+    let counts = Arc::new(ClientCounts::new(nofile, deps.config.fd_reserve));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(count);
     let mut threads = Vec::with_capacity(count);
@@ -150,6 +160,7 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
         let (handle, inbox) = link::shard_channel();
         let own_handle = handle.clone();
         let deps = deps.clone();
+        let counts = Arc::clone(&counts);
         let ready = ready_tx.clone();
         let thread = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("shard-{id}"))
@@ -163,7 +174,8 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
                     .map(|(fd, entry)| (crate::sys::glommio_listener(fd), entry))
                     .collect();
                 let _ = ready.send(());
-                run(Rc::new(Shard::new(id, deps)), listeners, inbox, own_handle).await;
+                let shard = Rc::new(Shard::new(id, deps, counts));
+                run(shard, listeners, inbox, own_handle).await;
             })
             .map_err(|e| StartError::Executor {
                 shard: id,
@@ -180,6 +192,11 @@ pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, Start
                 reason: "a shard thread ended during start-up".into(),
             });
         }
+    }
+    // Every shard's rings and threads exist now: what is open besides client sockets
+    // stays about this (a few more for RPC, admin and callbacks: the reserve's part).
+    if let Some(open) = crate::sys::open_descriptors() {
+        counts.set_open_descriptors(open);
     }
     Ok(Shards { handles, threads })
 }
@@ -241,7 +258,26 @@ async fn accept_loop(
     stop: Rc<LocalReceiver<()>>,
 ) {
     let mut backoff = Duration::from_millis(1);
+    let mut reserve_backoff = Duration::from_millis(1);
     loop {
+        if shard.counts.descriptors_reserved() {
+            // Clients wait in the listen queue while the reserve keeps push RPC and admin
+            // accepting; client sockets close on every shard, so look again on a timer.
+            shard
+                .accept_fd_reserve
+                .set(shard.accept_fd_reserve.get() + 1);
+            if reserve_backoff == Duration::from_millis(1) {
+                tracing::warn!(
+                    shard = shard.id,
+                    fd_reserve = shard.config.fd_reserve,
+                    "descriptors within fd_reserve of the open-files limit; not accepting clients"
+                );
+            }
+            Timer::new(reserve_backoff).await;
+            reserve_backoff = (reserve_backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            continue;
+        }
+        reserve_backoff = Duration::from_millis(1);
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             stopped(&stop).await;
             None
@@ -254,8 +290,12 @@ async fn accept_loop(
             Ok(stream) => {
                 backoff = Duration::from_millis(1);
                 shard.accepted.set(shard.accepted.get() + 1);
-                let live = shard.connection_started();
-                crate::transport::spawn(live, stream, &entry);
+                let peer = stream.peer_addr().ok().map(|addr| addr.ip());
+                // Over its source's limit: closed unread (dropping the stream).
+                if let Ok(slot) = handshake_slot(&shard, peer) {
+                    let live = shard.connection_started();
+                    crate::transport::spawn(live, stream, &entry, slot);
+                }
             }
             Err(err) => {
                 let err: io::Error = err.into();
@@ -308,9 +348,11 @@ fn heartbeat_tick(config: &Config) -> Duration {
 }
 
 impl Shard {
-    fn new(id: usize, deps: ShardDeps) -> Shard {
+    fn new(id: usize, deps: ShardDeps, counts: Arc<ClientCounts>) -> Shard {
         let config = deps.config;
+        let handshakes_by_source = HandshakesBySource::new(config.handshake_per_source_limit);
         Shard {
+            handshakes_by_source,
             id,
             config: Arc::clone(&config),
             control: deps.control,
@@ -322,6 +364,7 @@ impl Shard {
                 recovery::limits(&config),
                 recovery::epoch(),
             )),
+            counts,
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
@@ -331,6 +374,7 @@ impl Shard {
             },
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),
+            accept_fd_reserve: Cell::new(0),
             upgraded: Cell::new(0),
             handshake_refusals: RefCell::new(BTreeMap::new()),
             connection_panics: Cell::new(0),
@@ -339,6 +383,7 @@ impl Shard {
 
     fn connection_started(self: &Rc<Self>) -> LiveConnection {
         self.live_connections.set(self.live_connections.get() + 1);
+        self.counts.socket_opened();
         LiveConnection(Rc::clone(self))
     }
 
@@ -352,9 +397,12 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Whether the node is past a hard load threshold (new handshakes get 503).
+    /// Whether the node is past a hard load threshold (new handshakes get 503): a sampled
+    /// one (the control thread's flag), or the connection bound, which
+    /// `admission::claim_verified` then checks exactly.
     pub fn is_saturated(&self) -> bool {
         self.refuse_new_clients.load(Ordering::Relaxed)
+            || !self.counts.has_room(self.config.overload.hard_connections)
     }
 
     /// Counts a refused handshake under its reason.
@@ -413,6 +461,7 @@ impl Shard {
             .table
             .borrow_mut()
             .remove(session, reason, Instant::now());
+        self.counts.session_ended();
         self.presence
             .report(PresenceKind::Offline, &session.conn_id, &session.info);
         self.control.send(DirectoryRequest::Release {
@@ -540,6 +589,7 @@ impl Shard {
             queued_bytes: figures.queued_bytes,
             accepted: self.accepted.get(),
             accept_fd_exhausted: self.accept_fd_exhausted.get(),
+            accept_fd_reserve: self.accept_fd_reserve.get(),
             upgraded: self.upgraded.get(),
             handshake_refusals: self.handshake_refusals.borrow().clone(),
             delivery_failures: table.delivery_failures().clone(),

@@ -29,6 +29,7 @@ use crate::codec::Wire;
 use crate::panics::contain;
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
+use crate::transport::admission::{HandshakeSlot, until_token_accepted};
 
 /// Reads handled in one poll before the task yields to its neighbours. Two reads of the
 /// 16 KiB scratch buffer: a client that sends as fast as it can (say, 16 KiB of RESP
@@ -66,13 +67,19 @@ pub trait Inbound {
 }
 
 /// Starts serving one accepted connection, on whatever `entry` says, as a task of the
-/// current shard that lives as long as the connection.
+/// current shard that lives as long as the connection. The task holds `slot`, its place
+/// among its source's handshakes, until its token is accepted (`admission`).
 ///
 /// Each kind of connection gets a task of its own future type, because a task's size is
 /// memory per client: a plain WebSocket client's task is just [`ws::serve`], and the
 /// larger states (a TLS session, the raw TCP greetings) cost only the clients that use
 /// them.
-pub fn spawn(live: LiveConnection, stream: TcpStream, entry: &Entry) {
+pub(crate) fn spawn(
+    live: LiveConnection,
+    stream: TcpStream,
+    entry: &Entry,
+    slot: Option<HandshakeSlot>,
+) {
     let _ = stream.set_nodelay(true);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     if entry.kind == EntryKind::Tcp {
@@ -83,14 +90,16 @@ pub fn spawn(live: LiveConnection, stream: TcpStream, entry: &Entry) {
     // reports its session offline.
     let on_panic = move || shard.connection_panicked();
     let task = match (&entry.tls, entry.kind) {
-        (None, EntryKind::WebSocket) => {
-            glommio::spawn_local(contain(ws::serve(live, stream, Some(fd)), on_panic))
-        }
-        (None, EntryKind::Tcp) => {
-            glommio::spawn_local(contain(tcp::serve(live, stream, Some(fd)), on_panic))
-        }
+        (None, EntryKind::WebSocket) => glommio::spawn_local(contain(
+            until_token_accepted(ws::serve(live, stream, Some(fd)), slot),
+            on_panic,
+        )),
+        (None, EntryKind::Tcp) => glommio::spawn_local(contain(
+            until_token_accepted(tcp::serve(live, stream, Some(fd)), slot),
+            on_panic,
+        )),
         (Some(acceptor), kind) => glommio::spawn_local(contain(
-            serve_tls(live, stream, acceptor.clone(), kind),
+            until_token_accepted(serve_tls(live, stream, acceptor.clone(), kind), slot),
             on_panic,
         )),
     };
