@@ -75,6 +75,72 @@ struct PushCounters {
     forwarded: Cell<u64>,
 }
 
+/// One push counter, defined once: its key in `/status`, its metric and where it is.
+struct PushCounter {
+    status: &'static str,
+    metric: &'static str,
+    help: &'static str,
+    of: fn(&PushCounters) -> &Cell<u64>,
+}
+
+/// Every push counter, in the order `/status` and `/metrics` show them.
+const PUSH_COUNTERS: [PushCounter; 9] = [
+    PushCounter {
+        status: "calls",
+        metric: "comet_push_calls_total",
+        help: "SendToConnections calls.",
+        of: |c| &c.calls,
+    },
+    PushCounter {
+        status: "recipients",
+        metric: "comet_push_recipients_total",
+        help: "Recipients named in SendToConnections calls.",
+        of: |c| &c.recipients,
+    },
+    PushCounter {
+        status: "delivered",
+        metric: "comet_deliveries_total",
+        help: "Messages handed to clients (pushes, broadcasts, group pushes).",
+        of: |c| &c.delivered,
+    },
+    PushCounter {
+        status: "failed",
+        metric: "comet_push_failed_total",
+        help: "Push recipients reported failed to the caller.",
+        of: |c| &c.failed,
+    },
+    PushCounter {
+        status: "not_on_node",
+        metric: "comet_push_not_on_node_total",
+        help: "Push recipients not connected to this node.",
+        of: |c| &c.not_on_node,
+    },
+    PushCounter {
+        status: "forwarded",
+        metric: "comet_push_forwarded_total",
+        help: "Push recipients not reached here that a draining node sent on to its successor.",
+        of: |c| &c.forwarded,
+    },
+    PushCounter {
+        status: "broadcasts",
+        metric: "comet_broadcasts_total",
+        help: "Broadcast calls.",
+        of: |c| &c.broadcasts,
+    },
+    PushCounter {
+        status: "group_pushes",
+        metric: "comet_group_pushes_total",
+        help: "SendToGroup calls.",
+        of: |c| &c.group_pushes,
+    },
+    PushCounter {
+        status: "kicked",
+        metric: "comet_kicks_total",
+        help: "Clients named in KickConnections calls.",
+        of: |c| &c.kicks,
+    },
+];
+
 fn bump(counter: &Cell<u64>, by: usize) {
     counter.set(counter.get() + by as u64);
 }
@@ -654,17 +720,10 @@ impl Node {
         let c = &self.counters;
         json!({
             "node": self.describe().await,
-            "pushes": {
-                "calls": c.calls.get(),
-                "recipients": c.recipients.get(),
-                "delivered": c.delivered.get(),
-                "failed": c.failed.get(),
-                "broadcasts": c.broadcasts.get(),
-                "group_pushes": c.group_pushes.get(),
-                "kicked": c.kicks.get(),
-                "not_on_node": c.not_on_node.get(),
-                "forwarded": c.forwarded.get(),
-            },
+            "pushes": PUSH_COUNTERS
+                .iter()
+                .map(|k| (k.status.to_owned(), json!((k.of)(c).get())))
+                .collect::<serde_json::Map<_, _>>(),
             "callbacks": self.callback_stats.figures(),
             "presence_backlog": self.presence.backlog(),
             "rpc_open_to_anyone": self.config.rpc_open_to_anyone(),
@@ -733,53 +792,10 @@ impl Node {
     pub async fn metrics(&self) -> String {
         let shards = self.shard_stats().await;
         let c = &self.counters;
-        let pushes = [
-            (
-                "comet_push_calls_total",
-                "SendToConnections calls.",
-                c.calls.get(),
-            ),
-            (
-                "comet_push_recipients_total",
-                "Recipients named in SendToConnections calls.",
-                c.recipients.get(),
-            ),
-            (
-                "comet_deliveries_total",
-                "Messages handed to clients (pushes, broadcasts, group pushes).",
-                c.delivered.get(),
-            ),
-            (
-                "comet_push_failed_total",
-                "Push recipients reported failed to the caller.",
-                c.failed.get(),
-            ),
-            (
-                "comet_push_not_on_node_total",
-                "Push recipients not connected to this node.",
-                c.not_on_node.get(),
-            ),
-            (
-                "comet_push_forwarded_total",
-                "Push recipients not reached here that a draining node sent on to its successor.",
-                c.forwarded.get(),
-            ),
-            (
-                "comet_broadcasts_total",
-                "Broadcast calls.",
-                c.broadcasts.get(),
-            ),
-            (
-                "comet_group_pushes_total",
-                "SendToGroup calls.",
-                c.group_pushes.get(),
-            ),
-            (
-                "comet_kicks_total",
-                "Clients named in KickConnections calls.",
-                c.kicks.get(),
-            ),
-        ];
+        let pushes: Vec<(&str, &str, u64)> = PUSH_COUNTERS
+            .iter()
+            .map(|k| (k.metric, k.help, (k.of)(c).get()))
+            .collect();
         let registration = self.registrar.as_ref().map(Registrar::status);
         let process = tokio::task::spawn_blocking(process::ProcessFigures::read)
             .await
