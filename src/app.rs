@@ -478,10 +478,7 @@ async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, handover::Ready)
     match tokio::time::timeout(SUCCESSOR_READY_TIMEOUT, ready).await {
         Ok(Ok(Some(ready))) => Ok((pid, ready)),
         outcome => {
-            // SAFETY: kill on a pid we started; at worst it has already exited.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
+            crate::sys::kill_child(pid);
             let reaped =
                 tokio::task::spawn_blocking(move || handover::reap(pid, REAP_TIMEOUT)).await;
             if !matches!(reaped, Ok(true)) {

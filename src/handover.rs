@@ -21,8 +21,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::Command;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -128,9 +127,9 @@ fn adopt(text: &str) -> Result<OwnedFd, HandoverError> {
     let fd: RawFd = text
         .parse()
         .map_err(|_| HandoverError::Malformed(text.to_owned()))?;
-    // SAFETY: the predecessor passed this descriptor to us for us to own; it is used
-    // nowhere else in this process.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The predecessor passed this descriptor to us for us to own; it is used nowhere
+    // else in this process.
+    let owned = crate::sys::own_inherited_fd(fd);
     set_cloexec(owned.as_raw_fd(), true);
     Ok(owned)
 }
@@ -260,11 +259,8 @@ impl Successor {
 pub fn reap(pid: u32, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid on a child we started; WNOHANG never blocks.
-        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-        if reaped == pid as libc::pid_t || reaped < 0 {
-            return reaped > 0;
+        if let Some(reaped) = crate::sys::try_reap(pid) {
+            return reaped;
         }
         if std::time::Instant::now() >= deadline {
             return false;
@@ -306,16 +302,7 @@ impl Handover {
         let program = args.next().unwrap_or_default();
         let mut command = Command::new(program);
         command.args(args).env(ENV, value);
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // fcntl, which is async-signal-safe.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in &inherited {
-                    set_cloexec(*fd, false);
-                }
-                Ok(())
-            });
-        }
+        crate::sys::keep_open_across_exec(&mut command, inherited);
         let child = command.spawn().map_err(HandoverError::Spawn)?;
         drop(ready_write);
         drop(notices_read);
@@ -335,28 +322,11 @@ fn join(fds: &[RawFd]) -> String {
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    crate::sys::pipe_cloexec()
 }
 
 fn set_cloexec(fd: RawFd, on: bool) {
-    // SAFETY: fcntl on a descriptor number; a stale number fails harmlessly.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags >= 0 {
-            let flags = if on {
-                flags | libc::FD_CLOEXEC
-            } else {
-                flags & !libc::FD_CLOEXEC
-            };
-            libc::fcntl(fd, libc::F_SETFD, flags);
-        }
-    }
+    crate::sys::set_cloexec(fd, on);
 }
 
 #[cfg(test)]

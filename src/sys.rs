@@ -193,3 +193,96 @@ pub fn glommio_listener(fd: RawFd) -> glommio::net::TcpListener {
     // SAFETY: the caller hands over sole ownership of an open listening socket.
     unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
 }
+
+/// Sends SIGKILL to a child we started; at worst it has already exited.
+pub fn kill_child(pid: u32) {
+    // SAFETY: kill has no memory preconditions; the pid is our own child's.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// Reaps the child `pid` if it has exited: `Some(true)` reaped, `Some(false)` it is not
+/// our child (or already reaped), `None` still running. Never blocks.
+pub fn try_reap(pid: u32) -> Option<bool> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a local; WNOHANG never blocks.
+    let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    if reaped == pid as libc::pid_t || reaped < 0 {
+        Some(reaped > 0)
+    } else {
+        None
+    }
+}
+
+/// Takes ownership of a descriptor number handed to this process by its predecessor.
+/// The caller must be the only one to do so for this number.
+pub fn own_inherited_fd(fd: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller guarantees sole ownership of the inherited descriptor.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// A pipe whose ends close on exec.
+pub fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    Ok(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Sets or clears close-on-exec on a descriptor number; a stale number fails harmlessly.
+/// Async-signal-safe (fcntl only), so it may run between fork and exec.
+pub fn set_cloexec(fd: RawFd, on: bool) {
+    // SAFETY: fcntl on a descriptor number has no memory preconditions.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            let flags = if on {
+                flags | libc::FD_CLOEXEC
+            } else {
+                flags & !libc::FD_CLOEXEC
+            };
+            libc::fcntl(fd, libc::F_SETFD, flags);
+        }
+    }
+}
+
+/// Makes `command`'s child inherit `fds` (cleared close-on-exec between fork and exec).
+pub fn keep_open_across_exec(command: &mut std::process::Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls fcntl,
+    // which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in &fds {
+                set_cloexec(*fd, false);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Peeks one byte of a socket without waiting: the byte count (0 at EOF) or -1 with
+/// errno (EAGAIN when nothing is pending). Consumes nothing.
+pub fn peek_byte(fd: RawFd) -> isize {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte read into a local with MSG_PEEK; the caller's socket is open.
+    unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    }
+}

@@ -541,17 +541,7 @@ enum Verdict {
 /// Whether the client has closed (or reset) its end of `fd`. Peeks, so it consumes
 /// nothing; a client with unread bytes pending counts as present.
 fn peer_gone(fd: RawFd) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: a one-byte read into a local, MSG_PEEK: the socket is left as it was. The
-    // descriptor belongs to the connection task awaiting this job, so it is open.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = crate::sys::peek_byte(fd);
     match n {
         0 => true,
         n if n > 0 => false,
