@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
-use crate::codec::{Message, Wire, json};
+use crate::codec::{Message, Wire, json, sse};
 use crate::sys;
 use crate::transport::ws::frame::{EncodedFrame, FrameError, close_code};
 
@@ -81,8 +81,11 @@ impl CloseReason {
             CloseReason::InternalError => (INTERNAL_ERROR_CODE, "internal error".into()),
         };
         match wire {
-            Wire::WebSocket => Some(EncodedFrame::close(code, &text).bytes().into()),
+            Wire::WebSocket | Wire::WebSocketDeflate(_) => {
+                Some(EncodedFrame::close(code, &text).bytes().into())
+            }
             Wire::JsonLines => Some(json::close_line(code, &text).into()),
+            Wire::Sse => Some(sse::close_event(code).into()),
             Wire::Resp => None,
         }
     }
@@ -238,7 +241,7 @@ impl Session {
             wire: spec.wire,
             message_head: match spec.wire {
                 Wire::Resp => spec.message_head,
-                Wire::WebSocket | Wire::JsonLines => Box::default(),
+                _ => Box::default(),
             },
             direct_fd: spec.direct_fd,
             queue_limit: u32::try_from(spec.queue_limit).unwrap_or(u32::MAX),
@@ -733,6 +736,8 @@ mod tests {
         let line = CloseReason::Shutdown.farewell(Wire::JsonLines).unwrap();
         assert!(line.starts_with(b"{\"type\":\"close\",\"code\":1001"));
         assert!(CloseReason::Shutdown.farewell(Wire::Resp).is_none());
+        let event = CloseReason::Kicked.farewell(Wire::Sse).unwrap();
+        assert_eq!(&event[..], b"event: close\ndata: 1000\n\n");
         assert!(CloseReason::ClientGone.farewell(Wire::WebSocket).is_none());
         assert!(CloseReason::Kicked.flushes_queue());
         assert!(!CloseReason::SlowConsumer.flushes_queue());

@@ -160,6 +160,7 @@ pub struct Shard {
     live_connections: Cell<usize>,
     websocket_ping: Arc<[u8]>,
     json_ping: Arc<[u8]>,
+    sse_keepalive: Arc<[u8]>,
     accepted: Cell<u64>,
     accept_fd_exhausted: Cell<u64>,
     upgraded: Cell<u64>,
@@ -422,6 +423,7 @@ impl Shard {
             live_connections: Cell::new(0),
             websocket_ping: EncodedFrame::ping().bytes().into(),
             json_ping: Arc::from(json::PING_LINE),
+            sse_keepalive: Arc::from(crate::codec::sse::KEEPALIVE),
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),
             upgraded: Cell::new(0),
@@ -714,7 +716,7 @@ impl Shard {
     fn stats(&self) -> ShardStats {
         let sessions = self.sessions.borrow();
         let mut connections_by_transport: BTreeMap<&'static str, usize> =
-            [Wire::WebSocket, Wire::JsonLines, Wire::Resp]
+            [Wire::WebSocket, Wire::JsonLines, Wire::Resp, Wire::Sse]
                 .into_iter()
                 .map(|wire| (wire.label(), 0))
                 .collect();
@@ -752,9 +754,18 @@ impl Shard {
                 continue;
             }
             let ping = match session.wire() {
-                Wire::WebSocket => &self.websocket_ping,
+                Wire::WebSocket | Wire::WebSocketDeflate(_) => &self.websocket_ping,
                 Wire::JsonLines => &self.json_ping,
                 Wire::Resp => continue,
+                Wire::Sse => {
+                    // An event stream never answers: its comment keeps proxies from timing
+                    // out; a dead peer fails the writes or fills the queue.
+                    if now.saturating_duration_since(session.last_ping()) >= config.ping_interval {
+                        session.send_control(&self.sse_keepalive);
+                        session.pinged(now);
+                    }
+                    continue;
+                }
             };
             if silent > config.heartbeat_timeout {
                 session.request_close(CloseReason::HeartbeatTimeout);
