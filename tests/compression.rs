@@ -1,0 +1,197 @@
+//! permessage-deflate end to end against the real binary, with a hand-written client
+//! that counts the bytes on the wire: negotiated only when `websocket_compression=on`,
+//! a 2 KB JSON push arrives compressed (RSV1) and inflates to the message, one push to
+//! many clients is the same compressed frame for all, small messages go plain, and the
+//! client's own compressed messages are inflated with a bound (bomb: 1009) and RSV1 on a
+//! control frame is 1002.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::clients::{masked_frame, plain, upgrade_request};
+use common::{Comet, wait_until};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use serde_json::json;
+
+const OFFER: &str = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
+/// Upgrades with the deflate offer; returns the socket and the 101's head.
+fn upgrade(comet: &Comet, conn_id: &str) -> (TcpStream, String) {
+    let mut stream = plain(comet.ws_port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = upgrade_request("/ws", &json!({"conn_id": conn_id, "token": "t"}), OFFER);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed during the upgrade");
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8(head).unwrap())
+}
+
+/// One server frame: (first byte, payload).
+fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).unwrap();
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            stream.read_exact(&mut ext).unwrap();
+            u16::from_be_bytes(ext) as usize
+        }
+        127 => {
+            let mut ext = [0u8; 8];
+            stream.read_exact(&mut ext).unwrap();
+            u64::from_be_bytes(ext) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).unwrap();
+    (head[0], payload)
+}
+
+fn inflate(compressed: &[u8]) -> Vec<u8> {
+    let mut input = compressed.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(1 << 20);
+    Decompress::new(false)
+        .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+        .unwrap();
+    out
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    Compress::new(Compression::new(6), false)
+        .compress_vec(data, &mut out, FlushCompress::Sync)
+        .unwrap();
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// A 2 KB JSON message like a typical push.
+fn json_push() -> String {
+    let items: Vec<_> = (0..52)
+        .map(|i| json!({"symbol": format!("SYM{i}"), "bid": 100 + i, "ask": 101 + i}))
+        .collect();
+    let text = json!({"type": "prices", "items": items}).to_string();
+    assert!(text.len() > 1900, "{}", text.len());
+    text
+}
+
+fn start(extra: &str) -> Comet {
+    Comet::start(
+        None,
+        &format!("ping_interval=30s\nheartbeat_timeout=60s\nmax_frame_size=65536\n{extra}"),
+    )
+}
+
+#[test]
+fn off_by_default_the_offer_is_not_answered() {
+    let comet = start("");
+    let (mut stream, head) = upgrade(&comet, "plain");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(!head.contains("Sec-WebSocket-Extensions"), "{head}");
+    let message = json_push();
+    let mut rpc = comet.rpc();
+    rpc.push(&["plain"], &message, "");
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!(first, 0x81, "no RSV1");
+    assert_eq!(payload, message.as_bytes());
+    // RSV1 without negotiation is a protocol error.
+    stream.write_all(&masked_frame(0xC1, b"x")).unwrap();
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!(first, 0x88);
+    assert_eq!(&payload[..2], &1002u16.to_be_bytes());
+}
+
+#[test]
+fn pushes_arrive_compressed_once_for_all_and_intact() {
+    let comet = start("websocket_compression=on");
+    let mut clients: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let (stream, head) = upgrade(&comet, &format!("c{i}"));
+            assert!(
+                head.contains(
+                    "\r\nSec-WebSocket-Extensions: permessage-deflate; \
+                     server_no_context_takeover; client_no_context_takeover\r\n"
+                ),
+                "{head}"
+            );
+            stream
+        })
+        .collect();
+    let message = json_push();
+    let mut rpc = comet.rpc();
+    let ids: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    rpc.push(&ids, &message, "");
+    let mut frames = Vec::new();
+    for stream in &mut clients {
+        let (first, payload) = read_frame(stream);
+        assert_eq!(first, 0xC1, "FIN + RSV1 + Text");
+        assert_eq!(inflate(&payload), message.as_bytes());
+        frames.push(payload);
+    }
+    // Wire bytes: the compressed frame against the message.
+    let wire = frames[0].len();
+    println!(
+        "2 KB JSON push: {} bytes of payload, {wire} on the wire compressed ({:.1}x)",
+        message.len(),
+        message.len() as f64 / wire as f64
+    );
+    assert!(wire * 3 < message.len(), "{wire} of {}", message.len());
+    assert!(frames.iter().all(|f| f == &frames[0]), "one compressed frame for all");
+    // Under websocket_compression_min_size: plain.
+    rpc.push(&["c0"], "{\"small\":true}", "");
+    let (first, payload) = read_frame(&mut clients[0]);
+    assert_eq!(first, 0x81);
+    assert_eq!(payload, b"{\"small\":true}");
+}
+
+#[test]
+fn client_messages_inflate_with_a_bound() {
+    let comet = start("websocket_compression=on\nmax_frame_size=4096");
+    // A compressed Text message within the bound, whole and in two fragments: the
+    // connection stays (a ping after it is answered).
+    let (mut stream, _) = upgrade(&comet, "talker");
+    let text = deflate("hello ".repeat(500).as_bytes());
+    stream.write_all(&masked_frame(0xC1, &text)).unwrap();
+    let (head, tail) = text.split_at(text.len() / 2);
+    stream.write_all(&masked_frame(0x41, head)).unwrap();
+    stream.write_all(&masked_frame(0x80, tail)).unwrap();
+    stream.write_all(&masked_frame(0x89, b"still here")).unwrap();
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!((first, payload.as_slice()), (0x8A, &b"still here"[..]));
+    // A bomb: 60 bytes that inflate to 1 MB. Closed with 1009 at the bound.
+    let bomb = deflate(&vec![b'a'; 1 << 20]);
+    assert!(bomb.len() < 2048, "{}", bomb.len());
+    stream.write_all(&masked_frame(0xC1, &bomb)).unwrap();
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!(first, 0x88);
+    assert_eq!(&payload[..2], &1009u16.to_be_bytes());
+    // RSV1 on a control frame: 1002.
+    let (mut stream, _) = upgrade(&comet, "pinger");
+    stream.write_all(&masked_frame(0xC9, b"")).unwrap();
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!(first, 0x88);
+    assert_eq!(&payload[..2], &1002u16.to_be_bytes());
+    // Compressed bytes that inflate to invalid UTF-8 in a Text message: 1007.
+    let (mut stream, _) = upgrade(&comet, "garbler");
+    stream
+        .write_all(&masked_frame(0xC1, &deflate(b"bad \xff text")))
+        .unwrap();
+    let (first, payload) = read_frame(&mut stream);
+    assert_eq!(first, 0x88);
+    assert_eq!(&payload[..2], &1007u16.to_be_bytes());
+    assert!(wait_until(Duration::from_secs(5), || comet
+        .log_text()
+        .contains("closing client for a bad frame")));
+}
