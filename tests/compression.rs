@@ -29,7 +29,11 @@ fn upgrade(comet: &Comet, conn_id: &str) -> (TcpStream, String) {
     let mut head = Vec::new();
     let mut byte = [0u8];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed during the upgrade");
+        assert_eq!(
+            stream.read(&mut byte).unwrap(),
+            1,
+            "closed during the upgrade"
+        );
         head.push(byte[0]);
     }
     (stream, String::from_utf8(head).unwrap())
@@ -148,7 +152,10 @@ fn pushes_arrive_compressed_once_for_all_and_intact() {
         message.len() as f64 / wire as f64
     );
     assert!(wire * 3 < message.len(), "{wire} of {}", message.len());
-    assert!(frames.iter().all(|f| f == &frames[0]), "one compressed frame for all");
+    assert!(
+        frames.iter().all(|f| f == &frames[0]),
+        "one compressed frame for all"
+    );
     // Under websocket_compression_min_size: plain.
     rpc.push(&["c0"], "{\"small\":true}", "");
     let (first, payload) = read_frame(&mut clients[0]);
@@ -167,7 +174,9 @@ fn client_messages_inflate_with_a_bound() {
     let (head, tail) = text.split_at(text.len() / 2);
     stream.write_all(&masked_frame(0x41, head)).unwrap();
     stream.write_all(&masked_frame(0x80, tail)).unwrap();
-    stream.write_all(&masked_frame(0x89, b"still here")).unwrap();
+    stream
+        .write_all(&masked_frame(0x89, b"still here"))
+        .unwrap();
     let (first, payload) = read_frame(&mut stream);
     assert_eq!((first, payload.as_slice()), (0x8A, &b"still here"[..]));
     // A bomb: 60 bytes that inflate to 1 MB. Closed with 1009 at the bound.

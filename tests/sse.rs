@@ -1,0 +1,121 @@
+//! Server-Sent Events end to end: `curl -N` against the real binary. The stream's head
+//! (status, content type, no-cache, CORS for an allowed origin, `retry:`), one event per
+//! push with a `data:` line per message line, keep-alive comments every ping_interval,
+//! `event: close` with the code on kick, presence through the message server exactly as
+//! for WebSocket, and refusals as HTTP statuses.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use common::{Comet, MessageServer, url_encode, wait_until};
+use serde_json::json;
+
+/// `curl -N -i` on the stream of `conn_id`, its output read line by line.
+struct Curl {
+    child: Child,
+    lines: BufReader<ChildStdout>,
+}
+
+impl Curl {
+    fn open(comet: &Comet, conn_id: &str, origin: &str) -> Curl {
+        let t = url_encode(&json!({"conn_id": conn_id, "token": "t"}).to_string());
+        let mut child = Command::new("curl")
+            .args(["-N", "-s", "-i", "--max-time", "60", "-H"])
+            .arg(format!("Origin: {origin}"))
+            .arg(format!("http://127.0.0.1:{}/sse?t={t}", comet.ws_port))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl");
+        let lines = BufReader::new(child.stdout.take().unwrap());
+        Curl { child, lines }
+    }
+
+    fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.lines.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line),
+        }
+    }
+
+    /// Lines up to and including the next blank one.
+    fn block(&mut self) -> Vec<String> {
+        let mut block = Vec::new();
+        while let Some(line) = self.line() {
+            let blank = line.trim_end_matches(['\r', '\n']).is_empty();
+            block.push(line);
+            if blank {
+                break;
+            }
+        }
+        block
+    }
+}
+
+impl Drop for Curl {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn curl_gets_the_head_events_comments_and_the_close_event() {
+    let server = MessageServer::start();
+    let comet = Comet::start(
+        Some(&server),
+        "ping_interval=1s\nheartbeat_timeout=5s\nsse_retry=3s\n\
+         websocket_allowed_origins=https://app.example.com",
+    );
+    let mut curl = Curl::open(&comet, "sse-1", "https://app.example.com");
+    let head = curl.block().concat();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for line in [
+        "Content-Type: text/event-stream\r\n",
+        "Cache-Control: no-cache\r\n",
+        "Access-Control-Allow-Origin: https://app.example.com\r\n",
+    ] {
+        assert!(head.contains(line), "{line:?} in {head}");
+    }
+    assert_eq!(curl.block(), ["retry: 3000\n", "\n"]);
+    assert!(wait_until(Duration::from_secs(10), || server
+        .count("online", "sse-1")
+        == 1));
+    let mut rpc = comet.rpc();
+    rpc.push(&["sse-1"], "first line\nsecond line", "");
+    // Comments may come before it: skip them.
+    let event = loop {
+        let block = curl.block();
+        if block.first().is_some_and(|l| l.starts_with(':')) {
+            continue;
+        }
+        break block;
+    };
+    assert_eq!(event, ["data: first line\n", "data: second line\n", "\n"]);
+    // A keep-alive comment within a couple of ping intervals.
+    assert_eq!(curl.block(), [": ping\n", "\n"]);
+    rpc.call("Server.KickConnections", json!({"connections": ["sse-1"]}));
+    let close = loop {
+        let block = curl.block();
+        if block.first().is_some_and(|l| l.starts_with(':')) {
+            continue;
+        }
+        break block;
+    };
+    assert_eq!(close, ["event: close\n", "data: 1000\n", "\n"]);
+    assert_eq!(curl.line(), None, "the stream ends after the close event");
+    assert!(wait_until(Duration::from_secs(10), || server
+        .count("offline", "sse-1")
+        == 1));
+}
+
+#[test]
+fn refusals_are_http_statuses() {
+    let comet = Comet::start(None, "websocket_allowed_origins=https://app.example.com");
+    let mut evil = Curl::open(&comet, "sse-2", "https://evil.example.com");
+    let status = evil.line().unwrap_or_default();
+    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+}
