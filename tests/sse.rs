@@ -2,7 +2,8 @@
 //! (status, content type, no-cache, CORS for an allowed origin, `retry:`), one event per
 //! push with a `data:` line per message line, keep-alive comments every ping_interval,
 //! `event: close` with the code on kick, presence through the message server exactly as
-//! for WebSocket, and refusals as HTTP statuses.
+//! for WebSocket, refusals as HTTP statuses; and the EventSource example page in headless
+//! Chromium.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
+use common::browser::{Browser, evaluate, poll_page};
 use common::{Comet, MessageServer, url_encode, wait_until};
 use serde_json::json;
 
@@ -118,4 +120,52 @@ fn refusals_are_http_statuses() {
     let mut evil = Curl::open(&comet, "sse-2", "https://evil.example.com");
     let status = evil.line().unwrap_or_default();
     assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+}
+
+#[test]
+fn the_event_source_page_shows_pushes_in_headless_chromium() {
+    let server = MessageServer::start();
+    let node = Comet::start(Some(&server), "");
+    let page = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/browser/sse.html");
+    let url = format!(
+        "file://{}?server=http://127.0.0.1:{}/sse&conn_id=browser-sse&token=secret",
+        page.display(),
+        node.ws_port
+    );
+    let browser = Browser::open(&url);
+    assert!(
+        wait_until(Duration::from_secs(20), || server
+            .count("online", "browser-sse")
+            == 1),
+        "the page did not connect"
+    );
+    let mut devtools = browser.attach();
+    let mut id = 0;
+    let mut read = |expression: &str| evaluate(&mut devtools, &mut id, expression);
+    assert!(
+        poll_page(|| read("document.getElementById('status').textContent") == "connected"),
+        "the page never showed `connected`"
+    );
+    let reply = node.rpc().push(&["browser-sse"], "hello,\nEventSource", "");
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    let mut shown = String::new();
+    poll_page(|| {
+        shown = read("document.getElementById('messages').textContent");
+        shown.contains("EventSource")
+    });
+    assert_eq!(shown, "hello,\nEventSource");
+    node.rpc().call(
+        "Server.KickConnections",
+        json!({"connections": ["browser-sse"]}),
+    );
+    assert!(
+        poll_page(|| read("document.getElementById('status').textContent") == "closed 1000"),
+        "the page did not see the close event"
+    );
+    assert!(wait_until(Duration::from_secs(10), || server
+        .count("offline", "browser-sse")
+        == 1));
+    // The page closed its EventSource on 1000: no reconnection.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(server.count("online", "browser-sse"), 1);
 }
