@@ -7,7 +7,8 @@
 //! node sends it, shows a 2 KB push intact in fewer bytes than the message itself; so do
 //! Python `websockets` and Node `ws` with their defaults (installed under
 //! `target/ws-clients/` on first use, as `redis_clients.rs` does), and their own
-//! compressed messages are taken.
+//! compressed messages are taken. Idle clients that negotiated compression cost what
+//! uncompressed ones do (no deflate context per connection).
 
 mod common;
 
@@ -414,4 +415,36 @@ fn python_websockets_and_node_ws_get_compressed_pushes_intact() {
     }
     // Their own compressed 2 KB messages were inflated and taken, not refused.
     assert!(!comet.log_text().contains("closing client for a bad frame"));
+}
+
+/// Resident memory per idle client of a node with `extra`, all clients offering deflate.
+fn idle_kib_per_client(extra: &str, clients: usize) -> f64 {
+    let comet = start(extra);
+    // A push first, so that the compressor each shard keeps exists before the baseline.
+    let (_warm, _) = upgrade(&comet, "warm");
+    comet.rpc().push(&["warm"], &json_push(), "");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = comet.rss_kib();
+    let held: Vec<(TcpStream, String)> = (0..clients)
+        .map(|i| upgrade(&comet, &format!("idle{i}")))
+        .collect();
+    let negotiated = held
+        .iter()
+        .filter(|(_, head)| head.contains("permessage-deflate"))
+        .count();
+    assert_eq!(negotiated, if extra.is_empty() { 0 } else { clients });
+    std::thread::sleep(Duration::from_millis(500));
+    let after = comet.rss_kib();
+    (after.saturating_sub(before)) as f64 / clients as f64
+}
+
+#[test]
+fn idle_memory_with_compression_negotiated_matches_without() {
+    common::raise_open_files_limit();
+    let clients = 2000;
+    let off = idle_kib_per_client("", clients);
+    let on = idle_kib_per_client("websocket_compression=on", clients);
+    println!("idle memory per client: {off:.2} KiB off, {on:.2} KiB with deflate negotiated");
+    // 5% of the figure, plus 0.5 KiB per client for allocator noise on a busy machine.
+    assert!(on <= off * 1.05 + 0.5, "{on:.2} KiB vs {off:.2} KiB");
 }
