@@ -67,10 +67,14 @@ impl Drop for Curl {
 #[test]
 fn curl_gets_the_head_events_comments_and_the_close_event() {
     let server = MessageServer::start();
+    let admin = common::free_port();
     let comet = Comet::start(
         Some(&server),
-        "ping_interval=1s\nheartbeat_timeout=5s\nsse_retry=3s\n\
-         websocket_allowed_origins=https://app.example.com",
+        &format!(
+            "ping_interval=1s\nheartbeat_timeout=5s\nsse_retry=3s\n\
+             websocket_allowed_origins=https://app.example.com\n\
+             admin_addr=127.0.0.1:{admin}\nadmin_token=sekrit"
+        ),
     );
     let mut curl = Curl::open(&comet, "sse-1", "https://app.example.com");
     let head = curl.block().concat();
@@ -86,6 +90,7 @@ fn curl_gets_the_head_events_comments_and_the_close_event() {
     assert!(wait_until(Duration::from_secs(10), || server
         .count("online", "sse-1")
         == 1));
+    assert_eq!(sse_connections(admin), 1, "counted under transport=\"sse\"");
     let mut rpc = comet.rpc();
     rpc.push(&["sse-1"], "first line\nsecond line", "");
     // Comments may come before it: skip them.
@@ -112,6 +117,57 @@ fn curl_gets_the_head_events_comments_and_the_close_event() {
     assert!(wait_until(Duration::from_secs(10), || server
         .count("offline", "sse-1")
         == 1));
+}
+
+/// `comet_connections{transport="sse"}` summed over the shards.
+fn sse_connections(admin: u16) -> u64 {
+    let body = ureq::get(&format!("http://127.0.0.1:{admin}/metrics?token=sekrit"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("comet_connections{") && l.contains("transport=\"sse\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The next block that is not a keep-alive comment.
+fn next_event(curl: &mut Curl) -> Vec<String> {
+    loop {
+        let block = curl.block();
+        if !block.first().is_some_and(|l| l.starts_with(':')) {
+            return block;
+        }
+    }
+}
+
+#[test]
+fn replace_and_shutdown_end_the_stream_with_their_codes() {
+    let server = MessageServer::start();
+    let mut comet = Comet::start(Some(&server), "duplicate_conn_id=replace");
+    let mut first = Curl::open(&comet, "sse-r", "null");
+    assert!(first.block()[0].starts_with("HTTP/1.1 200"));
+    first.block();
+    assert!(wait_until(Duration::from_secs(10), || server
+        .count("online", "sse-r")
+        == 1));
+    let mut second = Curl::open(&comet, "sse-r", "null");
+    assert!(second.block()[0].starts_with("HTTP/1.1 200"));
+    second.block();
+    assert_eq!(
+        next_event(&mut first),
+        ["event: close\n", "data: 1008\n", "\n"]
+    );
+    assert_eq!(first.line(), None);
+    comet.terminate(Duration::from_secs(20));
+    assert_eq!(
+        next_event(&mut second),
+        ["event: close\n", "data: 1001\n", "\n"]
+    );
+    assert_eq!(second.line(), None);
+    assert_eq!(server.count("online", "sse-r"), 2);
+    assert_eq!(server.count("offline", "sse-r"), 2);
 }
 
 #[test]
