@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
@@ -168,6 +168,45 @@ fn replace_and_shutdown_end_the_stream_with_their_codes() {
     assert_eq!(second.line(), None);
     assert_eq!(server.count("online", "sse-r"), 2);
     assert_eq!(server.count("offline", "sse-r"), 2);
+}
+
+#[test]
+fn an_event_stream_runs_on_wss_port_under_tls() {
+    let server = MessageServer::start();
+    let cert = common::clients::TestCert::generate(&common::temp_dir("sse-tls"));
+    let wss_port = common::free_port();
+    let comet = Comet::start(
+        Some(&server),
+        &format!("wss_port={wss_port}\n{}", cert.ini()),
+    );
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        wss_port
+    )));
+    let t = url_encode(&json!({"conn_id": "sse-tls", "token": "t"}).to_string());
+    let mut tls = cert.connect(wss_port);
+    write!(tls, "GET /sse?t={t} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut lines = BufReader::new(tls);
+    let mut read_block = || {
+        let mut block = String::new();
+        loop {
+            let mut line = String::new();
+            if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                return block;
+            }
+            let blank = line.trim_end_matches(['\r', '\n']).is_empty();
+            block.push_str(&line);
+            if blank {
+                return block;
+            }
+        }
+    };
+    assert!(read_block().starts_with("HTTP/1.1 200 OK\r\n"));
+    assert_eq!(read_block(), "retry: 2000\n\n");
+    assert!(wait_until(Duration::from_secs(10), || server
+        .count("online", "sse-tls")
+        == 1));
+    comet.rpc().push(&["sse-tls"], "over tls", "");
+    assert_eq!(read_block(), "data: over tls\n\n");
 }
 
 #[test]
