@@ -209,8 +209,8 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Feeds newly read bytes; calls `on_frame` for every complete frame. `deflate`:
-    /// permessage-deflate was negotiated, so a data message may start with RSV1 set.
+    /// Feeds newly read bytes; calls `on_frame` for every complete frame, judged by
+    /// `rules` (the size bound, and whether a data message may start with RSV1 set).
     pub fn feed(
         &mut self,
         data: &[u8],
