@@ -181,6 +181,11 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     /// Join messages queued together into one `\n`-separated frame (the original's framing).
     pub coalesce_messages: bool,
+    /// permessage-deflate for WebSocket clients that offer it (`websocket_compression`,
+    /// `_min_size`, `_level`); `None`: off, offers are not answered.
+    pub websocket_compression: Option<crate::codec::deflate::Deflate>,
+    /// The `retry:` an event stream starts with: how long EventSource waits to reconnect.
+    pub sse_retry: Duration,
     /// What a duplicate conn_id does.
     pub duplicate_conn_id: DuplicatePolicy,
     /// Pushes kept per conn_id for clients that opt in to recovery; 0: off.
@@ -400,6 +405,8 @@ impl Config {
             outbound_queue_size: raw.count("outbound_queue_size", 1024, 1, 1 << 20)?,
             outbound_queue_bytes: raw.count("outbound_queue_bytes", 1 << 20, 1024, 1 << 30)?,
             coalesce_messages: raw.boolean("coalesce_messages", false)?,
+            websocket_compression: parse_compression(raw)?,
+            sse_retry: raw.duration("sse_retry", Duration::from_secs(2))?,
             duplicate_conn_id: parse_duplicate_policy(raw)?,
             recovery_window: raw.count("recovery_window", 0, 0, 1 << 20)?,
             recovery_ttl: raw.duration("recovery_ttl", Duration::from_secs(60))?,
@@ -704,13 +711,38 @@ fn parse_socket_protocol(raw: &mut RawIni) -> Result<SocketProtocol, ConfigError
     Ok(protocol)
 }
 
-fn parse_upgrade_policy(raw: &mut RawIni) -> Result<UpgradePolicy, ConfigError> {
-    let path = raw.string("websocket_path", "/ws");
+fn parse_compression(
+    raw: &mut RawIni,
+) -> Result<Option<crate::codec::deflate::Deflate>, ConfigError> {
+    let on = raw.boolean("websocket_compression", false)?;
+    let min_size = raw.count("websocket_compression_min_size", 256, 0, 16 << 20)?;
+    let level = raw.count("websocket_compression_level", 6, 1, 9)?;
+    Ok(on.then_some(crate::codec::deflate::Deflate {
+        level: level as u8,
+        min_size: min_size as u32,
+    }))
+}
+
+fn parse_path(raw: &mut RawIni, key: &'static str, default: &str) -> Result<String, ConfigError> {
+    let path = raw.string(key, default);
     if !path.starts_with('/') || path.contains('?') || path.contains(char::is_whitespace) {
         return Err(ConfigError::BadValue {
-            key: "websocket_path",
+            key,
             value: path,
-            reason: "expected an absolute path such as /ws".into(),
+            reason: format!("expected an absolute path such as {default}"),
+        });
+    }
+    Ok(path)
+}
+
+fn parse_upgrade_policy(raw: &mut RawIni) -> Result<UpgradePolicy, ConfigError> {
+    let path = parse_path(raw, "websocket_path", "/ws")?;
+    let sse_path = parse_path(raw, "sse_path", "/sse")?;
+    if sse_path == path {
+        return Err(ConfigError::BadValue {
+            key: "sse_path",
+            value: sse_path,
+            reason: "must differ from websocket_path".into(),
         });
     }
     let allowed_origins = raw
@@ -732,6 +764,7 @@ fn parse_upgrade_policy(raw: &mut RawIni) -> Result<UpgradePolicy, ConfigError> 
     }
     Ok(UpgradePolicy {
         path,
+        sse_path,
         allowed_origins,
     })
 }

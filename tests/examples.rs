@@ -4,15 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::browser::{Browser, evaluate, poll_page};
 use common::clients::{Reader, plain};
-use common::{Comet, MessageServer, free_port, temp_dir, wait_until};
-use serde_json::{Value, json};
+use common::{Comet, MessageServer, free_port, wait_until};
+use serde_json::json;
 
 fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -168,129 +168,6 @@ fn redis_py_client_receives_pushes() {
         "redis-py-example",
         "client_name is the info"
     );
-}
-
-/// A headless Chromium with its DevTools endpoint, showing one page.
-struct Browser {
-    _process: Killed,
-    devtools_port: u16,
-}
-
-impl Browser {
-    fn open(url: &str) -> Browser {
-        let profile = temp_dir("chromium");
-        let child = Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromium is installed (scripts/install-deps.sh)");
-        let active_port = profile.join("DevToolsActivePort");
-        assert!(
-            wait_until(Duration::from_secs(30), || active_port.exists()),
-            "chromium did not start"
-        );
-        let mut port = String::new();
-        assert!(wait_until(Duration::from_secs(5), || {
-            port = std::fs::read_to_string(&active_port).unwrap_or_default();
-            port.lines()
-                .next()
-                .is_some_and(|l| l.parse::<u16>().is_ok())
-        }));
-        Browser {
-            _process: Killed(child),
-            devtools_port: port.lines().next().unwrap().parse().unwrap(),
-        }
-    }
-
-    /// The DevTools WebSocket URL of the page.
-    fn page_socket(&self) -> String {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.devtools_port)).unwrap();
-        write!(
-            stream,
-            "GET /json/list HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        // Read by Content-Length: the DevTools server may keep the connection open.
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).unwrap();
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        let body = String::from_utf8(body).unwrap();
-        let targets: Value = serde_json::from_str(&body).unwrap();
-        targets
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| {
-                t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with("file:"))
-            })
-            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-            .unwrap()
-            .to_owned()
-    }
-
-    /// A DevTools connection to the page (one at a time: a page has one debugger URL
-    /// while a client is attached).
-    fn attach(&self) -> common::Client {
-        common::connect_url(&self.page_socket(), self.devtools_port).unwrap()
-    }
-}
-
-/// Evaluates a JavaScript expression in the page; its string value.
-fn evaluate(devtools: &mut common::Client, id: &mut u64, expression: &str) -> String {
-    *id += 1;
-    let call =
-        json!({"id": *id, "method": "Runtime.evaluate", "params": {"expression": expression}});
-    devtools
-        .send(tungstenite::Message::text(call.to_string()))
-        .unwrap();
-    loop {
-        let text = devtools.read().unwrap().into_text().unwrap();
-        let reply: Value = serde_json::from_str(&text).unwrap();
-        if reply["id"] == json!(*id) {
-            return reply["result"]["result"]["value"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-        }
-    }
-}
-
-/// Asks the page until `check` holds (true) or 10 s pass (false).
-fn poll_page(mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]

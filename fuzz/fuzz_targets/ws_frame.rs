@@ -4,7 +4,7 @@
 //! are UTF-8 as a whole, and nothing at all after the client's Close.
 #![no_main]
 
-use comet::transport::ws::frame::{Decoder, Inbound, close_code};
+use comet::transport::ws::frame::{Decoder, Inbound, Rules, close_code};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_MESSAGE: usize = 512;
@@ -15,11 +15,16 @@ fuzz_target!(|data: &[u8]| {
     let Some((&split, bytes)) = data.split_first() else {
         return;
     };
+    // The low bit of the split byte negotiates permessage-deflate (RSV1 allowed).
+    let rules = Rules {
+        max_message: MAX_MESSAGE,
+        deflate: split & 1 == 1,
+    };
     let mut decoder = Decoder::default();
     let mut text = Vec::new();
     let mut closed = false;
     for chunk in bytes.chunks(usize::from(split).max(1)) {
-        let fed = decoder.feed(chunk, MAX_MESSAGE, |frame| {
+        let fed = decoder.feed(chunk, rules, |frame| {
             assert!(!closed, "a frame was delivered after the client's Close");
             match frame {
                 Inbound::Ping(payload) => assert!(payload.len() <= 125),
@@ -32,8 +37,10 @@ fuzz_target!(|data: &[u8]| {
                     payload,
                     fin,
                     text: is_text,
+                    compressed,
                 } => {
-                    if is_text {
+                    assert!(rules.deflate || !compressed, "RSV1 let through unnegotiated");
+                    if is_text && !compressed {
                         text.extend_from_slice(&payload);
                         if fin {
                             assert!(

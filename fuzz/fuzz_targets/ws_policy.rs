@@ -81,6 +81,7 @@ fuzz_target!(|data: &[u8]| {
         .collect();
     let policy = UpgradePolicy {
         path: "/ws".into(),
+        sse_path: "/sse".into(),
         allowed_origins: vec![pattern],
     };
     if let Ok(key) = check_headers(&headers, &policy) {

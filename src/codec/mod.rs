@@ -4,8 +4,10 @@
 //! that format; every recipient on every shard then shares those bytes. This module
 //! owns the per-protocol encoders and the decoders of what clients send; it does no I/O.
 
+pub mod deflate;
 pub mod json;
 pub mod resp;
+pub mod sse;
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,19 +18,25 @@ use crate::transport::ws::frame::EncodedFrame;
 pub enum Wire {
     /// WebSocket Text frames (plain or over TLS).
     WebSocket,
+    /// WebSocket with permessage-deflate negotiated: compressed Text frames (RSV1) for
+    /// payloads the settings compress, plain ones for the rest.
+    WebSocketDeflate(deflate::Deflate),
     /// One JSON object per line over TCP.
     JsonLines,
     /// Redis pub/sub replies (RESP2 `message` arrays or RESP3 push frames).
     Resp,
+    /// Server-Sent Events: one `data:` event per message.
+    Sse,
 }
 
 impl Wire {
     /// A short label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
-            Wire::WebSocket => "websocket",
+            Wire::WebSocket | Wire::WebSocketDeflate(_) => "websocket",
             Wire::JsonLines => "json",
             Wire::Resp => "resp",
+            Wire::Sse => "sse",
         }
     }
 }
@@ -38,8 +46,11 @@ impl Wire {
 pub struct Message {
     payload: Box<[u8]>,
     websocket: OnceLock<EncodedFrame>,
+    /// `None`: compression does not pay for this payload, the plain frame goes instead.
+    websocket_deflate: OnceLock<Option<EncodedFrame>>,
     json_line: OnceLock<Box<[u8]>>,
     resp_bulk: OnceLock<Box<[u8]>>,
+    sse_event: OnceLock<Box<[u8]>>,
 }
 
 impl Message {
@@ -48,8 +59,10 @@ impl Message {
         Arc::new(Message {
             payload: payload.into(),
             websocket: OnceLock::new(),
+            websocket_deflate: OnceLock::new(),
             json_line: OnceLock::new(),
             resp_bulk: OnceLock::new(),
+            sse_event: OnceLock::new(),
         })
     }
 
@@ -67,9 +80,20 @@ impl Message {
     }
 
     /// The bytes that carry this message on `wire`. For RESP these are only the payload's
-    /// bulk string: the array header naming the client's channel is per connection.
+    /// bulk string: the array header naming the client's channel is per connection. The
+    /// compressed frame is made with the settings of the first session that asks (every
+    /// session of a node has the same).
     pub fn encoded(&self, wire: Wire) -> &[u8] {
         match wire {
+            Wire::WebSocketDeflate(settings) => {
+                match self
+                    .websocket_deflate
+                    .get_or_init(|| deflate::frame(&self.payload, settings))
+                {
+                    Some(frame) => frame.bytes(),
+                    None => self.encoded(Wire::WebSocket),
+                }
+            }
             Wire::WebSocket => self
                 .websocket
                 .get_or_init(|| EncodedFrame::text(&self.payload))
@@ -80,6 +104,7 @@ impl Message {
             Wire::Resp => self
                 .resp_bulk
                 .get_or_init(|| resp::bulk(&self.payload).into()),
+            Wire::Sse => self.sse_event.get_or_init(|| sse::event(&self.payload)),
         }
     }
 }
@@ -98,6 +123,27 @@ mod tests {
         assert_eq!(
             message.encoded(Wire::JsonLines),
             b"{\"type\":\"message\",\"data\":\"hi\"}\n"
+        );
+        assert_eq!(message.encoded(Wire::Sse), b"data: hi\n\n");
+    }
+
+    #[test]
+    fn the_compressed_frame_is_made_once_and_small_messages_stay_plain() {
+        let settings = deflate::Deflate {
+            level: 6,
+            min_size: 256,
+        };
+        let wire = Wire::WebSocketDeflate(settings);
+        let big = Message::new(&b"{\"n\":1}".repeat(100));
+        let first = big.encoded(wire);
+        assert_eq!(first[0], 0xC1, "FIN + RSV1 + Text");
+        assert!(first.len() < 100);
+        assert_eq!(big.encoded(wire).as_ptr(), first.as_ptr());
+        let small = Message::new(b"hi");
+        assert_eq!(small.encoded(wire), b"\x81\x02hi");
+        assert_eq!(
+            small.encoded(wire).as_ptr(),
+            small.encoded(Wire::WebSocket).as_ptr()
         );
     }
 }

@@ -371,6 +371,7 @@ impl Shard {
             pings: Pings {
                 websocket: EncodedFrame::ping().bytes().into(),
                 json: Arc::from(json::PING_LINE),
+                sse: Arc::from(crate::codec::sse::KEEPALIVE),
             },
             accepted: Cell::new(0),
             accept_fd_exhausted: Cell::new(0),

@@ -44,6 +44,8 @@ pub(crate) struct Heartbeat {
 pub(crate) struct Pings {
     pub websocket: Arc<[u8]>,
     pub json: Arc<[u8]>,
+    /// The comment that keeps an event stream's proxies from timing out.
+    pub sse: Arc<[u8]>,
 }
 
 /// The figures of the table that a shard reports.
@@ -344,9 +346,19 @@ impl SessionTable {
                 continue;
             }
             let ping = match session.wire() {
-                Wire::WebSocket => &pings.websocket,
+                Wire::WebSocket | Wire::WebSocketDeflate(_) => &pings.websocket,
                 Wire::JsonLines => &pings.json,
                 Wire::Resp => continue,
+                Wire::Sse => {
+                    // An event stream never answers: its comment keeps proxies from timing
+                    // out; a dead peer fails the writes or fills the queue.
+                    if now.saturating_duration_since(session.last_ping()) >= heartbeat.ping_interval
+                    {
+                        session.send_control(&pings.sse);
+                        session.pinged(now);
+                    }
+                    continue;
+                }
             };
             if silent > heartbeat.timeout {
                 session.request_close(CloseReason::HeartbeatTimeout);
@@ -376,7 +388,7 @@ impl SessionTable {
 
     pub(crate) fn figures(&self) -> TableFigures {
         let mut connections_by_transport: BTreeMap<&'static str, usize> =
-            [Wire::WebSocket, Wire::JsonLines, Wire::Resp]
+            [Wire::WebSocket, Wire::JsonLines, Wire::Resp, Wire::Sse]
                 .into_iter()
                 .map(|wire| (wire.label(), 0))
                 .collect();
@@ -453,7 +465,9 @@ fn numbered(epoch: &str, wire: Wire, seq: u64, message: &Message) -> Arc<Message
                 .into_bytes()
                 .into(),
         ),
-        Wire::WebSocket | Wire::Resp => {
+        // On an event stream the numbered JSON text is the event's data (its `id:` field
+        // and `Last-Event-ID` are not used yet).
+        Wire::WebSocket | Wire::WebSocketDeflate(_) | Wire::Resp | Wire::Sse => {
             Message::new(recovery::message_text(epoch, seq, message.payload()).as_bytes())
         }
     }
@@ -473,6 +487,7 @@ mod tests {
         Pings {
             websocket: Arc::from(&b"ws-ping"[..]),
             json: Arc::from(&b"json-ping\n"[..]),
+            sse: Arc::from(&b": ping\n\n"[..]),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Client transports. Each turns a socket accepted on a shard into a registered
-//! [`crate::session::Session`] and runs it until it closes: WebSocket ([`ws`]) and raw
-//! TCP speaking JSON-lines or RESP ([`tcp`]), either of them optionally over TLS
-//! ([`tls`]).
+//! [`crate::session::Session`] and runs it until it closes: WebSocket ([`ws`]),
+//! Server-Sent Events on the WebSocket port ([`sse`]) and raw TCP speaking JSON-lines or
+//! RESP ([`tcp`]), any of them optionally over TLS ([`tls`]).
 //!
 //! This module owns what every transport shares once a session exists: the session loop
 //! (reads, queued writes, close requests) and the closing handshake. It runs on a shard,
@@ -10,6 +10,7 @@
 //! buffer.
 
 pub mod admission;
+pub mod sse;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
@@ -41,7 +42,8 @@ const READS_PER_POLL: usize = 2;
 /// What a client listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
-    /// WebSocket upgrades (`GET /ws?t=...`).
+    /// WebSocket upgrades (`GET /ws?t=...`) and event streams (`GET /sse?t=...`): one
+    /// request parser tells them apart by path.
     WebSocket,
     /// Raw TCP: JSON-lines or RESP, as `tcp_protocol` says or the first byte tells.
     Tcp,
@@ -142,7 +144,8 @@ pub async fn run_session<S: ClientStream>(
 ) -> CloseReason {
     // The original's `\n`-joined frames are a WebSocket compatibility option: JSON-lines
     // and RESP clients get one message per line / pub/sub reply whatever the setting.
-    let coalesce = shard.config.coalesce_messages && session.wire() == Wire::WebSocket;
+    let coalesce = shard.config.coalesce_messages
+        && matches!(session.wire(), Wire::WebSocket | Wire::WebSocketDeflate(_));
     poll_fn(|cx| {
         session.set_waker(cx.waker());
         for _ in 0..READS_PER_POLL {

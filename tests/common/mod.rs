@@ -3,6 +3,7 @@
 //! JSON-RPC client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod clients;
 pub mod etcd;
 pub mod message_server;

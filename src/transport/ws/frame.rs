@@ -75,9 +75,20 @@ impl EncodedFrame {
         EncodedFrame::build(OpCode::Control(Control::Close), &payload)
     }
 
+    /// A final Text frame with RSV1 set: `deflated` is the message compressed as
+    /// permessage-deflate says (RFC 7692 section 7.2.1).
+    pub fn compressed_text(deflated: &[u8]) -> EncodedFrame {
+        EncodedFrame::build_with(OpCode::Data(Data::Text), true, deflated)
+    }
+
     fn build(opcode: OpCode, payload: &[u8]) -> EncodedFrame {
+        EncodedFrame::build_with(opcode, false, payload)
+    }
+
+    fn build_with(opcode: OpCode, rsv1: bool, payload: &[u8]) -> EncodedFrame {
         let header = FrameHeader {
             opcode,
+            rsv1,
             ..FrameHeader::default()
         };
         let length = payload.len() as u64;
@@ -117,11 +128,13 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
 pub enum Inbound {
     /// A data frame's payload (unmasked); `fin` ends the message. `text`: the frame is
     /// part of a Text message, whose bytes have been checked as UTF-8 so far (and, at
-    /// `fin`, as a whole).
+    /// `fin`, as a whole), unless `compressed`: the message is permessage-deflate data
+    /// (RSV1 on its first frame), checked by whoever inflates it.
     Data {
         payload: Vec<u8>,
         fin: bool,
         text: bool,
+        compressed: bool,
     },
     /// A ping; the payload must be echoed in a pong.
     Ping(Vec<u8>),
@@ -142,6 +155,8 @@ pub enum FrameError {
     BadCloseCode(u16),
     #[error("{0}")]
     InvalidUtf8(&'static str),
+    #[error("compressed message is not valid deflate data")]
+    BadCompression,
 }
 
 impl From<Utf8Error> for FrameError {
@@ -159,9 +174,18 @@ impl FrameError {
         match self {
             FrameError::TooBig { .. } => close_code::TOO_BIG,
             FrameError::Protocol(_) | FrameError::BadCloseCode(_) => close_code::PROTOCOL_ERROR,
-            FrameError::InvalidUtf8(_) => close_code::INVALID_PAYLOAD,
+            FrameError::InvalidUtf8(_) | FrameError::BadCompression => close_code::INVALID_PAYLOAD,
         }
     }
+}
+
+/// What a session's frames are judged by.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Largest message, in bytes on the wire (and, inflated, after decompression).
+    pub max_message: usize,
+    /// permessage-deflate was negotiated: a data message may start with RSV1 set.
+    pub deflate: bool,
 }
 
 /// Incremental decoder of client frames. Holds at most one incomplete frame, whose size
@@ -179,27 +203,34 @@ pub struct Decoder {
     /// The client's Close has been decoded: it is the last frame that counts (RFC 6455
     /// section 5.5.1), whatever follows it is ignored.
     closed: bool,
+    /// The message in progress is compressed (RSV1 on its first frame).
+    compressed: bool,
     utf8: Utf8Validator,
 }
 
 impl Decoder {
-    /// Feeds newly read bytes; calls `on_frame` for every complete frame.
+    /// Feeds newly read bytes; calls `on_frame` for every complete frame, judged by
+    /// `rules` (the size bound, and whether a data message may start with RSV1 set).
     pub fn feed(
         &mut self,
         data: &[u8],
-        max_message: usize,
+        rules: Rules,
         mut on_frame: impl FnMut(Inbound),
     ) -> Result<(), FrameError> {
+        let Rules {
+            max_message,
+            deflate,
+        } = rules;
         if self.closed {
             return Ok(());
         }
         if self.partial.is_empty() {
-            let used = self.decode_all(data, max_message, &mut on_frame)?;
+            let used = self.decode_all(data, max_message, deflate, &mut on_frame)?;
             self.partial.extend_from_slice(&data[used..]);
         } else {
             let mut pending = std::mem::take(&mut self.partial);
             pending.extend_from_slice(data);
-            let used = self.decode_all(&pending, max_message, &mut on_frame)?;
+            let used = self.decode_all(&pending, max_message, deflate, &mut on_frame)?;
             pending.drain(..used);
             self.partial = pending;
         }
@@ -219,11 +250,12 @@ impl Decoder {
         &mut self,
         data: &[u8],
         max_message: usize,
+        deflate: bool,
         on_frame: &mut impl FnMut(Inbound),
     ) -> Result<usize, FrameError> {
         let mut used = 0;
         while used < data.len() {
-            match self.decode_one(&data[used..], max_message)? {
+            match self.decode_one(&data[used..], max_message, deflate)? {
                 Some((frame, consumed)) => {
                     used += consumed;
                     let close = matches!(frame, Inbound::Close(_));
@@ -244,6 +276,7 @@ impl Decoder {
         &mut self,
         data: &[u8],
         max_message: usize,
+        deflate: bool,
     ) -> Result<Option<(Inbound, usize)>, FrameError> {
         let mut cursor = Cursor::new(data);
         let (header, length) = match FrameHeader::parse(&mut cursor) {
@@ -254,7 +287,7 @@ impl Decoder {
             Ok(None) => return Ok(None),
             Err(_) => return Err(FrameError::Protocol("invalid frame header")),
         };
-        self.check_header(&header, length, max_message)?;
+        self.check_header(&header, length, max_message, deflate)?;
         let header_len = cursor.position() as usize;
         let Some(end) = header_len.checked_add(length as usize) else {
             return Err(FrameError::TooBig {
@@ -277,6 +310,7 @@ impl Decoder {
         header: &FrameHeader,
         length: u64,
         max_message: usize,
+        deflate: bool,
     ) -> Result<(), FrameError> {
         if length > i64::MAX as u64 {
             // Section 5.2: the most significant bit of a 64-bit length must be 0; this is
@@ -288,10 +322,23 @@ impl Decoder {
         if header.mask.is_none() {
             return Err(FrameError::Protocol("client frames must be masked"));
         }
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !deflate) {
             return Err(FrameError::Protocol(
                 "reserved bits set without an extension",
             ));
+        }
+        // RFC 7692 section 6: RSV1 marks a compressed message on its first frame only,
+        // never on a control frame or a continuation.
+        if header.rsv1 {
+            match header.opcode {
+                OpCode::Control(_) => {
+                    return Err(FrameError::Protocol("RSV1 set on a control frame"));
+                }
+                OpCode::Data(Data::Continue) => {
+                    return Err(FrameError::Protocol("RSV1 set on a continuation frame"));
+                }
+                OpCode::Data(_) => {}
+            }
         }
         match header.opcode {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -328,8 +375,9 @@ impl Decoder {
                 let starts = data != Data::Continue;
                 if starts {
                     self.text = data == Data::Text;
+                    self.compressed = header.rsv1;
                 }
-                if self.text {
+                if self.text && !self.compressed {
                     self.check_text(&payload, header.is_final)?;
                 }
                 let base = if starts { 0 } else { self.message_len };
@@ -342,6 +390,7 @@ impl Decoder {
                     payload,
                     fin: header.is_final,
                     text: self.text,
+                    compressed: self.compressed,
                 }
             }
             OpCode::Control(Control::Ping) => Inbound::Ping(payload),
@@ -412,9 +461,59 @@ mod tests {
     }
 
     fn decode(decoder: &mut Decoder, bytes: &[u8]) -> Result<Vec<Inbound>, FrameError> {
+        decode_with(decoder, bytes, false)
+    }
+
+    fn decode_with(
+        decoder: &mut Decoder,
+        bytes: &[u8],
+        deflate: bool,
+    ) -> Result<Vec<Inbound>, FrameError> {
         let mut frames = Vec::new();
-        decoder.feed(bytes, 512, |f| frames.push(f))?;
+        let rules = Rules {
+            max_message: 512,
+            deflate,
+        };
+        decoder.feed(bytes, rules, |f| frames.push(f))?;
         Ok(frames)
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_only_when_negotiated() {
+        let mut bytes = client_frame(0x41, b"\xffcompressed");
+        bytes.extend(client_frame(0x80, b"rest"));
+        bytes.extend(client_frame(0x81, b"plain"));
+        let frames = decode_with(&mut Decoder::default(), &bytes, true).unwrap();
+        let flags: Vec<(bool, bool)> = frames
+            .iter()
+            .map(|f| match f {
+                Inbound::Data {
+                    fin, compressed, ..
+                } => (*fin, *compressed),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Not UTF-8 checked while compressed; the flag lasts the message, then clears.
+        assert_eq!(flags, [(false, true), (true, true), (true, false)]);
+        // Without negotiation RSV1 is a protocol error.
+        let err = refusal(&client_frame(0xC1, b"x"));
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn rsv1_on_a_control_frame_or_a_continuation_is_1002() {
+        for bytes in [
+            client_frame(0xC9, b"ping"),
+            client_frame(0xC8, &1000u16.to_be_bytes()),
+            client_frame(0xCA, b""),
+            [client_frame(0x01, b"a"), client_frame(0xC0, b"b")].concat(),
+        ] {
+            let err = decode_with(&mut Decoder::default(), &bytes, true).unwrap_err();
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR, "{bytes:x?}");
+        }
+        // RSV2 and RSV3 stay reserved.
+        let err = decode_with(&mut Decoder::default(), &client_frame(0xE1, b"x"), true);
+        assert_eq!(err.unwrap_err().close_code(), close_code::PROTOCOL_ERROR);
     }
 
     #[test]
@@ -426,6 +525,7 @@ mod tests {
                 payload: b"hello".to_vec(),
                 fin: true,
                 text: true,
+                compressed: false,
             }]
         );
     }

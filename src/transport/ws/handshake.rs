@@ -8,6 +8,8 @@ use base64::Engine;
 use percent_encoding::percent_decode;
 use serde::Deserialize;
 
+use super::deflate::{self, Negotiation};
+
 /// Largest upgrade request accepted (request line + headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// Header fields accepted in an upgrade request. Browsers send 10 to 20 and proxies add
@@ -32,6 +34,16 @@ pub struct ClientToken {
     pub recovery: crate::recovery::Request,
 }
 
+/// A well-formed request on the client port: a WebSocket upgrade on `path`, or an event
+/// stream on `sse_path`.
+#[derive(Debug)]
+pub enum Request {
+    /// `GET <path>?t=...` with the upgrade headers.
+    Upgrade(UpgradeRequest),
+    /// `GET <sse_path>?t=...` (`transport/sse`).
+    EventStream(EventStreamRequest),
+}
+
 /// A well-formed upgrade request.
 #[derive(Debug)]
 pub struct UpgradeRequest {
@@ -39,6 +51,19 @@ pub struct UpgradeRequest {
     pub key: String,
     /// The decoded `t` parameter.
     pub token: ClientToken,
+    /// What the client's `Sec-WebSocket-Extensions` offered.
+    pub deflate: Negotiation,
+}
+
+/// A well-formed event-stream request.
+#[derive(Debug)]
+pub struct EventStreamRequest {
+    /// The decoded `t` parameter.
+    pub token: ClientToken,
+    /// The request's `Origin`, already found allowed: echoed in
+    /// `Access-Control-Allow-Origin` (escaped bytes never reach here: see
+    /// [`check_stream_headers`]).
+    pub origin: Option<String>,
 }
 
 /// Which upgrade requests this node accepts.
@@ -46,6 +71,8 @@ pub struct UpgradeRequest {
 pub struct UpgradePolicy {
     /// The one path clients upgrade on (`/ws` in COMPAT.md).
     pub path: String,
+    /// The path of the Server-Sent Events stream (`/sse`).
+    pub sse_path: String,
     /// Origins a browser may connect from (`https://app.example.com`, or
     /// `https://*.example.com` for any subdomain); empty: any. Requests without an
     /// `Origin` header (native clients; browsers always send one) are not checked.
@@ -56,6 +83,7 @@ impl Default for UpgradePolicy {
     fn default() -> UpgradePolicy {
         UpgradePolicy {
             path: "/ws".into(),
+            sse_path: "/sse".into(),
             allowed_origins: Vec::new(),
         }
     }
@@ -170,11 +198,11 @@ impl HandshakeError {
     }
 }
 
-/// Parses an upgrade request from the bytes read so far. `Ok(None)`: incomplete, read more.
+/// Parses a request from the bytes read so far. `Ok(None)`: incomplete, read more.
 pub fn parse_request(
     buf: &[u8],
     policy: &UpgradePolicy,
-) -> Result<Option<UpgradeRequest>, HandshakeError> {
+) -> Result<Option<Request>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
@@ -201,12 +229,53 @@ pub fn parse_request(
     // on it cannot split a character.
     let target = request.path.unwrap_or_default();
     let (request_path, query) = target.split_once('?').unwrap_or((target, ""));
+    if request_path == policy.sse_path {
+        let origin = check_stream_headers(request.headers, policy)?;
+        let token = parse_token(query)?;
+        return Ok(Some(Request::EventStream(EventStreamRequest {
+            token,
+            origin,
+        })));
+    }
     if request_path != policy.path {
         return Err(HandshakeError::NotFound(quote(request_path.as_bytes())));
     }
     let key = check_headers(request.headers, policy)?;
     let token = parse_token(query)?;
-    Ok(Some(UpgradeRequest { key, token }))
+    let deflate = deflate::negotiate(
+        request
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Extensions"))
+            .map(|h| h.value),
+    );
+    Ok(Some(Request::Upgrade(UpgradeRequest {
+        key,
+        token,
+        deflate,
+    })))
+}
+
+/// The header rules of an event-stream request: a single Host, and an Origin (if any)
+/// that the policy allows. Returns the Origin to echo in the CORS answer: only one made
+/// of visible ASCII is echoed (a header line must not carry anything else).
+pub fn check_stream_headers(
+    headers: &[httparse::Header<'_>],
+    policy: &UpgradePolicy,
+) -> Result<Option<String>, HandshakeError> {
+    if single(headers, "Host")?.is_none() {
+        return Err(HandshakeError::MissingHost);
+    }
+    let Some(origin) = single(headers, "Origin")? else {
+        return Ok(None);
+    };
+    if !policy.allows_origin(origin) {
+        return Err(HandshakeError::Origin(quote(origin)));
+    }
+    Ok(origin
+        .iter()
+        .all(|b| b.is_ascii_graphic())
+        .then(|| String::from_utf8_lossy(origin).into_owned()))
 }
 
 /// Every rule on the request's header fields (RFC 6455 section 4.2.1 and the origin
@@ -361,12 +430,17 @@ fn scalar_text(value: serde_json::Value) -> String {
     }
 }
 
-/// The `101 Switching Protocols` answer.
-pub fn accept_response(key: &str) -> Vec<u8> {
+/// The `101 Switching Protocols` answer; `deflate`: permessage-deflate is accepted.
+pub fn accept_response(key: &str, deflate: bool) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let extensions = if deflate {
+        deflate::RESPONSE_HEADER
+    } else {
+        ""
+    };
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+         Sec-WebSocket-Accept: {accept}\r\n{extensions}\r\n"
     )
     .into_bytes()
 }
@@ -406,12 +480,7 @@ mod tests {
     #[test]
     fn good_request_yields_token() {
         let t = "%7B%22conn_id%22%3A%22u1%22%2C%22token%22%3A%22s3cret%22%2C%22info%22%3A%22%7B%7D%22%7D";
-        let parsed = parse_request(
-            request(&format!("/ws?t={t}")).as_bytes(),
-            &UpgradePolicy::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let parsed = upgrade(&request(&format!("/ws?t={t}")));
         assert_eq!(parsed.token.conn_id, "u1");
         assert_eq!(parsed.token.token, "s3cret");
         assert_eq!(parsed.token.info, "{}");
@@ -430,6 +499,7 @@ mod tests {
     fn origins_and_paths_follow_the_policy() {
         let policy = UpgradePolicy {
             path: "/push".into(),
+            sse_path: "/sse".into(),
             allowed_origins: vec![
                 "https://app.example.com".into(),
                 "https://*.example.org".into(),
@@ -775,7 +845,73 @@ mod tests {
 
     #[test]
     fn accept_key_matches_rfc_example() {
-        let response = String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        let response =
+            String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", false)).unwrap();
         assert!(response.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        assert!(!response.contains("Extensions"));
+        let response =
+            String::from_utf8(accept_response("dGhlIHNhbXBsZSBub25jZQ==", true)).unwrap();
+        assert!(response.ends_with(
+            "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; \
+             client_no_context_takeover\r\n\r\n"
+        ));
+    }
+
+    fn upgrade(text: &str) -> UpgradeRequest {
+        match parse_request(text.as_bytes(), &UpgradePolicy::default()) {
+            Ok(Some(Request::Upgrade(request))) => request,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn extension_offers_are_read_from_every_field() {
+        let base = request("/ws?t=%7B%22conn_id%22%3A%22u1%22%7D");
+        assert_eq!(upgrade(&base).deflate, Negotiation::NotOffered);
+        let with = |fields: &str| base.replace("Host: x\r\n", &format!("Host: x\r\n{fields}"));
+        let offered =
+            with("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n");
+        assert_eq!(upgrade(&offered).deflate, Negotiation::Accepted);
+        let split = with(
+            "sec-websocket-extensions: permessage-deflate; server_max_window_bits=10\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        );
+        assert_eq!(upgrade(&split).deflate, Negotiation::Accepted);
+        let bad = with("Sec-WebSocket-Extensions: permessage-deflate; x=1\r\n");
+        assert!(matches!(upgrade(&bad).deflate, Negotiation::Declined(_)));
+    }
+
+    #[test]
+    fn the_event_stream_path_needs_no_upgrade_headers() {
+        let policy = UpgradePolicy {
+            allowed_origins: vec!["https://app.example.com".into()],
+            ..UpgradePolicy::default()
+        };
+        let text = "GET /sse?t=%7B%22conn_id%22%3A%22u1%22%7D HTTP/1.1\r\nHost: x\r\n\
+                    Origin: https://app.example.com\r\nAccept: text/event-stream\r\n\r\n";
+        match parse_request(text.as_bytes(), &policy) {
+            Ok(Some(Request::EventStream(stream))) => {
+                assert_eq!(stream.token.conn_id, "u1");
+                assert_eq!(stream.origin.as_deref(), Some("https://app.example.com"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let evil = text.replace("app.example.com", "evil.example.com");
+        assert_eq!(refused(evil.as_bytes(), &policy).status(), "403 Forbidden");
+        let no_token = text.replace("?t=%7B%22conn_id%22%3A%22u1%22%7D", "");
+        assert_eq!(
+            refused(no_token.as_bytes(), &policy).status(),
+            "401 Unauthorized"
+        );
+        let no_host = text.replace("Host: x\r\n", "");
+        assert_eq!(
+            refused(no_host.as_bytes(), &policy),
+            HandshakeError::MissingHost
+        );
+        let post = text.replace("GET", "POST");
+        assert_eq!(
+            refused(post.as_bytes(), &policy).status(),
+            "405 Method Not Allowed"
+        );
     }
 }

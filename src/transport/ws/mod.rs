@@ -1,10 +1,12 @@
-//! WebSocket clients: the upgrade (request, origin and path checks, admission) and the
-//! frames of an upgraded session (pings, pongs, close, size limit).
+//! WebSocket clients: the upgrade (request, origin and path checks, admission,
+//! permessage-deflate) and the frames of an upgraded session (pings, pongs, close, size
+//! limit, inflation). A request on `sse_path` is handed to `transport/sse` once read.
 //!
 //! Runs on a shard as one task per connection and must never block. The session loop and
 //! the closing handshake are the transport module's; this module only speaks HTTP and
 //! RFC 6455.
 
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod utf8;
@@ -19,9 +21,10 @@ use crate::codec::Wire;
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
 use crate::transport::admission::{self, Refusal};
-use crate::transport::{ClientStream, Inbound, with_deadline, write_reply};
-use frame::{Decoder, EncodedFrame, Inbound as Frame};
-use handshake::{HandshakeError, UpgradeRequest};
+use crate::transport::{ClientStream, Inbound, sse, with_deadline, write_reply};
+use deflate::Negotiation;
+use frame::{Decoder, EncodedFrame, FrameError, Inbound as Frame, Rules};
+use handshake::{HandshakeError, Request};
 
 /// Serves one connection: upgrade, session, close. Owns the connection's `live` token:
 /// for a plain socket this future is the connection's whole task, so its size is memory
@@ -40,8 +43,13 @@ pub fn serve<S: ClientStream>(
         let Some(session) = Box::pin(handshake(shard, &mut stream, direct_fd)).await else {
             return;
         };
-        let mut frames = Frames::default();
-        let reason = super::run_session(shard, &mut stream, &session, &mut frames).await;
+        let reason = match session.wire() {
+            Wire::Sse => super::run_session(shard, &mut stream, &session, &mut sse::Quiet).await,
+            _ => {
+                let mut frames = Frames::default();
+                super::run_session(shard, &mut stream, &session, &mut frames).await
+            }
+        };
         shard.unregister(&session, &reason);
         Box::pin(super::close(shard, &mut stream, &session, reason)).await;
     }
@@ -122,20 +130,38 @@ async fn upgrade<S: ClientStream>(
     let request = with_deadline(read_request(shard, stream), shard.config.handshake_timeout)
         .await
         .ok_or(Failure::TimedOut)??;
+    let request = match request {
+        Request::Upgrade(upgrade) => upgrade,
+        Request::EventStream(stream_request) => {
+            return sse::accept(shard, stream, stream_request, direct_fd)
+                .await
+                .map_err(|err| match err {
+                    sse::Failure::Refused(refusal) => Failure::Refused(refusal),
+                    sse::Failure::Gone => Failure::Gone,
+                });
+        }
+    };
+    let wire = match (&request.deflate, shard.config.websocket_compression) {
+        (Negotiation::Accepted, Some(settings)) => Wire::WebSocketDeflate(settings),
+        (Negotiation::Declined(why), Some(_)) => {
+            // Declined, not refused: the connection goes on uncompressed.
+            tracing::debug!(shard = shard.id, conn_id = ?request.token.conn_id, reason = %why, "permessage-deflate offer declined");
+            Wire::WebSocket
+        }
+        _ => Wire::WebSocket,
+    };
     let admitted = admission::admit_watching(shard, request.token, direct_fd)
         .await
         .map_err(Failure::Refused)?;
-    let accepted = handshake::accept_response(&request.key);
+    let deflate = matches!(wire, Wire::WebSocketDeflate(_));
+    let accepted = handshake::accept_response(&request.key, deflate);
     if !write_reply(stream, &accepted, shard.config.handshake_timeout).await {
         return Err(Failure::Gone);
     }
-    Ok(admitted.register(Wire::WebSocket, Box::default(), direct_fd))
+    Ok(admitted.register(wire, Box::default(), direct_fd))
 }
 
-async fn read_request<S: ClientStream>(
-    shard: &Shard,
-    stream: &mut S,
-) -> Result<UpgradeRequest, Failure> {
+async fn read_request<S: ClientStream>(shard: &Shard, stream: &mut S) -> Result<Request, Failure> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -156,21 +182,69 @@ async fn read_request<S: ClientStream>(
 #[derive(Default)]
 struct Frames {
     decoder: Decoder,
+    /// The frames so far of a fragmented compressed message (bounded by `max_frame_size`
+    /// like any message): it inflates once complete. Boxed, so that a session holds one
+    /// word for it when no such message is in flight (a bare `Vec` would be three, in
+    /// every WebSocket client's task).
+    #[allow(clippy::box_collection)]
+    compressed: Option<Box<Vec<u8>>>,
+}
+
+/// One frame of a compressed message: kept in `pending` until the last frame, then the
+/// whole message is inflated (and checked).
+#[allow(clippy::box_collection)]
+fn on_compressed(
+    pending: &mut Option<Box<Vec<u8>>>,
+    payload: Vec<u8>,
+    fin: bool,
+    text: bool,
+    limit: usize,
+) -> Result<(), FrameError> {
+    if !fin {
+        pending.get_or_insert_default().extend_from_slice(&payload);
+        return Ok(());
+    }
+    match pending.take() {
+        None => deflate::inflate_checked(&payload, limit, text),
+        Some(mut message) => {
+            message.extend_from_slice(&payload);
+            deflate::inflate_checked(&message, limit, text)
+        }
+    }
 }
 
 impl Inbound for Frames {
     fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {
         let mut ended = None;
-        let decoded = self.decoder.feed(bytes, shard.config.max_frame_size, |inbound| {
+        let mut failed = None;
+        let limit = shard.config.max_frame_size;
+        let rules = Rules {
+            max_message: limit,
+            deflate: matches!(session.wire(), Wire::WebSocketDeflate(_)),
+        };
+        let compressed_frames = &mut self.compressed;
+        let decoded = self.decoder.feed(bytes, rules, |inbound| {
             match inbound {
                 Frame::Ping(payload) => {
                     session.send_control(&EncodedFrame::pong(&payload).bytes().into());
                 }
                 Frame::Pong => {}
-                Frame::Data { payload, fin, text } => {
+                Frame::Data {
+                    payload,
+                    fin,
+                    text,
+                    compressed,
+                } => {
                     // Not routed anywhere (as in the original): clients talk to the message
                     // server over their own API.
-                    tracing::debug!(conn_id = ?session.conn_id, bytes = payload.len(), fin, text, "client message");
+                    tracing::debug!(conn_id = ?session.conn_id, bytes = payload.len(), fin, text, compressed, "client message");
+                    if compressed
+                        && failed.is_none()
+                        && let Err(err) =
+                            on_compressed(compressed_frames, payload, fin, text, limit)
+                    {
+                        failed = Some(err);
+                    }
                 }
                 Frame::Close(code) => {
                     tracing::debug!(conn_id = ?session.conn_id, ?code, "client sent close");
@@ -178,7 +252,7 @@ impl Inbound for Frames {
                 }
             }
         });
-        if let Err(err) = decoded {
+        if let Err(err) = decoded.and(failed.map_or(Ok(()), Err)) {
             tracing::info!(conn_id = ?session.conn_id, error = %err, "closing client for a bad frame");
             return Some(CloseReason::bad_frame(&err));
         }
