@@ -26,6 +26,18 @@ use crate::transport::{Entry, EntryKind, tls};
 /// successor started by SIGUSR2 has taken over.
 pub fn run_node(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // The control runtime and its signal handlers come before anything else: a SIGTERM
+    // that arrives while the shards start (systemd stopping a node at once, a test) must
+    // stop the node gracefully, not kill it with the default action (seen: exit by
+    // signal 15 for a node stopped 50 ms after its start).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    let signals = {
+        let _entered = runtime.enter();
+        Signals::watch()?
+    };
     log_limits();
     if config.etcd_endpoints.is_empty() {
         tracing::info!("etcd_addr is empty: running standalone, not registered anywhere");
@@ -95,6 +107,8 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         handover,
     };
     let outcome = run_control(
+        runtime,
+        signals,
         node,
         directory_requests,
         control_listeners,
@@ -305,22 +319,40 @@ fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<Callba
 /// The control thread's runtime: directory, push RPC, admin, registration, load
 /// self-check; shutdown on SIGTERM/SIGINT (or a registration conflict, which is fatal);
 /// hand-over to a successor on SIGUSR2.
+/// The signals the control thread acts on, watched from the start of the process.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    restart: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the control runtime's context.
+    fn watch() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            restart: signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?,
+        })
+    }
+}
+
 fn run_control(
+    runtime: tokio::runtime::Runtime,
+    signals: Signals,
     node: Rc<Node>,
     directory_requests: crate::link::DirectoryRequests,
     listeners: ControlListeners,
     shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
     presence: Presence,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the control runtime")?;
     let local = tokio::task::LocalSet::new();
+    let Signals {
+        mut terminate,
+        mut interrupt,
+        mut restart,
+    } = signals;
     local.block_on(&runtime, async move {
-        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-        let mut restart = signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?;
         listeners.rpc.set_nonblocking(true)?;
         let rpc = tokio::net::TcpListener::from_std(listeners.rpc)?;
         tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));

@@ -354,3 +354,46 @@ fn accept_backs_off_without_spinning_when_descriptors_run_out() {
         .connect("after", "t", "")
         .is_ok()));
 }
+
+/// A SIGTERM that arrives while the node is still starting (its shards not yet up) stops
+/// it gracefully: exit 0, not death by the signal's default action.
+#[test]
+fn a_sigterm_during_start_up_still_stops_the_node_gracefully() {
+    let dir = common::temp_dir("early-sigterm");
+    let ini = dir.join("comet.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "max_proc=2\nwebsocket_port=:{}\nrpc_addr=127.0.0.1:{}\ndrain_window=0\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    for delay_ms in [20, 60, 120] {
+        let mut child = std::process::Command::new(common::comet_binary())
+            .arg("-c")
+            .arg(&ini)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        common::signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit {delay_ms} ms after start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "SIGTERM {delay_ms} ms after start: {status:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -274,7 +274,7 @@ impl Comet {
     /// Sends SIGTERM and waits for the exit status (at most `limit`).
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        unsafe_kill(child.id(), "TERM");
+        signal(child.id(), "TERM");
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
@@ -369,7 +369,7 @@ impl Monitor {
 
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe_kill(child.id(), "TERM");
+            signal(child.id(), "TERM");
             let _ = child.wait();
         }
     }
@@ -382,7 +382,8 @@ impl Drop for Monitor {
     }
 }
 
-fn unsafe_kill(pid: u32, signal: &str) {
+/// Sends `signal` (e.g. "TERM") to a process with the kill command.
+pub fn signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
