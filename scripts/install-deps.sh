@@ -26,6 +26,7 @@ command -v npm >/dev/null 2>&1 || need+=(npm)                    # tests: ioredi
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # tests: redis-py, coredis
 command -v chromium >/dev/null 2>&1 || need+=(chromium)          # tests: the browser example
 command -v php >/dev/null 2>&1 || need+=(php-cli)                # tests: the PHP token signer
+command -v openssl >/dev/null 2>&1 || need+=(openssl)            # tests: public-key tokens (tests/tokens.rs)
 fi
 
 if ((${#need[@]})); then

@@ -19,7 +19,8 @@ use crate::control::{self, Node, NodeParts};
 use crate::handover::{self, Handover, Inherited};
 use crate::presence::Presence;
 use crate::shard::{self, ListenerGroup, ShardDeps};
-use crate::token::TokenVerifier;
+use crate::token::keys::KeyStore;
+use crate::token::{ClaimRules, TokenVerifier};
 use crate::transport::{Entry, EntryKind, tls};
 
 /// Runs a gateway node until SIGTERM/SIGINT has closed every client, or until a
@@ -56,13 +57,15 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         predecessor_notices,
     );
     let (control_link, directory_requests) = crate::link::directory_channel();
+    let verifier = token_verifier(&config)?;
+    let token_keys = verifier.as_ref().and_then(|v| v.public_keys().cloned());
     let deps = ShardDeps {
         config: Arc::clone(&config),
         control: control_link,
         presence: presence.clone(),
         callbacks,
         refuse_new_clients: Arc::clone(&refuse_new_clients),
-        verifier: token_verifier(&config),
+        verifier,
     };
     let handover_client = listeners.client_fds();
     let ports = listeners
@@ -107,13 +110,13 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         handover,
     };
     let outcome = run_control(
-        runtime,
-        signals,
+        ControlRuntime { runtime, signals },
         node,
         directory_requests,
         control_listeners,
         shards.threads,
         presence.clone(),
+        token_keys,
     );
     drop(presence);
     tracing::info!("delivering the last presence callbacks");
@@ -282,23 +285,49 @@ enum Ending {
     HandedOver(u32, handover::Ready),
 }
 
-fn token_verifier(config: &Config) -> Option<TokenVerifier> {
-    if config.token_secrets.is_empty() {
-        return None;
+fn token_verifier(config: &Config) -> anyhow::Result<Option<TokenVerifier>> {
+    if config.token_secrets.is_empty() && config.token_public_keys.is_empty() {
+        return Ok(None);
+    }
+    let non_empty = |s: &String| Some(s.clone()).filter(|s| !s.is_empty());
+    let rules = ClaimRules {
+        audience: non_empty(&config.token_audience),
+        issuer: non_empty(&config.token_issuer),
+        max_age_secs: Some(config.token_max_age.as_secs()).filter(|s| *s > 0),
+    };
+    let mut verifier =
+        TokenVerifier::new(config.token_secrets.clone(), config.token_leeway.as_secs())
+            .with_rules(rules);
+    let mut public_keys = 0;
+    if !config.token_public_keys.is_empty() {
+        let store =
+            KeyStore::open(config.token_public_keys.as_ref()).context("token_public_keys")?;
+        public_keys = store.current().keys.len();
+        verifier = verifier.with_public_keys(Arc::new(store));
     }
     tracing::info!(
         secrets = config.token_secrets.len(),
+        public_keys,
         "signed tokens verified locally; checkToken is not called"
     );
-    Some(TokenVerifier::new(
-        config.token_secrets.clone(),
-        config.token_leeway.as_secs(),
-    ))
+    Ok(Some(verifier))
+}
+
+/// SIGHUP and SIGUSR2: the shards see the new keys from their next handshake; a broken
+/// file keeps the old keys.
+fn reload_token_keys(keys: Option<&KeyStore>, signal: &str) {
+    match keys.map(KeyStore::reload) {
+        None => tracing::info!("{signal}: no token_public_keys to reload"),
+        Some(Ok(count)) => tracing::info!(keys = count, "{signal}: token_public_keys reloaded"),
+        Some(Err(err)) => {
+            tracing::error!(error = %err, "{signal}: token_public_keys not reloaded; the old keys stay")
+        }
+    }
 }
 
 fn callback_client(config: &Config, stats: &Arc<CallbackStats>) -> Option<CallbackClient> {
     if config.rpc_api_url.is_empty() {
-        if config.token_secrets.is_empty() {
+        if config.token_secrets.is_empty() && config.token_public_keys.is_empty() {
             tracing::warn!(
                 "rpc_api_url is empty: every token is accepted and presence is not reported"
             );
@@ -324,6 +353,8 @@ struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
     restart: tokio::signal::unix::Signal,
+    /// SIGHUP reloads `token_public_keys` (and never stops the node).
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -333,24 +364,33 @@ impl Signals {
             terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
             restart: signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?,
+            hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
         })
     }
 }
 
-fn run_control(
+/// The control thread's runtime and the signals watched since the process started.
+struct ControlRuntime {
     runtime: tokio::runtime::Runtime,
     signals: Signals,
+}
+
+fn run_control(
+    control: ControlRuntime,
     node: Rc<Node>,
     directory_requests: crate::link::DirectoryRequests,
     listeners: ControlListeners,
     shard_threads: Vec<glommio::ExecutorJoinHandle<()>>,
     presence: Presence,
+    token_keys: Option<Arc<KeyStore>>,
 ) -> anyhow::Result<()> {
+    let ControlRuntime { runtime, signals } = control;
     let local = tokio::task::LocalSet::new();
     let Signals {
         mut terminate,
         mut interrupt,
         mut restart,
+        mut hangup,
     } = signals;
     local.block_on(&runtime, async move {
         listeners.rpc.set_nonblocking(true)?;
@@ -383,7 +423,9 @@ fn run_control(
                     Ok(conflict) => conflict.into(),
                     Err(panic) => anyhow::anyhow!("registration task failed: {panic}"),
                 }),
+                _ = hangup.recv() => reload_token_keys(token_keys.as_deref(), "SIGHUP"),
                 _ = restart.recv() => {
+                    reload_token_keys(token_keys.as_deref(), "SIGUSR2");
                     handover.lease = node.current_lease();
                     match hand_over(&handover).await {
                         Ok((pid, ready)) => break Ending::HandedOver(pid, ready),

@@ -237,6 +237,14 @@ pub struct Config {
     pub token_secrets: Vec<Vec<u8>>,
     /// Clock skew tolerated on signed tokens' time claims.
     pub token_leeway: Duration,
+    /// PEM or JWKS file of the public keys of RS256/ES256/EdDSA tokens; empty: none.
+    pub token_public_keys: String,
+    /// `aud` every signed token must carry; empty: not checked.
+    pub token_audience: String,
+    /// `iss` every signed token must carry; empty: not checked.
+    pub token_issuer: String,
+    /// Longest signed-token lifetime accepted (`exp - iat`); zero: no limit.
+    pub token_max_age: Duration,
     /// Admin HTTP listener (`/healthz`, `/readyz`, `/status`, `/metrics`); `None`: off.
     pub admin_addr: Option<SocketAddr>,
     /// Token `/status` and `/metrics` require; empty: none (only allowed on loopback).
@@ -431,6 +439,10 @@ impl Config {
             drain_window: raw.duration_or_zero("drain_window", Duration::from_secs(5))?,
             token_secrets: parse_token_secrets(raw)?,
             token_leeway: raw.duration_or_zero("token_leeway", Duration::from_secs(30))?,
+            token_public_keys: raw.string("token_public_keys", ""),
+            token_audience: raw.string("token_audience", ""),
+            token_issuer: raw.string("token_issuer", ""),
+            token_max_age: raw.duration_or_zero("token_max_age", Duration::ZERO)?,
             admin_addr: parse_admin_addr(raw)?,
             admin_token: raw.string("admin_token", ""),
         })

@@ -6,6 +6,18 @@
 //! `nbf`, and an optional `info` string that, being signed, replaces `t`'s `info`. Two
 //! secrets may be configured so that keys rotate without refusing anyone. Pure: no I/O,
 //! the caller passes the current time.
+//!
+//! Public-key tokens (RS256, ES256, EdDSA) are checked against `token_public_keys`
+//! ([`keys`]). The algorithm is bound to the key: HS256 only ever uses the secrets,
+//! RS256 only RSA keys, ES256 only P-256 keys, EdDSA only Ed25519 keys; `none` and every
+//! other `alg` are refused. The signature check itself is the `jsonwebtoken` crate's; the
+//! header and claims are parsed here so that every refusal has its own reason.
+
+pub mod keys;
+
+use std::sync::Arc;
+
+use keys::{KeyStore, KeyType, Pick};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,8 +32,39 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum TokenError {
     #[error("malformed token: {0}")]
     Malformed(&'static str),
-    #[error("unsupported algorithm {0:?} (only HS256)")]
+    #[error("unsupported algorithm {0:?} (HS256, RS256, ES256 or EdDSA)")]
     Algorithm(String),
+    #[error("{alg} token, but no {wanted} is configured")]
+    NoKeyFor {
+        alg: &'static str,
+        wanted: &'static str,
+    },
+    #[error("no key with kid {0:?}")]
+    UnknownKid(String),
+    #[error("token without kid, and {found} {key_type} keys are loaded (exactly one needed)")]
+    AmbiguousKey {
+        key_type: &'static str,
+        found: usize,
+    },
+    #[error("alg {alg} does not match key {kid:?}, a {key_type} key")]
+    AlgorithmMismatch {
+        alg: &'static str,
+        kid: Option<String>,
+        key_type: &'static str,
+    },
+    #[error("crit header {0:?} is not understood")]
+    Critical(String),
+    #[error("no exp claim")]
+    MissingExp,
+    #[error("lifetime {lifetime} s is longer than token_max_age {max} s")]
+    TooLong { lifetime: u64, max: u64 },
+    #[error("audience {got:?} does not include {expected:?}")]
+    Audience { expected: String, got: Vec<String> },
+    #[error("issuer {got:?} is not {expected:?}")]
+    Issuer {
+        expected: String,
+        got: Option<String>,
+    },
     #[error("bad signature (tampered, or signed with another secret)")]
     Signature,
     #[error("expired at {exp} (now {now})")]
@@ -37,12 +80,29 @@ pub enum TokenError {
 #[derive(Deserialize)]
 struct Header {
     alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+/// `aud`: one string or an array of them (RFC 7519 section 4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    exp: u64,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    aud: Option<Audience>,
+    #[serde(default)]
+    iss: Option<String>,
     #[serde(default)]
     nbf: Option<u64>,
     #[serde(default)]
@@ -58,11 +118,26 @@ pub struct Verified {
     pub info: Option<String>,
 }
 
-/// Verifies tokens against the current secret and, during a rotation, the previous one.
+/// What every token's claims must also satisfy (`token_audience`, `token_issuer`,
+/// `token_max_age`); the default requires nothing more.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimRules {
+    /// `aud` must be (or include) this.
+    pub audience: Option<String>,
+    /// `iss` must be this.
+    pub issuer: Option<String>,
+    /// The longest lifetime accepted, seconds: `exp - iat`, or `exp - now` without `iat`.
+    pub max_age_secs: Option<u64>,
+}
+
+/// Verifies tokens against the current secret and, during a rotation, the previous one,
+/// and public-key tokens against the loaded key set.
 #[derive(Clone)]
 pub struct TokenVerifier {
     secrets: Vec<Vec<u8>>,
     leeway_secs: u64,
+    public_keys: Option<Arc<KeyStore>>,
+    rules: ClaimRules,
 }
 
 impl TokenVerifier {
@@ -72,7 +147,26 @@ impl TokenVerifier {
         TokenVerifier {
             secrets,
             leeway_secs,
+            public_keys: None,
+            rules: ClaimRules::default(),
         }
+    }
+
+    /// Also verifies RS256, ES256 and EdDSA tokens with `keys`.
+    pub fn with_public_keys(mut self, keys: Arc<KeyStore>) -> TokenVerifier {
+        self.public_keys = Some(keys);
+        self
+    }
+
+    /// Adds the audience, issuer and lifetime rules.
+    pub fn with_rules(mut self, rules: ClaimRules) -> TokenVerifier {
+        self.rules = rules;
+        self
+    }
+
+    /// The reloadable key set, if public keys are configured.
+    pub fn public_keys(&self) -> Option<&Arc<KeyStore>> {
+        self.public_keys.as_ref()
     }
 
     /// Checks `token` for `conn_id` at unix time `now`.
@@ -84,18 +178,74 @@ impl TokenVerifier {
             return Err(malformed);
         }
         let header: Header = decode_json(header)?;
-        if header.alg != "HS256" {
-            return Err(TokenError::Algorithm(header.alg));
+        if let Some(crit) = header.crit {
+            return Err(TokenError::Critical(crit.to_string()));
         }
-        let signature = URL_SAFE_NO_PAD
+        let signature_bytes = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TokenError::Malformed("signature is not base64url"))?;
-        if !self.signature_matches(signed.as_bytes(), &signature) {
-            return Err(TokenError::Signature);
+        if header.alg == "HS256" {
+            if self.secrets.is_empty() {
+                return Err(TokenError::NoKeyFor {
+                    alg: "HS256",
+                    wanted: "token_secret",
+                });
+            }
+            if !self.signature_matches(signed.as_bytes(), &signature_bytes) {
+                return Err(TokenError::Signature);
+            }
+        } else {
+            self.check_public_signature(&header, signed, signature)?;
         }
         let claims: Claims = decode_json(payload)?;
         self.check_claims(&claims, conn_id, now)?;
         Ok(Verified { info: claims.info })
+    }
+
+    /// RS256, ES256, EdDSA: the key `kid` picks, of the type `alg` needs, only.
+    fn check_public_signature(
+        &self,
+        header: &Header,
+        signed: &str,
+        signature: &str,
+    ) -> Result<(), TokenError> {
+        let Some(wanted) = KeyType::for_alg(&header.alg) else {
+            return Err(TokenError::Algorithm(header.alg.clone()));
+        };
+        let alg = wanted.algorithm_name();
+        let Some(store) = &self.public_keys else {
+            return Err(TokenError::NoKeyFor {
+                alg,
+                wanted: "token_public_keys",
+            });
+        };
+        let set = store.current();
+        let key = set
+            .pick(header.kid.as_deref(), wanted)
+            .map_err(|pick| match pick {
+                Pick::UnknownKid => TokenError::UnknownKid(header.kid.clone().unwrap_or_default()),
+                Pick::Ambiguous(found) => TokenError::AmbiguousKey {
+                    key_type: wanted.name(),
+                    found,
+                },
+            })?;
+        if key.key_type != wanted {
+            return Err(TokenError::AlgorithmMismatch {
+                alg,
+                kid: key.kid.clone(),
+                key_type: key.key_type.name(),
+            });
+        }
+        match jsonwebtoken::crypto::verify(
+            signature,
+            signed.as_bytes(),
+            &key.decoding,
+            wanted.algorithm(),
+        ) {
+            Ok(true) => Ok(()),
+            // A signature of the wrong length for the key is a bad signature too.
+            Ok(false) | Err(_) => Err(TokenError::Signature),
+        }
     }
 
     fn signature_matches(&self, signed: &[u8], signature: &[u8]) -> bool {
@@ -109,11 +259,9 @@ impl TokenVerifier {
 
     fn check_claims(&self, claims: &Claims, conn_id: &str, now: u64) -> Result<(), TokenError> {
         let leeway = self.leeway_secs;
-        if claims.exp.saturating_add(leeway) <= now {
-            return Err(TokenError::Expired {
-                exp: claims.exp,
-                now,
-            });
+        let exp = claims.exp.ok_or(TokenError::MissingExp)?;
+        if exp.saturating_add(leeway) <= now {
+            return Err(TokenError::Expired { exp, now });
         }
         if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now.saturating_add(leeway)) {
             return Err(TokenError::NotYetValid { nbf, now });
@@ -125,6 +273,37 @@ impl TokenVerifier {
             return Err(TokenError::WrongConnId {
                 signed: claims.sub.clone(),
                 claimed: conn_id.to_owned(),
+            });
+        }
+        self.check_rules(claims, exp, now)
+    }
+
+    fn check_rules(&self, claims: &Claims, exp: u64, now: u64) -> Result<(), TokenError> {
+        if let Some(max) = self.rules.max_age_secs {
+            let lifetime = exp.saturating_sub(claims.iat.unwrap_or(now));
+            if lifetime > max {
+                return Err(TokenError::TooLong { lifetime, max });
+            }
+        }
+        if let Some(expected) = &self.rules.audience {
+            let got = match &claims.aud {
+                None => Vec::new(),
+                Some(Audience::One(one)) => vec![one.clone()],
+                Some(Audience::Many(many)) => many.clone(),
+            };
+            if !got.contains(expected) {
+                return Err(TokenError::Audience {
+                    expected: expected.clone(),
+                    got,
+                });
+            }
+        }
+        if let Some(expected) = &self.rules.issuer
+            && claims.iss.as_ref() != Some(expected)
+        {
+            return Err(TokenError::Issuer {
+                expected: expected.clone(),
+                got: claims.iss.clone(),
             });
         }
         Ok(())
@@ -288,5 +467,334 @@ mod tests {
             v.verify(&none_alg, "u1", NOW),
             Err(TokenError::Algorithm(_))
         ));
+    }
+}
+
+/// Public-key tokens. The keys are fixtures made by `openssl genpkey` (test only: their
+/// private halves sign here with `jsonwebtoken`; the end-to-end test uses tokens made
+/// by an independent tool).
+#[cfg(test)]
+mod public_key_tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+    use super::keys::KeyStore;
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+    const PEMS: &str = concat!(
+        "kid: rsa-1\n",
+        include_str!("token/testdata/rsa.pub"),
+        "kid: ec-1\n",
+        include_str!("token/testdata/ec.pub"),
+        "kid: ed-1\n",
+        include_str!("token/testdata/ed.pub"),
+    );
+
+    fn key_file(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A file under the target directory, removed at the end of the test.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(text: &str) -> TempPath {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static NEXT: AtomicU32 = AtomicU32::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "comet-token-keys-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&path, text).unwrap();
+                TempPath(path)
+            }
+            pub fn write(&self, text: &str) {
+                let mut file = std::fs::File::create(&self.0).unwrap();
+                super::Write::write_all(&mut file, text.as_bytes()).unwrap();
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn verifier_for(text: &str, rules: ClaimRules) -> (TokenVerifier, tempfile_path::TempPath) {
+        let file = key_file(text);
+        let store = KeyStore::open(&file.0).unwrap();
+        let verifier = TokenVerifier::new(vec![b"0123456789abcdef".to_vec()], 0)
+            .with_public_keys(Arc::new(store))
+            .with_rules(rules);
+        (verifier, file)
+    }
+
+    fn token(alg: Algorithm, kid: Option<&str>, claims: serde_json::Value) -> String {
+        let (pem, sign): (&str, fn(&[u8]) -> EncodingKey) = match alg {
+            Algorithm::RS256 => (include_str!("token/testdata/rsa.pem"), |p| {
+                EncodingKey::from_rsa_pem(p).unwrap()
+            }),
+            Algorithm::ES256 => (include_str!("token/testdata/ec.pem"), |p| {
+                EncodingKey::from_ec_pem(p).unwrap()
+            }),
+            _ => (include_str!("token/testdata/ed.pem"), |p| {
+                EncodingKey::from_ed_pem(p).unwrap()
+            }),
+        };
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, &claims, &sign(pem.as_bytes())).unwrap()
+    }
+
+    fn claims() -> serde_json::Value {
+        serde_json::json!({"sub": "u1", "iat": NOW, "exp": NOW + 60, "info": "vip"})
+    }
+
+    #[test]
+    fn each_algorithm_verifies_with_its_key() {
+        let (v, _file) = verifier_for(PEMS, ClaimRules::default());
+        for (alg, kid) in [
+            (Algorithm::RS256, "rsa-1"),
+            (Algorithm::ES256, "ec-1"),
+            (Algorithm::EdDSA, "ed-1"),
+        ] {
+            let verified = v.verify(&token(alg, Some(kid), claims()), "u1", NOW);
+            assert_eq!(verified.unwrap().info.as_deref(), Some("vip"), "{alg:?}");
+            // Without kid: the only key of the type.
+            assert!(v.verify(&token(alg, None, claims()), "u1", NOW).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_jwks_file_names_its_keys() {
+        let jwks = include_str!("token/testdata/keys.jwks");
+        let (v, _file) = verifier_for(jwks, ClaimRules::default());
+        let ed = token(Algorithm::EdDSA, Some("ed-1"), claims());
+        let ec = token(Algorithm::ES256, Some("ec-1"), claims());
+        assert!(v.verify(&ed, "u1", NOW).is_ok());
+        assert!(v.verify(&ec, "u1", NOW).is_ok());
+        let unknown = token(Algorithm::EdDSA, Some("ed-9"), claims());
+        assert_eq!(
+            v.verify(&unknown, "u1", NOW),
+            Err(TokenError::UnknownKid("ed-9".into()))
+        );
+    }
+
+    #[test]
+    fn the_algorithm_is_bound_to_the_key_type() {
+        let (v, _file) = verifier_for(PEMS, ClaimRules::default());
+        // An ES256 token naming the RSA key.
+        let mismatch = token(Algorithm::ES256, Some("rsa-1"), claims());
+        assert!(matches!(
+            v.verify(&mismatch, "u1", NOW),
+            Err(TokenError::AlgorithmMismatch { alg: "ES256", .. })
+        ));
+        // HS256 with the RSA public key's PEM text as the HMAC secret: HS256 uses the
+        // secrets only, so this is a bad signature, never a pass.
+        let rsa_pub = include_str!("token/testdata/rsa.pub");
+        let confused = super::sign(
+            rsa_pub.as_bytes(),
+            &Grant {
+                conn_id: "u1",
+                info: None,
+                now: NOW,
+                ttl_secs: 60,
+            },
+        );
+        assert_eq!(v.verify(&confused, "u1", NOW), Err(TokenError::Signature));
+        let none = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"rsa-1"}"#),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        assert_eq!(
+            v.verify(&none, "u1", NOW),
+            Err(TokenError::Algorithm("none".into()))
+        );
+        let other = token(Algorithm::RS256, Some("rsa-1"), claims()).replacen(
+            &URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256","kid":"rsa-1"}"#),
+            &URL_SAFE_NO_PAD.encode(br#"{"alg":"RS512","kid":"rsa-1"}"#),
+            1,
+        );
+        assert!(matches!(
+            v.verify(&other, "u1", NOW),
+            Err(TokenError::Algorithm(_))
+        ));
+    }
+
+    #[test]
+    fn a_wrong_key_or_a_tampered_token_is_a_bad_signature() {
+        let ed2 = format!("kid: ed-1\n{}", include_str!("token/testdata/ed2.pub"));
+        let (v, _file) = verifier_for(&ed2, ClaimRules::default());
+        let ed = token(Algorithm::EdDSA, Some("ed-1"), claims());
+        assert_eq!(v.verify(&ed, "u1", NOW), Err(TokenError::Signature));
+        let (v, _file) = verifier_for(PEMS, ClaimRules::default());
+        let rsa = token(Algorithm::RS256, Some("rsa-1"), claims());
+        let (header, rest) = rsa.split_once('.').unwrap();
+        let signature = rest.split_once('.').unwrap().1;
+        let other_claims =
+            URL_SAFE_NO_PAD.encode(serde_json::json!({"sub": "u1", "exp": NOW + 600}).to_string());
+        let tampered = format!("{header}.{other_claims}.{signature}");
+        assert_eq!(v.verify(&tampered, "u1", NOW), Err(TokenError::Signature));
+        let short = format!(
+            "{header}.{}.{}",
+            rest.split_once('.').unwrap().0,
+            &signature[..8]
+        );
+        assert_eq!(v.verify(&short, "u1", NOW), Err(TokenError::Signature));
+    }
+
+    #[test]
+    fn without_kid_several_keys_of_the_type_are_ambiguous() {
+        let two_ed = format!(
+            "kid: a\n{}kid: b\n{}",
+            include_str!("token/testdata/ed.pub"),
+            include_str!("token/testdata/ed2.pub")
+        );
+        let (v, _file) = verifier_for(&two_ed, ClaimRules::default());
+        assert!(matches!(
+            v.verify(&token(Algorithm::EdDSA, None, claims()), "u1", NOW),
+            Err(TokenError::AmbiguousKey { found: 2, .. })
+        ));
+        assert!(matches!(
+            v.verify(&token(Algorithm::RS256, None, claims()), "u1", NOW),
+            Err(TokenError::AmbiguousKey { found: 0, .. })
+        ));
+        // One unnamed key serves any kid.
+        let (v, _file) = verifier_for(include_str!("token/testdata/ed.pub"), ClaimRules::default());
+        assert!(
+            v.verify(&token(Algorithm::EdDSA, Some("x"), claims()), "u1", NOW)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn audience_issuer_and_lifetime_rules() {
+        let rules = ClaimRules {
+            audience: Some("comet".into()),
+            issuer: Some("auth".into()),
+            max_age_secs: Some(120),
+        };
+        let (v, _file) = verifier_for(PEMS, rules);
+        let with = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({"sub": "u1", "iat": NOW, "exp": NOW + 60, "aud": "comet", "iss": "auth"});
+            for (k, value) in extra.as_object().unwrap() {
+                if value.is_null() {
+                    c.as_object_mut().unwrap().remove(k);
+                } else {
+                    c[k] = value.clone();
+                }
+            }
+            v.verify(&token(Algorithm::EdDSA, Some("ed-1"), c), "u1", NOW)
+        };
+        assert!(with(serde_json::json!({})).is_ok());
+        assert!(with(serde_json::json!({"aud": ["other", "comet"]})).is_ok());
+        assert!(matches!(
+            with(serde_json::json!({"aud": "other"})),
+            Err(TokenError::Audience { .. })
+        ));
+        assert!(matches!(
+            with(serde_json::json!({"aud": null})),
+            Err(TokenError::Audience { .. })
+        ));
+        assert!(matches!(
+            with(serde_json::json!({"iss": "evil"})),
+            Err(TokenError::Issuer { .. })
+        ));
+        assert!(matches!(
+            with(serde_json::json!({"iss": null})),
+            Err(TokenError::Issuer { .. })
+        ));
+        assert_eq!(
+            with(serde_json::json!({"exp": NOW + 121})),
+            Err(TokenError::TooLong {
+                lifetime: 121,
+                max: 120
+            })
+        );
+        // Without iat the lifetime counts from now.
+        assert!(matches!(
+            with(serde_json::json!({"iat": null, "exp": NOW + 500})),
+            Err(TokenError::TooLong { lifetime: 500, .. })
+        ));
+        assert_eq!(
+            with(serde_json::json!({"exp": null})),
+            Err(TokenError::MissingExp)
+        );
+        assert!(matches!(
+            with(serde_json::json!({"exp": NOW - 1})),
+            Err(TokenError::Expired { .. })
+        ));
+        // A time claim of the wrong type is malformed, never "absent".
+        assert!(matches!(
+            with(serde_json::json!({"exp": "never"})),
+            Err(TokenError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn crit_headers_and_missing_public_keys_are_refused() {
+        let (v, _file) = verifier_for(PEMS, ClaimRules::default());
+        let crit = format!(
+            "{}.{}.AAAA",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"EdDSA","crit":["b64"]}"#),
+            URL_SAFE_NO_PAD.encode(claims().to_string())
+        );
+        assert!(matches!(
+            v.verify(&crit, "u1", NOW),
+            Err(TokenError::Critical(_))
+        ));
+        let hs_only = TokenVerifier::new(vec![b"0123456789abcdef".to_vec()], 0);
+        assert!(matches!(
+            hs_only.verify(&token(Algorithm::EdDSA, None, claims()), "u1", NOW),
+            Err(TokenError::NoKeyFor { alg: "EdDSA", .. })
+        ));
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_the_old_keys() {
+        let file = key_file(include_str!("token/testdata/ed.pub"));
+        let store = Arc::new(KeyStore::open(&file.0).unwrap());
+        let v = TokenVerifier::new(Vec::new(), 0).with_public_keys(Arc::clone(&store));
+        let ed = token(Algorithm::EdDSA, None, claims());
+        assert!(v.verify(&ed, "u1", NOW).is_ok());
+        file.write("-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n");
+        assert!(store.reload().is_err());
+        assert!(v.verify(&ed, "u1", NOW).is_ok());
+        file.write(include_str!("token/testdata/ed2.pub"));
+        assert_eq!(store.reload().unwrap(), 1);
+        assert_eq!(v.verify(&ed, "u1", NOW), Err(TokenError::Signature));
+    }
+
+    #[test]
+    fn key_files_are_checked_whole() {
+        let bad = |text: &str| {
+            let file = key_file(text);
+            KeyStore::open(&file.0)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(bad(include_str!("token/testdata/ed.pem")).contains("private key"));
+        assert!(bad("").contains("no public key"));
+        assert!(bad(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).contains("unsupported key type"));
+        assert!(
+            bad(r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"AA","d":"AA"}]}"#)
+                .contains("private")
+        );
+        let ed_as_es = include_str!("token/testdata/keys.jwks")
+            .replace("\"ec-1\"", "\"ec-1\", \"use\": \"enc\"");
+        assert!(bad(&ed_as_es).contains("use"));
+        let twice = format!(
+            "kid: a\n{}kid: a\n{}",
+            include_str!("token/testdata/ed.pub"),
+            include_str!("token/testdata/ed2.pub")
+        );
+        assert!(bad(&twice).contains("used twice"));
+        assert!(bad("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n").contains("END"));
     }
 }
