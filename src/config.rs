@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::transport::ws::handshake::UpgradePolicy;
-
 /// The configuration a node runs with when no `-c` is given and `./comet.ini` is absent:
 /// standalone (no etcd), every token accepted (no message server), local ports.
 pub const EMBEDDED_DEFAULT: &str = "\
@@ -27,6 +25,15 @@ rpc_addr=127.0.0.1:8901
 
 /// The default of `rpc_max_request_size`: the largest single push RPC request.
 pub const DEFAULT_RPC_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
+/// Default of `handshake_per_source_limit`: connections from one source still in their
+/// handshake, per shard. A bench worker keeps 32 handshakes in flight from its source
+/// over all shards; the handshakes of one shard that wait for a `checkToken` verdict
+/// are at most `callback_queue_size` (64), so a NAT'ed office can fill its shard's whole
+/// `checkToken` queue and have as many again still sending their request. An attacker's
+/// half-open upgrades never get a token accepted and each holds its place for
+/// `handshake_timeout`: past 128 per shard (256 on two shards) they are closed unread.
+pub(crate) const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// Why a configuration was refused. Every variant names the offending key or line.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,29 @@ pub enum ConfigError {
         line: usize,
         source: Box<ConfigError>,
     },
+}
+
+/// Which upgrade requests this node accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradePolicy {
+    /// The one path clients upgrade on (`/ws` in COMPAT.md).
+    pub path: String,
+    /// The path of the Server-Sent Events stream (`/sse`).
+    pub sse_path: String,
+    /// Origins a browser may connect from (`https://app.example.com`, or
+    /// `https://*.example.com` for any subdomain); empty: any. Requests without an
+    /// `Origin` header (native clients; browsers always send one) are not checked.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> UpgradePolicy {
+        UpgradePolicy {
+            path: "/ws".into(),
+            sse_path: "/sse".into(),
+            allowed_origins: Vec::new(),
+        }
+    }
 }
 
 /// How log lines are written (`log_format`).
@@ -403,7 +433,7 @@ impl Config {
             handshake_timeout: raw.duration("handshake_timeout", Duration::from_secs(5))?,
             handshake_per_source_limit: raw.count(
                 "handshake_per_source_limit",
-                crate::transport::admission::DEFAULT_HANDSHAKES_PER_SOURCE,
+                DEFAULT_HANDSHAKES_PER_SOURCE,
                 0,
                 1 << 20,
             )?,

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
+use crate::codec::frame::{EncodedFrame, FrameError, close_code};
 use crate::codec::{Message, Wire, json, sse};
 use crate::sys;
-use crate::transport::ws::frame::{EncodedFrame, FrameError, close_code};
 
 /// Why a session ends. Decides the close frame the client gets and whether what is
 /// queued is flushed first.

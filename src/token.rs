@@ -13,7 +13,10 @@
 //! other `alg` are refused. The signature check itself is the `jsonwebtoken` crate's; the
 //! header and claims are parsed here so that every refusal has its own reason.
 
+pub mod client;
 pub mod keys;
+
+pub use client::{ClientToken, TokenObjectError, token_from_json};
 
 use std::sync::Arc;
 

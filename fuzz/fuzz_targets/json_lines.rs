@@ -2,7 +2,7 @@
 #![no_main]
 
 use comet::codec::json::{LineDecoder, parse_client_line};
-use comet::transport::ws::handshake::token_from_json;
+use comet::token::token_from_json;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

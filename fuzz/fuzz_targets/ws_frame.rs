@@ -4,7 +4,7 @@
 //! are UTF-8 as a whole, and nothing at all after the client's Close.
 #![no_main]
 
-use comet::transport::ws::frame::{Decoder, Inbound, Rules, close_code};
+use comet::codec::frame::{Decoder, Inbound, Rules, close_code};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_MESSAGE: usize = 512;

@@ -2,7 +2,8 @@
 //! every refusal can be written as an HTTP answer.
 #![no_main]
 
-use comet::transport::ws::handshake::{Request, UpgradePolicy, parse_request, refusal_response};
+use comet::config::UpgradePolicy;
+use comet::transport::ws::handshake::{Request, parse_request, refusal_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

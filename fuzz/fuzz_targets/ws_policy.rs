@@ -9,7 +9,8 @@
 #![no_main]
 
 use base64::Engine;
-use comet::transport::ws::handshake::{UpgradePolicy, check_headers, origin_matches};
+use comet::config::UpgradePolicy;
+use comet::transport::ws::handshake::{check_headers, origin_matches};
 use libfuzzer_sys::fuzz_target;
 
 /// The names the policy reads, so that the fuzzer reaches every check; a selector past

@@ -3,7 +3,7 @@
 //! carried (the validator is 4 bytes in all).
 #![no_main]
 
-use comet::transport::ws::utf8::Utf8Validator;
+use comet::codec::utf8::Utf8Validator;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

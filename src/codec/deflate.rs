@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, FlushCompress};
 
-use crate::transport::ws::frame::EncodedFrame;
+use crate::codec::frame::EncodedFrame;
 
 /// What every sync-flushed message ends with, which the sender strips (RFC 7692
 /// section 7.2.1).

@@ -5,13 +5,15 @@
 //! owns the per-protocol encoders and the decoders of what clients send; it does no I/O.
 
 pub mod deflate;
+pub mod frame;
 pub mod json;
 pub mod resp;
 pub mod sse;
+pub mod utf8;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::transport::ws::frame::EncodedFrame;
+use crate::codec::frame::EncodedFrame;
 
 /// The framing a client's connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

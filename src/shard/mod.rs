@@ -24,6 +24,7 @@ use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 
 use crate::callback::CallbackClient;
+use crate::codec::frame::EncodedFrame;
 use crate::codec::{Message, json};
 use crate::config::Config;
 use crate::link::{
@@ -34,7 +35,6 @@ use crate::session::{CloseReason, Session};
 use crate::token::TokenVerifier;
 use crate::transport::Entry;
 use crate::transport::admission::{ClientCounts, HandshakesBySource, handshake_slot};
-use crate::transport::ws::frame::EncodedFrame;
 
 use table::{Heartbeat, Pings, SessionTable};
 

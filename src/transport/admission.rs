@@ -27,8 +27,8 @@ use crate::codec::Wire;
 use crate::link::DirectoryRequest;
 use crate::session::{Session, SessionSpec};
 use crate::shard::Shard;
+use crate::token::ClientToken;
 use crate::transport::with_deadline;
-use crate::transport::ws::handshake::ClientToken;
 
 /// Why a client was not admitted.
 #[derive(Debug)]
@@ -80,15 +80,6 @@ impl std::fmt::Display for Refusal {
         }
     }
 }
-
-/// Default of `handshake_per_source_limit`: connections from one source still in their
-/// handshake, per shard. A bench worker keeps 32 handshakes in flight from its source
-/// over all shards; the handshakes of one shard that wait for a `checkToken` verdict
-/// are at most `callback_queue_size` (64), so a NAT'ed office can fill its shard's whole
-/// `checkToken` queue and have as many again still sending their request. An attacker's
-/// half-open upgrades never get a token accepted and each holds its place for
-/// `handshake_timeout`: past 128 per shard (256 on two shards) they are closed unread.
-pub(crate) const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// Warnings about refused sources, at most one per this, per shard (an attacker makes
 /// thousands of refusals a second).

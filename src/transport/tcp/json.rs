@@ -9,12 +9,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::codec::Wire;
+use crate::codec::frame::close_code;
 use crate::codec::json::{self as lines, ClientLine, LineDecoder};
 use crate::session::{CloseReason, Session};
 use crate::shard::Shard;
+use crate::token::token_from_json;
 use crate::transport::admission;
-use crate::transport::ws::frame::close_code;
-use crate::transport::ws::handshake::token_from_json;
 use crate::transport::{ClientStream, Inbound, close, run_session};
 
 /// Largest token line (the same bound as a WebSocket upgrade request).

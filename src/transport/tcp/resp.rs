@@ -24,12 +24,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::codec::Wire;
+use crate::codec::frame::close_code;
 use crate::codec::resp::{self, Command, CommandDecoder, MAX_CHANNELS};
 use crate::session::{CloseReason, Session};
 use crate::shard::Shard;
+use crate::token::{ClientToken, token_from_json};
 use crate::transport::admission::{self, Refusal};
-use crate::transport::ws::frame::close_code;
-use crate::transport::ws::handshake::{ClientToken, token_from_json};
 use crate::transport::{ClientStream, Inbound, close, run_session, write_reply};
 
 /// Client ids for `HELLO` and `CLIENT ID` answers, unique in the process.

@@ -17,8 +17,8 @@ use std::cell::RefCell;
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-use super::frame::FrameError;
-use super::utf8::Utf8Validator;
+use crate::codec::frame::FrameError;
+use crate::codec::utf8::Utf8Validator;
 
 /// The extension's registered name.
 const NAME: &[u8] = b"permessage-deflate";
@@ -304,7 +304,7 @@ fn finish(utf8: &mut Utf8Validator, text: bool) -> Result<(), FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::ws::frame::close_code;
+    use crate::codec::frame::close_code;
 
     fn offers(values: &[&str]) -> Negotiation {
         negotiate(values.iter().map(|v| v.as_bytes()))

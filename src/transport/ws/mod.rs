@@ -7,9 +7,7 @@
 //! RFC 6455.
 
 pub mod deflate;
-pub mod frame;
 pub mod handshake;
-pub mod utf8;
 
 use std::future::Future;
 use std::os::fd::RawFd;
@@ -18,12 +16,12 @@ use std::rc::Rc;
 use futures_lite::AsyncReadExt;
 
 use crate::codec::Wire;
+use crate::codec::frame::{Decoder, EncodedFrame, FrameError, Inbound as Frame, Rules};
 use crate::session::{CloseReason, Session};
 use crate::shard::{LiveConnection, Shard};
 use crate::transport::admission::{self, Refusal};
 use crate::transport::{ClientStream, Inbound, sse, with_deadline, write_reply};
 use deflate::Negotiation;
-use frame::{Decoder, EncodedFrame, FrameError, Inbound as Frame, Rules};
 use handshake::{HandshakeError, Request};
 
 /// Serves one connection: upgrade, session, close. Owns the connection's `live` token:
