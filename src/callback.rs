@@ -20,7 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why a callback did not succeed.
 #[derive(Debug, thiserror::Error)]
-pub enum CallbackError {
+pub(crate) enum CallbackError {
     /// The message server could not be reached or did not answer in time.
     #[error("message server unreachable: {0}")]
     Unreachable(String),
@@ -39,7 +39,7 @@ pub enum CallbackError {
 
 impl CallbackError {
     /// Whether trying again later may succeed (the server was down or broken, not refusing).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         !matches!(self, CallbackError::Refused(_))
     }
 }
@@ -87,11 +87,12 @@ pub(crate) fn redacted_url(url: &str) -> String {
 
 /// Upper bounds (milliseconds) of the callback latency histogram's buckets; a last,
 /// unbounded bucket follows.
-pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+pub(crate) const LATENCY_BUCKETS_MS: [u64; 12] =
+    [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
 
 /// The methods whose latency is kept apart (`comet_callback_latency_seconds`);
 /// every other method (the monitor's node events) counts as `other`.
-pub const LATENCY_METHODS: [&str; 4] = ["checkToken", "online", "offline", "other"];
+pub(crate) const LATENCY_METHODS: [&str; 4] = ["checkToken", "online", "offline", "other"];
 
 /// One method's latency histogram (lock-free).
 #[derive(Debug, Default)]
@@ -102,7 +103,7 @@ struct MethodLatency {
 
 /// Callback counters shared by every thread that makes callbacks (lock-free).
 #[derive(Debug, Default)]
-pub struct CallbackStats {
+pub(crate) struct CallbackStats {
     calls: AtomicU64,
     failures: AtomicU64,
     refusals: AtomicU64,
@@ -150,7 +151,7 @@ impl CallbackStats {
     }
 
     /// The figures now.
-    pub fn figures(&self) -> CallbackFigures {
+    pub(crate) fn figures(&self) -> CallbackFigures {
         CallbackFigures {
             calls: self.calls.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
@@ -182,38 +183,38 @@ impl CallbackStats {
 /// One method's latency figures: per-bucket counts (not cumulative, over
 /// [`LATENCY_BUCKETS_MS`] and a last unbounded bucket) and their sum.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct MethodFigures {
+pub(crate) struct MethodFigures {
     /// One of [`LATENCY_METHODS`].
-    pub method: &'static str,
+    pub(crate) method: &'static str,
     /// Sum of latencies, microseconds.
-    pub latency_sum_us: u64,
+    pub(crate) latency_sum_us: u64,
     /// Per-bucket counts, one more than the bounds.
-    pub latency_counts: Vec<u64>,
+    pub(crate) latency_counts: Vec<u64>,
 }
 
 /// A snapshot of [`CallbackStats`]. `latency_counts[i]` counts calls that took less than
 /// `latency_le_ms[i]` (and at least the bound before); the last entry counts the rest.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct CallbackFigures {
+pub(crate) struct CallbackFigures {
     /// Callbacks made.
-    pub calls: u64,
+    pub(crate) calls: u64,
     /// Callbacks that failed (unreachable, HTTP error, bad body).
-    pub failures: u64,
+    pub(crate) failures: u64,
     /// Callbacks answered with a non-zero code.
-    pub refusals: u64,
+    pub(crate) refusals: u64,
     /// Sum of latencies, microseconds.
-    pub latency_sum_us: u64,
+    pub(crate) latency_sum_us: u64,
     /// Bucket upper bounds, milliseconds.
-    pub latency_le_ms: [u64; LATENCY_BUCKETS_MS.len()],
+    pub(crate) latency_le_ms: [u64; LATENCY_BUCKETS_MS.len()],
     /// Per-bucket counts (not cumulative), one more than the bounds.
-    pub latency_counts: Vec<u64>,
+    pub(crate) latency_counts: Vec<u64>,
     /// The same latency, by method.
-    pub by_method: Vec<MethodFigures>,
+    pub(crate) by_method: Vec<MethodFigures>,
 }
 
 /// A blocking client for the message server's callback URL. Cheap to clone (shared agent).
 #[derive(Clone)]
-pub struct CallbackClient {
+pub(crate) struct CallbackClient {
     agent: ureq::Agent,
     url: Arc<str>,
     /// `url` without credentials or query, for logs.
@@ -226,7 +227,7 @@ pub struct CallbackClient {
 impl CallbackClient {
     /// `rpc_addr` is the node identity sent as the last argument of client callbacks;
     /// every call is counted in `stats`.
-    pub fn new(
+    pub(crate) fn new(
         url: &str,
         user_agent: &str,
         rpc_addr: &str,
@@ -255,20 +256,20 @@ impl CallbackClient {
     }
 
     /// Asks whether a client may connect.
-    pub fn check_token(&self, token: &ClientToken) -> Result<(), CallbackError> {
+    pub(crate) fn check_token(&self, token: &ClientToken) -> Result<(), CallbackError> {
         let args = [&token.conn_id, &token.token, &token.info, &*self.rpc_addr];
         self.call("checkToken", &args.map(|a| json!(a)))
     }
 
     /// The node identity sent as the last argument of client callbacks.
-    pub fn rpc_addr(&self) -> &str {
+    pub(crate) fn rpc_addr(&self) -> &str {
         &self.rpc_addr
     }
 
     /// Like [`CallbackClient::call`], retrying transient failures `retries` times with
     /// exponential backoff (blocking the calling thread meanwhile). `id` names what the
     /// call is about (a conn_id, a node key) in the logs.
-    pub fn call_with_retries(
+    pub(crate) fn call_with_retries(
         &self,
         method: &str,
         args: &[serde_json::Value],
@@ -300,7 +301,11 @@ impl CallbackClient {
     }
 
     /// Posts `{"class":"Im","method":..,"args":[..]}` and checks for `{"code":0}`.
-    pub fn call(&self, method: &str, args: &[serde_json::Value]) -> Result<(), CallbackError> {
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        args: &[serde_json::Value],
+    ) -> Result<(), CallbackError> {
         let started = Instant::now();
         let outcome = self.post(method, args);
         let elapsed = started.elapsed();

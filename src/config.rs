@@ -33,7 +33,7 @@ pub const DEFAULT_RPC_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 /// `checkToken` queue and have as many again still sending their request. An attacker's
 /// half-open upgrades never get a token accepted and each holds its place for
 /// `handshake_timeout`: past 128 per shard (256 on two shards) they are closed unread.
-pub(crate) const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 128;
+pub const DEFAULT_HANDSHAKES_PER_SOURCE: usize = 128;
 
 /// Why a configuration was refused. Every variant names the offending key or line.
 #[derive(Debug, thiserror::Error)]
@@ -346,7 +346,7 @@ impl Config {
     }
 
     /// Whether the push RPC is reachable from other hosts with no token required.
-    pub(crate) fn rpc_open_to_anyone(&self) -> bool {
+    pub fn rpc_open_to_anyone(&self) -> bool {
         !self.rpc_listen.ip().is_loopback() && self.comet_rpc_token.is_empty()
     }
 

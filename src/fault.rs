@@ -6,7 +6,7 @@
 
 /// Panics at `point` when `COMET_FAULT_PANIC_<point>` names `conn_id` (debug builds).
 #[cfg(debug_assertions)]
-pub fn panic_if_named(point: &str, conn_id: &str) {
+pub(crate) fn panic_if_named(point: &str, conn_id: &str) {
     // Read once: the points sit on the push path (one check per recipient), where an
     // environment lookup each time would slow the debug build's delivery tests.
     static NAMED: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
@@ -26,7 +26,7 @@ pub fn panic_if_named(point: &str, conn_id: &str) {
 /// Blocks the calling thread for good at `point` when `COMET_FAULT_STALL_<point>` names
 /// `conn_id` (debug builds): a stuck shard, for the liveness probe and the watchdog.
 #[cfg(debug_assertions)]
-pub fn stall_if_named(point: &str, conn_id: &str) {
+pub(crate) fn stall_if_named(point: &str, conn_id: &str) {
     static NAMED: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
     let named = NAMED.get_or_init(|| {
         std::env::vars_os()
@@ -47,9 +47,9 @@ pub fn stall_if_named(point: &str, conn_id: &str) {
 /// Release builds: no fault points.
 #[cfg(not(debug_assertions))]
 #[inline(always)]
-pub fn stall_if_named(_point: &str, _conn_id: &str) {}
+pub(crate) fn stall_if_named(_point: &str, _conn_id: &str) {}
 
 /// Release builds: no fault points.
 #[cfg(not(debug_assertions))]
 #[inline(always)]
-pub fn panic_if_named(_point: &str, _conn_id: &str) {}
+pub(crate) fn panic_if_named(_point: &str, _conn_id: &str) {}

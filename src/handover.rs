@@ -27,13 +27,13 @@ use std::process::Command;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The environment variable carrying the hand-over.
-pub const ENV: &str = "COMET_HANDOVER";
+pub(crate) const ENV: &str = "COMET_HANDOVER";
 /// Backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
 
 /// Why a hand-over could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum HandoverError {
+pub(crate) enum HandoverError {
     #[error("malformed {ENV}: {0}")]
     Malformed(String),
     #[error("inherited descriptor {fd} is not a TCP listener on port {port}")]
@@ -44,25 +44,25 @@ pub enum HandoverError {
 
 /// What a successor inherited from its predecessor.
 #[derive(Debug, Default)]
-pub struct Inherited {
+pub(crate) struct Inherited {
     /// Client listeners (one per shard of the predecessor), by port name.
-    pub client: Vec<(String, Vec<OwnedFd>)>,
+    pub(crate) client: Vec<(String, Vec<OwnedFd>)>,
     /// The push RPC listener.
-    pub rpc: Option<OwnedFd>,
+    pub(crate) rpc: Option<OwnedFd>,
     /// The admin listener.
-    pub admin: Option<OwnedFd>,
+    pub(crate) admin: Option<OwnedFd>,
     /// The predecessor's etcd lease, holding the node's key.
-    pub lease: Option<i64>,
+    pub(crate) lease: Option<i64>,
     /// Where to say "ready".
     ready: Option<OwnedFd>,
     /// Where the predecessor's presence notices arrive (`presence_gate`).
-    pub presence: Option<OwnedFd>,
+    pub(crate) presence: Option<OwnedFd>,
     from_predecessor: bool,
 }
 
 impl Inherited {
     /// Takes the inherited listeners of the client port named `name`.
-    pub fn take_client(&mut self, name: &str) -> Vec<OwnedFd> {
+    pub(crate) fn take_client(&mut self, name: &str) -> Vec<OwnedFd> {
         match self.client.iter().position(|(n, _)| n == name) {
             Some(i) => self.client.remove(i).1,
             None => Vec::new(),
@@ -70,7 +70,7 @@ impl Inherited {
     }
 
     /// Reads the hand-over from the environment; empty when this is a fresh start.
-    pub fn from_env() -> Result<Inherited, HandoverError> {
+    pub(crate) fn from_env() -> Result<Inherited, HandoverError> {
         match std::env::var(ENV) {
             Ok(value) if !value.is_empty() => Inherited::parse(&value),
             _ => Ok(Inherited::default()),
@@ -107,13 +107,13 @@ impl Inherited {
     }
 
     /// Whether this process was started by a predecessor.
-    pub fn is_handover(&self) -> bool {
+    pub(crate) fn is_handover(&self) -> bool {
         self.from_predecessor
     }
 
     /// Tells the predecessor this process is serving (it then stops accepting), and where
     /// to forward the pushes for ids that have moved here.
-    pub fn signal_ready(&mut self, forward: &ForwardTarget) {
+    pub(crate) fn signal_ready(&mut self, forward: &ForwardTarget) {
         if let Some(fd) = self.ready.take() {
             let mut pipe = std::fs::File::from(fd);
             let mut message = b"R".to_vec();
@@ -135,7 +135,7 @@ fn adopt(text: &str) -> Result<OwnedFd, HandoverError> {
 }
 
 /// A close-on-exec TCP listener on `addr`; `reuse_port` lets every shard bind one.
-pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
+pub(crate) fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(reuse_port)?;
@@ -145,7 +145,7 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> 
 }
 
 /// Checks an inherited descriptor is a TCP listener on `port`.
-pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
+pub(crate) fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
     let socket = socket2::SockRef::from(fd);
     let listening = socket.is_listener().unwrap_or(false);
     let local_port = socket
@@ -165,11 +165,11 @@ pub fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverError> {
 
 /// Where a successor's push RPC answers, as its predecessor forwards to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardTarget {
+pub(crate) struct ForwardTarget {
     /// A connectable address of the (shared) RPC listener.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The successor's `comet_rpc_token` (it may differ from ours after a config change).
-    pub token: String,
+    pub(crate) token: String,
 }
 
 /// The most a successor may write after its `R` (a bound on what we read from the pipe).
@@ -178,7 +178,7 @@ const MAX_READY_BYTES: u64 = 64 * 1024;
 impl ForwardTarget {
     /// The target for a node listening on `listen`: an unspecified address (0.0.0.0, ::)
     /// is reached on loopback.
-    pub fn for_listener(listen: SocketAddr, token: &str) -> ForwardTarget {
+    pub(crate) fn for_listener(listen: SocketAddr, token: &str) -> ForwardTarget {
         let mut addr = listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {
@@ -209,30 +209,30 @@ impl ForwardTarget {
 }
 
 /// A successor that is serving.
-pub struct Ready {
+pub(crate) struct Ready {
     /// The pipe to write presence notices to.
-    pub notices: std::fs::File,
+    pub(crate) notices: std::fs::File,
     /// Where it takes forwarded pushes (`None`: an older binary that does not say).
-    pub forward: Option<ForwardTarget>,
+    pub(crate) forward: Option<ForwardTarget>,
 }
 
 /// The descriptors a running node hands over.
-pub struct Handover {
+pub(crate) struct Handover {
     /// Client listeners (one per shard) by port name (`ws`, `tcp`, `wss`).
-    pub client: Vec<(&'static str, Vec<RawFd>)>,
+    pub(crate) client: Vec<(&'static str, Vec<RawFd>)>,
     /// The push RPC listener.
-    pub rpc: RawFd,
+    pub(crate) rpc: RawFd,
     /// The admin listener.
-    pub admin: Option<RawFd>,
+    pub(crate) admin: Option<RawFd>,
     /// The etcd lease holding the node's key.
-    pub lease: Option<i64>,
+    pub(crate) lease: Option<i64>,
 }
 
 /// A started successor, the pipe it will say "ready" on, and the pipe this process
 /// tells it about presence on.
-pub struct Successor {
+pub(crate) struct Successor {
     /// Its process id.
-    pub pid: u32,
+    pub(crate) pid: u32,
     ready: std::fs::File,
     notices: std::fs::File,
 }
@@ -240,7 +240,7 @@ pub struct Successor {
 impl Successor {
     /// Blocks until the successor is serving or has exited (`None`). Run it on a
     /// blocking thread, bounded by a timeout.
-    pub fn wait_ready(self) -> Option<Ready> {
+    pub(crate) fn wait_ready(self) -> Option<Ready> {
         let mut said = Vec::new();
         // The successor closes the pipe right after writing, so this reads to its end.
         let _ = (&self.ready)
@@ -256,7 +256,7 @@ impl Successor {
 
 /// Waits for a successor that failed (or was killed) so that it leaves no zombie
 /// behind; gives up after `limit` (the process then stays a zombie until we exit).
-pub fn reap(pid: u32, limit: std::time::Duration) -> bool {
+pub(crate) fn reap(pid: u32, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(reaped) = crate::sys::try_reap(pid) {
@@ -271,7 +271,7 @@ pub fn reap(pid: u32, limit: std::time::Duration) -> bool {
 
 impl Handover {
     /// Starts the successor with the listeners inherited.
-    pub fn spawn_successor(&self) -> Result<Successor, HandoverError> {
+    pub(crate) fn spawn_successor(&self) -> Result<Successor, HandoverError> {
         let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
         let (notices_read, notices_write) = pipe().map_err(HandoverError::Spawn)?;
         let mut inherited: Vec<RawFd> = self

@@ -26,9 +26,9 @@ pub(crate) struct Histogram {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub(crate) struct Snapshot {
     /// `(upper bound in seconds, observations at most that)`, ending with `+Inf`.
-    pub cumulative: Vec<(f64, u64)>,
-    pub count: u64,
-    pub sum_seconds: f64,
+    pub(crate) cumulative: Vec<(f64, u64)>,
+    pub(crate) count: u64,
+    pub(crate) sum_seconds: f64,
 }
 
 impl Histogram {

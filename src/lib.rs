@@ -5,25 +5,26 @@
 // `unsafe` lives in `sys` alone, each use with its SAFETY comment
 // (tests/architecture.rs checks it too).
 #![deny(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod app;
-pub mod callback;
+pub(crate) mod callback;
 pub mod codec;
 pub mod config;
 pub mod control;
-pub mod fault;
-pub mod handover;
+pub(crate) mod fault;
+pub(crate) mod handover;
 pub(crate) mod histogram;
-pub mod link;
+pub(crate) mod link;
 pub mod logging;
 pub mod panics;
-pub mod presence;
-pub mod presence_gate;
+pub(crate) mod presence;
+pub(crate) mod presence_gate;
 pub mod recovery;
 pub mod rpc;
-pub mod session;
-pub mod shard;
+pub(crate) mod session;
+pub(crate) mod shard;
 #[allow(unsafe_code)]
-pub mod sys;
+pub(crate) mod sys;
 pub mod token;
 pub mod transport;

@@ -25,7 +25,7 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 static SENDER: OnceLock<Sender<Vec<u8>>> = OnceLock::new();
 
 /// Log lines dropped since start because the log reader fell behind.
-pub fn dropped_lines() -> u64 {
+pub(crate) fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
@@ -122,7 +122,7 @@ impl Drop for FlushOnDrop {
 }
 
 /// Waits up to `limit` for the queued lines to be written (before an exit or abort).
-pub fn flush(limit: Duration) {
+pub(crate) fn flush(limit: Duration) {
     let deadline = Instant::now() + limit;
     while QUEUED.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));

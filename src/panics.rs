@@ -54,7 +54,7 @@ pub fn install_hook() {
 /// A plain struct rather than an `async fn` wrapper: an async wrapper keeps its argument
 /// and the future it awaits side by side, and doubled a WebSocket client's task (304 to
 /// 640 bytes), which is memory per idle client.
-pub fn contain<F, P>(future: F, on_panic: P) -> Contained<F, P>
+pub(crate) fn contain<F, P>(future: F, on_panic: P) -> Contained<F, P>
 where
     F: Future<Output = ()>,
     P: FnOnce(),
@@ -67,7 +67,7 @@ where
 
 pin_project_lite::pin_project! {
     /// What [`contain`] returns.
-    pub struct Contained<F, P> {
+    pub(crate) struct Contained<F, P> {
         #[pin]
         future: Option<F>,
         on_panic: Option<P>,

@@ -22,7 +22,7 @@ use crate::presence_gate::{Gate, Notice};
 
 /// Which presence callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PresenceKind {
+pub(crate) enum PresenceKind {
     /// The client's upgrade completed.
     Online,
     /// The client's connection is gone.
@@ -64,7 +64,7 @@ enum Control {
 /// Queues presence callbacks. Cloneable handle; dropping every handle and calling
 /// [`PresenceWorkers::join`] drains what is queued.
 #[derive(Clone)]
-pub struct Presence {
+pub(crate) struct Presence {
     events: Arc<[Sender<PresenceEvent>]>,
     routes: Routes,
     /// False with no message server: events are not even queued. Queuing them only for
@@ -74,7 +74,7 @@ pub struct Presence {
 }
 
 /// The threads behind a [`Presence`].
-pub struct PresenceWorkers {
+pub(crate) struct PresenceWorkers {
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -82,7 +82,7 @@ impl Presence {
     /// Starts `workers` lanes. With no client (no message server configured) nothing is
     /// reported. `predecessor`: the read end of a predecessor's
     /// notices (a successor of a hand-over); its lanes then wait for them.
-    pub fn start(
+    pub(crate) fn start(
         client: Option<CallbackClient>,
         workers: usize,
         retries: u32,
@@ -135,12 +135,12 @@ impl Presence {
     }
 
     /// Events queued and not yet delivered, over every lane (held ones included).
-    pub fn backlog(&self) -> usize {
+    pub(crate) fn backlog(&self) -> usize {
         self.events.iter().map(Sender::len).sum()
     }
 
     /// Queues a presence callback; never blocks.
-    pub fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
+    pub(crate) fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
         if !self.reporting {
             return;
         }
@@ -167,7 +167,7 @@ impl Presence {
     /// queued and then says it is ready: with the list taken first, every `offline` of a
     /// conn_id not on it was queued by then). Blocks on the pipe: call it off the control
     /// thread's runtime.
-    pub fn hand_over(&self, pipe: std::fs::File, held: Vec<String>) {
+    pub(crate) fn hand_over(&self, pipe: std::fs::File, held: Vec<String>) {
         let pipe: NoticePipe = Arc::new(Mutex::new(pipe));
         self.routes
             .to_every_lane(|| Control::HandedOver(Arc::clone(&pipe)));
@@ -244,7 +244,7 @@ fn write_notice_text(pipe: &NoticePipe, text: &str) {
 impl PresenceWorkers {
     /// Waits until every queued event is delivered or given up. Call after every
     /// [`Presence`] handle is dropped.
-    pub fn join(self) {
+    pub(crate) fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
         }

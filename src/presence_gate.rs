@@ -23,15 +23,15 @@ use std::time::{Duration, Instant};
 use ahash::{AHashMap, AHashSet};
 
 /// Longest the successor waits for the predecessor's list before delivering anyway.
-pub const LIST_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const LIST_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest an `online` waits for its predecessor's `offline` (a stop takes at most its
 /// drain window plus the last callbacks; the unit's stop timeout is 30 s).
-pub const HOLD_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const HOLD_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What the predecessor says over the hand-over pipe, one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Notice {
+pub(crate) enum Notice {
     /// The predecessor holds this conn_id.
     Hold(String),
     /// The list is complete; this many lanes will say `lane_ready`.
@@ -44,21 +44,21 @@ pub enum Notice {
 
 impl Notice {
     /// The line that carries it (JSON, so any conn_id is one line).
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         let mut line = serde_json::to_string(self).unwrap_or_default();
         line.push('\n');
         line
     }
 
     /// Parses one line; `None` for anything else (ignored).
-    pub fn parse(line: &str) -> Option<Notice> {
+    pub(crate) fn parse(line: &str) -> Option<Notice> {
         serde_json::from_str(line).ok()
     }
 }
 
 /// One presence lane's view of the predecessor.
 #[derive(Debug)]
-pub struct Gate<E> {
+pub(crate) struct Gate<E> {
     open: bool,
     list_deadline: Instant,
     held: AHashMap<String, Instant>,
@@ -73,7 +73,7 @@ pub struct Gate<E> {
 
 impl<E> Gate<E> {
     /// A lane with nothing to wait for (a fresh start).
-    pub fn open() -> Gate<E> {
+    pub(crate) fn open() -> Gate<E> {
         Gate {
             open: true,
             list_deadline: Instant::now(),
@@ -85,7 +85,7 @@ impl<E> Gate<E> {
     }
 
     /// A lane of a successor: closed until the predecessor's list is in.
-    pub fn waiting_for_predecessor(now: Instant) -> Gate<E> {
+    pub(crate) fn waiting_for_predecessor(now: Instant) -> Gate<E> {
         Gate {
             open: false,
             list_deadline: now + LIST_DEADLINE,
@@ -94,7 +94,7 @@ impl<E> Gate<E> {
     }
 
     /// An event for `conn_id`: what may be delivered now, in order.
-    pub fn event(&mut self, conn_id: &str, event: E) -> Vec<E> {
+    pub(crate) fn event(&mut self, conn_id: &str, event: E) -> Vec<E> {
         if !self.open {
             self.backlog.push_back((conn_id.to_owned(), event));
             return Vec::new();
@@ -114,14 +114,14 @@ impl<E> Gate<E> {
     }
 
     /// The predecessor holds `conn_id`.
-    pub fn hold(&mut self, conn_id: String, now: Instant) {
+    pub(crate) fn hold(&mut self, conn_id: String, now: Instant) {
         if !self.done_early.remove(&conn_id) {
             self.held.insert(conn_id, now + HOLD_DEADLINE);
         }
     }
 
     /// The list and every lane are in: deliver what waited, except held conn_ids.
-    pub fn open_now(&mut self) -> Vec<E> {
+    pub(crate) fn open_now(&mut self) -> Vec<E> {
         self.open = true;
         self.done_early.clear();
         let backlog = std::mem::take(&mut self.backlog);
@@ -132,7 +132,7 @@ impl<E> Gate<E> {
     }
 
     /// The predecessor delivered `conn_id`'s `offline`: its events go, in order.
-    pub fn done(&mut self, conn_id: &str) -> Vec<E> {
+    pub(crate) fn done(&mut self, conn_id: &str) -> Vec<E> {
         if self.held.remove(conn_id).is_none() && !self.open {
             self.done_early.insert(conn_id.to_owned());
         }
@@ -143,7 +143,7 @@ impl<E> Gate<E> {
     }
 
     /// The predecessor is gone: nothing is held any more.
-    pub fn release_all(&mut self) -> Vec<E> {
+    pub(crate) fn release_all(&mut self) -> Vec<E> {
         let mut out = self.open_now();
         self.held.clear();
         for (_, parked) in self.parked.drain() {
@@ -153,7 +153,7 @@ impl<E> Gate<E> {
     }
 
     /// Applies the deadlines: the list's, and each hold's.
-    pub fn tick(&mut self, now: Instant) -> Vec<E> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<E> {
         let mut out = Vec::new();
         if !self.open && now >= self.list_deadline {
             out.extend(self.open_now());
@@ -171,7 +171,7 @@ impl<E> Gate<E> {
     }
 
     /// Whether anything waits (the lane then needs its ticks).
-    pub fn is_waiting(&self) -> bool {
+    pub(crate) fn is_waiting(&self) -> bool {
         !self.open || !self.held.is_empty()
     }
 }

@@ -35,23 +35,23 @@ pub(crate) const ENTRY_OVERHEAD: usize = 224;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
     /// Messages kept per conn_id; 0: recovery is off.
-    pub window: usize,
+    pub(crate) window: usize,
     /// How long a parked ring is kept.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
     /// Bytes kept per conn_id (payloads plus [`ENTRY_OVERHEAD`] each).
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// Bytes kept on this shard, all conn_ids together.
-    pub total_bytes: usize,
+    pub(crate) total_bytes: usize,
 }
 
 /// Where a reconnecting client says it stopped: the epoch and seq of the last message it
 /// got.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Since {
+pub(crate) struct Since {
     /// The epoch of that message.
-    pub epoch: String,
+    pub(crate) epoch: String,
     /// Its seq.
-    pub seq: u64,
+    pub(crate) seq: u64,
 }
 
 /// What a client's token object asks of recovery: `"recover": true`, and on a reconnect
@@ -59,9 +59,9 @@ pub struct Since {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     /// The client opted in.
-    pub recover: bool,
+    pub(crate) recover: bool,
     /// Where it stopped, when reconnecting.
-    pub since: Option<Since>,
+    pub(crate) since: Option<Since>,
 }
 
 /// Longest epoch a client may name in `since` (ours are 16 characters).
@@ -70,7 +70,7 @@ const MAX_EPOCH: usize = 64;
 impl Request {
     /// Reads `recover` and `since` from a token object's values (absent: `Null`).
     /// `recover` must be a boolean; `since` an object `{"epoch": string, "seq": u64}`.
-    pub fn from_token(
+    pub(crate) fn from_token(
         recover: &serde_json::Value,
         since: &serde_json::Value,
     ) -> Result<Request, String> {
@@ -133,11 +133,11 @@ impl Lost {
 #[derive(Debug)]
 pub(crate) struct Resume {
     /// `None`: complete. Otherwise why not, and the seqs known lost (inclusive), if known.
-    pub lost: Option<(Lost, Option<(u64, u64)>)>,
+    pub(crate) lost: Option<(Lost, Option<(u64, u64)>)>,
     /// The last seq given to this conn_id (0: none yet).
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Messages to send before any live one, oldest first.
-    pub replay: Vec<(u64, Arc<Message>)>,
+    pub(crate) replay: Vec<(u64, Arc<Message>)>,
 }
 
 impl Resume {
@@ -221,7 +221,7 @@ impl Ring {
 
 /// A parked ring on its way to another shard (a reconnect landed there).
 #[derive(Debug)]
-pub struct Parcel(Ring);
+pub(crate) struct Parcel(Ring);
 
 /// One shard's recovery buffers.
 pub(crate) struct RecoveryStore {
@@ -241,10 +241,10 @@ pub(crate) struct RecoveryStore {
 /// What a shard's buffers hold.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct StoreFigures {
-    pub rings: usize,
-    pub parked: usize,
-    pub messages: usize,
-    pub bytes: usize,
+    pub(crate) rings: usize,
+    pub(crate) parked: usize,
+    pub(crate) messages: usize,
+    pub(crate) bytes: usize,
 }
 
 impl RecoveryStore {

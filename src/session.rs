@@ -26,7 +26,7 @@ use crate::sys;
 /// Why a session ends. Decides the close frame the client gets and whether what is
 /// queued is flushed first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The client sent a close frame.
     ClientClosed,
     /// The client's socket reached EOF or failed.
@@ -52,7 +52,7 @@ const INTERNAL_ERROR_CODE: u16 = 1011;
 
 impl CloseReason {
     /// A short label for logs.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
             CloseReason::ClientGone => "client_gone",
@@ -68,7 +68,7 @@ impl CloseReason {
 
     /// The last words the client gets on `wire` before its connection closes, if it can
     /// still be told anything (RESP has no way to say why a connection ends).
-    pub fn farewell(&self, wire: Wire) -> Option<Arc<[u8]>> {
+    pub(crate) fn farewell(&self, wire: Wire) -> Option<Arc<[u8]>> {
         let (code, text) = match self {
             CloseReason::ClientGone => return None,
             CloseReason::ClientClosed => (close_code::NORMAL, String::new()),
@@ -91,7 +91,7 @@ impl CloseReason {
     }
 
     /// A WebSocket framing violation.
-    pub fn bad_frame(err: &FrameError) -> CloseReason {
+    pub(crate) fn bad_frame(err: &FrameError) -> CloseReason {
         CloseReason::Protocol {
             code: err.close_code(),
             why: err.to_string().into(),
@@ -99,7 +99,7 @@ impl CloseReason {
     }
 
     /// Whether queued messages are still worth flushing before the close frame.
-    pub fn flushes_queue(&self) -> bool {
+    pub(crate) fn flushes_queue(&self) -> bool {
         matches!(
             self,
             CloseReason::ClientClosed
@@ -112,7 +112,7 @@ impl CloseReason {
 
 /// The result of handing one frame to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// Written to the socket.
     Sent,
     /// Queued behind earlier frames; the connection task will write it.
@@ -125,14 +125,14 @@ pub enum Delivery {
 
 impl Delivery {
     /// Whether the frame is on its way to the client.
-    pub fn accepted(self) -> bool {
+    pub(crate) fn accepted(self) -> bool {
         matches!(self, Delivery::Sent | Delivery::Queued)
     }
 }
 
 /// Something waiting to be written to a client.
 #[derive(Debug, Clone)]
-pub enum Outbound {
+pub(crate) enum Outbound {
     /// A pushed message (counts against the queue bound, may be coalesced).
     Message(Arc<Message>),
     /// Protocol bytes of the connection's own: pings, pongs, command replies, farewells.
@@ -140,24 +140,24 @@ pub enum Outbound {
 }
 
 /// An outbound item and how much of it was already written.
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// What to write.
-    pub item: Outbound,
+    pub(crate) item: Outbound,
     /// Bytes of it already written.
-    pub written: usize,
+    pub(crate) written: usize,
 }
 
 /// How a session's items become bytes: the wire format, and for RESP the per-connection
 /// head (`message` array naming the channel) that precedes each shared payload.
 #[derive(Clone, Copy)]
-pub struct Framing<'a> {
+pub(crate) struct Framing<'a> {
     wire: Wire,
     message_head: &'a [u8],
 }
 
 impl<'a> Framing<'a> {
     /// All the bytes `outgoing` puts on the wire, written or not.
-    pub fn len(self, outgoing: &Outgoing) -> usize {
+    pub(crate) fn len(self, outgoing: &Outgoing) -> usize {
         match &outgoing.item {
             Outbound::Message(message) => {
                 self.message_head.len() + message.encoded(self.wire).len()
@@ -167,7 +167,7 @@ impl<'a> Framing<'a> {
     }
 
     /// The bytes of `outgoing` not yet written, in order (either part may be empty).
-    pub fn unwritten(self, outgoing: &'a Outgoing) -> [&'a [u8]; 2] {
+    pub(crate) fn unwritten(self, outgoing: &'a Outgoing) -> [&'a [u8]; 2] {
         let [head, body] = match &outgoing.item {
             Outbound::Message(message) => [self.message_head, message.encoded(self.wire)],
             Outbound::Control(bytes) => [&bytes[..], &[][..]],
@@ -182,12 +182,12 @@ impl<'a> Framing<'a> {
 }
 
 /// A connected client.
-pub struct Session {
+pub(crate) struct Session {
     /// The id message servers push to.
-    pub conn_id: Rc<str>,
+    pub(crate) conn_id: Rc<str>,
     /// Opaque client data handed back on callbacks (boxed: 8 bytes less than a String,
     /// which with the deflate settings in `wire` kept the session within 256 bytes).
-    pub info: Box<str>,
+    pub(crate) info: Box<str>,
     wire: Wire,
     // Written before each message on RESP (empty otherwise). Kept beside `wire` rather
     // than in an enum with it: the enum would need a tag word, and a session must fit a
@@ -213,33 +213,33 @@ pub struct Session {
 }
 
 /// What a new session is: who, which framing, and how to reach its socket.
-pub struct SessionSpec {
+pub(crate) struct SessionSpec {
     /// The client's conn_id.
-    pub conn_id: Rc<str>,
+    pub(crate) conn_id: Rc<str>,
     /// The client's `info`.
-    pub info: String,
+    pub(crate) info: String,
     /// The framing the client speaks.
-    pub wire: Wire,
+    pub(crate) wire: Wire,
     /// Written before each message's shared bytes (RESP's `message` array head; ignored
     /// for the other wires).
-    pub message_head: Box<[u8]>,
+    pub(crate) message_head: Box<[u8]>,
     /// The plain socket, when pushes may be written straight into it (not with TLS,
     /// whose records only the connection task can write). The connection task owns it
     /// and outlives the session's presence in the shard table.
-    pub direct_fd: Option<RawFd>,
+    pub(crate) direct_fd: Option<RawFd>,
     /// Most messages queued before the client is a slow consumer.
-    pub queue_limit: usize,
+    pub(crate) queue_limit: usize,
     /// Most bytes queued (pushes and replies) before the client is not read from, and a
     /// push overflows.
-    pub queue_bytes: usize,
+    pub(crate) queue_bytes: usize,
     /// The client opted in to recovery (and the node keeps buffers): its messages are
     /// numbered, one frame per session (docs/PROTOCOL.md, "Recovery").
-    pub recover: bool,
+    pub(crate) recover: bool,
 }
 
 impl Session {
     /// A session as `spec` describes it.
-    pub fn new(spec: SessionSpec) -> Session {
+    pub(crate) fn new(spec: SessionSpec) -> Session {
         let now = Instant::now();
         Session {
             conn_id: spec.conn_id,
@@ -265,14 +265,14 @@ impl Session {
     }
 
     /// Hands a pushed message to the client (see [`Session::send`]).
-    pub fn deliver(&self, message: &Arc<Message>) -> Delivery {
+    pub(crate) fn deliver(&self, message: &Arc<Message>) -> Delivery {
         self.send(Outbound::Message(Arc::clone(message)))
     }
 
     /// Hands protocol bytes (ping, pong, reply) to the client. They count against the byte
     /// budget but never overflow it: the connection task stops reading the client while
     /// it is over, so replies cannot pile up past one read's worth.
-    pub fn send_control(&self, bytes: &Arc<[u8]>) -> Delivery {
+    pub(crate) fn send_control(&self, bytes: &Arc<[u8]>) -> Delivery {
         self.send(Outbound::Control(Arc::clone(bytes)))
     }
 
@@ -330,22 +330,22 @@ impl Session {
     }
 
     /// Whether the client recovers missed messages: each gets its own numbered frame.
-    pub fn recovers(&self) -> bool {
+    pub(crate) fn recovers(&self) -> bool {
         self.recover
     }
 
     /// The plain socket pushes are written into directly, if there is one.
-    pub fn direct_fd(&self) -> Option<RawFd> {
+    pub(crate) fn direct_fd(&self) -> Option<RawFd> {
         self.direct_fd
     }
 
     /// The framing the client speaks.
-    pub fn wire(&self) -> Wire {
+    pub(crate) fn wire(&self) -> Wire {
         self.wire
     }
 
     /// How this session's items become bytes.
-    pub fn framing(&self) -> Framing<'_> {
+    pub(crate) fn framing(&self) -> Framing<'_> {
         Framing {
             wire: self.wire,
             message_head: &self.message_head,
@@ -354,7 +354,11 @@ impl Session {
 
     /// Gives the connection task the queue to flush it. With `coalesce`, messages that are
     /// waiting (none of their bytes written yet) are first joined into one.
-    pub fn with_backlog<R>(&self, coalesce: bool, f: impl FnOnce(&mut Backlog<'_>) -> R) -> R {
+    pub(crate) fn with_backlog<R>(
+        &self,
+        coalesce: bool,
+        f: impl FnOnce(&mut Backlog<'_>) -> R,
+    ) -> R {
         let mut queue = self.queue.borrow_mut();
         let mut backlog = Backlog {
             queue: &mut queue,
@@ -374,7 +378,7 @@ impl Session {
 
     /// Takes every unwritten byte out of the queue, in order (a RESP session that ended
     /// hands what it still owed to its connection).
-    pub fn take_unwritten(&self) -> Vec<u8> {
+    pub(crate) fn take_unwritten(&self) -> Vec<u8> {
         self.with_backlog(false, |backlog| {
             let mut out = Vec::new();
             while let Some(bytes) = backlog.next_bytes() {
@@ -388,7 +392,7 @@ impl Session {
 
     /// Puts protocol bytes at the back of the queue without trying to write them (the
     /// closing handshake flushes them itself).
-    pub fn queue_control(&self, bytes: Arc<[u8]>) {
+    pub(crate) fn queue_control(&self, bytes: Arc<[u8]>) {
         let len = bytes.len();
         let outgoing = Outgoing {
             item: Outbound::Control(bytes),
@@ -398,7 +402,7 @@ impl Session {
     }
 
     /// Drops whatever is queued (a slow consumer's backlog is not worth sending).
-    pub fn discard_queue(&self) {
+    pub(crate) fn discard_queue(&self) {
         *self.queue.borrow_mut() = VecDeque::new();
         self.queued_messages.set(0);
         self.queued_bytes.set(0);
@@ -406,27 +410,27 @@ impl Session {
 
     /// Whether the queue holds the whole byte budget: the client is not read from until
     /// it has taken some of it.
-    pub fn is_over_budget(&self) -> bool {
+    pub(crate) fn is_over_budget(&self) -> bool {
         self.queued_bytes.get() >= self.byte_limit as usize
     }
 
     /// Unwritten bytes queued.
-    pub fn backlog_bytes(&self) -> usize {
+    pub(crate) fn backlog_bytes(&self) -> usize {
         self.queued_bytes.get()
     }
 
     /// Whether frames are waiting to be written.
-    pub fn has_backlog(&self) -> bool {
+    pub(crate) fn has_backlog(&self) -> bool {
         !self.queue.borrow().is_empty()
     }
 
     /// Messages queued and not yet fully written.
-    pub fn backlog_messages(&self) -> usize {
+    pub(crate) fn backlog_messages(&self) -> usize {
         self.queued_messages.get() as usize
     }
 
     /// Asks the connection task to end the session. The first reason wins.
-    pub fn request_close(&self, reason: CloseReason) {
+    pub(crate) fn request_close(&self, reason: CloseReason) {
         let mut close = self.close.borrow_mut();
         if close.is_none() {
             *close = Some(reason);
@@ -436,47 +440,47 @@ impl Session {
     }
 
     /// The reason the session is closing, if it is.
-    pub fn close_reason(&self) -> Option<CloseReason> {
+    pub(crate) fn close_reason(&self) -> Option<CloseReason> {
         self.close.borrow().clone()
     }
 
     /// Records that the client was heard from (any bytes at all).
-    pub fn touch(&self, now: Instant) {
+    pub(crate) fn touch(&self, now: Instant) {
         self.last_seen.set(now);
     }
 
     /// When the client was last heard from.
-    pub fn last_seen(&self) -> Instant {
+    pub(crate) fn last_seen(&self) -> Instant {
         self.last_seen.get()
     }
 
     /// When we last pinged the client.
-    pub fn last_ping(&self) -> Instant {
+    pub(crate) fn last_ping(&self) -> Instant {
         self.last_ping.get()
     }
 
     /// Records a heartbeat ping sent at `now`.
-    pub fn pinged(&self, now: Instant) {
+    pub(crate) fn pinged(&self, now: Instant) {
         self.last_ping.set(now);
     }
 
     /// Records membership of a group (the shard's group table holds the other side).
-    pub fn joined(&self, group: Rc<str>) {
+    pub(crate) fn joined(&self, group: Rc<str>) {
         self.groups.borrow_mut().push(group);
     }
 
     /// Forgets membership of a group.
-    pub fn left(&self, group: &str) {
+    pub(crate) fn left(&self, group: &str) {
         self.groups.borrow_mut().retain(|g| &**g != group);
     }
 
     /// The groups this session is in, emptied (it is leaving them all).
-    pub fn take_groups(&self) -> Vec<Rc<str>> {
+    pub(crate) fn take_groups(&self) -> Vec<Rc<str>> {
         std::mem::take(&mut *self.groups.borrow_mut())
     }
 
     /// Stores the connection task's waker so that pushes and close requests can wake it.
-    pub fn set_waker(&self, waker: &Waker) {
+    pub(crate) fn set_waker(&self, waker: &Waker) {
         let mut slot = self.waker.borrow_mut();
         match slot.as_ref() {
             Some(current) if current.will_wake(waker) => {}
@@ -493,7 +497,7 @@ impl Session {
 
 /// A session's queue opened for flushing: the connection task takes the next bytes to
 /// write and reports how many the socket took; the session's counters follow.
-pub struct Backlog<'a> {
+pub(crate) struct Backlog<'a> {
     queue: &'a mut VecDeque<Outgoing>,
     framing: Framing<'a>,
     messages: &'a Cell<u32>,
@@ -502,7 +506,7 @@ pub struct Backlog<'a> {
 
 impl Backlog<'_> {
     /// The next bytes to write, if anything is queued.
-    pub fn next_bytes(&mut self) -> Option<&[u8]> {
+    pub(crate) fn next_bytes(&mut self) -> Option<&[u8]> {
         while self
             .queue
             .front()
@@ -515,7 +519,7 @@ impl Backlog<'_> {
     }
 
     /// Records that the socket took `n` bytes of what [`Backlog::next_bytes`] gave.
-    pub fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, n: usize) {
         let Some(front) = self.queue.front_mut() else {
             return;
         };

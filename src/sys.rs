@@ -9,17 +9,17 @@ use std::os::fd::RawFd;
 
 /// The soft and hard open-files limits before and after [`raise_nofile_limit`].
 #[derive(Debug, Clone, Copy)]
-pub struct NofileLimits {
+pub(crate) struct NofileLimits {
     /// Soft limit found at start.
-    pub before: u64,
+    pub(crate) before: u64,
     /// Soft limit now (the hard limit unless raising failed).
-    pub after: u64,
+    pub(crate) after: u64,
     /// Hard limit.
-    pub hard: u64,
+    pub(crate) hard: u64,
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: every client is a descriptor.
-pub fn raise_nofile_limit() -> io::Result<NofileLimits> {
+pub(crate) fn raise_nofile_limit() -> io::Result<NofileLimits> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -43,7 +43,7 @@ pub fn raise_nofile_limit() -> io::Result<NofileLimits> {
 
 /// Writes as much of `parts` (in order, one `sendmsg(2)`) as the socket takes now; like
 /// [`send_now`] for a message whose head and payload live in different buffers.
-pub fn send_parts_now(fd: RawFd, parts: &[&[u8]; 2]) -> io::Result<usize> {
+pub(crate) fn send_parts_now(fd: RawFd, parts: &[&[u8]; 2]) -> io::Result<usize> {
     if parts[1].is_empty() {
         return send_now(fd, parts[0]);
     }
@@ -62,7 +62,7 @@ pub fn send_parts_now(fd: RawFd, parts: &[&[u8]; 2]) -> io::Result<usize> {
 
 /// Writes as much of `bytes` as the socket takes now. `Ok(0)` with a non-empty slice
 /// means the socket buffer is full (would block).
-pub fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+pub(crate) fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: `bytes` is a valid slice for the duration of the call; `fd` is a socket
     // owned by the caller's stream, which outlives this call.
     sent_now(|| unsafe {
@@ -92,37 +92,29 @@ fn sent_now(mut send: impl FnMut() -> isize) -> io::Result<usize> {
     }
 }
 
-/// Half-closes the write side so the peer reads EOF after our last frame.
-pub fn shutdown_write(fd: RawFd) {
-    // SAFETY: shutdown on a socket we own; failure (already closed) is harmless.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_WR);
-    }
-}
-
 /// Resident set size of this process in bytes, from /proc/self/statm.
-pub fn rss_bytes() -> Option<u64> {
+pub(crate) fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * page_size())
 }
 
 /// The memory page size in bytes.
-pub fn page_size() -> u64 {
+pub(crate) fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     page.max(1) as u64
 }
 
 /// Clock ticks per second, the unit of CPU times in /proc (`USER_HZ`).
-pub fn clock_ticks_per_second() -> u64 {
+pub(crate) fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ticks.max(1) as u64
 }
 
 /// The soft `RLIMIT_NOFILE`: the most descriptors this process may hold.
-pub fn nofile_soft_limit() -> io::Result<u64> {
+pub(crate) fn nofile_soft_limit() -> io::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -136,7 +128,7 @@ pub fn nofile_soft_limit() -> io::Result<u64> {
 
 /// Descriptors this process holds now (a listing of `/proc/self/fd`, so not for a hot
 /// path); `None` where that cannot be read.
-pub fn open_descriptors() -> Option<usize> {
+pub(crate) fn open_descriptors() -> Option<usize> {
     let listed = std::fs::read_dir("/proc/self/fd").ok()?.count();
     // The listing's own descriptor is in it.
     Some(listed.saturating_sub(1))
@@ -145,7 +137,7 @@ pub fn open_descriptors() -> Option<usize> {
 /// Tells systemd (`Type=notify`) about this process, when started under it: `READY=1`
 /// once serving, `MAINPID=` so that a successor started by a zero-downtime restart
 /// becomes the unit's main process, `STOPPING=1` when draining. No-op elsewhere.
-pub fn notify_systemd(state: &str) {
+pub(crate) fn notify_systemd(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -169,7 +161,7 @@ pub fn notify_systemd(state: &str) {
 /// Turns on TCP keepalive on a socket: probes after `idle` of silence, then every
 /// `interval`, the connection dropped after `retries` unanswered. `fd` must be an open
 /// socket for the whole call (the caller's connection).
-pub fn set_keepalive(
+pub(crate) fn set_keepalive(
     fd: RawFd,
     idle: std::time::Duration,
     interval: std::time::Duration,
@@ -188,14 +180,14 @@ pub fn set_keepalive(
 /// A glommio listener that takes ownership of the listening socket `fd`. Each such
 /// descriptor must be given to exactly one call (the shard that accepts on it), which
 /// then closes it.
-pub fn glommio_listener(fd: RawFd) -> glommio::net::TcpListener {
+pub(crate) fn glommio_listener(fd: RawFd) -> glommio::net::TcpListener {
     use std::os::fd::FromRawFd;
     // SAFETY: the caller hands over sole ownership of an open listening socket.
     unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
 }
 
 /// Sends SIGKILL to a child we started; at worst it has already exited.
-pub fn kill_child(pid: u32) {
+pub(crate) fn kill_child(pid: u32) {
     // SAFETY: kill has no memory preconditions; the pid is our own child's.
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -204,7 +196,7 @@ pub fn kill_child(pid: u32) {
 
 /// Reaps the child `pid` if it has exited: `Some(true)` reaped, `Some(false)` it is not
 /// our child (or already reaped), `None` still running. Never blocks.
-pub fn try_reap(pid: u32) -> Option<bool> {
+pub(crate) fn try_reap(pid: u32) -> Option<bool> {
     let mut status = 0;
     // SAFETY: waitpid writes the status into a local; WNOHANG never blocks.
     let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
@@ -217,14 +209,14 @@ pub fn try_reap(pid: u32) -> Option<bool> {
 
 /// Takes ownership of a descriptor number handed to this process by its predecessor.
 /// The caller must be the only one to do so for this number.
-pub fn own_inherited_fd(fd: RawFd) -> std::os::fd::OwnedFd {
+pub(crate) fn own_inherited_fd(fd: RawFd) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: the caller guarantees sole ownership of the inherited descriptor.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
 
 /// A pipe whose ends close on exec.
-pub fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+pub(crate) fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
@@ -242,7 +234,7 @@ pub fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::Own
 
 /// Sets or clears close-on-exec on a descriptor number; a stale number fails harmlessly.
 /// Async-signal-safe (fcntl only), so it may run between fork and exec.
-pub fn set_cloexec(fd: RawFd, on: bool) {
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) {
     // SAFETY: fcntl on a descriptor number has no memory preconditions.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -258,7 +250,7 @@ pub fn set_cloexec(fd: RawFd, on: bool) {
 }
 
 /// Makes `command`'s child inherit `fds` (cleared close-on-exec between fork and exec).
-pub fn keep_open_across_exec(command: &mut std::process::Command, fds: Vec<RawFd>) {
+pub(crate) fn keep_open_across_exec(command: &mut std::process::Command, fds: Vec<RawFd>) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl,
     // which is async-signal-safe.
@@ -274,7 +266,7 @@ pub fn keep_open_across_exec(command: &mut std::process::Command, fds: Vec<RawFd
 
 /// Peeks one byte of a socket without waiting: the byte count (0 at EOF) or -1 with
 /// errno (EAGAIN when nothing is pending). Consumes nothing.
-pub fn peek_byte(fd: RawFd) -> isize {
+pub(crate) fn peek_byte(fd: RawFd) -> isize {
     let mut byte = 0u8;
     // SAFETY: a one-byte read into a local with MSG_PEEK; the caller's socket is open.
     unsafe {

@@ -16,7 +16,7 @@
 pub mod client;
 pub mod keys;
 
-pub use client::{ClientToken, TokenObjectError, token_from_json};
+pub use client::{ClientToken, token_from_json};
 
 use std::sync::Arc;
 
@@ -502,9 +502,9 @@ mod public_key_tests {
 
     /// A file under the target directory, removed at the end of the test.
     mod tempfile_path {
-        pub struct TempPath(pub std::path::PathBuf);
+        pub(super) struct TempPath(pub(super) std::path::PathBuf);
         impl TempPath {
-            pub fn with(text: &str) -> TempPath {
+            pub(super) fn with(text: &str) -> TempPath {
                 use std::sync::atomic::{AtomicU32, Ordering};
                 static NEXT: AtomicU32 = AtomicU32::new(0);
                 let path = std::env::temp_dir().join(format!(
@@ -515,7 +515,7 @@ mod public_key_tests {
                 std::fs::write(&path, text).unwrap();
                 TempPath(path)
             }
-            pub fn write(&self, text: &str) {
+            pub(super) fn write(&self, text: &str) {
                 let mut file = std::fs::File::create(&self.0).unwrap();
                 super::Write::write_all(&mut file, text.as_bytes()).unwrap();
             }

@@ -8,7 +8,7 @@ pub mod deflate;
 pub mod frame;
 pub mod json;
 pub mod resp;
-pub mod sse;
+pub(crate) mod sse;
 pub mod utf8;
 
 use std::sync::{Arc, OnceLock};
@@ -17,7 +17,7 @@ use crate::codec::frame::EncodedFrame;
 
 /// The framing a client's connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
+pub(crate) enum Wire {
     /// WebSocket Text frames (plain or over TLS).
     WebSocket,
     /// WebSocket with permessage-deflate negotiated: compressed Text frames (RSV1) for
@@ -33,7 +33,7 @@ pub enum Wire {
 
 impl Wire {
     /// A short label for logs and metrics.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Wire::WebSocket | Wire::WebSocketDeflate(_) => "websocket",
             Wire::JsonLines => "json",
@@ -45,7 +45,7 @@ impl Wire {
 
 /// One pushed message, shared by all its recipients.
 #[derive(Debug)]
-pub struct Message {
+pub(crate) struct Message {
     payload: Box<[u8]>,
     websocket: OnceLock<EncodedFrame>,
     /// `None`: compression does not pay for this payload, the plain frame goes instead.
@@ -57,7 +57,7 @@ pub struct Message {
 
 impl Message {
     /// A message carrying `payload` (the `msg` of a push, as given).
-    pub fn new(payload: &[u8]) -> Arc<Message> {
+    pub(crate) fn new(payload: &[u8]) -> Arc<Message> {
         Arc::new(Message {
             payload: payload.into(),
             websocket: OnceLock::new(),
@@ -77,7 +77,7 @@ impl Message {
     }
 
     /// The message as the application sees it.
-    pub fn payload(&self) -> &[u8] {
+    pub(crate) fn payload(&self) -> &[u8] {
         &self.payload
     }
 
@@ -85,7 +85,7 @@ impl Message {
     /// bulk string: the array header naming the client's channel is per connection. The
     /// compressed frame is made with the settings of the first session that asks (every
     /// session of a node has the same).
-    pub fn encoded(&self, wire: Wire) -> &[u8] {
+    pub(crate) fn encoded(&self, wire: Wire) -> &[u8] {
         match wire {
             Wire::WebSocketDeflate(settings) => {
                 match self

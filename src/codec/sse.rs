@@ -7,7 +7,7 @@
 //! LF.
 
 /// One event carrying `payload`: `data: <line>\n` per line, then a blank line.
-pub fn event(payload: &[u8]) -> Box<[u8]> {
+pub(crate) fn event(payload: &[u8]) -> Box<[u8]> {
     let mut out = Vec::with_capacity(payload.len() + 8);
     for line in lines(payload) {
         out.extend_from_slice(b"data: ");
@@ -19,18 +19,18 @@ pub fn event(payload: &[u8]) -> Box<[u8]> {
 }
 
 /// The event that ends a stream: named `close`, the reason's code as its data.
-pub fn close_event(code: u16) -> Box<[u8]> {
+pub(crate) fn close_event(code: u16) -> Box<[u8]> {
     format!("event: close\ndata: {code}\n\n")
         .into_bytes()
         .into_boxed_slice()
 }
 
 /// A comment line: ignored by EventSource, but traffic for proxies and for the heartbeat.
-pub const KEEPALIVE: &[u8] = b": ping\n\n";
+pub(crate) const KEEPALIVE: &[u8] = b": ping\n\n";
 
 /// The `retry:` field telling EventSource how many milliseconds to wait before it
 /// reconnects.
-pub fn retry_field(millis: u128) -> String {
+pub(crate) fn retry_field(millis: u128) -> String {
     format!("retry: {millis}\n\n")
 }
 

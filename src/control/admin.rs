@@ -19,7 +19,7 @@ const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves admin requests until the runtime stops.
-pub async fn serve(node: Rc<Node>, listener: TcpListener) {
+pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

@@ -16,7 +16,7 @@ use crate::config::DuplicatePolicy;
 
 /// What the directory decided about a claim.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Claim<W> {
+pub(crate) enum Claim<W> {
     /// The conn_id is the claimant's (its waiter is handed back to be answered).
     Granted(W),
     /// The conn_id is connected elsewhere on this node (reject policy).
@@ -46,7 +46,7 @@ struct Entry<W> {
 }
 
 /// conn_id -> shard, with per-shard counts.
-pub struct Directory<W> {
+pub(crate) struct Directory<W> {
     entries: AHashMap<String, Entry<W>>,
     per_shard: Vec<usize>,
     connected: usize,
@@ -55,7 +55,7 @@ pub struct Directory<W> {
 
 impl<W> Directory<W> {
     /// An empty directory for `shards` shards.
-    pub fn new(shards: usize, policy: DuplicatePolicy) -> Directory<W> {
+    pub(crate) fn new(shards: usize, policy: DuplicatePolicy) -> Directory<W> {
         Directory {
             entries: AHashMap::new(),
             per_shard: vec![0; shards],
@@ -66,7 +66,7 @@ impl<W> Directory<W> {
 
     /// `shard` wants `conn_id` for a client it is about to upgrade. Under the replace
     /// policy `waiter` is kept until the holder is released.
-    pub fn claim(&mut self, conn_id: &str, shard: usize, waiter: W) -> Claim<W> {
+    pub(crate) fn claim(&mut self, conn_id: &str, shard: usize, waiter: W) -> Claim<W> {
         let Some(entry) = self.entries.get_mut(conn_id) else {
             self.entries.insert(
                 conn_id.to_owned(),
@@ -107,7 +107,12 @@ impl<W> Directory<W> {
     /// `shard` no longer holds `conn_id` (with `parked`: it keeps its recovery buffer).
     /// Returns the claimant that now owns it, if one was waiting: the caller tells it
     /// `Granted` (or releases again if it is gone).
-    pub fn release(&mut self, conn_id: &str, shard: usize, parked: bool) -> Option<(usize, W)> {
+    pub(crate) fn release(
+        &mut self,
+        conn_id: &str,
+        shard: usize,
+        parked: bool,
+    ) -> Option<(usize, W)> {
         let entry = self.entries.get_mut(conn_id)?;
         if entry.shard != shard || entry.parked {
             return None;
@@ -134,7 +139,7 @@ impl<W> Directory<W> {
 
     /// `shard` dropped the parked buffer of `conn_id` (its TTL passed): forgotten, unless
     /// a client claimed it since.
-    pub fn expired(&mut self, conn_id: &str, shard: usize) {
+    pub(crate) fn expired(&mut self, conn_id: &str, shard: usize) {
         if self
             .entries
             .get(conn_id)
@@ -145,13 +150,13 @@ impl<W> Directory<W> {
     }
 
     /// The shard holding `conn_id`, or its parked recovery buffer.
-    pub fn shard_of(&self, conn_id: &str) -> Option<usize> {
+    pub(crate) fn shard_of(&self, conn_id: &str) -> Option<usize> {
         self.entries.get(conn_id).map(|e| e.shard)
     }
 
     /// The fan-out of a push: `conn_ids` (each once, in the order first named) split by
     /// the shard holding them (`per_shard[shard]`), and those on no shard here.
-    pub fn split_by_shard(&self, conn_ids: &[String]) -> Split {
+    pub(crate) fn split_by_shard(&self, conn_ids: &[String]) -> Split {
         let mut split = Split {
             per_shard: vec![Vec::new(); self.per_shard.len()],
             missing: Vec::new(),
@@ -167,12 +172,12 @@ impl<W> Directory<W> {
     }
 
     /// Whether a client holds `conn_id` here (a parked one is not connected).
-    pub fn is_connected(&self, conn_id: &str) -> bool {
+    pub(crate) fn is_connected(&self, conn_id: &str) -> bool {
         self.entries.get(conn_id).is_some_and(|e| !e.parked)
     }
 
     /// Every conn_id connected to this node (not the parked ones).
-    pub fn conn_ids(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn conn_ids(&self) -> impl Iterator<Item = &str> {
         self.entries
             .iter()
             .filter(|(_, e)| !e.parked)
@@ -180,28 +185,23 @@ impl<W> Directory<W> {
     }
 
     /// Connections per shard.
-    pub fn per_shard(&self) -> &[usize] {
+    pub(crate) fn per_shard(&self) -> &[usize] {
         &self.per_shard
     }
 
     /// Connections on this node.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.connected
-    }
-
-    /// Whether no client is connected.
-    pub fn is_empty(&self) -> bool {
-        self.connected == 0
     }
 }
 
 /// A push's recipients split by shard ([`Directory::split_by_shard`]).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Split {
+pub(crate) struct Split {
     /// The ids each shard holds, indexed by shard.
-    pub per_shard: Vec<Vec<String>>,
+    pub(crate) per_shard: Vec<Vec<String>>,
     /// The ids no shard here holds.
-    pub missing: Vec<String>,
+    pub(crate) missing: Vec<String>,
 }
 
 #[cfg(test)]

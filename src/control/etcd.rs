@@ -59,7 +59,7 @@ const SKIP_FAILED_FOR: Duration = Duration::from_secs(5);
 /// talking to one member and moving to the next when it fails gives clean fail-over.
 /// Members that failed recently are tried last ([`candidate_order`]).
 #[derive(Debug)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     list: Vec<String>,
     current: Cell<usize>,
     failed_at: RefCell<Vec<Option<Instant>>>,
@@ -67,7 +67,7 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// Endpoints in configured order (at least one).
-    pub fn new(list: Vec<String>) -> Endpoints {
+    pub(crate) fn new(list: Vec<String>) -> Endpoints {
         assert!(!list.is_empty(), "at least one etcd endpoint");
         Endpoints {
             failed_at: RefCell::new(vec![None; list.len()]),
@@ -77,12 +77,12 @@ impl Endpoints {
     }
 
     /// Connects to the current endpoint.
-    pub async fn connect(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
+    pub(crate) async fn connect(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
         connect_to(&self.list[self.current.get()], timeout).await
     }
 
     /// Marks the current endpoint failed and moves to the first one not known to fail.
-    pub fn rotate(&self) {
+    pub(crate) fn rotate(&self) {
         self.mark_failed(self.current.get());
         let order = self.order();
         self.current.set(order[0]);
@@ -201,7 +201,7 @@ async fn probe(
 
 /// Why a registration session ended.
 #[derive(Debug, thiserror::Error)]
-pub enum RegistrationError {
+pub(crate) enum RegistrationError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer within {0:?}")]
@@ -217,30 +217,30 @@ pub enum RegistrationError {
 
 /// What the registrar reports in `Server.Status` (`registration`).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct RegistrationStatus {
+pub(crate) struct RegistrationStatus {
     /// `connecting`, `registered`, `unknown (last keepalive N ms ago)`, `lost`,
     /// `conflict`, `handed_over` or `deregistered`. `registered` only while etcd's last
     /// answer to a keepalive (or the grant) still covers the lease's TTL, counted from
     /// when that keepalive was sent: past that etcd may have deleted the key, and the
     /// node says it does not know rather than claim it is registered.
-    pub state: String,
+    pub(crate) state: String,
     /// The node's key.
-    pub key: String,
+    pub(crate) key: String,
     /// Current lease, when registered.
-    pub lease: Option<i64>,
+    pub(crate) lease: Option<i64>,
     /// Times the key was put with a fresh lease since start.
-    pub registrations: u64,
+    pub(crate) registrations: u64,
     /// Unix time of the last registration.
-    pub registered_at: Option<u64>,
+    pub(crate) registered_at: Option<u64>,
     /// The last error, if any.
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// Milliseconds since etcd last renewed the lease (keepalive answered, or granted).
-    pub last_keepalive_ms_ago: Option<u64>,
+    pub(crate) last_keepalive_ms_ago: Option<u64>,
     /// The longest time between two renewals of the lease since start, in milliseconds:
     /// how close the node came to losing its key (normally `etcd_keepalive_interval`).
-    pub longest_renewal_gap_ms: u64,
+    pub(crate) longest_renewal_gap_ms: u64,
     /// Times the registration moved to another etcd member since start.
-    pub fail_overs: u64,
+    pub(crate) fail_overs: u64,
 }
 
 /// The registrar's own record of its state, from which [`RegistrationStatus`] is made.
@@ -280,24 +280,24 @@ fn reported_state(phase: &'static str, renewal: Option<Renewal>, now: Instant) -
 
 /// The load figures last written into the key, to decide when a rewrite is worth it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
+pub(crate) struct Published {
     /// Connected clients.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// The overloaded flag.
-    pub overloaded: bool,
+    pub(crate) overloaded: bool,
 }
 
 impl Published {
     /// Whether the load picture changed enough to rewrite the key: the overloaded flag
     /// flipped, or the connection count moved by 10% (at least 100) since last written.
-    pub fn differs_meaningfully(&self, now: &Published) -> bool {
+    pub(crate) fn differs_meaningfully(&self, now: &Published) -> bool {
         let step = (self.connections / 10).max(100);
         self.overloaded != now.overloaded || self.connections.abs_diff(now.connections) >= step
     }
 }
 
 /// Keeps the node registered.
-pub struct Registrar {
+pub(crate) struct Registrar {
     endpoints: Endpoints,
     key: String,
     ttl: Duration,
@@ -322,7 +322,7 @@ const PROBE_STAGGER: Duration = Duration::from_millis(150);
 impl Registrar {
     /// A registrar for this node; `None` when `etcd_addr` is empty (standalone).
     /// `inherited_lease` is a predecessor's lease on the key, taken over without a gap.
-    pub fn new(config: &Config, inherited_lease: Option<i64>) -> Option<Registrar> {
+    pub(crate) fn new(config: &Config, inherited_lease: Option<i64>) -> Option<Registrar> {
         if config.etcd_endpoints.is_empty() {
             return None;
         }
@@ -350,7 +350,7 @@ impl Registrar {
     }
 
     /// The registration state.
-    pub fn status(&self) -> RegistrationStatus {
+    pub(crate) fn status(&self) -> RegistrationStatus {
         let state = self.state.borrow();
         let now = Instant::now();
         RegistrationStatus {
@@ -370,7 +370,7 @@ impl Registrar {
 
     /// Registers and stays registered; returns only on a conflict (fatal). After
     /// [`Registrar::stop`] or [`Registrar::deregister`] it never registers again.
-    pub async fn run(&self, node: &Node) -> RegistrationError {
+    pub(crate) async fn run(&self, node: &Node) -> RegistrationError {
         let mut retry = Duration::from_millis(100);
         loop {
             if self.stopped.get() {
@@ -421,7 +421,7 @@ impl Registrar {
     }
 
     /// Stops registering without touching the key (a successor took it over).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stopped.set(true);
         self.current.borrow_mut().take();
         self.set_phase("handed_over", None);
@@ -429,7 +429,7 @@ impl Registrar {
 
     /// Revokes the lease so the key disappears now (graceful shutdown); nothing registers
     /// again afterwards.
-    pub async fn deregister(&self) {
+    pub(crate) async fn deregister(&self) {
         self.stopped.set(true);
         let taken = self.current.borrow_mut().take();
         let current = match (taken, self.live_lease()) {

@@ -16,42 +16,42 @@
 use crate::config::OverloadThresholds;
 
 /// Fraction of a threshold a figure must fall below for the state to clear.
-pub const CLEAR_RATIO: f64 = 0.9;
+pub(crate) const CLEAR_RATIO: f64 = 0.9;
 
 /// One sample of the node's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LoadSample {
+pub(crate) struct LoadSample {
     /// Connected clients.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Resident memory, bytes.
-    pub rss: u64,
+    pub(crate) rss: u64,
     /// Messages waiting in outbound queues.
-    pub queued: u64,
+    pub(crate) queued: u64,
 }
 
 /// The current verdict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LoadState {
+pub(crate) struct LoadState {
     /// Advertised in etcd as `overloaded: true`.
-    pub overloaded: bool,
+    pub(crate) overloaded: bool,
     /// New handshakes are refused with 503 (by a sampled figure, or at the connection
     /// bound).
-    pub refusing: bool,
+    pub(crate) refusing: bool,
     /// Refusing by the sampled figures (RSS, queued messages): the shards' flag.
     #[serde(skip)]
-    pub refuse_by_sample: bool,
+    pub(crate) refuse_by_sample: bool,
 }
 
 /// Applies thresholds with hysteresis.
 #[derive(Debug, Default)]
-pub struct LoadCheck {
+pub(crate) struct LoadCheck {
     thresholds: OverloadThresholds,
     state: LoadState,
 }
 
 impl LoadCheck {
     /// A check that starts in the normal state.
-    pub fn new(thresholds: OverloadThresholds) -> LoadCheck {
+    pub(crate) fn new(thresholds: OverloadThresholds) -> LoadCheck {
         LoadCheck {
             thresholds,
             state: LoadState::default(),
@@ -59,7 +59,7 @@ impl LoadCheck {
     }
 
     /// Folds in a sample; returns the (possibly changed) state.
-    pub fn update(&mut self, sample: LoadSample) -> LoadState {
+    pub(crate) fn update(&mut self, sample: LoadSample) -> LoadState {
         let t = &self.thresholds;
         let hard = [(sample.rss, t.hard_rss), (sample.queued, t.hard_queued)];
         let at_bound = t
@@ -78,7 +78,7 @@ impl LoadCheck {
     }
 
     /// The current state.
-    pub fn state(&self) -> LoadState {
+    pub(crate) fn state(&self) -> LoadState {
         self.state
     }
 }

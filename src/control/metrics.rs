@@ -13,33 +13,33 @@ use crate::histogram::Snapshot;
 use crate::link::ShardStats;
 
 /// Everything one scrape shows.
-pub struct Figures<'a> {
+pub(crate) struct Figures<'a> {
     /// The standard `process_*` figures.
     pub(crate) process: &'a ProcessFigures,
     /// Per-shard figures.
-    pub shards: &'a [ShardStats],
+    pub(crate) shards: &'a [ShardStats],
     /// Push RPC counters: (name, help, value).
-    pub pushes: &'a [(&'static str, &'static str, u64)],
+    pub(crate) pushes: &'a [(&'static str, &'static str, u64)],
     /// From a push call read to its answer.
     pub(crate) push_latency: &'a Snapshot,
     /// Callback figures.
-    pub callbacks: &'a CallbackFigures,
+    pub(crate) callbacks: &'a CallbackFigures,
     /// Whether the node's etcd key is in place (`None`: standalone).
-    pub registered: Option<bool>,
+    pub(crate) registered: Option<bool>,
     /// Times the key was put on a fresh lease.
-    pub registrations: u64,
+    pub(crate) registrations: u64,
     /// The load self-check's verdict.
-    pub load: LoadState,
+    pub(crate) load: LoadState,
     /// Seconds since start.
-    pub uptime_secs: u64,
+    pub(crate) uptime_secs: u64,
     /// Whether the node is shutting down.
-    pub draining: bool,
+    pub(crate) draining: bool,
     /// Presence callbacks queued, not yet delivered.
-    pub presence_backlog: u64,
+    pub(crate) presence_backlog: u64,
 }
 
 /// The exposition text.
-pub fn render(figures: &Figures<'_>) -> String {
+pub(crate) fn render(figures: &Figures<'_>) -> String {
     let mut out = Exposition::default();
     shards(&mut out, figures.shards);
     for (name, help, value) in figures.pushes {

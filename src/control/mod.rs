@@ -7,11 +7,11 @@
 //! only through `link` ([`crate::link::ControlLink`]), and it reaches them only through
 //! their [`crate::link::ShardHandle`]s: it never names the `shard` module.
 
-pub mod admin;
-pub mod directory;
-pub mod etcd;
-pub mod load;
-pub mod metrics;
+pub(crate) mod admin;
+pub(crate) mod directory;
+pub(crate) mod etcd;
+pub(crate) mod load;
+pub(crate) mod metrics;
 pub mod monitor;
 pub(crate) mod process;
 pub(crate) mod watchdog;
@@ -219,25 +219,25 @@ impl HolderAnswers {
 }
 
 /// What the node needs besides its shards.
-pub struct NodeParts {
+pub(crate) struct NodeParts {
     /// The node configuration.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     /// One handle per shard.
-    pub shards: Vec<ShardHandle>,
+    pub(crate) shards: Vec<ShardHandle>,
     /// Shared with the shards: new handshakes get 503 while set.
-    pub refuse_new_clients: Arc<AtomicBool>,
+    pub(crate) refuse_new_clients: Arc<AtomicBool>,
     /// Shared with every callback client.
-    pub callback_stats: Arc<CallbackStats>,
+    pub(crate) callback_stats: Arc<CallbackStats>,
     /// A predecessor's etcd lease holding this node's key (zero-downtime restart).
-    pub inherited_lease: Option<i64>,
+    pub(crate) inherited_lease: Option<i64>,
     /// The presence lanes, for their backlog.
-    pub presence: Presence,
+    pub(crate) presence: Presence,
 }
 
 /// The control thread's view of the node.
-pub struct Node {
+pub(crate) struct Node {
     /// The node configuration.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     directory: RefCell<Directory<oneshot::Sender<bool>>>,
     shards: Vec<ShardHandle>,
     registrar: Option<Registrar>,
@@ -263,7 +263,7 @@ pub struct Node {
 
 impl Node {
     /// A node fanning out to `parts.shards`.
-    pub fn new(parts: NodeParts) -> Rc<Node> {
+    pub(crate) fn new(parts: NodeParts) -> Rc<Node> {
         let NodeParts {
             config,
             shards,
@@ -298,7 +298,7 @@ impl Node {
 
     /// Keeps the node registered in etcd. Returns only if registration is impossible
     /// (another process holds this node's key); standalone nodes never return.
-    pub async fn keep_registered(self: Rc<Self>) -> etcd::RegistrationError {
+    pub(crate) async fn keep_registered(self: Rc<Self>) -> etcd::RegistrationError {
         match &self.registrar {
             Some(registrar) => registrar.run(&self).await,
             None => std::future::pending().await,
@@ -306,13 +306,13 @@ impl Node {
     }
 
     /// The etcd lease holding the node's key, if registered.
-    pub fn current_lease(&self) -> Option<i64> {
+    pub(crate) fn current_lease(&self) -> Option<i64> {
         self.registrar.as_ref().and_then(|r| r.status().lease)
     }
 
     /// Removes the node's etcd key now (first step of a graceful shutdown); from here on
     /// `/readyz` says "draining".
-    pub async fn deregister(&self) {
+    pub(crate) async fn deregister(&self) {
         self.draining.set(true);
         if let Some(registrar) = &self.registrar {
             registrar.deregister().await;
@@ -320,14 +320,14 @@ impl Node {
     }
 
     /// Stops the registration without touching the key: a successor owns it now.
-    pub fn stop_registering(&self) {
+    pub(crate) fn stop_registering(&self) {
         if let Some(registrar) = &self.registrar {
             registrar.stop();
         }
     }
 
     /// The value of the node's etcd key, and the load figures it carries.
-    pub fn registration_value(&self) -> (String, Published) {
+    pub(crate) fn registration_value(&self) -> (String, Published) {
         let connections = self.directory.borrow().len() as u64;
         let overloaded = self.load.borrow().state().overloaded;
         let value = json!({
@@ -350,7 +350,7 @@ impl Node {
     }
 
     /// Samples the load every `interval` and applies the thresholds.
-    pub async fn check_load(self: Rc<Self>, interval: Duration) {
+    pub(crate) async fn check_load(self: Rc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
@@ -384,7 +384,7 @@ impl Node {
     /// Logs one INFO line per `every`: clients now, and what happened since the last
     /// line (connects, refusals by reason, pushes). Per-client events are debug lines: a
     /// reconnect storm of 100k clients would otherwise write 200k INFO lines.
-    pub async fn log_summaries(self: Rc<Self>, every: Duration) {
+    pub(crate) async fn log_summaries(self: Rc<Self>, every: Duration) {
         let mut ticker = tokio::time::interval(every);
         ticker.tick().await;
         let mut last = Summary::default();
@@ -408,12 +408,12 @@ impl Node {
     }
 
     /// The load state.
-    pub fn load_state(&self) -> LoadState {
+    pub(crate) fn load_state(&self) -> LoadState {
         self.load.borrow().state()
     }
 
     /// Applies shards' claims and releases until every shard has hung up.
-    pub async fn serve_directory(self: Rc<Self>, mut requests: DirectoryRequests) {
+    pub(crate) async fn serve_directory(self: Rc<Self>, mut requests: DirectoryRequests) {
         while let Some(request) = requests.recv().await {
             match request {
                 DirectoryRequest::Claim {
@@ -508,7 +508,7 @@ impl Node {
     /// in a recovery buffer for a client away. After a hand-over the ids not delivered here
     /// are tried on the successor, where the clients closed by this drain reconnect; only
     /// those it cannot reach either are returned.
-    pub async fn push(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
+    pub(crate) async fn push(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
         let mut outcome = self.fan_out(conn_ids, msg).await;
         let successor = self.successor.borrow().clone();
         if let Some(successor) = successor.filter(|_| !outcome.failed.is_empty()) {
@@ -605,7 +605,7 @@ impl Node {
     }
 
     /// Delivers `msg` to every client of the node.
-    pub async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
+    pub(crate) async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
         let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::Broadcast {
@@ -618,7 +618,7 @@ impl Node {
     }
 
     /// Delivers `msg` to every member of `group` (encoded once per wire format, for all).
-    pub async fn group_push(&self, group: &str, msg: &str) -> BroadcastOutcome {
+    pub(crate) async fn group_push(&self, group: &str, msg: &str) -> BroadcastOutcome {
         let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::GroupPush {
@@ -638,7 +638,7 @@ impl Node {
     }
 
     /// Adds these clients to `group`; returns the ids not on this node.
-    pub async fn join_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
+    pub(crate) async fn join_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
         self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupJoin {
             group: group.to_owned(),
             conn_ids,
@@ -649,7 +649,7 @@ impl Node {
     }
 
     /// Removes these clients from `group`; returns the ids not on this node.
-    pub async fn leave_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
+    pub(crate) async fn leave_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
         self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupLeave {
             group: group.to_owned(),
             conn_ids,
@@ -660,7 +660,7 @@ impl Node {
     }
 
     /// Closes these clients (each gets its `offline`); returns the ids not on this node.
-    pub async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
+    pub(crate) async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
         bump(&self.counters.kicks, conn_ids.len());
         self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::Kick {
             conn_ids,
@@ -672,7 +672,7 @@ impl Node {
     }
 
     /// The subset of `conn_ids` connected to this node.
-    pub fn online(&self, conn_ids: &[String]) -> Vec<String> {
+    pub(crate) fn online(&self, conn_ids: &[String]) -> Vec<String> {
         let directory = self.directory.borrow();
         conn_ids
             .iter()
@@ -682,7 +682,7 @@ impl Node {
     }
 
     /// Every conn_id connected to this node.
-    pub fn all_connections(&self) -> Vec<String> {
+    pub(crate) fn all_connections(&self) -> Vec<String> {
         self.directory
             .borrow()
             .conn_ids()
@@ -691,13 +691,13 @@ impl Node {
     }
 
     /// Figures from every shard.
-    pub async fn shard_stats(&self) -> Vec<ShardStats> {
+    pub(crate) async fn shard_stats(&self) -> Vec<ShardStats> {
         self.to_every_shard(|reply| ShardCommand::Stats { reply })
             .await
     }
 
     /// The node's identity, connection counts and shard figures (the `GetNode` answer).
-    pub async fn describe(&self) -> serde_json::Value {
+    pub(crate) async fn describe(&self) -> serde_json::Value {
         let shard_stats = self.shard_stats().await;
         let directory = self.directory.borrow();
         serde_json::json!({
@@ -716,7 +716,7 @@ impl Node {
     }
 
     /// Everything `Server.Status` reports.
-    pub async fn status(&self) -> serde_json::Value {
+    pub(crate) async fn status(&self) -> serde_json::Value {
         let c = &self.counters;
         json!({
             "node": self.describe().await,
@@ -741,7 +741,7 @@ impl Node {
     /// Why the node should not get new clients now (`/readyz`), if it should not: the
     /// reasons of [`Node::not_ready_because`], or a shard that does not answer a ping
     /// within a second.
-    pub async fn readiness(&self) -> Option<String> {
+    pub(crate) async fn readiness(&self) -> Option<String> {
         // A probe this process accepted just before handing over: it asked whether the
         // address serves, and it does (the successor holds the listeners). "draining"
         // would make a load balancer pull a node that is serving.
@@ -777,7 +777,7 @@ impl Node {
 
     /// Why the node should not get new clients now, from what the control thread knows
     /// without asking the shards.
-    pub fn not_ready_because(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready_because(&self) -> Option<&'static str> {
         let load = self.load_state();
         if self.draining.get() {
             Some("draining")
@@ -789,7 +789,7 @@ impl Node {
     }
 
     /// The Prometheus exposition (`/metrics`).
-    pub async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         let shards = self.shard_stats().await;
         let c = &self.counters;
         let pushes: Vec<(&str, &str, u64)> = PUSH_COUNTERS
@@ -824,7 +824,7 @@ impl Node {
     /// process accepted before (the address they probed is served, by the successor), and
     /// the pushes this process cannot deliver go to the successor at `forward` (`None`:
     /// an older successor that did not say where).
-    pub fn handed_over(&self, forward: Option<crate::handover::ForwardTarget>) {
+    pub(crate) fn handed_over(&self, forward: Option<crate::handover::ForwardTarget>) {
         self.handed_over.set(true);
         match forward {
             Some(target) => {
@@ -839,7 +839,7 @@ impl Node {
 
     /// Tells every RPC connection to close once idle (every call it read answered), so
     /// that its client reconnects to the successor, which holds the listener now.
-    pub fn move_rpc_clients(&self) {
+    pub(crate) fn move_rpc_clients(&self) {
         self.rpc_moving.send_replace(true);
     }
 
@@ -850,7 +850,7 @@ impl Node {
     }
 
     /// RPC connections still open (each holds one [`Node::rpc_moving`] receiver).
-    pub fn rpc_connections(&self) -> usize {
+    pub(crate) fn rpc_connections(&self) -> usize {
         self.rpc_moving.receiver_count()
     }
 
@@ -861,12 +861,12 @@ impl Node {
 
     /// Admin requests accepted and not yet answered: a process that handed over answers
     /// them before it exits (a probe accepted just before must not be dropped).
-    pub fn admin_requests(&self) -> usize {
+    pub(crate) fn admin_requests(&self) -> usize {
         self.admin_requests.receiver_count()
     }
 
     /// Tells every shard to close its clients and stop.
-    pub fn shutdown_shards(&self) {
+    pub(crate) fn shutdown_shards(&self) {
         self.draining.set(true);
         for shard in &self.shards {
             shard.send(ShardCommand::Shutdown);

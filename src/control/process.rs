@@ -9,12 +9,12 @@
 /// One reading of the process figures; a figure `/proc` did not give is `None`.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct ProcessFigures {
-    pub cpu_seconds: Option<f64>,
-    pub resident_bytes: Option<u64>,
-    pub virtual_bytes: Option<u64>,
-    pub open_fds: Option<u64>,
-    pub max_fds: Option<u64>,
-    pub start_time_seconds: Option<f64>,
+    pub(crate) cpu_seconds: Option<f64>,
+    pub(crate) resident_bytes: Option<u64>,
+    pub(crate) virtual_bytes: Option<u64>,
+    pub(crate) open_fds: Option<u64>,
+    pub(crate) max_fds: Option<u64>,
+    pub(crate) start_time_seconds: Option<f64>,
 }
 
 impl ProcessFigures {

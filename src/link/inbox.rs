@@ -15,19 +15,19 @@ use super::ShardCommand;
 
 /// The control thread's handle on one shard.
 #[derive(Clone)]
-pub struct ShardHandle {
+pub(crate) struct ShardHandle {
     commands: Sender<ShardCommand>,
     waker: Arc<AtomicWaker>,
 }
 
 /// The shard's end.
-pub struct Inbox {
+pub(crate) struct Inbox {
     commands: Receiver<ShardCommand>,
     waker: Arc<AtomicWaker>,
 }
 
 /// A connected pair.
-pub fn channel() -> (ShardHandle, Inbox) {
+pub(crate) fn channel() -> (ShardHandle, Inbox) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let waker = Arc::new(AtomicWaker::new());
     (
@@ -44,7 +44,7 @@ pub fn channel() -> (ShardHandle, Inbox) {
 
 impl ShardHandle {
     /// Hands a command to the shard and wakes it. Returns false if the shard has ended.
-    pub fn send(&self, command: ShardCommand) -> bool {
+    pub(crate) fn send(&self, command: ShardCommand) -> bool {
         let sent = self.commands.send(command).is_ok();
         self.waker.wake();
         sent
@@ -53,7 +53,7 @@ impl ShardHandle {
 
 impl Inbox {
     /// The next command; `None` once every handle is dropped.
-    pub async fn recv(&self) -> Option<ShardCommand> {
+    pub(crate) async fn recv(&self) -> Option<ShardCommand> {
         poll_fn(|cx| {
             if let Ok(command) = self.commands.try_recv() {
                 return Poll::Ready(Some(command));

@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::codec::Message;
 use crate::session::CloseReason;
 
-pub use inbox::{Inbox, ShardHandle, channel as shard_channel};
+pub(crate) use inbox::{Inbox, ShardHandle, channel as shard_channel};
 
 /// Work the control thread hands to a shard.
-pub enum ShardCommand {
+pub(crate) enum ShardCommand {
     /// Deliver one message to these conn_ids; reply with the ones not delivered, and on
     /// `buffered` (sent first) those kept in a recovery buffer for a client away.
     Push {
@@ -87,63 +87,63 @@ pub enum ShardCommand {
 
 /// One shard's figures.
 #[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ShardStats {
+pub(crate) struct ShardStats {
     /// Shard index.
-    pub shard: usize,
+    pub(crate) shard: usize,
     /// Sessions in the table.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Sessions in the table by the framing they speak (`websocket`, `json`, `resp`).
-    pub connections_by_transport: BTreeMap<&'static str, usize>,
+    pub(crate) connections_by_transport: BTreeMap<&'static str, usize>,
     /// Messages waiting in outbound queues.
-    pub queued_messages: usize,
+    pub(crate) queued_messages: usize,
     /// Bytes waiting in outbound queues (pushes and replies).
-    pub queued_bytes: usize,
+    pub(crate) queued_bytes: usize,
     /// Connections accepted (handshake or not).
-    pub accepted: u64,
+    pub(crate) accepted: u64,
     /// Accepts refused because descriptors ran out.
-    pub accept_fd_exhausted: u64,
+    pub(crate) accept_fd_exhausted: u64,
     /// Pauses of the acceptor because the process was within `fd_reserve` descriptors of
     /// its open-files limit.
-    pub accept_fd_reserve: u64,
+    pub(crate) accept_fd_reserve: u64,
     /// Clients upgraded.
-    pub upgraded: u64,
+    pub(crate) upgraded: u64,
     /// Handshakes refused, by reason.
-    pub handshake_refusals: BTreeMap<&'static str, u64>,
+    pub(crate) handshake_refusals: BTreeMap<&'static str, u64>,
     /// Deliveries that failed here, by reason (`unknown`, `closed`, `queue_full`).
-    pub delivery_failures: BTreeMap<&'static str, u64>,
+    pub(crate) delivery_failures: BTreeMap<&'static str, u64>,
     /// Sessions ended, by close reason (`CloseReason::label`).
-    pub disconnects: BTreeMap<&'static str, u64>,
+    pub(crate) disconnects: BTreeMap<&'static str, u64>,
     /// Connection tasks that panicked (each closed that connection only).
-    pub connection_panics: u64,
+    pub(crate) connection_panics: u64,
     /// Recovery buffers held (live and parked conn_ids).
-    pub recovery_buffers: usize,
+    pub(crate) recovery_buffers: usize,
     /// Messages kept in recovery buffers.
-    pub recovery_messages: usize,
+    pub(crate) recovery_messages: usize,
     /// Bytes counted against `recovery_total_bytes` (payloads plus overhead).
-    pub recovery_bytes: usize,
+    pub(crate) recovery_bytes: usize,
 }
 
 /// What a push by conn_id did on one shard.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PushOutcome {
+pub(crate) struct PushOutcome {
     /// Ids it did not reach and will not (not here, closing, slow consumers).
-    pub failed: Vec<String>,
+    pub(crate) failed: Vec<String>,
     /// Ids whose client is away: the message waits in its recovery buffer.
-    pub buffered: Vec<String>,
+    pub(crate) buffered: Vec<String>,
 }
 
 /// What a broadcast (or a group push) did on one shard.
 #[derive(Debug, Default, Clone)]
-pub struct BroadcastOutcome {
+pub(crate) struct BroadcastOutcome {
     /// Sessions that accepted the message.
-    pub delivered: usize,
+    pub(crate) delivered: usize,
     /// Sessions that did not (closing or slow consumers).
-    pub failed: Vec<String>,
+    pub(crate) failed: Vec<String>,
 }
 
 impl BroadcastOutcome {
     /// Sums the outcomes of several shards.
-    pub fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
+    pub(crate) fn merge(outcomes: impl IntoIterator<Item = BroadcastOutcome>) -> BroadcastOutcome {
         let mut total = BroadcastOutcome::default();
         for outcome in outcomes {
             total.delivered += outcome.delivered;
@@ -154,7 +154,7 @@ impl BroadcastOutcome {
 }
 
 /// What shards ask of the directory.
-pub enum DirectoryRequest {
+pub(crate) enum DirectoryRequest {
     /// Claim a conn_id before upgrading a client; the reply says whether it is granted.
     Claim {
         conn_id: String,
@@ -174,21 +174,21 @@ pub enum DirectoryRequest {
 
 /// A shard's non-blocking line to the control thread.
 #[derive(Clone)]
-pub struct ControlLink(mpsc::UnboundedSender<DirectoryRequest>);
+pub(crate) struct ControlLink(mpsc::UnboundedSender<DirectoryRequest>);
 
 impl ControlLink {
     /// Sends without waiting. A send after the control thread ended is dropped: by then
     /// the process is exiting and nobody reads the directory.
-    pub fn send(&self, request: DirectoryRequest) {
+    pub(crate) fn send(&self, request: DirectoryRequest) {
         let _ = self.0.send(request);
     }
 }
 
 /// The receiving end of every [`ControlLink`].
-pub type DirectoryRequests = mpsc::UnboundedReceiver<DirectoryRequest>;
+pub(crate) type DirectoryRequests = mpsc::UnboundedReceiver<DirectoryRequest>;
 
 /// A connected link and receiver.
-pub fn directory_channel() -> (ControlLink, DirectoryRequests) {
+pub(crate) fn directory_channel() -> (ControlLink, DirectoryRequests) {
     let (tx, rx) = mpsc::unbounded_channel();
     (ControlLink(tx), rx)
 }

@@ -15,10 +15,10 @@ use crate::link::PushOutcome;
 
 /// Newest-generation status codes.
 mod code {
-    pub const OK: u32 = 20000;
-    pub const BAD_PARAMS: u32 = 40000;
-    pub const BAD_TOKEN: u32 = 40100;
-    pub const SOME_FAILED: u32 = 50001;
+    pub(crate) const OK: u32 = 20000;
+    pub(crate) const BAD_PARAMS: u32 = 40000;
+    pub(crate) const BAD_TOKEN: u32 = 40100;
+    pub(crate) const SOME_FAILED: u32 = 50001;
 }
 
 /// Recipients handed to the node per slice of a large push. The fan-out of one slice
@@ -81,7 +81,7 @@ async fn failure_text(
 
 /// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
 /// Push calls are timed into `comet_push_latency_seconds`.
-pub async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
+pub(crate) async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
     let name = method.strip_prefix("Server.").unwrap_or(method);
     let started = std::time::Instant::now();
     let result = dispatch_named(node, name, method, param).await;

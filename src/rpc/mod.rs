@@ -20,7 +20,7 @@
 
 pub mod codec;
 pub(crate) mod forward;
-pub mod methods;
+pub(crate) mod methods;
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -154,7 +154,7 @@ impl RefusalLog {
 }
 
 /// Accepts RPC connections until the runtime stops.
-pub async fn serve(node: Rc<Node>, listener: TcpListener) {
+pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener) {
     let limits = Limits::from_config(&node.config);
     let open = Rc::new(Cell::new(0usize));
     let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));

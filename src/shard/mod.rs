@@ -45,19 +45,19 @@ const SCRATCH_BYTES: usize = 16 * 1024;
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Everything a shard owns. Lives on the shard's thread only.
-pub struct Shard {
+pub(crate) struct Shard {
     /// Shard index.
-    pub id: usize,
+    pub(crate) id: usize,
     /// The node configuration.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     /// Claims and releases of conn_ids.
-    pub control: ControlLink,
+    pub(crate) control: ControlLink,
     /// Presence callbacks.
-    pub presence: Presence,
+    pub(crate) presence: Presence,
     /// `checkToken` client; `None` when no message server is configured.
-    pub callbacks: Option<CallbackClient>,
+    pub(crate) callbacks: Option<CallbackClient>,
     /// Local verifier of signed tokens (skips `checkToken`).
-    pub verifier: Option<TokenVerifier>,
+    pub(crate) verifier: Option<TokenVerifier>,
     refuse_new_clients: Arc<AtomicBool>,
     table: RefCell<SessionTable>,
     /// Connections still in their handshake, by source address.
@@ -77,11 +77,11 @@ pub struct Shard {
 }
 
 /// Held by a connection task for its whole life, so shutdown knows when all are done.
-pub struct LiveConnection(Rc<Shard>);
+pub(crate) struct LiveConnection(Rc<Shard>);
 
 impl LiveConnection {
     /// The shard the connection lives on.
-    pub fn shard(&self) -> &Rc<Shard> {
+    pub(crate) fn shard(&self) -> &Rc<Shard> {
         &self.0
     }
 }
@@ -97,50 +97,50 @@ impl Drop for LiveConnection {
 
 /// What the shard threads need from the process.
 #[derive(Clone)]
-pub struct ShardDeps {
+pub(crate) struct ShardDeps {
     /// The node configuration.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     /// Link to the control thread's directory.
-    pub control: ControlLink,
+    pub(crate) control: ControlLink,
     /// Presence callbacks.
-    pub presence: Presence,
+    pub(crate) presence: Presence,
     /// `checkToken` client.
-    pub callbacks: Option<CallbackClient>,
+    pub(crate) callbacks: Option<CallbackClient>,
     /// Set by the control thread's load self-check past a hard threshold.
-    pub refuse_new_clients: Arc<AtomicBool>,
+    pub(crate) refuse_new_clients: Arc<AtomicBool>,
     /// Local verifier of signed tokens; `None`: tokens go to `checkToken`.
-    pub verifier: Option<TokenVerifier>,
+    pub(crate) verifier: Option<TokenVerifier>,
 }
 
 /// Why the shards could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error("cannot start shard {shard}: {reason}")]
     Executor { shard: usize, reason: String },
 }
 
 /// The running shards: handles for the control thread, threads for `main` to join.
-pub struct Shards {
+pub(crate) struct Shards {
     /// One per shard, indexed by shard id.
-    pub handles: Vec<ShardHandle>,
+    pub(crate) handles: Vec<ShardHandle>,
     /// The executor threads.
-    pub threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    pub(crate) threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
 /// The listeners of one client port (one per shard, bound with SO_REUSEPORT or
 /// inherited) and what connections accepted on them speak.
-pub struct ListenerGroup {
+pub(crate) struct ListenerGroup {
     /// What the port serves.
-    pub entry: Entry,
+    pub(crate) entry: Entry,
     /// The listening sockets.
-    pub fds: Vec<OwnedFd>,
+    pub(crate) fds: Vec<OwnedFd>,
 }
 
 /// Starts `config.max_proc` shards on the given client ports: the `j`-th listener of
 /// each port goes to shard `j % max_proc`, so every listener has a shard accepting on it
 /// and every shard accepts on every port when there are enough. Waits until all shards
 /// run.
-pub fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, StartError> {
+pub(crate) fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, StartError> {
     let count = deps.config.max_proc;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut per_shard: Vec<Vec<(RawFd, Entry)>> = vec![Vec::new(); count];
@@ -389,25 +389,25 @@ impl Shard {
     }
 
     /// The shard-wide read buffer. Borrow it only within one poll, never across an await.
-    pub fn scratch(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
+    pub(crate) fn scratch(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
         self.scratch.borrow_mut()
     }
 
     /// Whether the shard is shutting down (a client registered now is closed at once).
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.get()
     }
 
     /// Whether the node is past a hard load threshold (new handshakes get 503): a sampled
     /// one (the control thread's flag), or the connection bound, which
     /// `admission::claim_verified` then checks exactly.
-    pub fn is_saturated(&self) -> bool {
+    pub(crate) fn is_saturated(&self) -> bool {
         self.refuse_new_clients.load(Ordering::Relaxed)
             || !self.counts.has_room(self.config.overload.hard_connections)
     }
 
     /// Counts a refused handshake under its reason.
-    pub fn handshake_refused(&self, reason: &'static str) {
+    pub(crate) fn handshake_refused(&self, reason: &'static str) {
         *self
             .handshake_refusals
             .borrow_mut()
@@ -417,7 +417,7 @@ impl Shard {
 
     /// A connection's task panicked and was dropped (`panics`): counts it, and ends the
     /// session it held, if any, as the task would have (its `offline`, its conn_id).
-    pub fn connection_panicked(&self) {
+    pub(crate) fn connection_panicked(&self) {
         self.connection_panics.set(self.connection_panics.get() + 1);
         self.reap_orphans();
     }
@@ -434,7 +434,7 @@ impl Shard {
 
     /// Puts an upgraded client in the table and reports it online.
     /// A recovering session with `since` gets its first frame and what it missed here.
-    pub fn register(&self, session: &Rc<Session>, since: Option<&crate::recovery::Since>) {
+    pub(crate) fn register(&self, session: &Rc<Session>, since: Option<&crate::recovery::Since>) {
         self.table.borrow_mut().insert(session, since);
         self.upgraded.set(self.upgraded.get() + 1);
         self.presence
@@ -451,13 +451,13 @@ impl Shard {
     /// Whether this shard keeps a parked recovery buffer for `conn_id` (a client admitted
     /// but never registered gives its conn_id back as parked then, so that pushes go on
     /// reaching the buffer).
-    pub fn keeps_recovery_buffer(&self, conn_id: &str) -> bool {
+    pub(crate) fn keeps_recovery_buffer(&self, conn_id: &str) -> bool {
         self.table.borrow().keeps_parked(conn_id, Instant::now())
     }
 
     /// Takes an ended session out of the table, reports it offline and frees its conn_id.
     /// The `offline` is queued before the release so that a reconnect's `online` follows it.
-    pub fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {
+    pub(crate) fn unregister(&self, session: &Rc<Session>, reason: &CloseReason) {
         let parked = self
             .table
             .borrow_mut()

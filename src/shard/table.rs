@@ -35,26 +35,26 @@ enum Reach {
 /// The heartbeat rules: when a quiet client is pinged, when a silent one is dropped.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Heartbeat {
-    pub ping_interval: Duration,
-    pub timeout: Duration,
+    pub(crate) ping_interval: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// The ping bytes of each framing that is pinged (RESP clients are not: Redis clients do
 /// not answer a server's ping, and rely on TCP keepalive).
 pub(crate) struct Pings {
-    pub websocket: Arc<[u8]>,
-    pub json: Arc<[u8]>,
+    pub(crate) websocket: Arc<[u8]>,
+    pub(crate) json: Arc<[u8]>,
     /// The comment that keeps an event stream's proxies from timing out.
-    pub sse: Arc<[u8]>,
+    pub(crate) sse: Arc<[u8]>,
 }
 
 /// The figures of the table that a shard reports.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct TableFigures {
-    pub connections: usize,
-    pub connections_by_transport: BTreeMap<&'static str, usize>,
-    pub queued_messages: usize,
-    pub queued_bytes: usize,
+    pub(crate) connections: usize,
+    pub(crate) connections_by_transport: BTreeMap<&'static str, usize>,
+    pub(crate) queued_messages: usize,
+    pub(crate) queued_bytes: usize,
 }
 
 /// Sessions by conn_id and groups by name, with their counters.

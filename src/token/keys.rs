@@ -44,7 +44,7 @@ pub enum KeyType {
 }
 
 impl KeyType {
-    pub(crate) fn algorithm(self) -> Algorithm {
+    pub fn algorithm(self) -> Algorithm {
         match self {
             KeyType::Rsa => Algorithm::RS256,
             KeyType::P256 => Algorithm::ES256,
@@ -53,7 +53,7 @@ impl KeyType {
     }
 
     /// The key type a token's `alg` needs; `None` for anything but RS256, ES256, EdDSA.
-    pub(crate) fn for_alg(alg: &str) -> Option<KeyType> {
+    pub fn for_alg(alg: &str) -> Option<KeyType> {
         match alg {
             "RS256" => Some(KeyType::Rsa),
             "ES256" => Some(KeyType::P256),
@@ -62,7 +62,7 @@ impl KeyType {
         }
     }
 
-    pub(crate) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             KeyType::Rsa => "RSA",
             KeyType::P256 => "EC P-256",
@@ -76,7 +76,7 @@ pub struct PublicKey {
     /// `kid` (JWKS `kid`, or a PEM block's `kid: NAME` line); `None`: unnamed.
     pub kid: Option<String>,
     pub key_type: KeyType,
-    pub(crate) decoding: DecodingKey,
+    pub decoding: DecodingKey,
 }
 
 /// Every key of one file, as loaded.
@@ -87,7 +87,7 @@ pub struct KeySet {
 
 /// Why no key was picked for a token.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Pick {
+pub enum Pick {
     UnknownKid,
     /// No kid, and not exactly one key of the type: the count found.
     Ambiguous(usize),
@@ -97,7 +97,7 @@ impl KeySet {
     /// The key for a token's `kid` and algorithm type. A kid names its key (an unnamed
     /// set of one key serves any kid). Without a kid the token needs the only key of its
     /// type: trying several would cost a shard one signature check per key per token.
-    pub(crate) fn pick(&self, kid: Option<&str>, wanted: KeyType) -> Result<&PublicKey, Pick> {
+    pub fn pick(&self, kid: Option<&str>, wanted: KeyType) -> Result<&PublicKey, Pick> {
         match kid {
             Some(kid) => self
                 .keys
@@ -206,7 +206,7 @@ type Parsed = Result<Vec<PublicKey>, (usize, String)>;
 
 /// PEM blocks (`PUBLIC KEY`, `RSA PUBLIC KEY`), each optionally named by a `kid: NAME`
 /// line before it (text outside the boundaries is allowed by RFC 7468).
-pub(crate) fn parse_pem(text: &str) -> Parsed {
+pub fn parse_pem(text: &str) -> Parsed {
     let mut keys = Vec::new();
     let mut kid = None;
     let mut block: Option<String> = None;
@@ -294,7 +294,7 @@ struct Jwk {
 }
 
 /// A JWKS document (RFC 7517): `{"keys":[...]}` of RSA, EC P-256 and OKP Ed25519 keys.
-pub(crate) fn parse_jwks(text: &str) -> Parsed {
+pub fn parse_jwks(text: &str) -> Parsed {
     let jwks: Jwks = serde_json::from_str(text).map_err(|err| (0, format!("not a JWKS: {err}")))?;
     jwks.keys
         .iter()
@@ -349,7 +349,7 @@ fn jwk_key(jwk: &Jwk) -> Result<PublicKey, String> {
 }
 
 impl KeyType {
-    pub(crate) fn algorithm_name(self) -> &'static str {
+    pub fn algorithm_name(self) -> &'static str {
         match self {
             KeyType::Rsa => "RS256",
             KeyType::P256 => "ES256",

@@ -32,11 +32,12 @@ use crate::transport::with_deadline;
 
 /// Why a client was not admitted.
 #[derive(Debug)]
-pub enum Refusal {
-    /// The token was refused (by `checkToken` or the signature check).
-    Token(String),
-    /// `checkToken` could not be asked.
-    MessageServer(String),
+pub(crate) enum Refusal {
+    /// The token was refused (by `checkToken` or the signature check; the reason is
+    /// logged where it is found, the client hears only that).
+    Token,
+    /// `checkToken` could not be asked (logged where it failed).
+    MessageServer,
     /// The conn_id is already connected here.
     Duplicate,
     /// The node is past a hard load threshold.
@@ -45,21 +46,21 @@ pub enum Refusal {
 
 impl Refusal {
     /// The reason as a metric label.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
-            Refusal::Token(_) => "token",
-            Refusal::MessageServer(_) => "message_server",
+            Refusal::Token => "token",
+            Refusal::MessageServer => "message_server",
             Refusal::Duplicate => "duplicate",
             Refusal::Saturated => "overloaded",
         }
     }
 
     /// Seconds a client should wait before trying again, for refusals that pass.
-    pub fn retry_after(&self) -> Option<u32> {
+    pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
-            Refusal::MessageServer(_) => Some(1),
+            Refusal::MessageServer => Some(1),
             Refusal::Saturated => Some(5),
-            Refusal::Token(_) | Refusal::Duplicate => None,
+            Refusal::Token | Refusal::Duplicate => None,
         }
     }
 }
@@ -71,10 +72,8 @@ impl Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::Token(_) => f.write_str("token refused"),
-            Refusal::MessageServer(_) => {
-                f.write_str("cannot verify the token now; try again later")
-            }
+            Refusal::Token => f.write_str("token refused"),
+            Refusal::MessageServer => f.write_str("cannot verify the token now; try again later"),
             Refusal::Duplicate => f.write_str("conn_id already connected"),
             Refusal::Saturated => f.write_str("node is overloaded; try another node"),
         }
@@ -371,7 +370,7 @@ impl Drop for Place<'_> {
 /// A client that passed every check and holds its conn_id: it becomes a session with
 /// [`Admitted::register`], or gives the conn_id (and its place under the connection
 /// bound) back when dropped.
-pub struct Admitted<'a> {
+pub(crate) struct Admitted<'a> {
     shard: &'a Shard,
     token: Option<ClientToken>,
     place: Option<Place<'a>>,
@@ -443,19 +442,12 @@ pub(crate) async fn claim_verified(
 
 impl Admitted<'_> {
     /// The admitted conn_id.
-    pub fn conn_id(&self) -> &str {
+    pub(crate) fn conn_id(&self) -> &str {
         self.token.as_ref().map_or("", |t| t.conn_id.as_str())
     }
 
-    /// Replaces the client's `info` (a RESP client may name itself after AUTH).
-    pub fn set_info(&mut self, info: String) {
-        if let Some(token) = &mut self.token {
-            token.info = info;
-        }
-    }
-
     /// Registers the session (it is online from here) and returns it.
-    pub fn register(
+    pub(crate) fn register(
         mut self,
         wire: Wire,
         message_head: Box<[u8]>,
@@ -565,7 +557,7 @@ async fn check_token(
             .map(|verified| verified.info)
             .map_err(|err| {
                 tracing::info!(shard = shard.id, conn_id = ?token.conn_id, reason = %err, "signed token refused");
-                Refusal::Token(err.to_string())
+                Refusal::Token
             });
     }
     let Some(client) = shard.callbacks.clone() else {
@@ -579,7 +571,7 @@ async fn check_token(
             limit = shard.config.callback_queue_size,
             "checkToken queue full: handshake refused with 503"
         );
-        return Err(Refusal::MessageServer("checkToken queue full".into()));
+        return Err(Refusal::MessageServer);
     }
     in_pool.fetch_add(1, Ordering::Relaxed);
     let job_slot = InPool(in_pool);
@@ -601,15 +593,15 @@ async fn check_token(
         Verdict::Checked(Ok(())) => Ok(None),
         Verdict::Checked(Err(CallbackError::Refused(why))) => {
             tracing::info!(shard = shard.id, conn_id = ?conn_id, answer = %why, "checkToken refused the token");
-            Err(Refusal::Token(why))
+            Err(Refusal::Token)
         }
         Verdict::Checked(Err(err)) => {
             tracing::info!(shard = shard.id, conn_id = ?conn_id, url = %log_url, error = %err, "checkToken failed: handshake refused with 503");
-            Err(Refusal::MessageServer(err.to_string()))
+            Err(Refusal::MessageServer)
         }
         Verdict::Skipped => {
             tracing::debug!(shard = shard.id, conn_id = ?conn_id, "client gone before its checkToken started: call skipped");
-            Err(Refusal::MessageServer("client gone".into()))
+            Err(Refusal::MessageServer)
         }
     }
 }

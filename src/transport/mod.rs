@@ -9,10 +9,10 @@
 //! session and its protocol's small decoder, reads going through the shard's scratch
 //! buffer.
 
-pub mod admission;
-pub mod sse;
-pub mod tcp;
-pub mod tls;
+pub(crate) mod admission;
+pub(crate) mod sse;
+pub(crate) mod tcp;
+pub(crate) mod tls;
 pub mod ws;
 
 use std::future::{Future, poll_fn};
@@ -41,7 +41,7 @@ const READS_PER_POLL: usize = 2;
 
 /// What a client listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
+pub(crate) enum EntryKind {
     /// WebSocket upgrades (`GET /ws?t=...`) and event streams (`GET /sse?t=...`): one
     /// request parser tells them apart by path.
     WebSocket,
@@ -51,19 +51,19 @@ pub enum EntryKind {
 
 /// A client listener's role: what it serves and whether TLS wraps it.
 #[derive(Clone)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The protocol family.
-    pub kind: EntryKind,
+    pub(crate) kind: EntryKind,
     /// TLS, when configured for this listener.
-    pub tls: Option<tls::Acceptor>,
+    pub(crate) tls: Option<tls::Acceptor>,
 }
 
 /// A client's byte stream: plain TCP or TLS over it.
-pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin {}
 impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for S {}
 
 /// What a transport does with bytes a registered client sends.
-pub trait Inbound {
+pub(crate) trait Inbound {
     /// Handles one read's worth of bytes; `Some(reason)` ends the session.
     fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason>;
 }
@@ -136,7 +136,7 @@ async fn serve_tls(
 }
 
 /// Runs a registered session until something ends it.
-pub async fn run_session<S: ClientStream>(
+pub(crate) async fn run_session<S: ClientStream>(
     shard: &Shard,
     stream: &mut S,
     session: &Session,
@@ -232,7 +232,7 @@ fn read_once<S: ClientStream>(
 /// The closing handshake: flush (when the reason allows), the protocol's farewell,
 /// half-close, then let the client read it all before the socket goes (closing with
 /// unread input would reset the connection and lose the farewell).
-pub async fn close<S: ClientStream>(
+pub(crate) async fn close<S: ClientStream>(
     shard: &Shard,
     stream: &mut S,
     session: &Session,
@@ -278,7 +278,11 @@ async fn read_to_eof<S: ClientStream>(stream: &mut S) {
 }
 
 /// Writes `bytes` and flushes, within `limit`; false if the client is gone or stuck.
-pub async fn write_reply<S: ClientStream>(stream: &mut S, bytes: &[u8], limit: Duration) -> bool {
+pub(crate) async fn write_reply<S: ClientStream>(
+    stream: &mut S,
+    bytes: &[u8],
+    limit: Duration,
+) -> bool {
     let written = with_deadline(
         async {
             stream.write_all(bytes).await?;
@@ -291,7 +295,10 @@ pub async fn write_reply<S: ClientStream>(stream: &mut S, bytes: &[u8], limit: D
 }
 
 /// Runs `future` for at most `limit`; `None` if it did not finish.
-pub async fn with_deadline<T>(future: impl Future<Output = T>, limit: Duration) -> Option<T> {
+pub(crate) async fn with_deadline<T>(
+    future: impl Future<Output = T>,
+    limit: Duration,
+) -> Option<T> {
     futures_lite::future::or(async { Some(future.await) }, async {
         Timer::new(limit).await;
         None

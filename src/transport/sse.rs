@@ -22,7 +22,7 @@ use crate::transport::{ClientStream, Inbound, tcp, write_reply};
 
 /// Why an event stream did not start.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// Admission refused the client (the caller answers with the HTTP status).
     Refused(Refusal),
     /// The client left before the stream's head was written.
@@ -31,7 +31,7 @@ pub enum Failure {
 
 /// Admits the client and starts its stream: the `200` head and the `retry:` field, then
 /// the registered session.
-pub async fn accept<S: ClientStream>(
+pub(crate) async fn accept<S: ClientStream>(
     shard: &Shard,
     stream: &mut S,
     request: EventStreamRequest,
@@ -73,7 +73,7 @@ fn response_head(origin: Option<&str>, retry_millis: u128) -> Vec<u8> {
 /// What an event-stream client sends after its request: nothing it may (the request had
 /// no body). Whatever arrives is read through the shard's scratch buffer and dropped, so
 /// it costs no memory; EOF ends the session as for any transport.
-pub struct Quiet;
+pub(crate) struct Quiet;
 
 impl Inbound for Quiet {
     fn on_bytes(&mut self, _: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {

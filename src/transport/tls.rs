@@ -16,11 +16,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Accepts TLS connections with the node's certificate.
-pub type Acceptor = TlsAcceptor;
+pub(crate) type Acceptor = TlsAcceptor;
 
 /// Why the certificate or key could not be used; names the config key at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("config key `{key}`: cannot read {path}: {reason}")]
     Unreadable {
         key: &'static str,
@@ -34,7 +34,7 @@ pub enum TlsError {
 }
 
 /// Builds the acceptor from PEM files (a full chain, and a PKCS#8, PKCS#1 or SEC1 key).
-pub fn acceptor(cert_pem: &Path, key_pem: &Path) -> Result<Acceptor, TlsError> {
+pub(crate) fn acceptor(cert_pem: &Path, key_pem: &Path) -> Result<Acceptor, TlsError> {
     let unreadable = |key, path: &Path, reason: String| TlsError::Unreadable {
         key,
         path: path.display().to_string(),

@@ -21,7 +21,7 @@ use crate::transport::{ClientStream, Inbound, close, run_session};
 const MAX_TOKEN_LINE: usize = 8 * 1024;
 
 /// Serves a JSON-lines client; `first` holds bytes already read from it.
-pub async fn serve<S: ClientStream>(
+pub(crate) async fn serve<S: ClientStream>(
     shard: &Rc<Shard>,
     mut stream: S,
     direct_fd: Option<RawFd>,

@@ -5,8 +5,8 @@
 //! Runs on a shard, one task per connection, and never blocks. The protocols themselves
 //! live in [`json`] and [`resp`]; this module only picks one and owns what they share.
 
-pub mod json;
-pub mod resp;
+pub(crate) mod json;
+pub(crate) mod resp;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -18,7 +18,11 @@ use crate::shard::{LiveConnection, Shard};
 use crate::transport::{ClientStream, with_deadline};
 
 /// Serves one raw TCP connection to its end.
-pub async fn serve<S: ClientStream>(live: LiveConnection, mut stream: S, direct_fd: Option<RawFd>) {
+pub(crate) async fn serve<S: ClientStream>(
+    live: LiveConnection,
+    mut stream: S,
+    direct_fd: Option<RawFd>,
+) {
     let shard = live.shard();
     let (protocol, first) = match shard.config.tcp_protocol {
         TcpProtocol::Json => (TcpProtocol::Json, Vec::new()),
@@ -54,7 +58,7 @@ async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<V
 /// Turns on TCP keepalive: probes after `idle` of silence, then every `idle / 3`, the
 /// connection dropped after three unanswered. RESP clients cannot be pinged by the
 /// server, so this is how a dead one is found (JSON-lines clients have both).
-pub fn enable_keepalive(fd: RawFd, idle: Duration) {
+pub(crate) fn enable_keepalive(fd: RawFd, idle: Duration) {
     crate::sys::set_keepalive(fd, idle, (idle / 3).max(Duration::from_secs(1)), 3);
 }
 

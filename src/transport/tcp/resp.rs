@@ -36,7 +36,7 @@ use crate::transport::{ClientStream, Inbound, close, run_session, write_reply};
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Serves a RESP client; `first` holds bytes already read from it.
-pub async fn serve<S: ClientStream>(
+pub(crate) async fn serve<S: ClientStream>(
     shard: &Rc<Shard>,
     mut stream: S,
     direct_fd: Option<RawFd>,
@@ -304,9 +304,9 @@ fn wrong_arity(name: &str) -> Vec<u8> {
 
 fn refusal_text(refusal: &Refusal) -> String {
     match refusal {
-        Refusal::Token(_) => format!("WRONGPASS {refusal}"),
+        Refusal::Token => format!("WRONGPASS {refusal}"),
         Refusal::Duplicate => format!("ERR {refusal}"),
-        Refusal::MessageServer(_) | Refusal::Saturated => {
+        Refusal::MessageServer | Refusal::Saturated => {
             let retry = refusal.retry_after().unwrap_or(1);
             format!("TRYAGAIN {refusal} (retry after {retry} s)")
         }

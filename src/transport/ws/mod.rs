@@ -29,7 +29,7 @@ use handshake::{HandshakeError, Request};
 /// per client. (A plain `fn` returning an `async move` block: an `async fn` would keep a
 /// second copy of its arguments, the stream included, in every state.)
 #[allow(clippy::manual_async_fn)]
-pub fn serve<S: ClientStream>(
+pub(crate) fn serve<S: ClientStream>(
     live: LiveConnection,
     mut stream: S,
     direct_fd: Option<RawFd>,
@@ -91,9 +91,9 @@ async fn handshake<S: ClientStream>(
 
 fn refusal_status(refusal: &Refusal) -> &'static str {
     match refusal {
-        Refusal::Token(_) => "401 Unauthorized",
+        Refusal::Token => "401 Unauthorized",
         Refusal::Duplicate => "400 Bad Request",
-        Refusal::MessageServer(_) | Refusal::Saturated => "503 Service Unavailable",
+        Refusal::MessageServer | Refusal::Saturated => "503 Service Unavailable",
     }
 }
 
