@@ -114,4 +114,13 @@ if $apply; then
         echo "some keys of 99-comet.conf do not exist on this kernel (see sysctl --system); the rest were applied" >&2
     fi
     echo "applied /etc/sysctl.d/99-comet.conf (tcp_mem = $tcp_mem_want)"
+    # The conntrack table's hash size is a module parameter, not a sysctl: without it
+    # raised with nf_conntrack_max, each bucket's chain grows to max/hashsize entries.
+    hashsize=/sys/module/nf_conntrack/parameters/hashsize
+    if [[ -w $hashsize && -r /proc/sys/net/netfilter/nf_conntrack_max ]]; then
+        buckets=$(($(cat /proc/sys/net/netfilter/nf_conntrack_max) / 4))
+        if (($(cat "$hashsize") < buckets)); then
+            echo "$buckets" >"$hashsize" && echo "raised nf_conntrack hashsize to $buckets (nf_conntrack_max / 4)"
+        fi
+    fi
 fi
