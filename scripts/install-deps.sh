@@ -27,6 +27,10 @@ command -v npm >/dev/null 2>&1 || need+=(npm)                    # tests: ioredi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)          # tests: the browser example
 command -v php >/dev/null 2>&1 || need+=(php-cli)                # tests: the PHP token signer
 command -v openssl >/dev/null 2>&1 || need+=(openssl)            # tests: public-key tokens (tests/tokens.rs)
+command -v curl >/dev/null 2>&1 || need+=(curl)                  # tests: curl -N on the event stream (tests/sse.rs)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)                # tests: network namespaces (tests/partition.rs)
+[[ -x /bin/kill || -x /usr/bin/kill ]] || need+=(procps)         # tests: signals to the node
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)    # tests: the unit's security rating
 fi
 
 if ((${#need[@]})); then
