@@ -64,6 +64,25 @@ pub struct Request {
     pub(crate) since: Option<Since>,
 }
 
+impl Since {
+    /// An event stream's `Last-Event-ID` (`<epoch>:<seq>`, the `id:` of the last event
+    /// the client got); `None` if it is not one of ours.
+    pub(crate) fn from_last_event_id(value: &[u8]) -> Option<Since> {
+        let text = std::str::from_utf8(value).ok()?.trim();
+        let (epoch, seq) = text.rsplit_once(':')?;
+        if epoch.is_empty()
+            || epoch.len() > MAX_EPOCH
+            || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return None;
+        }
+        Some(Since {
+            epoch: epoch.to_owned(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
 /// Longest epoch a client may name in `since` (ours are 16 characters).
 const MAX_EPOCH: usize = 64;
 
@@ -534,6 +553,33 @@ impl RecoveryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_last_event_id_is_an_epoch_and_a_seq() {
+        assert_eq!(
+            Since::from_last_event_id(b"0123abcdEF:42"),
+            Some(Since {
+                epoch: "0123abcdEF".into(),
+                seq: 42
+            })
+        );
+        assert_eq!(Since::from_last_event_id(b" e:7 ").map(|s| s.seq), Some(7));
+        for bad in [
+            &b""[..],
+            b"e",
+            b":5",
+            b"e:",
+            b"e:-1",
+            b"e:1.5",
+            b"e:99999999999999999999999",
+            b"a b:1",
+            b"\xff:1",
+        ] {
+            assert_eq!(Since::from_last_event_id(bad), None, "{bad:?}");
+        }
+        let long = format!("{}:1", "e".repeat(MAX_EPOCH + 1));
+        assert_eq!(Since::from_last_event_id(long.as_bytes()), None);
+    }
 
     const EPOCH: &str = "e1";
 

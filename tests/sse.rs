@@ -23,10 +23,19 @@ struct Curl {
 
 impl Curl {
     fn open(comet: &Comet, conn_id: &str, origin: &str) -> Curl {
-        let t = url_encode(&json!({"conn_id": conn_id, "token": "t"}).to_string());
-        let mut child = Command::new("curl")
-            .args(["-N", "-s", "-i", "--max-time", "60", "-H"])
-            .arg(format!("Origin: {origin}"))
+        let token = json!({"conn_id": conn_id, "token": "t"});
+        Curl::open_with(comet, &token, &[&format!("Origin: {origin}")])
+    }
+
+    /// The stream of the token object `token`, with extra request headers.
+    fn open_with(comet: &Comet, token: &serde_json::Value, headers: &[&str]) -> Curl {
+        let t = url_encode(&token.to_string());
+        let mut command = Command::new("curl");
+        command.args(["-N", "-s", "-i", "--max-time", "60"]);
+        for header in headers {
+            command.arg("-H").arg(header);
+        }
+        let mut child = command
             .arg(format!("http://127.0.0.1:{}/sse?t={t}", comet.ws_port))
             .stdout(Stdio::piped())
             .spawn()
@@ -263,4 +272,58 @@ fn the_event_source_page_shows_pushes_in_headless_chromium() {
     // The page closed its EventSource on 1000: no reconnection.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(server.count("online", "browser-sse"), 1);
+}
+
+/// A recovering event stream (recovery, docs/PROTOCOL.md): each event's `id:` is
+/// `<epoch>:<seq>`, and a reconnect that sends the last one back as `Last-Event-ID`, as
+/// EventSource does by itself, gets `recovered:true` and then what it missed, in order.
+#[test]
+fn last_event_id_recovers_what_an_event_stream_missed() {
+    let comet = Comet::start(None, "recovery_window=64");
+    let token = json!({"conn_id": "r", "token": "t", "recover": true});
+    let mut rpc = comet.rpc();
+    let mut first = Curl::open_with(&comet, &token, &[]);
+    assert!(first.block()[0].contains("200"), "the head");
+    assert!(first.block()[0].starts_with("retry:"));
+    for msg in ["m1", "m2"] {
+        assert_eq!(rpc.push(&["r"], msg, "")["result"], json!("ok"));
+    }
+    let one = next_event(&mut first);
+    let id = one[0]
+        .trim_end()
+        .strip_prefix("id: ")
+        .expect("an id line")
+        .to_owned();
+    let (epoch, seq) = id.rsplit_once(':').unwrap();
+    assert_eq!((seq, one[1].trim_end()), ("1", "data: m1"), "{one:?}");
+    let two = next_event(&mut first);
+    assert_eq!(two[0].trim_end(), format!("id: {epoch}:2"));
+    assert_eq!(two[1].trim_end(), "data: m2");
+    drop(first);
+    // Until the node has seen the stream end, a push still goes to it (and is kept in
+    // its ring all the same); then pushes are only buffered.
+    let mut pushed = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        pushed += 1;
+        rpc.push(&["r"], &format!("m{}", pushed + 2), "")["result"]["buffered"] == json!(["r"])
+    }));
+    let mut again = Curl::open_with(&comet, &token, &[&format!("Last-Event-ID: {epoch}:2")]);
+    assert!(again.block()[0].contains("200"));
+    assert!(again.block()[0].starts_with("retry:"));
+    let first_frame = next_event(&mut again);
+    assert!(
+        first_frame
+            .iter()
+            .any(|l| l.contains(r#""recovered":true"#)),
+        "{first_frame:?}"
+    );
+    for n in 0..pushed {
+        let event = next_event(&mut again);
+        assert_eq!(
+            event[0].trim_end(),
+            format!("id: {epoch}:{}", n + 3),
+            "{event:?}"
+        );
+        assert_eq!(event[1].trim_end(), format!("data: m{}", n + 3));
+    }
 }

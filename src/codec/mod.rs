@@ -76,6 +76,14 @@ impl Message {
         message
     }
 
+    /// A message whose event-stream bytes are `event` (a recovering client's numbered
+    /// event, made for it alone), the other formats encoded from `payload` as usual.
+    pub(crate) fn with_sse_event(payload: &[u8], event: Box<[u8]>) -> Arc<Message> {
+        let message = Message::new(payload);
+        let _ = message.sse_event.set(event);
+        message
+    }
+
     /// The message as the application sees it.
     pub(crate) fn payload(&self) -> &[u8] {
         &self.payload

@@ -18,6 +18,14 @@ pub(crate) fn event(payload: &[u8]) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// One event of a recovering client: `id: <epoch>:<seq>` first, so that EventSource
+/// sends it back as `Last-Event-ID` when it reconnects, then the payload as [`event`].
+pub(crate) fn event_with_id(epoch: &str, seq: u64, payload: &[u8]) -> Box<[u8]> {
+    let mut out = format!("id: {epoch}:{seq}\n").into_bytes();
+    out.extend_from_slice(&event(payload));
+    out.into_boxed_slice()
+}
+
 /// The event that ends a stream: named `close`, the reason's code as its data.
 pub(crate) fn close_event(code: u16) -> Box<[u8]> {
     format!("event: close\ndata: {code}\n\n")
@@ -61,6 +69,14 @@ fn lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_numbered_event_leads_with_its_id() {
+        assert_eq!(
+            &*event_with_id("ep", 3, b"a\nb"),
+            b"id: ep:3\ndata: a\ndata: b\n\n"
+        );
+    }
 
     #[test]
     fn each_line_is_a_data_line() {

@@ -465,9 +465,13 @@ fn numbered(epoch: &str, wire: Wire, seq: u64, message: &Message) -> Arc<Message
                 .into_bytes()
                 .into(),
         ),
-        // On an event stream the numbered JSON text is the event's data (its `id:` field
-        // and `Last-Event-ID` are not used yet).
-        Wire::WebSocket | Wire::WebSocketDeflate(_) | Wire::Resp | Wire::Sse => {
+        // On an event stream the numbering is the event's `id:` and the data is the
+        // message itself: EventSource hands the id back as `Last-Event-ID`.
+        Wire::Sse => Message::with_sse_event(
+            message.payload(),
+            crate::codec::sse::event_with_id(epoch, seq, message.payload()),
+        ),
+        Wire::WebSocket | Wire::WebSocketDeflate(_) | Wire::Resp => {
             Message::new(recovery::message_text(epoch, seq, message.payload()).as_bytes())
         }
     }

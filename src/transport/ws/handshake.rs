@@ -196,7 +196,15 @@ pub fn parse_request(
     let (request_path, query) = target.split_once('?').unwrap_or((target, ""));
     if request_path == policy.sse_path {
         let origin = check_stream_headers(request.headers, policy)?;
-        let token = parse_token(query)?;
+        let mut token = parse_token(query)?;
+        // EventSource reconnects by itself with the last event's id: for a recovering
+        // client that is where it stopped, unless its token object says otherwise.
+        if token.recovery.recover
+            && token.recovery.since.is_none()
+            && let Some(last) = single(request.headers, "Last-Event-ID")?
+        {
+            token.recovery.since = crate::recovery::Since::from_last_event_id(last);
+        }
         return Ok(Some(Request::EventStream(EventStreamRequest {
             token,
             origin,
