@@ -402,10 +402,29 @@ impl Session {
     }
 
     /// Drops whatever is queued (a slow consumer's backlog is not worth sending).
-    pub(crate) fn discard_queue(&self) {
-        *self.queue.borrow_mut() = VecDeque::new();
-        self.queued_messages.set(0);
-        self.queued_bytes.set(0);
+    /// Drops what is queued, except an item already partly on the wire: its remaining
+    /// bytes must go before anything else, or the client reads the farewell spliced into
+    /// the middle of a message (an event stream then handed its application a truncated
+    /// message as if whole, and never saw the `close` event). Returns whether such an
+    /// item is left.
+    pub(crate) fn discard_queue(&self) -> bool {
+        let mut queue = self.queue.borrow_mut();
+        let started = queue
+            .front()
+            .filter(|front| front.written > 0)
+            .map(|front| {
+                let unwritten = self.framing().len(front) - front.written;
+                let is_message = matches!(front.item, Outbound::Message(_));
+                (unwritten, is_message)
+            });
+        queue.truncate(usize::from(started.is_some()));
+        let (bytes, messages) = match started {
+            Some((unwritten, is_message)) => (unwritten, u32::from(is_message)),
+            None => (0, 0),
+        };
+        self.queued_bytes.set(bytes);
+        self.queued_messages.set(messages);
+        started.is_some()
     }
 
     /// Whether the queue holds the whole byte budget: the client is not read from until
@@ -744,6 +763,39 @@ mod tests {
         assert_eq!(framing.unwritten(&outgoing), [&b"AD"[..], b"$2\r\nhi\r\n"]);
         outgoing.written = 7;
         assert_eq!(framing.unwritten(&outgoing), [&b"\nhi\r\n"[..], b""]);
+    }
+
+    #[test]
+    fn discarding_keeps_a_message_already_partly_written() {
+        let session = Session::new(SessionSpec {
+            conn_id: "d".into(),
+            info: String::new(),
+            wire: Wire::WebSocket,
+            message_head: Box::default(),
+            direct_fd: None,
+            queue_limit: 8,
+            queue_bytes: 1 << 20,
+            recover: false,
+        });
+        for text in ["first", "second", "third"] {
+            session.deliver(&Message::new(text.as_bytes()));
+        }
+        assert!(!session.discard_queue(), "nothing started: all dropped");
+        assert_eq!(
+            (session.backlog_messages(), session.backlog_bytes()),
+            (0, 0)
+        );
+        for text in ["first", "second"] {
+            session.deliver(&Message::new(text.as_bytes()));
+        }
+        session.with_backlog(false, |backlog| backlog.advance(3));
+        assert!(session.discard_queue(), "the started one stays");
+        // "first" framed is 2 + 5 bytes, 3 of them written.
+        assert_eq!(
+            (session.backlog_messages(), session.backlog_bytes()),
+            (1, 4)
+        );
+        assert_eq!(session.take_unwritten(), b"irst");
     }
 
     #[test]

@@ -243,17 +243,22 @@ pub(crate) async fn close<S: ClientStream>(
         CloseReason::ClientGone => {}
         CloseReason::SlowConsumer | CloseReason::HeartbeatTimeout => {
             // The client is not reading: nothing queued will get through; try the
-            // farewell once without waiting.
-            session.discard_queue();
+            // farewell once without waiting, unless a message is partly on the wire (the
+            // farewell cannot go in the middle of it, and waiting for a client that does
+            // not read is what this close ends).
+            let mid_message = session.discard_queue();
             // Only a plain socket can be tried without waiting.
-            if let (Some(fd), Some(farewell)) =
-                (session.direct_fd(), reason.farewell(session.wire()))
-            {
+            if let (false, Some(fd), Some(farewell)) = (
+                mid_message,
+                session.direct_fd(),
+                reason.farewell(session.wire()),
+            ) {
                 let _ = crate::sys::send_now(fd, &farewell);
             }
         }
         _ => {
             if !reason.flushes_queue() {
+                // A message partly written is kept, so the farewell follows it whole.
                 session.discard_queue();
             }
             if let Some(farewell) = reason.farewell(session.wire()) {
