@@ -5,54 +5,27 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// What the pure layers (config, codec, token) must never name: they know nothing of
+/// sessions, threads or transports.
+const PURE_LAYER_MUST_NOT_NAME: &[&str] = &[
+    "session",
+    "link",
+    "shard",
+    "transport",
+    "control",
+    "rpc",
+    "app",
+    "presence",
+    "callback",
+    "handover",
+];
+
 /// Each layer and the modules it must never name. Dependencies point one way:
 /// config/codec/token -> session -> link -> shard/transport -> control/rpc -> app.
 const RULES: &[(&str, &[&str])] = &[
-    (
-        "config",
-        &[
-            "session",
-            "link",
-            "shard",
-            "transport",
-            "control",
-            "rpc",
-            "app",
-            "presence",
-            "callback",
-            "handover",
-        ],
-    ),
-    (
-        "codec",
-        &[
-            "session",
-            "link",
-            "shard",
-            "transport",
-            "control",
-            "rpc",
-            "app",
-            "presence",
-            "callback",
-            "handover",
-        ],
-    ),
-    (
-        "token",
-        &[
-            "session",
-            "link",
-            "shard",
-            "transport",
-            "control",
-            "rpc",
-            "app",
-            "presence",
-            "callback",
-            "handover",
-        ],
-    ),
+    ("config", PURE_LAYER_MUST_NOT_NAME),
+    ("codec", PURE_LAYER_MUST_NOT_NAME),
+    ("token", PURE_LAYER_MUST_NOT_NAME),
     (
         "session",
         &[
