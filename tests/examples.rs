@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::browser::{Browser, evaluate, poll_page};
+use common::browser::open_connected;
 use common::clients::{Reader, plain};
 use common::{Comet, MessageServer, free_port, wait_until};
 use serde_json::json;
@@ -180,31 +180,12 @@ fn browser_page_shows_pushed_messages_in_headless_chromium() {
         page.display(),
         node.ws_port
     );
-    let browser = Browser::open(&url);
-    assert!(
-        wait_until(Duration::from_secs(20), || server
-            .count("online", "browser-1")
-            == 1),
-        "the page did not connect"
-    );
-    let mut devtools = browser.attach();
-    let mut id = 0;
-    // The node reports `online` as soon as it has answered the upgrade; the page's
-    // `onopen` runs a moment later.
-    let mut read = |expression: &str| evaluate(&mut devtools, &mut id, expression);
-    assert!(
-        poll_page(|| read("document.getElementById('status').textContent") == "connected"),
-        "the page never showed `connected`"
-    );
+    let (browser, mut page) = open_connected(&url, &server, "browser-1");
     let reply = node.rpc().push(&["browser-1"], "hello, browser", "");
     assert_eq!(reply["result"], json!("ok"), "{reply}");
-    let mut shown = String::new();
-    poll_page(|| {
-        shown = read("document.getElementById('messages').textContent");
-        shown.contains("hello, browser")
-    });
+    let shown = page.text_containing("messages", "hello, browser");
     assert_eq!(shown, "hello, browser");
-    drop((devtools, browser));
+    drop((page, browser));
     assert!(wait_until(Duration::from_secs(10), || server
         .count("offline", "browser-1")
         == 1));

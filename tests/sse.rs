@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use common::browser::{Browser, evaluate, poll_page};
+use common::browser::{open_connected, poll_page};
 use common::{Comet, MessageServer, url_encode, wait_until};
 use serde_json::json;
 
@@ -236,34 +236,17 @@ fn the_event_source_page_shows_pushes_in_headless_chromium() {
         page.display(),
         node.ws_port
     );
-    let browser = Browser::open(&url);
-    assert!(
-        wait_until(Duration::from_secs(20), || server
-            .count("online", "browser-sse")
-            == 1),
-        "the page did not connect"
-    );
-    let mut devtools = browser.attach();
-    let mut id = 0;
-    let mut read = |expression: &str| evaluate(&mut devtools, &mut id, expression);
-    assert!(
-        poll_page(|| read("document.getElementById('status').textContent") == "connected"),
-        "the page never showed `connected`"
-    );
+    let (_browser, mut page) = open_connected(&url, &server, "browser-sse");
     let reply = node.rpc().push(&["browser-sse"], "hello,\nEventSource", "");
     assert_eq!(reply["result"], json!("ok"), "{reply}");
-    let mut shown = String::new();
-    poll_page(|| {
-        shown = read("document.getElementById('messages').textContent");
-        shown.contains("EventSource")
-    });
+    let shown = page.text_containing("messages", "EventSource");
     assert_eq!(shown, "hello,\nEventSource");
     node.rpc().call(
         "Server.KickConnections",
         json!({"connections": ["browser-sse"]}),
     );
     assert!(
-        poll_page(|| read("document.getElementById('status').textContent") == "closed 1000"),
+        poll_page(|| page.read("document.getElementById('status').textContent") == "closed 1000"),
         "the page did not see the close event"
     );
     assert!(wait_until(Duration::from_secs(10), || server

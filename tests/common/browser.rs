@@ -142,3 +142,48 @@ pub fn poll_page(mut check: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A page the test reads through its DevTools connection.
+pub struct Page {
+    devtools: super::Client,
+    id: u64,
+}
+
+impl Page {
+    /// The string value of a JavaScript expression in the page.
+    pub fn read(&mut self, expression: &str) -> String {
+        evaluate(&mut self.devtools, &mut self.id, expression)
+    }
+
+    /// The text of the element `element_id` once it contains `part` (or after 10 s).
+    pub fn text_containing(&mut self, element_id: &str, part: &str) -> String {
+        let expression = format!("document.getElementById('{element_id}').textContent");
+        let mut shown = String::new();
+        poll_page(|| {
+            shown = self.read(&expression);
+            shown.contains(part)
+        });
+        shown
+    }
+}
+
+/// Opens `url` in headless Chromium and waits until `server` has seen `conn_id` online
+/// and the page shows `connected` (the node reports `online` as soon as it has answered
+/// the client; the page's `onopen` runs a moment later).
+pub fn open_connected(url: &str, server: &super::MessageServer, conn_id: &str) -> (Browser, Page) {
+    let browser = Browser::open(url);
+    assert!(
+        wait_until(Duration::from_secs(20), || server.count("online", conn_id)
+            == 1),
+        "the page did not connect"
+    );
+    let mut page = Page {
+        devtools: browser.attach(),
+        id: 0,
+    };
+    assert!(
+        poll_page(|| page.read("document.getElementById('status').textContent") == "connected"),
+        "the page never showed `connected`"
+    );
+    (browser, page)
+}
