@@ -31,6 +31,13 @@ use crate::codec::Message;
 /// 30,460 KiB, 311 bytes per message, so 211 besides the payload.
 pub(crate) const ENTRY_OVERHEAD: usize = 224;
 
+/// Bytes counted for each ring besides its conn_id, kept or parked, with or without
+/// messages: its slot in the shard's map (key and [`Ring`], with the map's spare
+/// capacity), the conn_id's own allocation and its expiry slot. Without it a stranger
+/// could park rings without limit: one connect and close with `"recover": true` per
+/// conn_id, no push needed, and none of it was counted against `recovery_total_bytes`.
+pub(crate) const RING_OVERHEAD: usize = 256;
+
 /// The bounds of one shard's buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
@@ -40,7 +47,9 @@ pub(crate) struct Limits {
     pub(crate) ttl: Duration,
     /// Bytes kept per conn_id (payloads plus [`ENTRY_OVERHEAD`] each).
     pub(crate) bytes: usize,
-    /// Bytes kept on this shard, all conn_ids together.
+    /// Bytes kept on this shard, all conn_ids together: messages, and
+    /// [`RING_OVERHEAD`] per ring. Past it the oldest message goes first; with no message
+    /// left, the oldest parked ring.
     pub(crate) total_bytes: usize,
 }
 
@@ -205,6 +214,10 @@ fn cost(message: &Message) -> usize {
     message.payload().len() + ENTRY_OVERHEAD
 }
 
+fn ring_cost(conn_id: &str) -> usize {
+    RING_OVERHEAD + conn_id.len()
+}
+
 /// One conn_id's buffer. Holds no `Rc`, so it can move to another shard as a [`Parcel`].
 #[derive(Debug)]
 struct Ring {
@@ -255,6 +268,9 @@ pub(crate) struct RecoveryStore {
     expiries: VecDeque<(Rc<str>, Instant)>,
     kept: usize,
     bytes: usize,
+    /// Parked rings dropped by the total bound since the last [`RecoveryStore::sweep`],
+    /// which reports them with the expired ones.
+    evicted: Vec<Rc<str>>,
 }
 
 /// What a shard's buffers hold.
@@ -275,6 +291,7 @@ impl RecoveryStore {
             expiries: VecDeque::new(),
             kept: 0,
             bytes: 0,
+            evicted: Vec::new(),
         }
     }
 
@@ -288,11 +305,12 @@ impl RecoveryStore {
         epoch: &str,
     ) -> Option<Resume> {
         let existed = self.rings.contains_key(conn_id);
-        let ring = self.rings.entry(Rc::clone(conn_id)).or_default();
+        let ring = self.ring_for(conn_id);
         ring.parked_until = None;
         let orphan = std::mem::take(&mut ring.orphan);
         let Some(since) = since else {
             self.clear(conn_id);
+            self.enforce_total();
             return None;
         };
         let last = ring.next_seq - 1;
@@ -331,6 +349,7 @@ impl RecoveryStore {
         if matches!(lost, Some((Lost::Epoch | Lost::UnknownSeq, _))) {
             self.clear(conn_id);
         }
+        self.enforce_total();
         Some(Resume {
             lost,
             seq: last,
@@ -340,7 +359,7 @@ impl RecoveryStore {
 
     /// Numbers `message` for `conn_id` (a live recovering client) and keeps it.
     pub(crate) fn record(&mut self, conn_id: &Rc<str>, message: &Arc<Message>) -> u64 {
-        let ring = self.rings.entry(Rc::clone(conn_id)).or_default();
+        let ring = self.ring_for(conn_id);
         let seq = ring.next_seq;
         ring.next_seq += 1;
         self.keep(conn_id, seq, message);
@@ -392,12 +411,15 @@ impl RecoveryStore {
     /// Drops `conn_id`'s ring (kicked clients get no recovery); false if it had none.
     pub(crate) fn forget(&mut self, conn_id: &str) -> bool {
         self.clear(conn_id);
-        self.rings.remove(conn_id).is_some()
+        self.remove_ring(conn_id).is_some()
     }
 
-    /// Drops parked rings whose TTL passed; returns their conn_ids.
+    /// Drops parked rings whose TTL passed; returns their conn_ids, and those of the
+    /// parked rings the total bound dropped since the last sweep.
     pub(crate) fn sweep(&mut self, now: Instant) -> Vec<Rc<str>> {
-        let mut expired = Vec::new();
+        let mut expired = std::mem::take(&mut self.evicted);
+        // One that came back since has a ring again, and its route is live.
+        expired.retain(|id| !self.rings.contains_key(id));
         while let Some((_, until)) = self.expiries.front()
             && *until <= now
         {
@@ -418,19 +440,16 @@ impl RecoveryStore {
     /// Takes a parked ring out to hand it to another shard.
     pub(crate) fn take(&mut self, conn_id: &str) -> Option<Parcel> {
         self.clear_bytes_of(conn_id);
-        self.rings.remove(conn_id).map(Parcel)
+        self.remove_ring(conn_id).map(Parcel)
     }
 
     /// A ring for `conn_id` arrives from another shard: until it does, pushes are kept in
     /// a parked ring here (parked from `now`), numbered again once it is in.
     pub(crate) fn expect(&mut self, conn_id: &Rc<str>, now: Instant) {
         self.forget(conn_id);
-        let ring = Ring {
-            orphan: true,
-            ..Ring::default()
-        };
-        self.rings.insert(Rc::clone(conn_id), ring);
+        self.ring_for(conn_id).orphan = true;
         self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
+        self.enforce_total();
     }
 
     /// Puts a ring from another shard here, parked from `now`, followed by whatever was
@@ -449,8 +468,9 @@ impl RecoveryStore {
         self.forget(conn_id);
         let entries = std::mem::take(&mut ring.entries);
         ring.bytes = 0;
-        self.rings.insert(Rc::clone(conn_id), ring);
+        *self.ring_for(conn_id) = ring;
         self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
+        self.enforce_total();
         for (seq, message) in entries {
             self.keep(conn_id, seq, &message);
         }
@@ -495,14 +515,38 @@ impl RecoveryStore {
         self.bytes += size;
         self.kept += 1;
         self.order.push_back((Rc::clone(conn_id), seq));
-        while self.bytes > self.limits.total_bytes {
-            self.evict_oldest();
-        }
+        self.enforce_total();
         self.compact();
     }
 
-    /// Drops the shard's oldest kept entry.
-    fn evict_oldest(&mut self) {
+    /// `conn_id`'s ring, made (and counted) if it has none.
+    fn ring_for(&mut self, conn_id: &Rc<str>) -> &mut Ring {
+        if !self.rings.contains_key(conn_id) {
+            self.bytes += ring_cost(conn_id);
+        }
+        self.rings.entry(Rc::clone(conn_id)).or_default()
+    }
+
+    /// Removes `conn_id`'s ring and what it counted for itself (its messages' bytes are
+    /// the caller's to clear first).
+    fn remove_ring(&mut self, conn_id: &str) -> Option<Ring> {
+        let ring = self.rings.remove(conn_id)?;
+        self.bytes -= ring_cost(conn_id);
+        Some(ring)
+    }
+
+    /// Drops the oldest messages, then the oldest parked rings, until the shard is within
+    /// its total. Rings of connected clients stay: their count is bounded by the sessions.
+    fn enforce_total(&mut self) {
+        while self.bytes > self.limits.total_bytes {
+            if !self.evict_oldest_message() && !self.evict_oldest_parked() {
+                return;
+            }
+        }
+    }
+
+    /// Drops the shard's oldest kept message; false if none is kept.
+    fn evict_oldest_message(&mut self) -> bool {
         while let Some((id, seq)) = self.order.pop_front() {
             let Some(ring) = self.rings.get_mut(&id) else {
                 continue;
@@ -510,11 +554,32 @@ impl RecoveryStore {
             if ring.entries.front().is_some_and(|(s, _)| *s == seq) {
                 let (_, old) = ring.entries.pop_front().expect("front checked");
                 ring.bytes -= cost(&old);
+                if ring.entries.is_empty() {
+                    // An empty ring gives its slots back: only RING_OVERHEAD is counted.
+                    ring.entries = VecDeque::new();
+                }
                 self.bytes -= cost(&old);
                 self.kept -= 1;
-                return;
+                return true;
             }
         }
+        false
+    }
+
+    /// Drops the parked ring due to expire first; false if none is parked.
+    fn evict_oldest_parked(&mut self) -> bool {
+        while let Some((id, until)) = self.expiries.pop_front() {
+            let current = self
+                .rings
+                .get(&id)
+                .is_some_and(|r| r.parked_until == Some(until));
+            if current {
+                self.forget(&id);
+                self.evicted.push(id);
+                return true;
+            }
+        }
+        false
     }
 
     /// Keeps the age order within twice the entries kept (plus slack), so that entries a
@@ -537,7 +602,7 @@ impl RecoveryStore {
     fn clear(&mut self, conn_id: &str) {
         self.clear_bytes_of(conn_id);
         if let Some(ring) = self.rings.get_mut(conn_id) {
-            ring.entries.clear();
+            ring.entries = VecDeque::new();
             ring.bytes = 0;
         }
     }
@@ -770,7 +835,7 @@ mod tests {
             store.record(&id, &msg(&format!("{i:010}")));
         }
         assert_eq!(store.figures().messages, 3);
-        assert_eq!(store.figures().bytes, 3 * one);
+        assert_eq!(store.figures().bytes, 3 * one + ring_cost("a"));
         let resume = store.attach(&id, Some(&since(0)), EPOCH).unwrap();
         assert_eq!(resume.lost, Some((Lost::WindowExceeded, Some((1, 2)))));
         // A message larger than the bound is numbered but never kept.
@@ -781,7 +846,8 @@ mod tests {
     #[test]
     fn the_shard_total_drops_the_oldest_across_conn_ids() {
         let one = 1 + ENTRY_OVERHEAD;
-        let mut store = RecoveryStore::new(limits(100, 1 << 20, 4 * one));
+        let rings = 2 * ring_cost("a");
+        let mut store = RecoveryStore::new(limits(100, 1 << 20, 4 * one + rings));
         let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
         store.attach(&a, None, EPOCH);
         store.attach(&b, None, EPOCH);
@@ -790,10 +856,57 @@ mod tests {
         store.record(&b, &msg("3"));
         store.record(&b, &msg("4"));
         store.record(&b, &msg("5"));
-        assert_eq!(store.figures().bytes, 4 * one);
+        assert_eq!(store.figures().bytes, 4 * one + rings);
         let resume = store.attach(&a, Some(&since(0)), EPOCH).unwrap();
         assert_eq!(resume.lost, Some((Lost::WindowExceeded, Some((1, 1)))));
         assert_eq!(payloads(&resume), [(2, "2".into())]);
+    }
+
+    #[test]
+    fn empty_parked_rings_count_against_the_total_and_the_oldest_go() {
+        // Room for ten rings of two-character conn_ids and nothing else.
+        let mut store = RecoveryStore::new(limits(100, 1 << 20, 10 * ring_cost("c00")));
+        let now = Instant::now();
+        let ids: Vec<Rc<str>> = (0..30).map(|i| format!("c{i:02}").into()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            store.attach(id, None, EPOCH);
+            store.park(id, now + Duration::from_millis(i as u64));
+        }
+        let figures = store.figures();
+        assert_eq!((figures.rings, figures.parked), (10, 10));
+        assert_eq!(figures.bytes, 10 * ring_cost("c00"));
+        // The first parked go first, and the next sweep reports them.
+        assert!(!store.is_parked("c00", now));
+        assert!(store.is_parked(&ids[29], now));
+        let evicted = store.sweep(now);
+        assert_eq!(evicted, ids[..20].to_vec());
+        assert!(store.sweep(now).is_empty());
+    }
+
+    #[test]
+    fn messages_go_before_parked_rings_and_live_rings_stay() {
+        let one = 1 + ENTRY_OVERHEAD;
+        let mut store = RecoveryStore::new(limits(100, 1 << 20, 2 * ring_cost("a") + one - 1));
+        let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
+        let now = Instant::now();
+        store.attach(&a, None, EPOCH);
+        store.park("a", now);
+        assert!(store.buffer_if_parked("a", &msg("1"), now));
+        // A live client's ring is made; a's message goes to make room, not a's ring.
+        store.attach(&b, None, EPOCH);
+        assert!(store.is_parked("a", now));
+        assert_eq!(store.figures().messages, 0);
+        // Live rings alone over the total: the parked one goes, the live ones stay.
+        let c: Rc<str> = "c".into();
+        store.attach(&c, None, EPOCH);
+        assert!(!store.is_parked("a", now));
+        assert_eq!(store.figures().rings, 2);
+        assert_eq!(store.sweep(now), vec![a.clone()]);
+        // A conn_id evicted and back before the sweep is not reported.
+        store.park("b", now);
+        store.attach(&"d".into(), None, EPOCH);
+        store.attach(&b, None, EPOCH);
+        assert!(store.sweep(now).is_empty());
     }
 
     #[test]

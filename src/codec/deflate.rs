@@ -27,7 +27,7 @@ pub struct Deflate {
 }
 
 thread_local! {
-    /// This thread's compressor (miniz_oxide's state is ~300 KiB: made once, reset per
+    /// This thread's compressor (a deflate state is a few hundred KiB: made once, reset per
     /// message rather than allocated per message).
     static COMPRESSOR: RefCell<Option<(u8, Compress)>> = const { RefCell::new(None) };
 }

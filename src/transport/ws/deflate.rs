@@ -478,6 +478,36 @@ mod tests {
         inflate_checked(&[], 512, true).unwrap();
     }
 
+    /// A fixed-Huffman block (RFC 1951 section 3.2.6) of `codes`, each a (symbol's
+    /// 7-bit length/end code, distance code) pair: bits go LSB first, Huffman codes MSB
+    /// first.
+    fn fixed_block(codes: &[(u8, Option<u8>)]) -> Vec<u8> {
+        let mut bits = vec![1, 1, 0]; // BFINAL, BTYPE = 01
+        let mut huffman = |code: u8, len: u32| {
+            bits.extend((0..len).rev().map(|i| (code >> i) & 1));
+        };
+        for &(symbol, distance) in codes {
+            huffman(symbol, 7);
+            if let Some(distance) = distance {
+                huffman(distance, 5);
+            }
+        }
+        huffman(0, 7); // end of block (256)
+        bits.chunks(8)
+            .map(|byte| byte.iter().rev().fold(0, |acc, &bit| acc << 1 | bit))
+            .collect()
+    }
+
+    #[test]
+    fn a_reference_before_the_start_of_the_message_is_a_bad_payload() {
+        // Length 3 (code 257), distance 1 (code 0), as the very first symbol: there is
+        // nothing to copy from (no context takeover), so no byte may come out of it.
+        let block = fixed_block(&[(1, Some(0))]);
+        let err = inflate_checked(&block, 512, false).unwrap_err();
+        assert_eq!(err, FrameError::BadCompression);
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+    }
+
     #[test]
     fn the_inflater_is_reset_between_messages() {
         // A message that refers back into an earlier one would need context takeover.
