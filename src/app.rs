@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::callback::{CallbackClient, CallbackStats};
 use crate::config::{Config, SocketProtocol};
-use crate::control::{self, Node, NodeParts};
+use crate::control::{self, Node, NodeParts, Route};
 use crate::handover::{self, Handover, Inherited};
 use crate::presence::Presence;
 use crate::shard::{self, ListenerGroup, ShardDeps};
@@ -74,10 +74,19 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         .map(|(_, group)| group)
         .collect();
     let shards = shard::start(deps, ports)?;
-    inherited.signal_ready(&handover::ForwardTarget::for_listener(
-        config.rpc_listen,
-        &config.comet_rpc_token,
-    ));
+    // A successor's peer listener: where its predecessor forwards the pushes for clients
+    // that moved here (`rpc::forward`). Bound before "ready", so none is refused.
+    let peer = if inherited.is_handover() {
+        let (listener, addr) = handover::ForwardTarget::bind_peer_listener()
+            .context("cannot bind the hand-over's peer listener on loopback")?;
+        inherited.signal_ready(&handover::ForwardTarget::for_listener(
+            addr,
+            &config.comet_rpc_token,
+        ));
+        Some(listener)
+    } else {
+        None
+    };
     crate::sys::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     tracing::info!(
         shards = config.max_proc,
@@ -98,6 +107,9 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         inherited_lease: inherited.lease,
         presence: presence.clone(),
     });
+    if let Some(predecessor) = inherited.predecessor.take() {
+        node.forward_back_to(predecessor);
+    }
     let handover = Handover {
         client: handover_client,
         rpc: listeners.rpc.as_raw_fd(),
@@ -107,6 +119,7 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
     let control_listeners = ControlListeners {
         rpc: StdTcpListener::from(listeners.rpc),
         admin: listeners.admin.map(StdTcpListener::from),
+        peer,
         handover,
     };
     let outcome = run_control(
@@ -275,6 +288,8 @@ fn log_limits() {
 struct ControlListeners {
     rpc: StdTcpListener,
     admin: Option<StdTcpListener>,
+    /// This process's peer listener, when it was handed over to (see `handover`).
+    peer: Option<StdTcpListener>,
     handover: Handover,
 }
 
@@ -396,7 +411,12 @@ fn run_control(
         listeners.rpc.set_nonblocking(true)?;
         let rpc = tokio::net::TcpListener::from_std(listeners.rpc)?;
         tokio::task::spawn_local(Rc::clone(&node).serve_directory(directory_requests));
-        let rpc_task = tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), rpc));
+        let rpc_task =
+            tokio::task::spawn_local(crate::rpc::serve(Rc::clone(&node), rpc, Route::MayForward));
+        let mut peer = match listeners.peer {
+            Some(listener) => Some(PeerListener::serve(&node, listener)?),
+            None => None,
+        };
         let admin_task = match listeners.admin {
             Some(admin) => {
                 admin.set_nonblocking(true)?;
@@ -427,8 +447,22 @@ fn run_control(
                 _ = restart.recv() => {
                     reload_token_keys(token_keys.as_deref(), "SIGUSR2");
                     handover.lease = node.current_lease();
-                    match hand_over(&handover).await {
-                        Ok((pid, ready)) => break Ending::HandedOver(pid, ready),
+                    let listening = match peer.take() {
+                        Some(listening) => Ok(listening),
+                        None => PeerListener::bind(&node),
+                    };
+                    match listening {
+                        Ok(listening) => {
+                            let back = handover::ForwardTarget::for_listener(
+                                listening.addr,
+                                &node.config.comet_rpc_token,
+                            );
+                            peer = Some(listening);
+                            match hand_over(&handover, &back).await {
+                                Ok((pid, ready)) => break Ending::HandedOver(pid, ready),
+                                Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
+                            }
+                        }
                         Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
                     }
                 }
@@ -482,8 +516,16 @@ fn run_control(
             }
         });
         let limit = stop_limit(&node.config);
+        let joined = async {
+            let _ = joined.await;
+            // No client left here: the successor's forwards would all fail. Closing the
+            // peer listener makes it stop sending them (a refused connect).
+            if let Some(peer) = peer.take() {
+                peer.task.abort();
+            }
+        };
         tokio::select! {
-            _ = joined => {}
+            () = joined => {}
             _ = tokio::time::sleep(limit) => {
                 tracing::error!(limit = ?limit, "shards did not stop in time; exiting without them");
                 std::process::exit(1);
@@ -503,6 +545,33 @@ fn run_control(
             Ending::Signal | Ending::HandedOver(..) => Ok(()),
         }
     })
+}
+
+/// A hand-over's peer listener, served (`rpc::forward`): the calls arriving on it were
+/// forwarded by the other process and are answered from here only.
+struct PeerListener {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeerListener {
+    fn bind(node: &Rc<Node>) -> anyhow::Result<PeerListener> {
+        let (listener, _) = handover::ForwardTarget::bind_peer_listener()
+            .context("cannot bind the hand-over's peer listener on loopback")?;
+        PeerListener::serve(node, listener)
+    }
+
+    fn serve(node: &Rc<Node>, listener: StdTcpListener) -> anyhow::Result<PeerListener> {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let task = tokio::task::spawn_local(crate::rpc::serve(
+            Rc::clone(node),
+            listener,
+            Route::HereOnly,
+        ));
+        Ok(PeerListener { addr, task })
+    }
 }
 
 /// Once the draining process has no clients left: closes each RPC connection as soon as
@@ -541,8 +610,11 @@ const RPC_MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15)
 
 /// Starts the successor and waits (bounded) until it serves; kills it if it does not,
 /// and reaps it either way so that a failed successor leaves no zombie.
-async fn hand_over(handover: &Handover) -> anyhow::Result<(u32, handover::Ready)> {
-    let successor = handover.spawn_successor()?;
+async fn hand_over(
+    handover: &Handover,
+    back: &handover::ForwardTarget,
+) -> anyhow::Result<(u32, handover::Ready)> {
+    let successor = handover.spawn_successor(back)?;
     let pid = successor.pid;
     tracing::info!(
         successor = pid,

@@ -9,7 +9,7 @@
 //! accept queues are never dropped: no connection attempt is refused during a restart.
 //!
 //! The hand-over travels in one environment variable, `COMET_HANDOVER`, e.g.
-//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9;presence=12`: each client port's
+//! `ws=5,6;tcp=10,11;rpc=7;admin=8;lease=694d7f0b3a2c1e01;ready=9;presence=12;back=13`: each client port's
 //! listeners under that port's name (`ws` for `websocket_port` whatever it serves, `tcp`
 //! for `tcp_port`, `wss` for `wss_port`).
 //!
@@ -18,6 +18,15 @@
 //! (`{"rpc":"127.0.0.1:8902","token":"…"}`), then closing the pipe: the draining process
 //! forwards to it the pushes for ids it no longer holds (`rpc/forward.rs`). A predecessor
 //! that reads only the `R` (an older binary) ignores the rest.
+//!
+//! The other way round too: a message server that connects while the old process drains
+//! reaches the successor (the old one no longer accepts), and its pushes to clients still
+//! on the old process would fail. So the old process also writes, into the `back` pipe
+//! before the successor starts, the same kind of object for itself, and the successor
+//! forwards there the pushes for ids it does not hold, until that address refuses. Each
+//! side's forwarding address is a private loopback listener of its own (the *peer*
+//! listener), not the shared RPC listener: a call that arrives on a peer listener is never
+//! forwarded again, so no push can go back and forth.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -57,6 +66,9 @@ pub(crate) struct Inherited {
     ready: Option<OwnedFd>,
     /// Where the predecessor's presence notices arrive (`presence_gate`).
     pub(crate) presence: Option<OwnedFd>,
+    /// Where the predecessor takes the pushes for ids this process does not hold, while
+    /// it drains (`None`: an older predecessor that does not say).
+    pub(crate) predecessor: Option<ForwardTarget>,
     from_predecessor: bool,
 }
 
@@ -95,6 +107,7 @@ impl Inherited {
                 "admin" => inherited.admin = Some(adopt(list)?),
                 "ready" => inherited.ready = Some(adopt(list)?),
                 "presence" => inherited.presence = Some(adopt(list)?),
+                "back" => inherited.predecessor = read_target(adopt(list)?),
                 "lease" => {
                     let lease = i64::from_str_radix(list, 16)
                         .map_err(|_| HandoverError::Malformed(part.to_owned()))?;
@@ -121,6 +134,15 @@ impl Inherited {
             let _ = pipe.write_all(&message);
         }
     }
+}
+
+/// Reads a [`ForwardTarget`] the predecessor wrote (and closed) before starting us.
+fn read_target(pipe: OwnedFd) -> Option<ForwardTarget> {
+    let mut said = Vec::new();
+    let _ = std::fs::File::from(pipe)
+        .take(MAX_READY_BYTES)
+        .read_to_end(&mut said);
+    ForwardTarget::decode(&said)
 }
 
 fn adopt(text: &str) -> Result<OwnedFd, HandoverError> {
@@ -163,12 +185,12 @@ pub(crate) fn check_listener(fd: &OwnedFd, port: u16) -> Result<(), HandoverErro
     }
 }
 
-/// Where a successor's push RPC answers, as its predecessor forwards to it.
+/// Where one side of a hand-over takes the pushes the other forwards to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ForwardTarget {
-    /// A connectable address of the (shared) RPC listener.
+    /// Its peer listener (from an older successor: the shared RPC listener).
     pub(crate) addr: SocketAddr,
-    /// The successor's `comet_rpc_token` (it may differ from ours after a config change).
+    /// That side's `comet_rpc_token` (the two may differ after a config change).
     pub(crate) token: String,
 }
 
@@ -176,6 +198,13 @@ pub(crate) struct ForwardTarget {
 const MAX_READY_BYTES: u64 = 64 * 1024;
 
 impl ForwardTarget {
+    /// The peer listener of one side of a hand-over: loopback, a port the kernel picks.
+    pub(crate) fn bind_peer_listener() -> io::Result<(std::net::TcpListener, SocketAddr)> {
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+        let addr = listener.local_addr()?;
+        Ok((listener, addr))
+    }
+
     /// The target for a node listening on `listen`: an unspecified address (0.0.0.0, ::)
     /// is reached on loopback.
     pub(crate) fn for_listener(listen: SocketAddr, token: &str) -> ForwardTarget {
@@ -270,10 +299,16 @@ pub(crate) fn reap(pid: u32, limit: std::time::Duration) -> bool {
 }
 
 impl Handover {
-    /// Starts the successor with the listeners inherited.
-    pub(crate) fn spawn_successor(&self) -> Result<Successor, HandoverError> {
+    /// Starts the successor with the listeners inherited; it forwards to `back` the
+    /// pushes for ids it does not hold while this process drains.
+    pub(crate) fn spawn_successor(&self, back: &ForwardTarget) -> Result<Successor, HandoverError> {
         let (ready_read, ready_write) = pipe().map_err(HandoverError::Spawn)?;
         let (notices_read, notices_write) = pipe().map_err(HandoverError::Spawn)?;
+        let (back_read, back_write) = pipe().map_err(HandoverError::Spawn)?;
+        // A few dozen bytes: the pipe's buffer takes them before anyone reads.
+        std::fs::File::from(back_write)
+            .write_all(&back.encode())
+            .map_err(HandoverError::Spawn)?;
         let mut inherited: Vec<RawFd> = self
             .client
             .iter()
@@ -283,11 +318,13 @@ impl Handover {
         inherited.extend(self.admin);
         inherited.push(ready_write.as_raw_fd());
         inherited.push(notices_read.as_raw_fd());
+        inherited.push(back_read.as_raw_fd());
         let mut value = format!(
-            "rpc={};ready={};presence={}",
+            "rpc={};ready={};presence={};back={}",
             self.rpc,
             ready_write.as_raw_fd(),
-            notices_read.as_raw_fd()
+            notices_read.as_raw_fd(),
+            back_read.as_raw_fd()
         );
         for (name, fds) in &self.client {
             value.push_str(&format!(";{name}={}", join(fds)));
@@ -306,6 +343,7 @@ impl Handover {
         let child = command.spawn().map_err(HandoverError::Spawn)?;
         drop(ready_write);
         drop(notices_read);
+        drop(back_read);
         Ok(Successor {
             pid: child.id(),
             ready: std::fs::File::from(ready_read),
@@ -339,6 +377,23 @@ mod tests {
         assert!(Inherited::parse("colour=blue").is_err());
         assert!(Inherited::parse("lease=xyz").is_err());
         assert!(Inherited::parse("ws=notanumber").is_err());
+    }
+
+    #[test]
+    fn the_back_pipe_names_the_predecessor_s_peer_listener() {
+        use std::os::fd::IntoRawFd;
+        let target = ForwardTarget::for_listener("127.0.0.1:9".parse().unwrap(), "tok");
+        let (read, write) = pipe().unwrap();
+        std::fs::File::from(write)
+            .write_all(&target.encode())
+            .unwrap();
+        let inherited = Inherited::parse(&format!("back={}", read.into_raw_fd())).unwrap();
+        assert_eq!(inherited.predecessor, Some(target));
+        // Garbage in the pipe: no predecessor to forward to, not a failed start.
+        let (read, write) = pipe().unwrap();
+        std::fs::File::from(write).write_all(b"\x1b[2J").unwrap();
+        let inherited = Inherited::parse(&format!("back={}", read.into_raw_fd())).unwrap();
+        assert_eq!(inherited.predecessor, None);
     }
 
     #[test]

@@ -297,11 +297,13 @@ struct PushRecord {
     failed: Vec<String>,
 }
 
-/// A message server pushing over one persistent RPC connection. A connection closed
-/// with no reply to the call just written means the call was not executed (the node
-/// closes only idle connections), so it reconnects and sends that call again.
+/// A message server pushing over one persistent RPC connection, or over a new one per
+/// call (as a PHP message server does). A connection closed with no reply to the call
+/// just written means the call was not executed (the node closes only idle
+/// connections), so it reconnects and sends that call again.
 struct Pusher {
     port: u16,
+    persistent: bool,
     stream: Option<(std::io::BufReader<std::net::TcpStream>, std::net::TcpStream)>,
     reconnects: usize,
 }
@@ -330,6 +332,9 @@ impl Pusher {
                 self.reconnects += 1;
                 continue;
             }
+            if !self.persistent {
+                self.stream = None;
+            }
             let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(reply["id"], json!(n), "{reply}");
             if reply["result"] == json!("ok") {
@@ -357,6 +362,19 @@ impl Pusher {
 /// connections.
 #[test]
 fn pushes_during_a_restart_fail_only_for_clients_between_connections() {
+    pushes_through_a_restart(true);
+}
+
+/// The same with a new RPC connection per push: those made during the drain reach the
+/// successor, which forwards the pushes for clients still on the old process back to it.
+/// Without that, 3,003 of 14,330 recipients failed, 2,424 of them connected; with it 10
+/// of 11,050, all between connections.
+#[test]
+fn pushes_on_new_rpc_connections_during_a_restart_reach_clients_still_draining() {
+    pushes_through_a_restart(false);
+}
+
+fn pushes_through_a_restart(persistent: bool) {
     const CLIENTS: usize = 100;
     const PER_PUSH: usize = 10;
     let server = MessageServer::start();
@@ -389,6 +407,7 @@ fn pushes_during_a_restart_fail_only_for_clients_between_connections() {
         std::thread::spawn(move || {
             let mut pusher = Pusher {
                 port: rpc_port,
+                persistent,
                 stream: None,
                 reconnects: 0,
             };
@@ -463,14 +482,21 @@ fn pushes_during_a_restart_fail_only_for_clients_between_connections() {
         failed_while_connected.len(),
         &failed_while_connected[..failed_while_connected.len().min(20)]
     );
-    assert!(
-        reconnects >= 1,
-        "the draining process closed the idle RPC connection, and the pusher moved"
-    );
-    assert!(
-        log.contains("pushes for clients not held here go to the successor"),
-        "{log}"
-    );
+    if persistent {
+        assert!(
+            reconnects >= 1,
+            "the draining process closed the idle RPC connection, and the pusher moved"
+        );
+        assert!(
+            log.contains("pushes for clients not held here go to the successor"),
+            "{log}"
+        );
+    } else {
+        assert!(
+            log.contains("pushes for clients not held here go to the draining predecessor"),
+            "{log}"
+        );
+    }
 }
 
 /// A SIGUSR2 with a broken comet.ini: the successor fails at start, the node goes on

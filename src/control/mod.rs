@@ -71,8 +71,19 @@ struct PushCounters {
     /// From a push call read to its answer (`SendToConnections`, `Broadcast`,
     /// `SendToGroup`), as the node sees it.
     latency: crate::histogram::Histogram,
-    /// Recipients sent on to a successor while this process drains.
+    /// Recipients sent on to the other side of a hand-over: to the successor while this
+    /// process drains, or to the draining predecessor.
     forwarded: Cell<u64>,
+}
+
+/// Whether a push may be sent on to the other process of a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// A message server's call: ids not held here are tried on the other process.
+    MayForward,
+    /// A call the other process forwarded (it arrived on the peer listener): answered
+    /// from here only, so that no push goes back and forth.
+    HereOnly,
 }
 
 /// One push counter, defined once: its key in `/status`, its metric and where it is.
@@ -118,7 +129,7 @@ const PUSH_COUNTERS: [PushCounter; 9] = [
     PushCounter {
         status: "forwarded",
         metric: "comet_push_forwarded_total",
-        help: "Push recipients not reached here that a draining node sent on to its successor.",
+        help: "Push recipients not reached here that were sent on to the other process of a restart (the successor, or the draining predecessor).",
         of: |c| &c.forwarded,
     },
     PushCounter {
@@ -252,6 +263,9 @@ pub(crate) struct Node {
     handed_over: Cell<bool>,
     /// After a hand-over: the successor that takes the pushes for ids not held here.
     successor: RefCell<Option<Rc<Forwarder>>>,
+    /// While the process that handed over to this one drains: it takes the pushes for ids
+    /// not held here (its clients are still moving). Dropped once it refuses.
+    predecessor: RefCell<Option<Rc<Forwarder>>>,
     /// Set once this draining process has no clients left: every RPC connection closes
     /// as soon as it is idle, so message servers reconnect to the successor.
     rpc_moving: watch::Sender<bool>,
@@ -285,6 +299,7 @@ impl Node {
             draining: Cell::new(false),
             handed_over: Cell::new(false),
             successor: RefCell::new(None),
+            predecessor: RefCell::new(None),
             rpc_moving: watch::Sender::new(false),
             admin_requests: watch::Sender::new(()),
             config,
@@ -508,13 +523,20 @@ impl Node {
     /// in a recovery buffer for a client away. After a hand-over the ids not delivered here
     /// are tried on the successor, where the clients closed by this drain reconnect; only
     /// those it cannot reach either are returned.
-    pub(crate) async fn push(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
+    /// Before that, while the predecessor drains, they are tried there. A call that came
+    /// from the other process (`Route::HereOnly`) is never sent on again.
+    pub(crate) async fn push(&self, conn_ids: &[String], msg: &str, route: Route) -> PushOutcome {
         let mut outcome = self.fan_out(conn_ids, msg).await;
-        let successor = self.successor.borrow().clone();
-        if let Some(successor) = successor.filter(|_| !outcome.failed.is_empty()) {
+        if let Some(other) = self
+            .forward_target(route)
+            .filter(|_| !outcome.failed.is_empty())
+        {
             bump(&self.counters.forwarded, outcome.failed.len());
             let not_here = std::mem::take(&mut outcome.failed);
-            outcome.failed = successor.push(not_here, msg).await;
+            outcome.failed = other.push(not_here, msg).await;
+            if other.is_gone() {
+                self.predecessor.borrow_mut().take();
+            }
         }
         let failed = &outcome.failed;
         bump(&self.counters.calls, 1);
@@ -525,6 +547,23 @@ impl Node {
             conn_ids.len().saturating_sub(failed.len()),
         );
         outcome
+    }
+
+    /// Where the pushes not delivered here go next, if anywhere.
+    fn forward_target(&self, route: Route) -> Option<Rc<Forwarder>> {
+        if route == Route::HereOnly {
+            return None;
+        }
+        let successor = self.successor.borrow().clone();
+        successor.or_else(|| self.predecessor.borrow().clone())
+    }
+
+    /// This process was handed over to: until `target` refuses (the predecessor has no
+    /// clients left and closed its peer listener), the pushes this process cannot deliver
+    /// are tried there.
+    pub(crate) fn forward_back_to(&self, target: crate::handover::ForwardTarget) {
+        tracing::info!(predecessor_rpc = %target.addr, "pushes for clients not held here go to the draining predecessor");
+        *self.predecessor.borrow_mut() = Some(Rc::new(Forwarder::new(target)));
     }
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> PushOutcome {

@@ -1,18 +1,21 @@
-//! Forwarding pushes to a successor while this process drains (zero-downtime restart).
+//! Forwarding pushes between the two processes of a zero-downtime restart.
 //!
 //! After a hand-over the draining process still answers the RPC connections it accepted
 //! before, but its clients are moving to the successor: a push for an id it no longer
 //! holds (or that its shard could not reach because the client was being closed) is sent
-//! on, as one second-generation `SendToConnections`, to the successor's push RPC, and the
-//! ids the successor could not reach either are the ones reported failed. Without it
-//! about half of all pushes failed during each drain (~5,000 per restart at 2,000/s).
+//! on, as one second-generation `SendToConnections`, to the successor's peer listener,
+//! and the ids the successor could not reach either are the ones reported failed. Without
+//! it about half of all pushes failed during each drain (~5,000 per restart at 2,000/s).
+//! The successor does the same the other way for the RPC connections it accepts while
+//! the predecessor drains (a message server that connects per call lands there), until
+//! the predecessor's peer listener refuses.
 //!
-//! Owns one RPC connection to the successor, opened on first use and used for one call
-//! at a time (calls queue in order, so two pushes to one client reach it in the order
-//! they were sent). Runs on the control thread; every wait is bounded, and any failure
-//! reports the forwarded ids failed and drops the connection (the next call opens one).
-//! Never forwards what the successor answers: the successor has no successor of its own,
-//! so nothing can loop.
+//! Owns one RPC connection to the other process, opened on first use and used for one
+//! call at a time (calls queue in order, so two pushes to one client reach it in the
+//! order they were sent). Runs on the control thread; every wait is bounded, and any
+//! failure reports the forwarded ids failed and drops the connection (the next call
+//! opens one). A call that arrives on a peer listener is never forwarded again
+//! (`control::Route::HereOnly`), so nothing can loop.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,7 +28,7 @@ use tokio::sync::Mutex;
 
 use crate::handover::ForwardTarget;
 
-/// Longest wait to connect to the successor (it is on this host, listening already).
+/// Longest wait to connect to the other process (it is on this host, listening already).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for its reply: a push to a few thousand ids takes milliseconds, and its
 /// own shard waits give up after 10 s.
@@ -36,15 +39,15 @@ const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 /// Why one forwarded call failed (its ids are then reported failed).
 #[derive(Debug, thiserror::Error)]
 enum ForwardError {
-    #[error("cannot connect to the successor at {0}: {1}")]
+    #[error("cannot connect to the other process at {0}: {1}")]
     Connect(SocketAddr, String),
-    #[error("the successor did not answer within {0:?}")]
+    #[error("the other process did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the successor's connection failed: {0}")]
+    #[error("the connection to the other process failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the successor closed the connection")]
+    #[error("the other process closed the connection")]
     Closed,
-    #[error("unreadable reply from the successor: {0}")]
+    #[error("unreadable reply from the other process: {0}")]
     BadReply(String),
 }
 
@@ -53,11 +56,14 @@ struct Connection {
     writer: OwnedWriteHalf,
 }
 
-/// The draining process's line to its successor's push RPC.
+/// One process's line to the other's peer listener.
 pub(crate) struct Forwarder {
     target: ForwardTarget,
     connection: Mutex<Option<Connection>>,
     next_id: std::cell::Cell<u64>,
+    /// The other process refused a connection: it has exited, or closed its peer
+    /// listener because it has nothing left to take.
+    gone: std::cell::Cell<bool>,
 }
 
 impl Forwarder {
@@ -66,11 +72,17 @@ impl Forwarder {
             target,
             connection: Mutex::new(None),
             next_id: std::cell::Cell::new(1),
+            gone: std::cell::Cell::new(false),
         }
     }
 
-    /// Pushes `msg` to `ids` through the successor; returns the ids it did not reach
-    /// (all of them when the successor could not be asked).
+    /// Whether the other process refused a connection (see [`Forwarder::gone`]).
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone.get()
+    }
+
+    /// Pushes `msg` to `ids` through the other process; returns the ids it did not reach
+    /// (all of them when it could not be asked).
     pub(crate) async fn push(&self, ids: Vec<String>, msg: &str) -> Vec<String> {
         if ids.is_empty() {
             return ids;
@@ -79,7 +91,10 @@ impl Forwarder {
         match self.call(&mut connection, &ids, msg).await {
             Ok(failed) => failed,
             Err(err) => {
-                tracing::warn!(ids = ids.len(), error = %err, "push not forwarded to the successor; reported failed");
+                if matches!(err, ForwardError::Connect(..)) {
+                    self.gone.set(true);
+                }
+                tracing::warn!(ids = ids.len(), error = %err, "push not forwarded to the other process of the restart; reported failed");
                 *connection = None;
                 ids
             }
@@ -168,7 +183,7 @@ fn failed_ids(line: &[u8], id: u64, sent: &[String]) -> Result<Vec<String>, Forw
     match listed {
         Some(ids) if !ids.is_empty() => Ok(ids),
         _ => {
-            tracing::warn!(error = %crate::callback::escaped_prefix(error.as_bytes()), "the successor refused a forwarded push");
+            tracing::warn!(error = %crate::callback::escaped_prefix(error.as_bytes()), "the other process refused a forwarded push");
             Ok(sent.to_vec())
         }
     }

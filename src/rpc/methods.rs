@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::codec::Request;
-use crate::control::Node;
+use crate::control::{Node, Route};
 use crate::link::PushOutcome;
 
 /// Newest-generation status codes.
@@ -34,9 +34,9 @@ const OFF_THREAD_IDS: usize = 10_000;
 
 /// Delivers `msg` to `ids` (each once), a large list in slices; returns the failed ids
 /// and those only kept in a recovery buffer.
-async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> PushOutcome {
+async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str, route: Route) -> PushOutcome {
     if ids.len() <= PUSH_SLICE {
-        return node.push(&ids, msg).await;
+        return node.push(&ids, msg, route).await;
     }
     // `Node::push` counts a duplicate once within one call; across slices that is ours
     // to do (off the thread: it hashes every id).
@@ -50,7 +50,7 @@ async fn push_in_slices(node: &Node, ids: Vec<String>, msg: &str) -> PushOutcome
     .unwrap_or_default();
     let mut outcome = PushOutcome::default();
     for slice in unique.chunks(PUSH_SLICE) {
-        let part = node.push(slice, msg).await;
+        let part = node.push(slice, msg, route).await;
         outcome.failed.extend(part.failed);
         outcome.buffered.extend(part.buffered);
         tokio::task::yield_now().await;
@@ -81,10 +81,17 @@ async fn failure_text(
 
 /// Answers one call: `Ok(result)` or `Err(error string)`, as Go's jsonrpc replies.
 /// Push calls are timed into `comet_push_latency_seconds`.
-pub(crate) async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
+/// `route` says whether pushes to ids not held here may be sent on to the other process
+/// of a restart (`rpc::forward`).
+pub(crate) async fn dispatch(
+    node: &Node,
+    method: &str,
+    param: Value,
+    route: Route,
+) -> Result<Value, String> {
     let name = method.strip_prefix("Server.").unwrap_or(method);
     let started = std::time::Instant::now();
-    let result = dispatch_named(node, name, method, param).await;
+    let result = dispatch_named(node, name, method, param, route).await;
     if matches!(name, "SendToConnections" | "Broadcast" | "SendToGroup") {
         node.observe_push_latency(started.elapsed());
     }
@@ -96,11 +103,12 @@ async fn dispatch_named(
     name: &str,
     method: &str,
     param: Value,
+    route: Route,
 ) -> Result<Value, String> {
     match name {
         "SendToConnections" => match param {
-            Value::String(inner) => send_first_generation(node, inner).await,
-            Value::Object(fields) => send_second_generation(node, Fields(fields)).await,
+            Value::String(inner) => send_first_generation(node, inner, route).await,
+            Value::Object(fields) => send_second_generation(node, Fields(fields), route).await,
             other => Err(format!(
                 "SendToConnections takes a JSON string or object, found {}",
                 type_name(&other)
@@ -261,7 +269,7 @@ fn token_ok(node: &Node, given: &str) -> bool {
 }
 
 /// First generation: `P` is a string holding `{"to": [...], "msg": "..."}`.
-async fn send_first_generation(node: &Node, inner: String) -> Result<Value, String> {
+async fn send_first_generation(node: &Node, inner: String, route: Route) -> Result<Value, String> {
     let failure =
         |ids: &[String], info: &str| Err(json!({"error_ids": ids, "error_info": info}).to_string());
     // A large inner request is parsed off the control thread, like a large request.
@@ -289,7 +297,7 @@ async fn send_first_generation(node: &Node, inner: String) -> Result<Value, Stri
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let failed = push_in_slices(node, to, &msg).await.failed;
+    let failed = push_in_slices(node, to, &msg, route).await.failed;
     if failed.is_empty() {
         Ok(json!("ok"))
     } else {
@@ -304,7 +312,11 @@ async fn send_first_generation(node: &Node, inner: String) -> Result<Value, Stri
 }
 
 /// Second generation: `{"connections": [...], "msg": "...", "token": "..."}`.
-async fn send_second_generation(node: &Node, mut fields: Fields) -> Result<Value, String> {
+async fn send_second_generation(
+    node: &Node,
+    mut fields: Fields,
+    route: Route,
+) -> Result<Value, String> {
     let failure = |ids: &[String], msg: &str| Err(json!({"ids": ids, "msg": msg}).to_string());
     if !token_ok(node, &fields.text("token")) {
         return failure(&[], "token error.");
@@ -318,7 +330,7 @@ async fn send_second_generation(node: &Node, mut fields: Fields) -> Result<Value
     if msg.is_empty() {
         return failure(&[], "msg is empty.");
     }
-    let PushOutcome { failed, buffered } = push_in_slices(node, connections, &msg).await;
+    let PushOutcome { failed, buffered } = push_in_slices(node, connections, &msg, route).await;
     // `buffered` (recovery, docs/PROTOCOL.md): only when some ids were kept for a client
     // away, so a node without recovery answers exactly as before.
     match (failed.is_empty(), buffered.is_empty()) {
@@ -474,12 +486,17 @@ mod tests {
     use serde_json::{Value, json};
     use tokio::sync::oneshot;
 
-    use super::{code, dispatch};
+    use super::code;
     use crate::callback::CallbackStats;
     use crate::config::{Config, EMBEDDED_DEFAULT};
-    use crate::control::{Node, NodeParts};
+    use crate::control::{Node, NodeParts, Route};
     use crate::link::{self, BroadcastOutcome, DirectoryRequest, Inbox, ShardCommand, ShardStats};
     use crate::presence::Presence;
+
+    /// A message server's call (not one forwarded from the other process of a restart).
+    async fn dispatch(node: &Node, method: &str, param: Value) -> Result<Value, String> {
+        super::dispatch(node, method, param, Route::MayForward).await
+    }
 
     /// What the test shards were handed: (shard, conn_id, message).
     type Deliveries = Arc<Mutex<Vec<(usize, String, String)>>>;

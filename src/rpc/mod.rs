@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
-use crate::control::Node;
+use crate::control::{Node, Route};
 use codec::{Decoder, RawFrame, Request};
 
 /// Requests at least this large are parsed on tokio's blocking pool, not on the control
@@ -153,8 +153,10 @@ impl RefusalLog {
     }
 }
 
-/// Accepts RPC connections until the runtime stops.
-pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener) {
+/// Accepts RPC connections until the runtime stops (or the task is aborted, which closes
+/// the listener). `route`: `MayForward` on `rpc_addr`; `HereOnly` on a hand-over's peer
+/// listener, whose calls the other process forwarded (`rpc::forward`).
+pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
     let limits = Limits::from_config(&node.config);
     let open = Rc::new(Cell::new(0usize));
     let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));
@@ -178,7 +180,7 @@ pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener) {
                 };
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
-                    serve_connection(node, stream, peer, limits, drawn).await;
+                    serve_connection(node, stream, peer, limits, drawn, route).await;
                 });
             }
             Err(err) => {
@@ -217,6 +219,7 @@ async fn serve_connection(
     peer: SocketAddr,
     limits: Limits,
     mut drawn: Drawn,
+    route: Route,
 ) {
     let mut decoder = Decoder::with_limit(limits.max_request_bytes);
     let first_call_deadline = tokio::time::Instant::now() + limits.first_call_timeout;
@@ -276,7 +279,11 @@ async fn serve_connection(
                         drawn.hold(0);
                         chunk.resize(READ_CHUNK, 0);
                     }
-                    calls.push_back(tokio::task::spawn_local(answer(Rc::clone(&node), request)));
+                    calls.push_back(tokio::task::spawn_local(answer(
+                        Rc::clone(&node),
+                        request,
+                        route,
+                    )));
                     if barrier {
                         while let Some(call) = calls.pop_front() {
                             replies.extend(call.await.unwrap_or_default());
@@ -370,10 +377,14 @@ fn is_large(value: &Value) -> bool {
         })
 }
 
-async fn answer(node: Rc<Node>, request: Result<Request, (Value, String)>) -> Vec<u8> {
+async fn answer(
+    node: Rc<Node>,
+    request: Result<Request, (Value, String)>,
+    route: Route,
+) -> Vec<u8> {
     match request {
         Ok(request) => {
-            let result = methods::dispatch(&node, &request.method, request.param).await;
+            let result = methods::dispatch(&node, &request.method, request.param, route).await;
             if let Err(error) = &result {
                 tracing::debug!(method = ?request.method, error = %error.get(..200).unwrap_or(error), "rpc call failed");
             }
