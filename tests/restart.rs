@@ -499,6 +499,113 @@ fn pushes_through_a_restart(persistent: bool) {
     }
 }
 
+/// What one client of the draining process saw: whether the broadcast reached it, and
+/// its close code and when the close came.
+struct Seen {
+    broadcast: bool,
+    close: Option<u16>,
+    closed_at: std::time::Instant,
+}
+
+/// A broadcast and a kick made on new RPC connections while the old process drains (so
+/// they reach the successor) still reach the clients the old process holds: the
+/// successor forwards them back. Every client still on the old process when the
+/// broadcast is answered has it, and every one still there when the kick is answered
+/// is kicked (close 1000), not left connected until the drain closes it (1001).
+#[test]
+fn a_broadcast_and_a_kick_during_a_drain_reach_clients_still_on_the_old_process() {
+    const CLIENTS: usize = 12;
+    let old = Comet::start(
+        None,
+        "drain_window=30s\nping_interval=5s\nheartbeat_timeout=60s",
+    );
+    let readers: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let mut client = comet_client(&old, &format!("d{i}"));
+            client
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_secs(40)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let mut broadcast = false;
+                loop {
+                    match client.read() {
+                        Ok(tungstenite::Message::Text(text)) => {
+                            broadcast |= text.as_str() == "to all"
+                        }
+                        Ok(tungstenite::Message::Close(frame)) => {
+                            return Seen {
+                                broadcast,
+                                close: frame.map(|f| u16::from(f.code)),
+                                closed_at: std::time::Instant::now(),
+                            };
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            return Seen {
+                                broadcast,
+                                close: None,
+                                closed_at: std::time::Instant::now(),
+                            };
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(20), || old
+        .log_text()
+        .contains("successor serving")));
+    let _reap = Reap(successor_pid(&old.log_text()).expect("the log names the successor"));
+    // New connections: the old process no longer accepts, so these reach the successor.
+    let mut rpc = old.rpc();
+    let reply = rpc.call("Server.Broadcast", json!({"msg": "to all", "token": ""}));
+    let broadcast_answered = std::time::Instant::now();
+    assert_eq!(reply["result"]["code"], json!(20000), "{reply}");
+    let delivered = reply["result"]["data"]["delivered"].as_u64().unwrap();
+    let ids: Vec<String> = (0..CLIENTS).map(|i| format!("d{i}")).collect();
+    let mut rpc = old.rpc();
+    let reply = rpc.call(
+        "Server.KickConnections",
+        json!({"connections": ids, "token": ""}),
+    );
+    let kick_answered = std::time::Instant::now();
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    let seen: Vec<Seen> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let log = old.log_text();
+    let slack = Duration::from_millis(200);
+    for (i, seen) in seen.iter().enumerate() {
+        if seen.closed_at > broadcast_answered + slack {
+            assert!(
+                seen.broadcast,
+                "d{i} was still connected but missed the broadcast"
+            );
+        }
+        if seen.closed_at > kick_answered + slack {
+            panic!(
+                "d{i} was still connected {:?} after the kick",
+                seen.closed_at - kick_answered
+            );
+        }
+    }
+    let kicked = seen.iter().filter(|s| s.close == Some(1000)).count();
+    println!(
+        "during a drain: broadcast delivered to {delivered} of {CLIENTS} on the old process, \
+         {kicked} kicked there"
+    );
+    assert!(
+        delivered as usize >= CLIENTS / 2 && kicked >= CLIENTS / 2,
+        "a 30 s drain closes about one client in 2.5 s: {delivered} delivered, {kicked} kicked: {log}"
+    );
+    assert!(
+        log.contains("go to the draining predecessor"),
+        "the successor forwarded back: {log}"
+    );
+}
+
 /// A SIGUSR2 with a broken comet.ini: the successor fails at start, the node goes on
 /// serving, and the failed successor is reaped (it was left a zombie before).
 #[test]

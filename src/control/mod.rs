@@ -534,9 +534,7 @@ impl Node {
             bump(&self.counters.forwarded, outcome.failed.len());
             let not_here = std::mem::take(&mut outcome.failed);
             outcome.failed = other.push(not_here, msg).await;
-            if other.is_gone() {
-                self.predecessor.borrow_mut().take();
-            }
+            self.drop_gone(&other);
         }
         let failed = &outcome.failed;
         bump(&self.counters.calls, 1);
@@ -643,8 +641,9 @@ impl Node {
         answers
     }
 
-    /// Delivers `msg` to every client of the node.
-    pub(crate) async fn broadcast(&self, msg: &str) -> BroadcastOutcome {
+    /// Delivers `msg` to every client of the node: during a restart, of both processes
+    /// (each client is on one of them).
+    pub(crate) async fn broadcast(&self, msg: &str, route: Route) -> BroadcastOutcome {
         let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::Broadcast {
@@ -653,11 +652,18 @@ impl Node {
             })
             .await;
         bump(&self.counters.broadcasts, 1);
-        self.count_outcome(BroadcastOutcome::merge(outcomes))
+        let here = self.count_outcome(BroadcastOutcome::merge(outcomes));
+        self.broadcast_there(here, None, msg, route).await
     }
 
-    /// Delivers `msg` to every member of `group` (encoded once per wire format, for all).
-    pub(crate) async fn group_push(&self, group: &str, msg: &str) -> BroadcastOutcome {
+    /// Delivers `msg` to every member of `group` (encoded once per wire format, for all),
+    /// during a restart on both processes.
+    pub(crate) async fn group_push(
+        &self,
+        group: &str,
+        msg: &str,
+        route: Route,
+    ) -> BroadcastOutcome {
         let message = Message::new(msg.as_bytes());
         let outcomes = self
             .to_every_shard(|reply| ShardCommand::GroupPush {
@@ -667,7 +673,41 @@ impl Node {
             })
             .await;
         bump(&self.counters.group_pushes, 1);
-        self.count_outcome(BroadcastOutcome::merge(outcomes))
+        let here = self.count_outcome(BroadcastOutcome::merge(outcomes));
+        self.broadcast_there(here, Some(group), msg, route).await
+    }
+
+    /// `here`, plus what the other process of a restart delivered of the same broadcast
+    /// (or group push). A client moving between the two at that moment may get it twice
+    /// or not at all, as any client between connections; without this every client on
+    /// the other process missed it, silently.
+    async fn broadcast_there(
+        &self,
+        mut here: BroadcastOutcome,
+        group: Option<&str>,
+        msg: &str,
+        route: Route,
+    ) -> BroadcastOutcome {
+        let Some(other) = self.forward_target(route) else {
+            return here;
+        };
+        if let Some(there) = other.broadcast(group, msg).await {
+            bump(
+                &self.counters.forwarded,
+                there.delivered + there.failed.len(),
+            );
+            here.delivered += there.delivered;
+            here.failed.extend(there.failed);
+        }
+        self.drop_gone(&other);
+        here
+    }
+
+    /// Forgets the predecessor once it refused a connection: it has no clients left.
+    fn drop_gone(&self, other: &Forwarder) {
+        if other.is_gone() {
+            self.predecessor.borrow_mut().take();
+        }
     }
 
     fn count_outcome(&self, outcome: BroadcastOutcome) -> BroadcastOutcome {
@@ -676,38 +716,85 @@ impl Node {
         outcome
     }
 
-    /// Adds these clients to `group`; returns the ids not on this node.
-    pub(crate) async fn join_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
-        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupJoin {
-            group: group.to_owned(),
-            conn_ids,
-            reply,
-        })
-        .await
-        .all()
+    /// Adds these clients to `group` (during a restart, on whichever process holds
+    /// each); returns the ids not on this node.
+    pub(crate) async fn join_group(
+        &self,
+        group: &str,
+        conn_ids: &[String],
+        route: Route,
+    ) -> Vec<String> {
+        let not_here = self
+            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupJoin {
+                group: group.to_owned(),
+                conn_ids,
+                reply,
+            })
+            .await
+            .all();
+        self.change_group_there(true, group, not_here, route).await
     }
 
-    /// Removes these clients from `group`; returns the ids not on this node.
-    pub(crate) async fn leave_group(&self, group: &str, conn_ids: &[String]) -> Vec<String> {
-        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupLeave {
-            group: group.to_owned(),
-            conn_ids,
-            reply,
-        })
-        .await
-        .all()
+    /// Removes these clients from `group` (during a restart, on whichever process holds
+    /// each); returns the ids not on this node.
+    pub(crate) async fn leave_group(
+        &self,
+        group: &str,
+        conn_ids: &[String],
+        route: Route,
+    ) -> Vec<String> {
+        let not_here = self
+            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupLeave {
+                group: group.to_owned(),
+                conn_ids,
+                reply,
+            })
+            .await
+            .all();
+        self.change_group_there(false, group, not_here, route).await
     }
 
-    /// Closes these clients (each gets its `offline`); returns the ids not on this node.
-    pub(crate) async fn kick(&self, conn_ids: &[String]) -> Vec<String> {
+    async fn change_group_there(
+        &self,
+        join: bool,
+        group: &str,
+        not_here: Vec<String>,
+        route: Route,
+    ) -> Vec<String> {
+        match self.forward_target(route).filter(|_| !not_here.is_empty()) {
+            Some(other) => {
+                bump(&self.counters.forwarded, not_here.len());
+                let not_there = other.change_group(join, group, not_here).await;
+                self.drop_gone(&other);
+                not_there
+            }
+            None => not_here,
+        }
+    }
+
+    /// Closes these clients (each gets its `offline`), during a restart on whichever
+    /// process holds each (a kicked client must not stay connected because it had not
+    /// moved yet); returns the ids not on this node.
+    pub(crate) async fn kick(&self, conn_ids: &[String], route: Route) -> Vec<String> {
         bump(&self.counters.kicks, conn_ids.len());
-        self.to_holders(conn_ids, |conn_ids, reply| ShardCommand::Kick {
-            conn_ids,
-            reason: CloseReason::Kicked,
-            reply: Some(reply),
-        })
-        .await
-        .all()
+        let not_here = self
+            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::Kick {
+                conn_ids,
+                reason: CloseReason::Kicked,
+                reply: Some(reply),
+            })
+            .await
+            .all();
+        match self.forward_target(route).filter(|_| !not_here.is_empty()) {
+            Some(other) => {
+                bump(&self.counters.forwarded, not_here.len());
+                other.kick(&not_here).await;
+                self.drop_gone(&other);
+                // What the other process did not hold is not reported by its answer.
+                Vec::new()
+            }
+            None => not_here,
+        }
     }
 
     /// The subset of `conn_ids` connected to this node.

@@ -27,6 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
 use crate::handover::ForwardTarget;
+use crate::link::BroadcastOutcome;
 
 /// Longest wait to connect to the other process (it is on this host, listening already).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,16 +88,84 @@ impl Forwarder {
         if ids.is_empty() {
             return ids;
         }
+        let param = json!({"connections": ids, "msg": msg});
+        match self.exchange("Server.SendToConnections", param).await {
+            Some(reply) => failed_ids(&reply, &ids),
+            None => ids,
+        }
+    }
+
+    /// Broadcasts `msg` to the other process's clients (`group`: to its members of that
+    /// group); `None` if it could not be asked.
+    pub(crate) async fn broadcast(
+        &self,
+        group: Option<&str>,
+        msg: &str,
+    ) -> Option<BroadcastOutcome> {
+        let reply = match group {
+            None => {
+                self.exchange("Server.Broadcast", json!({"msg": msg}))
+                    .await?
+            }
+            Some(group) => {
+                let param = json!({"group": group, "msg": msg});
+                self.exchange("Server.SendToGroup", param).await?
+            }
+        };
+        let data = enveloped_data(&reply)?;
+        Some(BroadcastOutcome {
+            delivered: data.get("delivered")?.as_u64()? as usize,
+            failed: strings(data.get("failed")?)?,
+        })
+    }
+
+    /// Closes those of `ids` the other process holds.
+    pub(crate) async fn kick(&self, ids: &[String]) {
+        if !ids.is_empty() {
+            self.exchange("Server.KickConnections", json!({"connections": ids}))
+                .await;
+        }
+    }
+
+    /// Joins (or leaves) `group` for those of `ids` the other process holds; returns the
+    /// ids it does not hold either (all of them when it could not be asked).
+    pub(crate) async fn change_group(
+        &self,
+        join: bool,
+        group: &str,
+        ids: Vec<String>,
+    ) -> Vec<String> {
+        if ids.is_empty() {
+            return ids;
+        }
+        let method = if join {
+            "Server.JoinGroup"
+        } else {
+            "Server.LeaveGroup"
+        };
+        let param = json!({"group": group, "connections": ids});
+        let not_found = self
+            .exchange(method, param)
+            .await
+            .and_then(|reply| strings(enveloped_data(&reply)?.get("not_found")?));
+        not_found.unwrap_or(ids)
+    }
+
+    /// One call to the other process, with its token added to `param`; the reply object,
+    /// or `None` when it could not be had (logged; the connection is dropped, and a
+    /// refused connect marks the other process gone).
+    async fn exchange(&self, method: &str, mut param: Value) -> Option<Value> {
+        param["token"] = json!(self.target.token);
         let mut connection = self.connection.lock().await;
-        match self.call(&mut connection, &ids, msg).await {
-            Ok(failed) => failed,
+        match self.call(&mut connection, method, param).await {
+            Ok(reply) => Some(reply),
             Err(err) => {
                 if matches!(err, ForwardError::Connect(..)) {
                     self.gone.set(true);
                 }
-                tracing::warn!(ids = ids.len(), error = %err, "push not forwarded to the other process of the restart; reported failed");
+                tracing::warn!(method, error = %err, "call not forwarded to the other process of the restart; its ids are reported failed");
                 *connection = None;
-                ids
+                None
             }
         }
     }
@@ -104,9 +173,9 @@ impl Forwarder {
     async fn call(
         &self,
         connection: &mut Option<Connection>,
-        ids: &[String],
-        msg: &str,
-    ) -> Result<Vec<String>, ForwardError> {
+        method: &str,
+        param: Value,
+    ) -> Result<Value, ForwardError> {
         if connection.is_none() {
             *connection = Some(self.connect().await?);
         }
@@ -115,11 +184,9 @@ impl Forwarder {
         };
         let id = self.next_id.get();
         self.next_id.set(id + 1);
-        let param = json!({"connections": ids, "msg": msg, "token": self.target.token});
-        let mut request =
-            json!({"method": "Server.SendToConnections", "params": [param], "id": id})
-                .to_string()
-                .into_bytes();
+        let mut request = json!({"method": method, "params": [param], "id": id})
+            .to_string()
+            .into_bytes();
         request.push(b'\n');
         let exchange = async {
             connection.writer.write_all(&request).await?;
@@ -136,7 +203,7 @@ impl Forwarder {
         if line.last() != Some(&b'\n') {
             return Err(ForwardError::Closed);
         }
-        failed_ids(&line, id, ids)
+        reply_to(&line, id)
     }
 
     async fn connect(&self) -> Result<Connection, ForwardError> {
@@ -156,10 +223,8 @@ impl Forwarder {
     }
 }
 
-/// The ids a second-generation `SendToConnections` reply says failed: none for
-/// `"ok"`, the `ids` of the error object otherwise, all of `sent` for an error without
-/// them (a refused token, say).
-fn failed_ids(line: &[u8], id: u64, sent: &[String]) -> Result<Vec<String>, ForwardError> {
+/// The reply object in `line`, checked to answer call `id`.
+fn reply_to(line: &[u8], id: u64) -> Result<Value, ForwardError> {
     let reply: Value = serde_json::from_slice(line).map_err(|err| {
         ForwardError::BadReply(format!("{err}: {}", crate::callback::escaped_prefix(line)))
     })?;
@@ -169,24 +234,49 @@ fn failed_ids(line: &[u8], id: u64, sent: &[String]) -> Result<Vec<String>, Forw
             crate::callback::escaped_prefix(line)
         )));
     }
+    Ok(reply)
+}
+
+/// The ids a second-generation `SendToConnections` reply says failed: none for
+/// `"ok"`, the `ids` of the error object otherwise, all of `sent` for an error without
+/// them (a refused token, say).
+fn failed_ids(reply: &Value, sent: &[String]) -> Vec<String> {
     if reply.get("result") == Some(&json!("ok")) {
-        return Ok(Vec::new());
+        return Vec::new();
     }
     let error = reply.get("error").and_then(Value::as_str).unwrap_or("");
-    let listed = serde_json::from_str::<Value>(error).ok().and_then(|e| {
-        e.get("ids")?
-            .as_array()?
-            .iter()
-            .map(|id| id.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-    });
+    let listed = serde_json::from_str::<Value>(error)
+        .ok()
+        .and_then(|e| strings(e.get("ids")?));
     match listed {
-        Some(ids) if !ids.is_empty() => Ok(ids),
+        Some(ids) if !ids.is_empty() => ids,
         _ => {
             tracing::warn!(error = %crate::callback::escaped_prefix(error.as_bytes()), "the other process refused a forwarded push");
-            Ok(sent.to_vec())
+            sent.to_vec()
         }
     }
+}
+
+/// The `data` of a newest-generation reply (`{"code", "data", "error"}`) when its code
+/// is 20000 or 50001 (some ids failed); `None` for a refusal (logged).
+fn enveloped_data(reply: &Value) -> Option<&Value> {
+    let result = reply.get("result")?;
+    match result.get("code").and_then(Value::as_u64) {
+        Some(20000 | 50001) => result.get("data"),
+        _ => {
+            tracing::warn!(reply = %result, "the other process refused a forwarded call");
+            None
+        }
+    }
+}
+
+/// A JSON array of strings.
+fn strings(value: &Value) -> Option<Vec<String>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|id| id.as_str().map(str::to_owned))
+        .collect()
 }
 
 #[cfg(test)]
@@ -197,20 +287,39 @@ mod tests {
         vec!["a".into(), "b".into()]
     }
 
+    fn reply(line: &[u8]) -> Value {
+        reply_to(line, 3).unwrap()
+    }
+
     #[test]
     fn replies_name_the_failed_ids() {
-        let ok = br#"{"id":3,"result":"ok","error":null}"#;
-        assert_eq!(failed_ids(ok, 3, &sent()).unwrap(), Vec::<String>::new());
-        let some = br#"{"id":3,"result":null,"error":"{\"ids\":[\"b\"],\"msg\":\"x\"}"}"#;
-        assert_eq!(failed_ids(some, 3, &sent()).unwrap(), vec!["b".to_owned()]);
-        let refused = br#"{"id":3,"result":null,"error":"{\"ids\":[],\"msg\":\"token error.\"}"}"#;
-        assert_eq!(failed_ids(refused, 3, &sent()).unwrap(), sent());
+        let ok = reply(br#"{"id":3,"result":"ok","error":null}"#);
+        assert_eq!(failed_ids(&ok, &sent()), Vec::<String>::new());
+        let some = reply(br#"{"id":3,"result":null,"error":"{\"ids\":[\"b\"],\"msg\":\"x\"}"}"#);
+        assert_eq!(failed_ids(&some, &sent()), vec!["b".to_owned()]);
+        let refused =
+            reply(br#"{"id":3,"result":null,"error":"{\"ids\":[],\"msg\":\"token error.\"}"}"#);
+        assert_eq!(failed_ids(&refused, &sent()), sent());
     }
 
     #[test]
     fn a_reply_to_another_call_or_garbage_is_an_error() {
-        let other = br#"{"id":4,"result":"ok","error":null}"#;
-        assert!(failed_ids(other, 3, &sent()).is_err());
-        assert!(failed_ids(b"\x1b[31m", 3, &sent()).is_err());
+        assert!(reply_to(br#"{"id":4,"result":"ok","error":null}"#, 3).is_err());
+        assert!(reply_to(b"\x1b[31m", 3).is_err());
+    }
+
+    #[test]
+    fn newest_generation_data_is_read_only_from_an_answer() {
+        let partial = reply(
+            br#"{"id":3,"result":{"code":50001,"data":{"delivered":2,"failed":["x"]},"error":"1 connections could not be reached"},"error":null}"#,
+        );
+        let data = enveloped_data(&partial).unwrap();
+        assert_eq!(data["delivered"], json!(2));
+        assert_eq!(strings(&data["failed"]), Some(vec!["x".to_owned()]));
+        let refused = reply(
+            br#"{"id":3,"result":{"code":40100,"data":null,"error":"token error."},"error":null}"#,
+        );
+        assert!(enveloped_data(&refused).is_none());
+        assert_eq!(strings(&json!(["a", 1])), None);
     }
 }

@@ -114,8 +114,10 @@ async fn dispatch_named(
                 type_name(&other)
             )),
         },
-        "KickConnections" => kick(node, &Fields::from(param)?).await,
-        "Broadcast" => Ok(enveloped(broadcast(node, &Fields::from(param)?).await)),
+        "KickConnections" => kick(node, &Fields::from(param)?, route).await,
+        "Broadcast" => Ok(enveloped(
+            broadcast(node, &Fields::from(param)?, route).await,
+        )),
         "CheckConnectionsOnline" => Ok(enveloped(check_online(node, &Fields::from(param)?))),
         "GetAllConnections" => Ok(enveloped(
             authorised(node, &Fields::from(param)?).map(|()| json!(node.all_connections())),
@@ -125,12 +127,14 @@ async fn dispatch_named(
             Err(refused) => Err(refused),
         })),
         "JoinGroup" => Ok(enveloped(
-            change_group(node, &Fields::from(param)?, Membership::Join).await,
+            change_group(node, &Fields::from(param)?, Membership::Join, route).await,
         )),
         "LeaveGroup" => Ok(enveloped(
-            change_group(node, &Fields::from(param)?, Membership::Leave).await,
+            change_group(node, &Fields::from(param)?, Membership::Leave, route).await,
         )),
-        "SendToGroup" => Ok(enveloped(send_to_group(node, &Fields::from(param)?).await)),
+        "SendToGroup" => Ok(enveloped(
+            send_to_group(node, &Fields::from(param)?, route).await,
+        )),
         "Status" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
             Ok(()) => Ok(node.status().await),
             Err(refused) => Err(refused),
@@ -352,7 +356,7 @@ async fn send_second_generation(
     }
 }
 
-async fn kick(node: &Node, fields: &Fields) -> Result<Value, String> {
+async fn kick(node: &Node, fields: &Fields, route: Route) -> Result<Value, String> {
     if !token_ok(node, &fields.text("token")) {
         return Err(json!({"ids": [], "msg": "token error."}).to_string());
     }
@@ -360,7 +364,7 @@ async fn kick(node: &Node, fields: &Fields) -> Result<Value, String> {
     if connections.is_empty() {
         return Err(json!({"ids": [], "msg": "connections is empty."}).to_string());
     }
-    node.kick(&connections).await;
+    node.kick(&connections, route).await;
     Ok(json!("ok"))
 }
 
@@ -412,13 +416,13 @@ fn partial(data: Value, failed: &[String], what: &str) -> Enveloped {
     })
 }
 
-async fn broadcast(node: &Node, fields: &Fields) -> Enveloped {
+async fn broadcast(node: &Node, fields: &Fields, route: Route) -> Enveloped {
     authorised(node, fields)?;
     let msg = fields.text("msg");
     if msg.is_empty() {
         return Err(Failure::new(code::BAD_PARAMS, "msg is empty."));
     }
-    let outcome = node.broadcast(&msg).await;
+    let outcome = node.broadcast(&msg, route).await;
     let data = json!({"delivered": outcome.delivered, "failed": outcome.failed});
     partial(data, &outcome.failed, "could not be reached")
 }
@@ -436,7 +440,7 @@ enum Membership {
     Leave,
 }
 
-async fn change_group(node: &Node, fields: &Fields, change: Membership) -> Enveloped {
+async fn change_group(node: &Node, fields: &Fields, change: Membership, route: Route) -> Enveloped {
     authorised(node, fields)?;
     let group = group_name(fields)?;
     let connections = fields
@@ -446,21 +450,21 @@ async fn change_group(node: &Node, fields: &Fields, change: Membership) -> Envel
         return Err(Failure::new(code::BAD_PARAMS, "connections is empty."));
     }
     let not_found = match change {
-        Membership::Join => node.join_group(&group, &connections).await,
-        Membership::Leave => node.leave_group(&group, &connections).await,
+        Membership::Join => node.join_group(&group, &connections, route).await,
+        Membership::Leave => node.leave_group(&group, &connections, route).await,
     };
     let data = json!({"group": group, "not_found": not_found});
     partial(data, &not_found, "are not on this node")
 }
 
-async fn send_to_group(node: &Node, fields: &Fields) -> Enveloped {
+async fn send_to_group(node: &Node, fields: &Fields, route: Route) -> Enveloped {
     authorised(node, fields)?;
     let group = group_name(fields)?;
     let msg = fields.text("msg");
     if msg.is_empty() {
         return Err(Failure::new(code::BAD_PARAMS, "msg is empty."));
     }
-    let outcome = node.group_push(&group, &msg).await;
+    let outcome = node.group_push(&group, &msg, route).await;
     let data = json!({"group": group, "delivered": outcome.delivered, "failed": outcome.failed});
     partial(data, &outcome.failed, "could not be reached")
 }
