@@ -161,8 +161,17 @@ impl<W> Directory<W> {
             per_shard: vec![Vec::new(); self.per_shard.len()],
             missing: Vec::new(),
         };
-        let mut seen = ahash::AHashSet::with_capacity(conn_ids.len());
-        for id in conn_ids.iter().filter(|id| seen.insert(id.as_str())) {
+        // A single recipient (the everyday unicast) needs no duplicate check, nor its
+        // allocation.
+        let mut seen = ahash::AHashSet::with_capacity(if conn_ids.len() > 1 {
+            conn_ids.len()
+        } else {
+            0
+        });
+        for id in conn_ids
+            .iter()
+            .filter(|id| conn_ids.len() == 1 || seen.insert(id.as_str()))
+        {
             match self.shard_of(id) {
                 Some(shard) => split.per_shard[shard].push(id.clone()),
                 None => split.missing.push(id.clone()),

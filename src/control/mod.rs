@@ -566,27 +566,28 @@ impl Node {
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
         let message = Message::new(msg.as_bytes());
-        let buffered = RefCell::new(Vec::new());
-        let answers = self
-            .to_holders(conn_ids, |conn_ids, reply| {
-                let (tx, rx) = oneshot::channel();
-                buffered.borrow_mut().push(rx);
-                ShardCommand::Push {
-                    message: Arc::clone(&message),
-                    conn_ids,
-                    reply,
-                    buffered: tx,
-                }
+        // One reply per shard carries both lists (a second oneshot per shard for the
+        // buffered ids cost an allocation and a wake-up check per push).
+        let (not_here, answers) = self
+            .send_to_holders(conn_ids, |conn_ids, reply| ShardCommand::Push {
+                message: Arc::clone(&message),
+                conn_ids,
+                reply,
             })
             .await;
-        bump(&self.counters.not_on_node, answers.not_here.len());
+        bump(&self.counters.not_on_node, not_here.len());
         let mut outcome = PushOutcome {
-            failed: answers.all(),
+            failed: not_here,
             buffered: Vec::new(),
         };
-        // Each shard answered `buffered` before its reply, so these are ready (or gone).
-        for rx in buffered.into_inner() {
-            outcome.buffered.extend(rx.await.unwrap_or_default());
+        for (ids, answer) in answers {
+            match answer {
+                Some(answer) => {
+                    outcome.failed.extend(answer.failed);
+                    outcome.buffered.extend(answer.buffered);
+                }
+                None => outcome.failed.extend(ids),
+            }
         }
         outcome
     }
@@ -599,9 +600,26 @@ impl Node {
         conn_ids: &[String],
         make: impl Fn(Vec<String>, oneshot::Sender<Vec<String>>) -> ShardCommand,
     ) -> HolderAnswers {
+        let (not_here, answers) = self.send_to_holders(conn_ids, make).await;
+        let answered = answers
+            .into_iter()
+            .flat_map(|(ids, answer)| answer.unwrap_or(ids))
+            .collect();
+        HolderAnswers { not_here, answered }
+    }
+
+    /// Splits `conn_ids` (each once) by the shard holding them and sends each shard the
+    /// command `make` builds for its share. Returns the ids not on this node, and each
+    /// share with its shard's answer (`None`: the shard ended or is stuck, and delivered
+    /// nothing we know of).
+    async fn send_to_holders<R>(
+        &self,
+        conn_ids: &[String],
+        make: impl Fn(Vec<String>, oneshot::Sender<R>) -> ShardCommand,
+    ) -> (Vec<String>, Vec<(Vec<String>, Option<R>)>) {
         let Split { per_shard, missing } = self.directory.borrow().split_by_shard(conn_ids);
         let mut replies = Vec::new();
-        let mut answered = Vec::new();
+        let mut answers = Vec::new();
         for (shard, ids) in per_shard.into_iter().enumerate() {
             if ids.is_empty() {
                 continue;
@@ -610,17 +628,13 @@ impl Node {
             if self.shards[shard].send(make(ids.clone(), reply)) {
                 replies.push((shard, ids, answer));
             } else {
-                answered.extend(ids);
+                answers.push((ids, None));
             }
         }
         for (shard, ids, answer) in replies {
-            // A shard that ended or is stuck delivered nothing we know of.
-            answered.extend(shard_reply(shard, answer).await.unwrap_or(ids));
+            answers.push((ids, shard_reply(shard, answer).await));
         }
-        HolderAnswers {
-            not_here: missing,
-            answered,
-        }
+        (missing, answers)
     }
 
     /// Sends every shard the command `make` builds and collects the replies.

@@ -21,13 +21,12 @@ pub(crate) use inbox::{Inbox, ShardHandle, channel as shard_channel};
 
 /// Work the control thread hands to a shard.
 pub(crate) enum ShardCommand {
-    /// Deliver one message to these conn_ids; reply with the ones not delivered, and on
-    /// `buffered` (sent first) those kept in a recovery buffer for a client away.
+    /// Deliver one message to these conn_ids; reply with the ones not delivered and those
+    /// kept in a recovery buffer for a client away.
     Push {
         message: Arc<Message>,
         conn_ids: Vec<String>,
-        reply: oneshot::Sender<Vec<String>>,
-        buffered: oneshot::Sender<Vec<String>>,
+        reply: oneshot::Sender<PushOutcome>,
     },
     /// Deliver one message to every session; reply with the counts.
     Broadcast {

@@ -494,7 +494,9 @@ mod tests {
     use crate::callback::CallbackStats;
     use crate::config::{Config, EMBEDDED_DEFAULT};
     use crate::control::{Node, NodeParts, Route};
-    use crate::link::{self, BroadcastOutcome, DirectoryRequest, Inbox, ShardCommand, ShardStats};
+    use crate::link::{
+        self, BroadcastOutcome, DirectoryRequest, Inbox, PushOutcome, ShardCommand, ShardStats,
+    };
     use crate::presence::Presence;
 
     /// A message server's call (not one forwarded from the other process of a restart).
@@ -518,15 +520,16 @@ mod tests {
                         message,
                         conn_ids,
                         reply,
-                        buffered,
                     } => {
                         let (here, away): (Vec<_>, Vec<_>) =
                             conn_ids.into_iter().partition(|c| held.contains(c));
                         for conn_id in here {
                             seen.lock().unwrap().push((id, conn_id, text(&message)));
                         }
-                        let _ = buffered.send(Vec::new());
-                        let _ = reply.send(away);
+                        let _ = reply.send(PushOutcome {
+                            failed: away,
+                            buffered: Vec::new(),
+                        });
                     }
                     ShardCommand::Broadcast { message, reply } => {
                         for conn_id in &held {

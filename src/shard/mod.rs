@@ -479,11 +479,8 @@ impl Shard {
                 message,
                 conn_ids,
                 reply,
-                buffered,
             } => {
-                let outcome = self.push(&message, conn_ids);
-                let _ = buffered.send(outcome.buffered);
-                let _ = reply.send(outcome.failed);
+                let _ = reply.send(self.push(&message, conn_ids));
             }
             ShardCommand::Broadcast { message, reply } => {
                 let _ = reply.send(self.table.borrow_mut().broadcast(&message));

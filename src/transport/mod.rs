@@ -82,7 +82,7 @@ pub(crate) fn spawn(
     entry: &Entry,
     slot: Option<HandshakeSlot>,
 ) {
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY comes from the listener (`app::bind_client_port`).
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     if entry.kind == EntryKind::Tcp {
         tcp::enable_keepalive(fd, live.shard().config.ping_interval);
