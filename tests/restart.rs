@@ -248,6 +248,160 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
     );
 }
 
+/// Every pid the log names as a successor, in order.
+fn successor_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| l.contains("successor started"))
+        .filter_map(|line| successor_pid(line))
+        .collect()
+}
+
+/// Issue 18's case at its size: 2,000 clients, a message server answering every
+/// callback in 10 ms, three SIGUSR2 hand-overs in a row (each successor hands over to the
+/// next). Each client reconnects at once whenever it is closed with 1001. At the end
+/// every conn_id's callbacks alternate online / offline, beginning and ending with online,
+/// one pair per hand-over at least: no `online` ever overtook the `offline` before it.
+#[test]
+fn presence_stays_in_order_through_three_hand_overs_of_2000_clients() {
+    const CLIENTS: usize = 2000;
+    const HAND_OVERS: usize = 3;
+    let server = MessageServer::start();
+    server.stall("*", Duration::from_millis(10));
+    let old = Comet::start(
+        Some(&server),
+        "drain_window=2s\nping_interval=10s\nheartbeat_timeout=60s\npresence_workers=32",
+    );
+    let port = old.ws_port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let url = old.ws_url(&format!("h{i}"), "t", "");
+            let (stop, connected) = (Arc::clone(&stop), Arc::clone(&connected));
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let mut reconnects = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let Ok(mut client) = common::connect_url(&url, port) else {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        };
+                        client
+                            .get_mut()
+                            .set_read_timeout(Some(Duration::from_millis(200)))
+                            .unwrap();
+                        connected.fetch_add(1, Ordering::SeqCst);
+                        let closed = loop {
+                            match client.read() {
+                                Ok(tungstenite::Message::Close(_)) => break true,
+                                Ok(_) => {}
+                                Err(tungstenite::Error::Io(e))
+                                    if e.kind() == std::io::ErrorKind::WouldBlock
+                                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                                {
+                                    if stop.load(Ordering::SeqCst) {
+                                        break false;
+                                    }
+                                }
+                                Err(_) => break true,
+                            }
+                        };
+                        connected.fetch_sub(1, Ordering::SeqCst);
+                        if !closed {
+                            return reconnects;
+                        }
+                        reconnects += 1;
+                    }
+                    reconnects
+                })
+                .unwrap()
+        })
+        .collect();
+    let all_online = |n: usize| {
+        wait_until(Duration::from_secs(60), || {
+            connected.load(Ordering::SeqCst) == CLIENTS && server.calls_of("online").len() >= n
+        })
+    };
+    assert!(
+        all_online(CLIENTS),
+        "{} connected",
+        connected.load(Ordering::SeqCst)
+    );
+    let mut old = old;
+    let mut current = old.pid();
+    let started = std::time::Instant::now();
+    for round in 1..=HAND_OVERS {
+        let _ = std::process::Command::new("kill")
+            .args(["-USR2", &current.to_string()])
+            .status();
+        let next = wait_until(Duration::from_secs(30), || {
+            successor_pids(&old.log_text()).len() == round
+        });
+        assert!(next, "hand-over {round}: no successor: {}", old.log_text());
+        let previous = current;
+        current = successor_pids(&old.log_text())[round - 1];
+        assert!(
+            wait_until(Duration::from_secs(60), || !std::path::Path::new(&format!(
+                "/proc/{previous}/stat"
+            ))
+            .exists()
+                || std::fs::read_to_string(format!("/proc/{previous}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))),
+            "hand-over {round}: the old process {previous} did not exit"
+        );
+        if round == 1 {
+            let status = old
+                .wait_exit(Duration::from_secs(5))
+                .expect("the first process exits");
+            assert!(status.success(), "{status:?}");
+        }
+        assert!(
+            all_online(CLIENTS * (round + 1)),
+            "hand-over {round}: {} connected, {} onlines",
+            connected.load(Ordering::SeqCst),
+            server.calls_of("online").len()
+        );
+    }
+    let _reap = Reap(current);
+    let elapsed = started.elapsed();
+    let sequence = |calls: &[common::message_server::Callback], id: &str| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| (c.method == "online" || c.method == "offline") && c.arg(0) == id)
+            .map(|c| c.method.clone())
+            .collect()
+    };
+    let in_order = |seen: &[String]| {
+        seen.len() > 2 * HAND_OVERS
+            && seen.len() % 2 == 1
+            && seen
+                .iter()
+                .enumerate()
+                .all(|(n, m)| m == if n % 2 == 0 { "online" } else { "offline" })
+    };
+    let settled = wait_until(Duration::from_secs(60), || {
+        let calls = server.calls();
+        (0..CLIENTS).all(|i| in_order(&sequence(&calls, &format!("h{i}"))))
+    });
+    let calls = server.calls();
+    let out_of_order: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("h{i}"))
+        .filter(|id| !in_order(&sequence(&calls, id)))
+        .take(10)
+        .map(|id| format!("{id}: {:?}", sequence(&calls, &id)))
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    let reconnects: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    println!(
+        "{HAND_OVERS} hand-overs of {CLIENTS} clients (10 ms callbacks) in {elapsed:?}: \
+         {} callbacks, {reconnects} reconnects, {} conn_ids out of order",
+        calls.len(),
+        out_of_order.len()
+    );
+    assert!(settled, "out of order (first 10): {out_of_order:?}");
+}
+
 /// One client's time without a connection to either process, as the client saw it: from
 /// the old process's close to the handshake of the connection that stayed.
 type Gap = (std::time::Instant, std::time::Instant);

@@ -76,7 +76,7 @@ impl MessageServer {
             .insert(token.into());
     }
 
-    /// Every call of `method` waits `delay` before answering.
+    /// Every call of `method` (`"*"`: of any method) waits `delay` before answering.
     pub fn stall(&self, method: &str, delay: Duration) {
         self.shared.behaviour.lock().unwrap().stall = Some((method.into(), delay));
     }
@@ -290,7 +290,7 @@ fn handle(shared: &Shared, user_agent: &str, body: &[u8]) -> String {
         let stall = behaviour
             .stall
             .as_ref()
-            .filter(|(m, _)| *m == method)
+            .filter(|(m, _)| *m == method || m == "*")
             .map(|(_, d)| *d);
         let refused = method == "checkToken"
             && args
