@@ -252,7 +252,7 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
 fn successor_pids(log: &str) -> Vec<u32> {
     log.lines()
         .filter(|l| l.contains("successor started"))
-        .filter_map(|line| successor_pid(line))
+        .filter_map(successor_pid)
         .collect()
 }
 
