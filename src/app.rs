@@ -473,10 +473,10 @@ fn run_control(
                             peer = Some(listening);
                             match hand_over(&handover, &back).await {
                                 Ok((pid, ready)) => break Ending::HandedOver(pid, ready),
-                                Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
+                                Err(err) => restart_aborted(&err),
                             }
                         }
-                        Err(err) => tracing::error!("restart aborted, still serving: {err:#}"),
+                        Err(err) => restart_aborted(&err),
                     }
                 }
             }
@@ -558,6 +558,17 @@ fn run_control(
             Ending::Signal | Ending::HandedOver(..) => Ok(()),
         }
     })
+}
+
+/// A SIGUSR2 that did not hand over: logged, and told to systemd as the unit's status
+/// text (`tuning/comet-reload.sh` waits for either the successor's MAINPID or this).
+fn restart_aborted(err: &anyhow::Error) {
+    tracing::error!("restart aborted, still serving: {err:#}");
+    let when = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let why = format!("{err:#}").replace('\n', " ");
+    crate::sys::notify_systemd(&format!("STATUS=restart failed at {when}: {why}"));
 }
 
 /// A hand-over's peer listener, served (`rpc::forward`): the calls arriving on it were

@@ -886,3 +886,129 @@ fn a_readyz_probe_accepted_before_the_hand_over_is_answered_ready() {
         .expect("the old process exits");
     assert!(status.success(), "{status:?}");
 }
+
+/// systemd as `tuning/comet-reload.sh` sees it, for the tests: a notify socket that
+/// keeps the last `MAINPID=` and `STATUS=` the node (or its successor, NotifyAccess=all)
+/// sent, and a `systemctl` on PATH that answers `show -p MainPID|StatusText --value`.
+struct FakeSystemd {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl FakeSystemd {
+    fn start() -> FakeSystemd {
+        let dir = common::temp_dir("fake-systemd");
+        let socket = dir.join("notify.sock");
+        let listener = std::os::unix::net::UnixDatagram::bind(&socket).unwrap();
+        let main_pid = dir.join("mainpid");
+        std::fs::write(&main_pid, "0\n").unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = listener.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if let Some(pid) = text.lines().find_map(|l| l.strip_prefix("MAINPID=")) {
+                    std::fs::write(&main_pid, format!("{pid}\n")).unwrap();
+                }
+                if let Some(status) = text.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                    std::fs::write(main_pid.with_file_name("status"), format!("{status}\n"))
+                        .unwrap();
+                }
+            }
+        });
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let systemctl = bin.join("systemctl");
+        // `systemctl show -p MainPID|StatusText --value UNIT`
+        std::fs::write(
+            &systemctl,
+            format!(
+                "#!/bin/sh\ncase \"$3\" in MainPID) cat '{0}/mainpid';; StatusText) cat '{0}/status' 2>/dev/null;; esac\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        FakeSystemd { dir, socket }
+    }
+
+    /// Runs the reload script against `pid`: its exit status and its output.
+    fn reload(&self, pid: u32) -> (bool, String) {
+        let path = format!(
+            "{}:{}",
+            self.dir.join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/comet-reload.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg(pid.to_string())
+            .env("PATH", path)
+            .env("COMET_RELOAD_TIMEOUT", "40")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+/// `tuning/comet-reload.sh` (the unit's ExecReload) waits for the outcome of a SIGUSR2:
+/// it exits 0 only once the successor has told systemd it is the MAINPID, and 1 when the
+/// successor fails (a broken comet.ini) while the node goes on serving.
+#[test]
+fn the_reload_script_reports_a_served_successor_and_a_failed_one() {
+    let systemd = FakeSystemd::start();
+    let mut old = Comet::start_with_env(
+        None,
+        "drain_window=0",
+        &[("NOTIFY_SOCKET", systemd.socket.to_str().unwrap())],
+    );
+    assert!(wait_until(Duration::from_secs(10), || old
+        .log_text()
+        .contains("comet ready")));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, said) = systemd.reload(old.pid());
+    assert!(ok, "{said}\n{}", old.log_text());
+    let successor = successor_pid(&old.log_text()).expect("the log names the successor");
+    assert!(
+        said.contains(&format!("successor {successor} serving")),
+        "{said}"
+    );
+    let _reap = Reap(successor);
+    assert!(
+        old.wait_exit(Duration::from_secs(20)).is_some(),
+        "the old process drains and exits"
+    );
+
+    // The successor's comet.ini is the same file: break it, and reload again.
+    let config = old.log.parent().unwrap().join("comet.ini");
+    std::fs::write(&config, "max_proc=banana\n").unwrap();
+    let asked = std::time::Instant::now();
+    let (ok, said) = systemd.reload(successor);
+    assert!(!ok, "a failed successor must fail the reload: {said}");
+    // A successor that fails within 100 ms was missed by the child watch, and the
+    // reload failed only at its 35 s timeout.
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}: {said}",
+        asked.elapsed()
+    );
+    assert!(said.contains("the successor failed"), "{said}");
+    assert!(
+        said.contains("restart failed at"),
+        "seen through the unit's status: {said}"
+    );
+    assert!(
+        std::path::Path::new(&format!("/proc/{successor}")).exists(),
+        "the node goes on serving"
+    );
+    let mut rpc = old.rpc();
+    assert_eq!(
+        rpc.call("Server.GetNode", json!({"token": ""}))["result"]["code"],
+        json!(20000)
+    );
+}
