@@ -23,6 +23,14 @@ use crate::token::keys::KeyStore;
 use crate::token::{ClaimRules, TokenVerifier};
 use crate::transport::{Entry, EntryKind, tls};
 
+/// Holds SIGTERM, SIGINT, SIGHUP and SIGUSR2 pending from here until the node (or the
+/// monitor) has installed its handlers: call it first thing in `main`, so that a signal
+/// that arrives while the process starts stops it gracefully instead of killing it by
+/// the signal's default action.
+pub fn hold_stop_signals() {
+    crate::sys::hold_stop_signals();
+}
+
 /// Runs a gateway node until SIGTERM/SIGINT has closed every client, or until a
 /// successor started by SIGUSR2 has taken over.
 pub fn run_node(config: Config) -> anyhow::Result<()> {
@@ -386,14 +394,17 @@ struct Signals {
 }
 
 impl Signals {
-    /// Installs the handlers; must run inside the control runtime's context.
+    /// Installs the handlers; must run inside the control runtime's context. A stop
+    /// signal held since [`hold_stop_signals`] is delivered to them then.
     fn watch() -> anyhow::Result<Signals> {
-        Ok(Signals {
+        let signals = Signals {
             terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
             restart: signal(SignalKind::user_defined2()).context("cannot watch SIGUSR2")?,
             hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
-        })
+        };
+        crate::sys::release_stop_signals();
+        Ok(signals)
     }
 }
 

@@ -62,6 +62,7 @@ struct Token {
 }
 
 fn main() -> ExitCode {
+    comet::app::hold_stop_signals();
     comet::panics::install_hook();
     let args = match parse_args() {
         Ok(args) => args,

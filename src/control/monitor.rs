@@ -92,6 +92,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
+        // Held since `app::hold_stop_signals`: SIGTERM and SIGINT reach the handlers now,
+        // SIGHUP and SIGUSR2 their default action, as before.
+        crate::sys::release_stop_signals();
         let monitor = Monitor::new(&config);
         tokio::select! {
             _ = monitor.run() => {}
