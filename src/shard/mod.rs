@@ -41,6 +41,12 @@ use table::{Heartbeat, Pings, SessionTable};
 /// Bytes read from a socket per read call; shared by every connection of a shard, so an
 /// idle connection holds no read buffer at all.
 const SCRATCH_BYTES: usize = 16 * 1024;
+/// How long a shard runs ready tasks before it polls its ring again. A client that keeps
+/// its socket full is always ready (`transport::READS_PER_POLL` makes it yield, not
+/// sleep), and at glommio's default of 100 ms every other socket of its shard waited that
+/// long to be seen: pushes to other clients 80-97 ms, pongs up to 242 ms, new upgrades
+/// 201 ms at p50 under one such flood.
+const PREEMPT_TIMER: Duration = Duration::from_millis(5);
 /// Longest pause of the acceptor after running out of descriptors.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -165,6 +171,7 @@ pub(crate) fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards
         let thread = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("shard-{id}"))
             .ring_depth(deps.config.io_uring_depth)
+            .preempt_timer(PREEMPT_TIMER)
             .blocking_thread_pool_placement(PoolPlacement::Unbound(deps.config.callback_threads))
             .spawn(move || async move {
                 // Each descriptor is a listening socket whose ownership was given
