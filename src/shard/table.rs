@@ -471,8 +471,13 @@ fn numbered(epoch: &str, wire: Wire, seq: u64, message: &Message) -> Arc<Message
             message.payload(),
             crate::codec::sse::event_with_id(epoch, seq, message.payload()),
         ),
-        Wire::WebSocket | Wire::WebSocketDeflate(_) | Wire::Resp => {
+        Wire::WebSocket | Wire::Resp => {
             Message::new(recovery::message_text(epoch, seq, message.payload()).as_bytes())
+        }
+        // Made for this session alone: compressing it would cost one compression per
+        // recipient (`Message::uncompressed`).
+        Wire::WebSocketDeflate(_) => {
+            Message::uncompressed(recovery::message_text(epoch, seq, message.payload()).as_bytes())
         }
     }
 }
