@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -31,6 +32,10 @@ use crate::codec::Message;
 /// 30,460 KiB, 311 bytes per message, so 211 besides the payload.
 pub(crate) const ENTRY_OVERHEAD: usize = 224;
 
+/// Parked rings looked at, oldest first, for one without messages to evict: a bound on
+/// the work per eviction, whatever the number of rings.
+const EMPTY_SCAN: usize = 64;
+
 /// Bytes counted for each ring besides its conn_id, kept or parked, with or without
 /// messages: its slot in the shard's map (key and [`Ring`], with the map's spare
 /// capacity), the conn_id's own allocation and its expiry slot. Without it a stranger
@@ -38,8 +43,8 @@ pub(crate) const ENTRY_OVERHEAD: usize = 224;
 /// conn_id, no push needed, and none of it was counted against `recovery_total_bytes`.
 pub(crate) const RING_OVERHEAD: usize = 256;
 
-/// The bounds of one shard's buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The bounds of one shard's buffers, and the node's seq floor.
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     /// Messages kept per conn_id; 0: recovery is off.
     pub(crate) window: usize,
@@ -51,6 +56,11 @@ pub(crate) struct Limits {
     /// [`RING_OVERHEAD`] per ring. Past it the oldest message goes first; with no message
     /// left, the oldest parked ring.
     pub(crate) total_bytes: usize,
+    /// The highest seq of any buffer this process has dropped (expired, kicked, evicted),
+    /// shared by all its shards: a buffer made afresh numbers from above it, so that a
+    /// conn_id never sees a seq repeated within an epoch, whichever shard it lands on
+    /// (a buffer dropped and made again restarted at 1).
+    pub(crate) seq_floor: &'static AtomicU64,
 }
 
 /// Where a reconnecting client says it stopped: the epoch and seq of the last message it
@@ -367,7 +377,8 @@ impl RecoveryStore {
     }
 
     /// Keeps `message` for an absent client whose ring is parked and not expired at
-    /// `now`; false when there is none (the push failed).
+    /// `now`; false when there is none, or when the bounds did not let it stay (the push
+    /// failed: its seq is known lost at the reconnect).
     pub(crate) fn buffer_if_parked(
         &mut self,
         conn_id: &str,
@@ -381,8 +392,10 @@ impl RecoveryStore {
             return false;
         }
         let key = Rc::clone(key);
-        self.record(&key, message);
-        true
+        let seq = self.record(&key, message);
+        self.rings
+            .get(&key)
+            .is_some_and(|r| r.entries.back().is_some_and(|(kept, _)| *kept == seq))
     }
 
     /// The client is gone (not kicked): its ring is kept for `recovery_ttl` from `now`.
@@ -411,7 +424,7 @@ impl RecoveryStore {
     /// Drops `conn_id`'s ring (kicked clients get no recovery); false if it had none.
     pub(crate) fn forget(&mut self, conn_id: &str) -> bool {
         self.clear(conn_id);
-        self.remove_ring(conn_id).is_some()
+        self.drop_ring(conn_id)
     }
 
     /// Drops parked rings whose TTL passed; returns their conn_ids, and those of the
@@ -524,7 +537,13 @@ impl RecoveryStore {
         if !self.rings.contains_key(conn_id) {
             self.bytes += ring_cost(conn_id);
         }
-        self.rings.entry(Rc::clone(conn_id)).or_default()
+        let floor = self.limits.seq_floor;
+        self.rings
+            .entry(Rc::clone(conn_id))
+            .or_insert_with(|| Ring {
+                next_seq: floor.load(Ordering::Relaxed) + 1,
+                ..Ring::default()
+            })
     }
 
     /// Removes `conn_id`'s ring and what it counted for itself (its messages' bytes are
@@ -535,14 +554,54 @@ impl RecoveryStore {
         Some(ring)
     }
 
-    /// Drops the oldest messages, then the oldest parked rings, until the shard is within
-    /// its total. Rings of connected clients stay: their count is bounded by the sessions.
+    /// Drops `conn_id`'s ring for good (not moved to another shard): its seqs are never
+    /// given again in this epoch.
+    fn drop_ring(&mut self, conn_id: &str) -> bool {
+        let Some(ring) = self.remove_ring(conn_id) else {
+            return false;
+        };
+        self.limits
+            .seq_floor
+            .fetch_max(ring.next_seq - 1, Ordering::Relaxed);
+        true
+    }
+
+    /// Drops parked rings that hold no message, then the oldest messages, then the oldest
+    /// parked rings, until the shard is within its total. Empty ones go first: they keep
+    /// nothing but a numbering, and a stranger can park them by the thousand (connect and
+    /// close with `"recover": true`) until every message pushed to a real client away
+    /// was evicted the moment it was kept. Rings of connected clients stay: their count is
+    /// bounded by the sessions.
     fn enforce_total(&mut self) {
         while self.bytes > self.limits.total_bytes {
-            if !self.evict_oldest_message() && !self.evict_oldest_parked() {
+            if !self.evict_empty_parked()
+                && !self.evict_oldest_message()
+                && !self.evict_oldest_parked()
+            {
                 return;
             }
         }
+    }
+
+    /// Drops the first parked ring without messages among the [`EMPTY_SCAN`] due to
+    /// expire first; false if none is found there.
+    fn evict_empty_parked(&mut self) -> bool {
+        let found = self
+            .expiries
+            .iter()
+            .take(EMPTY_SCAN)
+            .position(|(id, until)| {
+                self.rings
+                    .get(id)
+                    .is_some_and(|r| r.parked_until == Some(*until) && r.entries.is_empty())
+            });
+        let Some(at) = found else {
+            return false;
+        };
+        let (id, _) = self.expiries.remove(at).expect("found above");
+        self.forget(&id);
+        self.evicted.push(id);
+        true
     }
 
     /// Drops the shard's oldest kept message; false if none is kept.
@@ -650,6 +709,7 @@ mod tests {
 
     fn limits(window: usize, bytes: usize, total_bytes: usize) -> Limits {
         Limits {
+            seq_floor: Box::leak(Box::new(AtomicU64::new(0))),
             window,
             ttl: Duration::from_secs(60),
             bytes,
@@ -907,6 +967,57 @@ mod tests {
         store.attach(&"d".into(), None, EPOCH);
         store.attach(&b, None, EPOCH);
         assert!(store.sweep(now).is_empty());
+    }
+
+    #[test]
+    fn a_buffer_made_again_numbers_above_every_dropped_one() {
+        let mut store = store(8);
+        let (a, b): (Rc<str>, Rc<str>) = ("a".into(), "b".into());
+        store.attach(&a, None, EPOCH);
+        for _ in 0..3 {
+            store.record(&a, &msg("m"));
+        }
+        let now = Instant::now();
+        store.park("a", now);
+        // Expired (or kicked): the next session of `a` must not see seq 1 again.
+        store.sweep(now + Duration::from_secs(61));
+        store.attach(&a, None, EPOCH);
+        assert_eq!(store.record(&a, &msg("again")), 4);
+        // The floor is the node's: another id made afresh numbers above it too.
+        store.attach(&b, None, EPOCH);
+        assert_eq!(store.record(&b, &msg("b")), 4);
+        // A reconnect after the drop is told what it is: expired, and the last seq.
+        store.forget("a");
+        let resume = store.attach(&a, Some(&since(3)), EPOCH).unwrap();
+        assert_eq!(resume.lost, Some((Lost::Expired, None)));
+        assert_eq!(resume.seq, 4);
+    }
+
+    #[test]
+    fn empty_parked_rings_go_before_a_message_kept_for_a_client_away() {
+        let one = 1 + ENTRY_OVERHEAD;
+        let room = 3 * ring_cost("c0") + one;
+        let mut store = RecoveryStore::new(limits(100, 1 << 20, room));
+        let now = Instant::now();
+        for id in ["c0", "c1"] {
+            store.attach(&id.into(), None, EPOCH);
+            store.park(id, now);
+        }
+        let real: Rc<str> = "c2".into();
+        store.attach(&real, None, EPOCH);
+        store.park("c2", now);
+        assert!(store.buffer_if_parked("c2", &msg("1"), now));
+        // A stranger parks more empty rings: they push out the other empty ones, never
+        // the message.
+        for id in ["c3", "c4", "c5"] {
+            store.attach(&id.into(), None, EPOCH);
+            store.park(id, now);
+        }
+        assert_eq!(store.figures().messages, 1);
+        assert!(store.is_parked("c2", now));
+        // A message the bounds cannot keep is not reported kept.
+        let huge = "x".repeat(2 * room);
+        assert!(!store.buffer_if_parked("c2", &msg(&huge), now));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `crate::recovery`'s, held by the session table.
 
 use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
 
 use crate::config::Config;
 use crate::recovery::Limits;
@@ -21,9 +22,12 @@ pub(crate) fn epoch() -> &'static str {
 }
 
 /// One shard's bounds: the per-conn_id ones as configured, and an even share of the
-/// node's total (shards share nothing, so each enforces its own part).
+/// node's total (shards share nothing, so each enforces its own part); and the process's
+/// seq floor, the one thing of recovery the shards share (an atomic, never waited on).
 pub(crate) fn limits(config: &Config) -> Limits {
+    static SEQ_FLOOR: AtomicU64 = AtomicU64::new(0);
     Limits {
+        seq_floor: &SEQ_FLOOR,
         window: config.recovery_window,
         ttl: config.recovery_ttl,
         bytes: config.recovery_bytes,

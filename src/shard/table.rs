@@ -749,6 +749,7 @@ mod tests {
     fn recovery_table() -> SessionTable {
         SessionTable::with_recovery(
             Limits {
+                seq_floor: Box::leak(Box::new(std::sync::atomic::AtomicU64::new(0))),
                 window: 8,
                 ttl: Duration::from_secs(60),
                 bytes: 1 << 20,
