@@ -50,6 +50,8 @@ pub struct Figures {
     pub after_broadcasts_bytes_per_connection: f64,
     pub burst: Delivery,
     pub burst_stats: Stats,
+    /// CPU-s of the worker processes (the clients) during the burst and its collection.
+    pub burst_clients_cpu_secs: f64,
     /// Bytes the clients read per delivery of the burst.
     pub burst_wire_bytes_per_delivery: f64,
     pub spaced: Delivery,
@@ -158,7 +160,9 @@ fn measure(side: &Side, gateway: &Gateway, plan: &Plan) -> anyhow::Result<Figure
         side.name,
         rss_full as f64 / 1048576.0
     );
+    let clients_cpu = fleet.cpu_secs();
     let burst = run::broadcast(gateway, plan, &mut fleet, clients, None)?;
+    let burst_clients_cpu_secs = fleet.cpu_secs() - clients_cpu;
     let burst_stats = fleet.take_stats();
     let spaced = run::broadcast(
         gateway,
@@ -201,6 +205,7 @@ fn measure(side: &Side, gateway: &Gateway, plan: &Plan) -> anyhow::Result<Figure
             / burst.delivered.max(1) as f64,
         burst,
         burst_stats,
+        burst_clients_cpu_secs,
         spaced,
         spaced_stats,
         unicast,
@@ -276,6 +281,11 @@ fn table(c: &Comparison) -> String {
         (
             "burst: gateway CPU-s",
             |f| Some(f.burst.gateway_cpu_secs),
+            2,
+        ),
+        (
+            "burst: clients' (workers') CPU-s, same cores",
+            |f| Some(f.burst_clients_cpu_secs),
             2,
         ),
         (

@@ -202,6 +202,23 @@ impl Fleet {
         self.0.iter().map(|w| w.count).sum()
     }
 
+    /// CPU time (user + system) of all worker processes so far, seconds: what the clients
+    /// cost (reading, inflating, parsing), on the same cores as the gateway here.
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        self.0
+            .iter()
+            .filter_map(|w| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.child.id())).ok()?;
+                let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+                let user: f64 = fields.get(11)?.parse().ok()?;
+                let system: f64 = fields.get(12)?.parse().ok()?;
+                Some(user + system)
+            })
+            .sum::<f64>()
+            // SAFETY: sysconf has no preconditions.
+            / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+    }
+
     /// The workers' counters since the last take (`negotiated` is not reset: it is the
     /// connections' state).
     pub(crate) fn take_stats(&mut self) -> Stats {
