@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_upgrade_target_is_read_from_t() {
-        let path = crate::token::ws_path("a b", "tok");
+        let path = crate::token::ws_path("a b", "tok", false);
         let request = format!("GET {path} HTTP/1.1\r\nSec-WebSocket-Key: k==\r\n\r\n");
         let ((conn_id, token), key) = upgrade_target(&request).expect("parsed");
         assert_eq!(

@@ -46,6 +46,9 @@ pub struct Launch<'a> {
     pub dir: &'a Path,
     /// Start a local etcd and register the gateway in it.
     pub etcd: bool,
+    /// More configuration lines (`key=value\n`...), appended after the bench's own (a
+    /// later key wins in Comet's config).
+    pub extra: &'a str,
 }
 
 impl Gateway {
@@ -80,8 +83,8 @@ impl Gateway {
             format!(
                 "max_proc={}\nwebsocket_port={ws_port}\nrpc_addr=127.0.0.1:{rpc_port}\n\
                  token_secret={}\nlog_level=warn\nping_interval=60s\nheartbeat_timeout=120s\n\
-                 drain_window=0\netcd_addr={etcd_addr}\n",
-                launch.shards, launch.secret
+                 drain_window=0\netcd_addr={etcd_addr}\n{}",
+                launch.shards, launch.secret, launch.extra
             ),
         )?;
         let mut command = Command::new(launch.binary);

@@ -8,7 +8,11 @@
 //! `comet-bench compare` runs the same phases against Comet, the floor (`comet-bench
 //! floor`, src/floor.rs) and the Bun/uWebSockets peer (bench/peers/bun-server.js), back to
 //! back, and prints each figure with its ratio to the floor and to Bun.
+//!
+//! `comet-bench deflate` and `comet-bench recovery` (src/ab.rs) measure one gateway
+//! feature off and on, each side on a fresh gateway, back to back, with on/off ratios.
 
+mod ab;
 mod clock;
 mod compare;
 mod floor;
@@ -37,6 +41,8 @@ struct Args {
 enum Sub {
     Run(RunArgs),
     Compare(CompareArgs),
+    Deflate(DeflateArgs),
+    Recovery(RecoveryArgs),
     Floor(FloorArgs),
     Render(RenderArgs),
     Worker(WorkerArgs),
@@ -93,6 +99,97 @@ struct RunArgs {
     secret: String,
     /// where results go (default bench/results)
     #[argh(option, default = "PathBuf::from(\"bench/results\")")]
+    out: PathBuf,
+    /// clients offer permessage-deflate and inflate compressed frames (the gateway
+    /// compresses only with --set websocket_compression=on)
+    #[argh(switch)]
+    deflate: bool,
+    /// clients opt in to recovery ("recover": true) and read the {"seq","epoch","msg"}
+    /// wrapper (needs --set recovery_window=N)
+    #[argh(switch)]
+    recover: bool,
+    /// messages are realistic JSON of about --payload bytes instead of dots
+    #[argh(switch)]
+    payload_json: bool,
+    /// a configuration line for the started gateway, KEY=VALUE (repeatable)
+    #[argh(option)]
+    set: Vec<String>,
+}
+
+/// permessage-deflate off, then on: ~2 KB JSON broadcasts at N, each side on a fresh
+/// gateway, every figure with its on/off ratio.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "deflate")]
+struct DeflateArgs {
+    #[argh(option, default = "19000")]
+    /// clients at full size (default 19000)
+    n: usize,
+    #[argh(option, default = "20")]
+    /// broadcasts per broadcast phase (default 20)
+    broadcasts: usize,
+    #[argh(option, default = "2048")]
+    /// bytes of the JSON message, about (default 2048)
+    payload: usize,
+    #[argh(option, default = "3")]
+    /// seconds of the pipelined unicast phase, 0 for none (default 3)
+    unicast_secs: u64,
+    #[argh(option, default = "6")]
+    /// websocket_compression_level of the "on" side (default 6)
+    level: u32,
+    #[argh(option, default = "256")]
+    /// websocket_compression_min_size of the "on" side (default 256)
+    min_size: usize,
+    #[argh(option, default = "String::from(\"off,on\")")]
+    /// the sides, in order (default off,on)
+    sides: String,
+    #[argh(option, default = "32")]
+    /// handshakes in flight per worker (default 32)
+    concurrency: usize,
+    #[argh(option, default = "2")]
+    /// gateway shards (default 2)
+    shards: usize,
+    #[argh(option, default = "PathBuf::from(\"target/release/comet\")")]
+    /// the comet binary (default target/release/comet)
+    binary: PathBuf,
+    #[argh(option, default = "PathBuf::from(\"bench/results/ab\")")]
+    /// where results go (default bench/results/ab)
+    out: PathBuf,
+}
+
+/// Recovery off, then on (clients opting in): broadcasts and unicast at N, each side on
+/// a fresh gateway, every figure with its on/off ratio.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "recovery")]
+struct RecoveryArgs {
+    #[argh(option, default = "19000")]
+    /// clients at full size (default 19000)
+    n: usize,
+    #[argh(option, default = "20")]
+    /// broadcasts per broadcast phase (default 20)
+    broadcasts: usize,
+    #[argh(option, default = "64")]
+    /// message payload bytes (default 64)
+    payload: usize,
+    #[argh(option, default = "3")]
+    /// seconds of the pipelined unicast phase, 0 for none (default 3)
+    unicast_secs: u64,
+    #[argh(option, default = "32")]
+    /// recovery_window of the "on" side (default 32)
+    window: usize,
+    #[argh(option, default = "String::from(\"off,on\")")]
+    /// the sides, in order (default off,on)
+    sides: String,
+    #[argh(option, default = "32")]
+    /// handshakes in flight per worker (default 32)
+    concurrency: usize,
+    #[argh(option, default = "2")]
+    /// gateway shards (default 2)
+    shards: usize,
+    #[argh(option, default = "PathBuf::from(\"target/release/comet\")")]
+    /// the comet binary (default target/release/comet)
+    binary: PathBuf,
+    #[argh(option, default = "PathBuf::from(\"bench/results/ab\")")]
+    /// where results go (default bench/results/ab)
     out: PathBuf,
 }
 
@@ -195,6 +292,12 @@ struct WorkerArgs {
     #[argh(option, default = "0")]
     /// connects per second
     rate: u64,
+    #[argh(switch)]
+    /// offer permessage-deflate
+    deflate: bool,
+    #[argh(switch)]
+    /// opt in to recovery
+    recover: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -208,10 +311,14 @@ fn main() -> anyhow::Result<()> {
             concurrency: w.concurrency,
             rate: w.rate,
             secret: w.secret,
+            deflate: w.deflate,
+            recover: w.recover,
         }),
         Sub::Render(r) => report::render(&r.results, &results_page(&r.results)),
         Sub::Run(r) => run_suite(r),
         Sub::Compare(c) => run_compare(c),
+        Sub::Deflate(d) => run_deflate(d),
+        Sub::Recovery(r) => run_recovery(r),
         Sub::Floor(f) => floor::serve(
             std::net::TcpListener::bind(("127.0.0.1", f.ws_port))?,
             std::net::TcpListener::bind(("127.0.0.1", f.rpc_port))?,
@@ -222,6 +329,7 @@ fn main() -> anyhow::Result<()> {
 
 fn run_suite(args: RunArgs) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("comet-bench-{}", std::process::id()));
+    let extra: String = args.set.iter().map(|line| format!("{line}\n")).collect();
     let gateway = match (args.ws, args.rpc) {
         (Some(ws), Some(rpc)) => gateway::Gateway::external(ws, rpc, args.pid),
         (None, None) => gateway::Gateway::start(&gateway::Launch {
@@ -230,6 +338,7 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
             secret: &args.secret,
             dir: &scratch,
             etcd: args.etcd,
+            extra: &extra,
         })?,
         _ => anyhow::bail!("--ws and --rpc go together"),
     };
@@ -243,6 +352,9 @@ fn run_suite(args: RunArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         rate: args.rate,
         secret: args.secret,
+        deflate: args.deflate,
+        recover: args.recover,
+        json_payload: args.payload_json,
     };
     eprintln!(
         "comet-bench: {} clients against {} (pid {:?})",
@@ -275,6 +387,9 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         rate: 0,
         secret: args.secret.clone(),
+        deflate: false,
+        recover: false,
+        json_payload: false,
     };
     let bun = runnable(&args.bun).then_some(args.bun.clone());
     if bun.is_none() {
@@ -290,12 +405,130 @@ fn run_compare(args: CompareArgs) -> anyhow::Result<()> {
             secret: &args.secret,
             dir: &scratch,
             etcd: false,
+            extra: "",
         },
         bun,
         bun_script: &args.bun_script,
         only: args.servers.split(',').map(str::to_owned).collect(),
     };
     compare::compare(&servers, &plan, &args.out, &args.page)
+}
+
+/// What `deflate` and `recovery` share: the plan and the launch of each side's gateway.
+struct Ab<'a> {
+    n: usize,
+    broadcasts: usize,
+    payload: usize,
+    unicast_secs: u64,
+    concurrency: usize,
+    shards: usize,
+    binary: &'a std::path::Path,
+    json_payload: bool,
+}
+
+fn run_ab(kind: &str, ab: Ab<'_>, sides: &[ab::Side], out: &std::path::Path) -> anyhow::Result<()> {
+    let secret = String::from("bench-secret-0123456789");
+    let scratch = std::env::temp_dir().join(format!("comet-bench-{}", std::process::id()));
+    let plan = run::Plan {
+        n: ab.n,
+        broadcasts: ab.broadcasts,
+        payload: ab.payload.max(40),
+        unicast_rate: 0,
+        unicast_secs: ab.unicast_secs,
+        churn: 0,
+        concurrency: ab.concurrency,
+        rate: 0,
+        secret: secret.clone(),
+        deflate: false,
+        recover: false,
+        json_payload: ab.json_payload,
+    };
+    let launch = gateway::Launch {
+        binary: ab.binary,
+        shards: ab.shards,
+        secret: &secret,
+        dir: &scratch,
+        etcd: false,
+        extra: "",
+    };
+    ab::compare(kind, &launch, &plan, sides, out)
+}
+
+/// The sides named in `order` (comma-separated), from `off` and `on`.
+fn pick(order: &str, off: ab::Side, on: ab::Side) -> anyhow::Result<Vec<ab::Side>> {
+    let (mut off, mut on) = (Some(off), Some(on));
+    order
+        .split(',')
+        .map(|name| match name.trim() {
+            "off" => off.take(),
+            "on" => on.take(),
+            _ => None,
+        })
+        .map(|side| side.ok_or_else(|| anyhow::anyhow!("--sides: off and on, each once")))
+        .collect()
+}
+
+fn run_deflate(args: DeflateArgs) -> anyhow::Result<()> {
+    // Both sides' clients offer the extension, as browsers do; only "on" answers it.
+    let sides = pick(
+        &args.sides,
+        ab::Side {
+            name: "off".into(),
+            config: "websocket_compression=off\n".into(),
+            deflate: true,
+            recover: false,
+        },
+        ab::Side {
+            name: "on".into(),
+            config: format!(
+                "websocket_compression=on\nwebsocket_compression_level={}\n\
+                 websocket_compression_min_size={}\n",
+                args.level, args.min_size
+            ),
+            deflate: true,
+            recover: false,
+        },
+    )?;
+    let ab = Ab {
+        n: args.n,
+        broadcasts: args.broadcasts,
+        payload: args.payload,
+        unicast_secs: args.unicast_secs,
+        concurrency: args.concurrency,
+        shards: args.shards,
+        binary: &args.binary,
+        json_payload: true,
+    };
+    run_ab("deflate", ab, &sides, &args.out)
+}
+
+fn run_recovery(args: RecoveryArgs) -> anyhow::Result<()> {
+    let sides = pick(
+        &args.sides,
+        ab::Side {
+            name: "off".into(),
+            config: "recovery_window=0\n".into(),
+            deflate: false,
+            recover: false,
+        },
+        ab::Side {
+            name: "on".into(),
+            config: format!("recovery_window={}\n", args.window),
+            deflate: false,
+            recover: true,
+        },
+    )?;
+    let ab = Ab {
+        n: args.n,
+        broadcasts: args.broadcasts,
+        payload: args.payload,
+        unicast_secs: args.unicast_secs,
+        concurrency: args.concurrency,
+        shards: args.shards,
+        binary: &args.binary,
+        json_payload: false,
+    };
+    run_ab("recovery", ab, &sides, &args.out)
 }
 
 /// Whether `program --version` runs and succeeds.

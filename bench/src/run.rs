@@ -42,6 +42,61 @@ pub struct Plan {
     pub rate: u64,
     /// Signed-token secret the gateway was started with.
     pub secret: String,
+    /// Clients offer permessage-deflate (`comet-bench deflate`).
+    pub deflate: bool,
+    /// Clients opt in to recovery (`comet-bench recovery`).
+    pub recover: bool,
+    /// Messages are realistic JSON of about `payload` bytes ([`clock::stamped_json`])
+    /// instead of `t=..;s=..;` padded with dots.
+    pub json_payload: bool,
+}
+
+impl Plan {
+    /// The stamped message number `seq` of this plan.
+    pub fn message(&self, seq: u64) -> String {
+        if self.json_payload {
+            clock::stamped_json(self.payload, seq)
+        } else {
+            clock::stamped(self.payload, seq)
+        }
+    }
+}
+
+/// What the workers saw besides latency, summed since the last [`Fleet::take_stats`].
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    /// Bytes the clients read from their sockets.
+    pub wire_bytes: u64,
+    /// Connections on which permessage-deflate was negotiated (at connect time).
+    pub negotiated: u64,
+    /// Readers stopped by an error, and the first few errors.
+    pub read_errors: u64,
+    pub errors: Vec<String>,
+    /// Recovery numbering: seqs skipped, seen again, messages without the wrapper,
+    /// epoch changes within a connection.
+    pub seq_gaps: u64,
+    pub seq_repeats: u64,
+    pub unwrap_errors: u64,
+    pub epoch_changes: u64,
+}
+
+impl Stats {
+    fn add(&mut self, report: &Value) {
+        let n = |key: &str| report[key].as_u64().unwrap_or(0);
+        self.wire_bytes += n("wire_bytes");
+        self.read_errors += n("read_errors");
+        self.seq_gaps += n("seq_gaps");
+        self.seq_repeats += n("seq_repeats");
+        self.unwrap_errors += n("unwrap_errors");
+        self.epoch_changes += n("epoch_changes");
+        for e in report["errors"].as_array().into_iter().flatten() {
+            if self.errors.len() < 5
+                && let Some(e) = e.as_str()
+            {
+                self.errors.push(e.to_owned());
+            }
+        }
+    }
 }
 
 pub(crate) struct Worker {
@@ -51,6 +106,8 @@ pub(crate) struct Worker {
     /// Its clients are `prefix` + 0..count.
     prefix: String,
     count: usize,
+    /// What its reports said besides latency, since the last take.
+    stats: Stats,
 }
 
 impl Worker {
@@ -80,6 +137,8 @@ impl Worker {
                 "--secret",
                 &plan.secret,
             ])
+            .args(plan.deflate.then_some("--deflate"))
+            .args(plan.recover.then_some("--recover"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -92,6 +151,7 @@ impl Worker {
             stdout,
             prefix,
             count,
+            stats: Stats::default(),
         })
     }
 
@@ -142,6 +202,46 @@ impl Fleet {
         self.0.iter().map(|w| w.count).sum()
     }
 
+    /// CPU time (user + system) of all worker processes so far, seconds: what the clients
+    /// cost (reading, inflating, parsing), on the same cores as the gateway here.
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        self.0
+            .iter()
+            .filter_map(|w| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.child.id())).ok()?;
+                let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+                let user: f64 = fields.get(11)?.parse().ok()?;
+                let system: f64 = fields.get(12)?.parse().ok()?;
+                Some(user + system)
+            })
+            .sum::<f64>()
+            // SAFETY: sysconf has no preconditions.
+            / unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+    }
+
+    /// The workers' counters since the last take (`negotiated` is not reset: it is the
+    /// connections' state).
+    pub(crate) fn take_stats(&mut self) -> Stats {
+        let mut total = Stats::default();
+        for worker in &mut self.0 {
+            let stats = std::mem::take(&mut worker.stats);
+            worker.stats.negotiated = stats.negotiated;
+            total.wire_bytes += stats.wire_bytes;
+            total.negotiated += stats.negotiated;
+            total.read_errors += stats.read_errors;
+            total.seq_gaps += stats.seq_gaps;
+            total.seq_repeats += stats.seq_repeats;
+            total.unwrap_errors += stats.unwrap_errors;
+            total.epoch_changes += stats.epoch_changes;
+            for e in stats.errors {
+                if total.errors.len() < 5 {
+                    total.errors.push(e);
+                }
+            }
+        }
+        total
+    }
+
     pub(crate) fn ids(&self) -> Vec<String> {
         self.0
             .iter()
@@ -162,6 +262,7 @@ impl Fleet {
         let mut errors = Vec::new();
         for worker in &mut self.0 {
             let v = worker.expect("connected")?;
+            worker.stats.negotiated = v["negotiated"].as_u64().unwrap_or(0);
             ok += v["ok"].as_u64().unwrap_or(0);
             failed += v["failed"].as_u64().unwrap_or(0);
             errors.extend(
@@ -186,7 +287,12 @@ impl Fleet {
         let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut last: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         loop {
-            for report in self.each(json!({"cmd": "report"}), "report")? {
+            for worker in &mut self.0 {
+                worker.send(json!({"cmd": "report"}))?;
+            }
+            for worker in &mut self.0 {
+                let report = worker.expect("report")?;
+                worker.stats.add(&report);
                 messages += report["messages"].as_u64().unwrap_or(0);
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(report["latency_hist"].as_str().unwrap_or(""))?;
@@ -311,10 +417,7 @@ pub(crate) fn broadcast(
     let cpu_before = cpu(gateway);
     let started = Instant::now();
     for seq in 0..plan.broadcasts as u64 {
-        let reply = rpc.call(
-            "Server.Broadcast",
-            json!({"msg": clock::stamped(plan.payload, seq)}),
-        )?;
+        let reply = rpc.call("Server.Broadcast", json!({"msg": plan.message(seq)}))?;
         if reply["result"]["code"] != json!(20000) {
             bail!("broadcast failed: {reply}");
         }
@@ -388,7 +491,7 @@ pub(crate) fn unicast(
         state ^= state >> 7;
         state ^= state << 17;
         let to = &ids[(state % ids.len() as u64) as usize];
-        let param = json!({"connections": [to], "msg": clock::stamped(plan.payload, u64::MAX)});
+        let param = json!({"connections": [to], "msg": plan.message(u64::MAX)});
         writer.write_all(&rpc::encode(wire, "Server.SendToConnections", &param, seq))?;
         seq += 1;
     }

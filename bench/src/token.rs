@@ -25,9 +25,11 @@ pub fn sign(secret: &str, conn_id: &str) -> String {
     )
 }
 
-/// The upgrade path with the token object in `t`.
-pub fn ws_path(conn_id: &str, token: &str) -> String {
-    let t = format!(r#"{{"conn_id":"{conn_id}","token":"{token}","info":""}}"#);
+/// The upgrade path with the token object in `t`; `recover` opts in to recovery
+/// (`"recover": true`: every message comes numbered, `{"seq","epoch","msg"}`).
+pub fn ws_path(conn_id: &str, token: &str, recover: bool) -> String {
+    let recover = if recover { r#","recover":true"# } else { "" };
+    let t = format!(r#"{{"conn_id":"{conn_id}","token":"{token}","info":""{recover}}}"#);
     let mut encoded = String::with_capacity(t.len() * 3);
     for b in t.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

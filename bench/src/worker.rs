@@ -35,6 +35,10 @@ pub struct WorkerPlan {
     pub rate: u64,
     /// Signed-token secret.
     pub secret: String,
+    /// Offer permessage-deflate (and inflate what comes compressed).
+    pub deflate: bool,
+    /// Opt in to recovery (`"recover": true`): messages come as `{"seq","epoch","msg"}`.
+    pub recover: bool,
 }
 
 #[derive(Default)]
@@ -42,31 +46,101 @@ struct Received {
     latency_us: RefCell<Option<Histogram<u64>>>,
     last_receipt_us: RefCell<HashMap<u64, u64>>,
     messages: Cell<u64>,
+    /// Bytes the clients read from their sockets (frame headers included).
+    wire_bytes: Cell<u64>,
+    /// Connections on which permessage-deflate was negotiated.
+    negotiated: Cell<u64>,
+    /// Connections whose reader stopped on an error (a frame it could not read or
+    /// inflate, a reset), and the first few errors.
+    read_errors: Cell<u64>,
+    errors: RefCell<Vec<String>>,
+    /// Recovery: seqs skipped (a gap in a connection's numbering), seqs seen again or out
+    /// of order, messages that were not the `{"seq","epoch","msg"}` wrapper, and epoch
+    /// changes within a connection.
+    seq_gaps: Cell<u64>,
+    seq_repeats: Cell<u64>,
+    unwrap_errors: Cell<u64>,
+    epoch_changes: Cell<u64>,
+}
+
+/// One numbered message of a recovering client.
+#[derive(serde::Deserialize)]
+struct Numbered<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    epoch: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    msg: std::borrow::Cow<'a, str>,
+}
+
+/// What a recovering connection has seen so far.
+#[derive(Default)]
+struct Numbering {
+    last: u64,
+    epoch: Option<String>,
 }
 
 impl Received {
-    fn record(&self, payload: &[u8], now: u64) {
+    fn add(cell: &Cell<u64>, n: u64) {
+        cell.set(cell.get() + n);
+    }
+
+    fn record(&self, payload: &[u8], now: u64, numbering: Option<&mut Numbering>) {
+        let Some(numbering) = numbering else {
+            for part in payload.split(|b| *b == b'\n') {
+                self.record_one(part, now);
+            }
+            return;
+        };
+        // A JSON text never holds a raw newline, so coalesced texts split safely.
         for part in payload.split(|b| *b == b'\n') {
-            self.messages.set(self.messages.get() + 1);
-            let Some(sent) = clock::publish_ns(part) else {
+            let Ok(numbered) = serde_json::from_slice::<Numbered<'_>>(part) else {
+                Self::add(&self.unwrap_errors, 1);
+                Self::add(&self.messages, 1);
                 continue;
             };
-            let us = now.saturating_sub(sent) / 1000;
-            if let Some(h) = self.latency_us.borrow_mut().as_mut() {
-                let _ = h.record(us.max(1));
+            match &numbering.epoch {
+                Some(epoch) if *epoch != numbered.epoch => {
+                    Self::add(&self.epoch_changes, 1);
+                    numbering.epoch = Some(numbered.epoch.into_owned());
+                }
+                Some(_) => {}
+                None => numbering.epoch = Some(numbered.epoch.into_owned()),
             }
-            if let Some(seq) = sequence(part) {
-                let mut last = self.last_receipt_us.borrow_mut();
-                let slot = last.entry(seq).or_default();
-                *slot = (*slot).max(us);
+            if numbered.seq > numbering.last {
+                Self::add(&self.seq_gaps, numbered.seq - numbering.last - 1);
+                numbering.last = numbered.seq;
+            } else {
+                Self::add(&self.seq_repeats, 1);
             }
+            self.record_one(numbered.msg.as_bytes(), now);
+        }
+    }
+
+    fn record_one(&self, part: &[u8], now: u64) {
+        self.messages.set(self.messages.get() + 1);
+        let Some(sent) = clock::publish_ns(part) else {
+            return;
+        };
+        let us = now.saturating_sub(sent) / 1000;
+        if let Some(h) = self.latency_us.borrow_mut().as_mut() {
+            let _ = h.record(us.max(1));
+        }
+        if let Some(seq) = sequence(part) {
+            let mut last = self.last_receipt_us.borrow_mut();
+            let slot = last.entry(seq).or_default();
+            *slot = (*slot).max(us);
         }
     }
 }
 
-/// The `s=<n>;` field of a stamped payload.
-fn sequence(payload: &[u8]) -> Option<u64> {
+/// The `s=<n>;` field of a stamped payload, or `"s":<n>,` of a stamped JSON one.
+pub(crate) fn sequence(payload: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(payload).ok()?;
+    if text.starts_with('{') {
+        let start = text.find(",\"s\":")? + 5;
+        return text[start..].split(',').next()?.parse().ok();
+    }
     let start = text.find(";s=")? + 3;
     text[start..].split(';').next()?.parse().ok()
 }
@@ -131,6 +205,7 @@ async fn open(
             prefix.to_owned(),
             plan.rate,
         );
+        let (deflate, recover) = (plan.deflate, plan.recover);
         lanes.push(tokio::task::spawn_local(async move {
             loop {
                 let i = next.get();
@@ -143,11 +218,18 @@ async fn open(
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let id = format!("{prefix}{i}");
-                let path = token::ws_path(&id, &token::sign(&secret, &id));
-                match ws::connect(source, server, &path).await {
-                    Ok(client) => readers
-                        .borrow_mut()
-                        .push(tokio::task::spawn_local(read_all(client, received.clone()))),
+                let path = token::ws_path(&id, &token::sign(&secret, &id), recover);
+                match ws::connect(source, server, &path, deflate).await {
+                    Ok(client) => {
+                        if client.deflate() {
+                            Received::add(&received.negotiated, 1);
+                        }
+                        readers.borrow_mut().push(tokio::task::spawn_local(read_all(
+                            client,
+                            received.clone(),
+                            recover,
+                        )))
+                    }
                     Err(err) => failures.borrow_mut().push(err.to_string()),
                 }
             }
@@ -174,13 +256,30 @@ async fn open(
         "failed": failed.len(),
         "secs": started.elapsed().as_secs_f64(),
         "errors": failed.iter().take(5).collect::<Vec<_>>(),
+        "negotiated": received.negotiated.get(),
     }));
     std::mem::take(&mut *readers.borrow_mut())
 }
 
-async fn read_all(mut client: ws::Client, received: Rc<Received>) {
-    while let Ok(Frame::Message(payload)) = client.next().await {
-        received.record(&payload, clock::now_ns());
+async fn read_all(mut client: ws::Client, received: Rc<Received>, recover: bool) {
+    let mut numbering = recover.then(Numbering::default);
+    loop {
+        let next = client.next().await;
+        Received::add(&received.wire_bytes, client.take_read_bytes());
+        match next {
+            Ok(Frame::Message(payload)) => {
+                received.record(&payload, clock::now_ns(), numbering.as_mut())
+            }
+            Ok(Frame::Close) => break,
+            Err(err) => {
+                Received::add(&received.read_errors, 1);
+                let mut errors = received.errors.borrow_mut();
+                if errors.len() < 5 {
+                    errors.push(err.to_string());
+                }
+                break;
+            }
+        }
     }
 }
 
@@ -199,6 +298,13 @@ fn report(received: &Received) -> anyhow::Result<()> {
         "messages": received.messages.replace(0),
         "latency_hist": base64::engine::general_purpose::STANDARD.encode(bytes),
         "last_receipt_us": last,
+        "wire_bytes": received.wire_bytes.replace(0),
+        "read_errors": received.read_errors.replace(0),
+        "errors": std::mem::take(&mut *received.errors.borrow_mut()),
+        "seq_gaps": received.seq_gaps.replace(0),
+        "seq_repeats": received.seq_repeats.replace(0),
+        "unwrap_errors": received.unwrap_errors.replace(0),
+        "epoch_changes": received.epoch_changes.replace(0),
     }));
     Ok(())
 }
@@ -217,6 +323,7 @@ async fn churn(plan: &WorkerPlan, cycles: usize) {
             plan.secret.clone(),
             plan.prefix.clone(),
         );
+        let (deflate, recover) = (plan.deflate, plan.recover);
         lanes.push(tokio::task::spawn_local(async move {
             loop {
                 let i = next.get();
@@ -225,10 +332,10 @@ async fn churn(plan: &WorkerPlan, cycles: usize) {
                 }
                 next.set(i + 1);
                 let id = format!("{prefix}churn{i}");
-                let path = token::ws_path(&id, &token::sign(&secret, &id));
+                let path = token::ws_path(&id, &token::sign(&secret, &id), recover);
                 match tokio::time::timeout(
                     Duration::from_secs(10),
-                    ws::connect(source, server, &path),
+                    ws::connect(source, server, &path, deflate),
                 )
                 .await
                 {
