@@ -147,7 +147,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             );
         }
     }
-    let per_shard: [ShardFigure; 7] = [
+    let per_shard: [ShardFigure; 10] = [
         (
             "comet_connection_panics_total",
             "counter",
@@ -189,6 +189,24 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             "counter",
             "Acceptor pauses: descriptors within fd_reserve of the open-files limit.",
             |s| s.accept_fd_reserve,
+        ),
+        (
+            "comet_recovery_buffers",
+            "gauge",
+            "Recovery buffers held, of connected clients and of clients away.",
+            |s| s.recovery_buffers as u64,
+        ),
+        (
+            "comet_recovery_messages",
+            "gauge",
+            "Messages kept in recovery buffers.",
+            |s| s.recovery_messages as u64,
+        ),
+        (
+            "comet_recovery_bytes",
+            "gauge",
+            "Bytes counted against recovery_total_bytes (messages and buffers).",
+            |s| s.recovery_bytes as u64,
         ),
     ];
     for (name, kind, help, value) in per_shard {
