@@ -342,6 +342,13 @@ impl Config {
                 config.rpc_listen
             ));
         }
+        if config.recovery_window > config.outbound_queue_size {
+            warnings.push(format!(
+                "recovery_window={} is larger than outbound_queue_size={}: a client that \
+                 reconnects with a full buffer to replay is closed as a slow consumer",
+                config.recovery_window, config.outbound_queue_size
+            ));
+        }
         Ok((config, warnings))
     }
 
@@ -1064,6 +1071,15 @@ impl fmt::Display for DuplicatePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recovery_window_past_the_outbound_queue_is_warned_of() {
+        let (_, warnings) = Config::parse("recovery_window=64\noutbound_queue_size=32\n").unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("slow consumer"), "{warnings:?}");
+        let (_, warnings) = Config::parse("recovery_window=32\noutbound_queue_size=32\n").unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
 
     #[test]
     fn first_generation_file_parses() {

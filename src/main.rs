@@ -247,6 +247,25 @@ fn effective(config: &Config) -> String {
             config.outbound_queue_bytes.to_string(),
         ),
         ("drain_window", format!("{:?}", config.drain_window)),
+        (
+            "websocket_compression",
+            match config.websocket_compression {
+                Some(d) => format!("on (level {}, min_size {})", d.level, d.min_size),
+                None => "off".into(),
+            },
+        ),
+        ("sse_path", config.websocket_policy.sse_path.clone()),
+        ("sse_retry", format!("{:?}", config.sse_retry)),
+        (
+            "recovery",
+            match config.recovery_window {
+                0 => "off (recovery_window = 0)".into(),
+                window => format!(
+                    "recovery_window {window}, recovery_ttl {:?}, recovery_bytes {}, recovery_total_bytes {}",
+                    config.recovery_ttl, config.recovery_bytes, config.recovery_total_bytes
+                ),
+            },
+        ),
         ("log_level", config.log_level.clone()),
     ];
     lines
