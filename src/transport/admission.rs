@@ -93,6 +93,19 @@ pub(crate) enum Source {
     V6(u64),
 }
 
+/// As an operator reads it: the IPv4 address, or the IPv6 /64 prefix.
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Source::V4(v4) => write!(f, "{}", std::net::Ipv4Addr::from(v4)),
+            Source::V6(prefix) => {
+                let net = std::net::Ipv6Addr::from(u128::from(prefix) << 64);
+                write!(f, "{net}/64")
+            }
+        }
+    }
+}
+
 impl Source {
     /// The source a peer address belongs to.
     pub(crate) fn of(ip: IpAddr) -> Source {
@@ -181,7 +194,7 @@ impl HandshakesBySource {
         self.refused_unreported.set(0);
         tracing::warn!(
             shard,
-            ?source,
+            %source,
             limit = self.limit,
             refused,
             "a source has handshake_per_source_limit handshakes in flight: connections closed (one line per 10 s)"
@@ -624,6 +637,22 @@ async fn claim(shard: &Shard, conn_id: &str) -> Result<(), Refusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_reads_as_an_address_or_a_prefix() {
+        assert_eq!(
+            Source::of("127.0.0.2".parse().unwrap()).to_string(),
+            "127.0.0.2"
+        );
+        assert_eq!(
+            Source::of("2001:db8:1:2:3:4:5:6".parse().unwrap()).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            Source::of("::ffff:10.0.0.1".parse().unwrap()).to_string(),
+            "10.0.0.1"
+        );
+    }
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
