@@ -15,6 +15,7 @@
 mod ab;
 mod clock;
 mod compare;
+mod dashboard;
 mod floor;
 mod gateway;
 mod report;
@@ -45,6 +46,7 @@ enum Sub {
     Recovery(RecoveryArgs),
     Floor(FloorArgs),
     Render(RenderArgs),
+    Dashboard(DashboardArgs),
     Worker(WorkerArgs),
 }
 
@@ -258,6 +260,31 @@ struct FloorArgs {
     secret: String,
 }
 
+/// Draw the Grafana dashboard's panels (docs/dashboard/comet.json) as one SVG from a live
+/// node's /metrics, scraped while you run load against it.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "dashboard")]
+struct DashboardArgs {
+    /// the node's admin address (admin_addr), ip:port
+    #[argh(option)]
+    admin: SocketAddr,
+    /// its admin_token, if set
+    #[argh(option, default = "String::new()")]
+    token: String,
+    /// the dashboard (default docs/dashboard/comet.json)
+    #[argh(option, default = "PathBuf::from(\"docs/dashboard/comet.json\")")]
+    dashboard: PathBuf,
+    /// seconds to scrape (default 60)
+    #[argh(option, default = "60")]
+    secs: u64,
+    /// seconds between scrapes (default 1)
+    #[argh(option, default = "1.0")]
+    every: f64,
+    /// the SVG written (default bench/plots/dashboard.svg)
+    #[argh(option, default = "PathBuf::from(\"bench/plots/dashboard.svg\")")]
+    out: PathBuf,
+}
+
 /// Re-render bench/RESULTS.md from the stored results.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "render")]
@@ -315,6 +342,9 @@ fn main() -> anyhow::Result<()> {
             recover: w.recover,
         }),
         Sub::Render(r) => report::render(&r.results, &results_page(&r.results)),
+        Sub::Dashboard(d) => {
+            dashboard::render(d.admin, &d.token, &d.dashboard, d.secs, d.every, &d.out)
+        }
         Sub::Run(r) => run_suite(r),
         Sub::Compare(c) => run_compare(c),
         Sub::Deflate(d) => run_deflate(d),
