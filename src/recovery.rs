@@ -462,7 +462,7 @@ impl RecoveryStore {
         self.forget(conn_id);
         self.ring_for(conn_id).orphan = true;
         self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
-        self.enforce_total();
+        self.enforce_total_sparing(Some(conn_id));
     }
 
     /// Puts a ring from another shard here, parked from `now`, followed by whatever was
@@ -483,13 +483,14 @@ impl RecoveryStore {
         ring.bytes = 0;
         *self.ring_for(conn_id) = ring;
         self.set_parked(Rc::clone(conn_id), now + self.limits.ttl);
-        self.enforce_total();
         for (seq, message) in entries {
             self.keep(conn_id, seq, &message);
         }
         for message in &since_expected {
             self.record(conn_id, message);
         }
+        // After the messages are in: the adopted ring is not an empty one to evict.
+        self.enforce_total_sparing(Some(conn_id));
     }
 
     pub(crate) fn figures(&self) -> StoreFigures {
@@ -573,28 +574,56 @@ impl RecoveryStore {
     /// was evicted the moment it was kept. Rings of connected clients stay: their count is
     /// bounded by the sessions.
     fn enforce_total(&mut self) {
+        self.enforce_total_sparing(None);
+    }
+
+    /// [`RecoveryStore::enforce_total`], never evicting `spared`'s ring (one being
+    /// adopted or expected: it is parked and may be empty until its messages are in).
+    fn enforce_total_sparing(&mut self, spared: Option<&str>) {
         while self.bytes > self.limits.total_bytes {
-            if !self.evict_empty_parked()
+            if !self.evict_empty_parked(spared)
                 && !self.evict_oldest_message()
-                && !self.evict_oldest_parked()
+                && !self.evict_oldest_parked(spared)
             {
                 return;
             }
         }
     }
 
-    /// Drops the first parked ring without messages among the [`EMPTY_SCAN`] due to
-    /// expire first; false if none is found there.
-    fn evict_empty_parked(&mut self) -> bool {
-        let found = self
-            .expiries
-            .iter()
-            .take(EMPTY_SCAN)
-            .position(|(id, until)| {
-                self.rings
-                    .get(id)
-                    .is_some_and(|r| r.parked_until == Some(*until) && r.entries.is_empty())
-            });
+    /// Whether the expiry entry `(id, until)` is its ring's current one (a ring parked
+    /// again, or reattached, leaves its older entries behind).
+    fn is_current(&self, id: &str, until: Instant) -> bool {
+        self.rings
+            .get(id)
+            .is_some_and(|r| r.parked_until == Some(until))
+    }
+
+    /// Drops the first parked ring without messages among the [`EMPTY_SCAN`] current
+    /// ones due to expire first; false if none is found there. Stale entries met at the
+    /// front are dropped on the way and not counted, so that churn cannot fill the scan.
+    fn evict_empty_parked(&mut self, spared: Option<&str>) -> bool {
+        while let Some((id, until)) = self.expiries.front() {
+            if self.is_current(id, *until) {
+                break;
+            }
+            self.expiries.pop_front();
+        }
+        let mut looked = 0;
+        let mut found = None;
+        for (at, (id, until)) in self.expiries.iter().enumerate() {
+            if looked == EMPTY_SCAN {
+                break;
+            }
+            if !self.is_current(id, *until) {
+                continue;
+            }
+            looked += 1;
+            let empty = self.rings.get(id).is_some_and(|r| r.entries.is_empty());
+            if empty && spared != Some(&**id) {
+                found = Some(at);
+                break;
+            }
+        }
         let Some(at) = found else {
             return false;
         };
@@ -625,20 +654,27 @@ impl RecoveryStore {
         false
     }
 
-    /// Drops the parked ring due to expire first; false if none is parked.
-    fn evict_oldest_parked(&mut self) -> bool {
+    /// Drops the parked ring due to expire first (but `spared`'s); false if none is.
+    fn evict_oldest_parked(&mut self, spared: Option<&str>) -> bool {
+        let mut kept = None;
+        let mut evicted = false;
         while let Some((id, until)) = self.expiries.pop_front() {
-            let current = self
-                .rings
-                .get(&id)
-                .is_some_and(|r| r.parked_until == Some(until));
-            if current {
-                self.forget(&id);
-                self.evicted.push(id);
-                return true;
+            if !self.is_current(&id, until) {
+                continue;
             }
+            if spared == Some(&*id) {
+                kept = Some((id, until));
+                continue;
+            }
+            self.forget(&id);
+            self.evicted.push(id);
+            evicted = true;
+            break;
         }
-        false
+        if let Some(entry) = kept {
+            self.expiries.push_front(entry);
+        }
+        evicted
     }
 
     /// Keeps the age order within twice the entries kept (plus slack), so that entries a
@@ -1018,6 +1054,57 @@ mod tests {
         // A message the bounds cannot keep is not reported kept.
         let huge = "x".repeat(2 * room);
         assert!(!store.buffer_if_parked("c2", &msg(&huge), now));
+    }
+
+    #[test]
+    fn churn_of_one_conn_id_does_not_hide_the_empty_rings_from_eviction() {
+        let one = 1 + ENTRY_OVERHEAD;
+        let room = 3 * ring_cost("c0") + one;
+        let mut store = RecoveryStore::new(limits(100, 1 << 20, room));
+        let now = Instant::now();
+        let churned: Rc<str> = "c9".into();
+        // One client reconnecting within the TTL, over and over: 100 stale expiry entries.
+        for i in 0..100 {
+            store.attach(&churned, None, EPOCH);
+            store.park("c9", now + Duration::from_millis(i));
+        }
+        let real: Rc<str> = "c2".into();
+        store.attach(&real, None, EPOCH);
+        store.park("c2", now + Duration::from_secs(1));
+        assert!(store.buffer_if_parked("c2", &msg("1"), now));
+        for id in ["c3", "c4", "c5"] {
+            store.attach(&id.into(), None, EPOCH);
+            store.park(id, now + Duration::from_secs(2));
+        }
+        assert_eq!(store.figures().messages, 1, "the message stays");
+        assert!(
+            store.expiries.len() < 100,
+            "stale entries were dropped on the way"
+        );
+    }
+
+    #[test]
+    fn an_adopted_ring_is_not_evicted_as_empty_while_it_moves_in() {
+        let one = 2 + ENTRY_OVERHEAD;
+        let mut from = store(4);
+        let id: Rc<str> = "a".into();
+        from.attach(&id, None, EPOCH);
+        from.record(&id, &msg("m1"));
+        let now = Instant::now();
+        from.park("a", now);
+        let parcel = from.take("a");
+        // The new shard is full of empty parked rings.
+        let mut to = RecoveryStore::new(limits(100, 1 << 20, 3 * ring_cost("a") + one));
+        for other in ["b", "c"] {
+            to.attach(&other.into(), None, EPOCH);
+            to.park(other, now);
+        }
+        to.expect(&id, now);
+        assert!(to.is_parked("a", now), "the expected ring is spared");
+        to.adopt(&id, parcel, now);
+        assert!(to.is_parked("a", now));
+        let resume = to.attach(&id, Some(&since(0)), EPOCH).unwrap();
+        assert_eq!(payloads(&resume), [(1, "m1".into())]);
     }
 
     #[test]

@@ -90,13 +90,17 @@ fn push_latency(comet: &Comet, client: &mut common::Client, n: usize) -> Duratio
     took[n / 2]
 }
 
+/// One attack at a time: each is sized to load a core by itself.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `ATTACKERS` attackers built by `greeting`/`flood` and checks the bounds: RSS
 /// within budget × attackers + a constant, a healthy client's median push latency within
 /// 20x quiet (and 50 ms), every attacker ended as a slow consumer, exit 0 on SIGTERM.
 fn attack(greeting: impl Fn(usize) -> Vec<u8>, flood: Vec<u8>, on_tcp: bool) {
-    // One attack at a time: each is sized to load a core by itself.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = one_at_a_time();
     let tcp_port = common::free_port();
     let mut comet = Comet::start(None, &attacked_node(tcp_port));
     let port = if on_tcp { tcp_port } else { comet.ws_port };
@@ -286,6 +290,7 @@ fn a_panic_outside_a_connection_task_ends_the_process_at_once() {
 /// reproduce the stall (0.8 ms at 100 ms, 10 ms at 5 ms): here the bound is checked.
 #[test]
 fn clients_sending_as_fast_as_they_can_delay_the_rest_of_their_shard_by_milliseconds() {
+    let _turn = one_at_a_time();
     let mut comet = Comet::start(None, "max_proc=1\nping_interval=5s\nheartbeat_timeout=30s");
     let mut healthy = comet.connect("healthy", "t", "").unwrap();
     let quiet = push_latency(&comet, &mut healthy, 10);

@@ -753,7 +753,9 @@ fn a_broadcast_and_a_kick_during_a_drain_reach_clients_still_on_the_old_process(
     assert_eq!(reply["result"], json!("ok"), "{reply}");
     let seen: Vec<Seen> = readers.into_iter().map(|r| r.join().unwrap()).collect();
     let log = old.log_text();
-    let slack = Duration::from_millis(200);
+    // The drain closes one client in 2.5 s: a second of slack for a loaded machine still
+    // tells a forwarded kick from the drain's close.
+    let slack = Duration::from_secs(1);
     for (i, seen) in seen.iter().enumerate() {
         if seen.closed_at > broadcast_answered + slack {
             assert!(

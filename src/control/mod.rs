@@ -527,14 +527,20 @@ impl Node {
     /// from the other process (`Route::HereOnly`) is never sent on again.
     pub(crate) async fn push(&self, conn_ids: &[String], msg: &str, route: Route) -> PushOutcome {
         let mut outcome = self.fan_out(conn_ids, msg).await;
-        if let Some(other) = self
-            .forward_target(route)
-            .filter(|_| !outcome.failed.is_empty())
-        {
-            bump(&self.counters.forwarded, outcome.failed.len());
-            let not_here = std::mem::take(&mut outcome.failed);
-            outcome.failed = other.push(not_here, msg).await;
-            self.drop_gone(&other);
+        if let Some(other) = self.forward_target(route) {
+            let mut not_here = std::mem::take(&mut outcome.failed);
+            if self.successor.borrow().is_some() {
+                // A draining process's recovery buffers die with it, and a client it
+                // parked has most likely moved on: the successor decides.
+                not_here.append(&mut outcome.buffered);
+            }
+            if !not_here.is_empty() {
+                bump(&self.counters.forwarded, not_here.len());
+                let there = other.push(not_here, msg).await;
+                outcome.failed = there.failed;
+                outcome.buffered.extend(there.buffered);
+                self.drop_gone(&other);
+            }
         }
         let failed = &outcome.failed;
         bump(&self.counters.calls, 1);
@@ -718,10 +724,18 @@ impl Node {
     }
 
     /// Forgets the predecessor once it refused a connection: it has no clients left.
-    fn drop_gone(&self, other: &Forwarder) {
-        if other.is_gone() {
-            self.predecessor.borrow_mut().take();
+    fn drop_gone(&self, other: &Rc<Forwarder>) {
+        let mut predecessor = self.predecessor.borrow_mut();
+        if other.is_gone() && predecessor.as_ref().is_some_and(|p| Rc::ptr_eq(p, other)) {
+            predecessor.take();
         }
+    }
+
+    /// Whether pushes may be sent on to the other process of a restart now: then every
+    /// call of a connection is answered before the next starts, since a later call that
+    /// needs no forwarding could otherwise overtake an earlier one that does.
+    pub(crate) fn is_forwarding(&self) -> bool {
+        self.successor.borrow().is_some() || self.predecessor.borrow().is_some()
     }
 
     fn count_outcome(&self, outcome: BroadcastOutcome) -> BroadcastOutcome {

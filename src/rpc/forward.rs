@@ -27,7 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
 use crate::handover::ForwardTarget;
-use crate::link::BroadcastOutcome;
+use crate::link::{BroadcastOutcome, PushOutcome};
 
 /// Longest wait to connect to the other process (it is on this host, listening already).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +42,8 @@ const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 enum ForwardError {
     #[error("cannot connect to the other process at {0}: {1}")]
     Connect(SocketAddr, String),
+    #[error("the other process at {0} refused the connection: it has no peer listener any more")]
+    Refused(SocketAddr),
     #[error("the other process did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the connection to the other process failed: {0}")]
@@ -83,15 +85,18 @@ impl Forwarder {
     }
 
     /// Pushes `msg` to `ids` through the other process; returns the ids it did not reach
-    /// (all of them when it could not be asked).
-    pub(crate) async fn push(&self, ids: Vec<String>, msg: &str) -> Vec<String> {
+    /// (all of them when it could not be asked) and those it kept in a recovery buffer.
+    pub(crate) async fn push(&self, ids: Vec<String>, msg: &str) -> PushOutcome {
         if ids.is_empty() {
-            return ids;
+            return PushOutcome::default();
         }
         let param = json!({"connections": ids, "msg": msg});
         match self.exchange("Server.SendToConnections", param).await {
-            Some(reply) => failed_ids(&reply, &ids),
-            None => ids,
+            Some(reply) => push_outcome(&reply, &ids),
+            None => PushOutcome {
+                failed: ids,
+                buffered: Vec::new(),
+            },
         }
     }
 
@@ -157,10 +162,21 @@ impl Forwarder {
     async fn exchange(&self, method: &str, mut param: Value) -> Option<Value> {
         param["token"] = json!(self.target.token);
         let mut connection = self.connection.lock().await;
-        match self.call(&mut connection, method, param).await {
+        let reused = connection.is_some();
+        let mut answer = self.call(&mut connection, method, &param).await;
+        // The other process closes only idle connections (every call read answered), so a
+        // kept connection that turns out closed before any reply did not run the call:
+        // once more on a fresh one (a kick must not be skipped for a stale connection).
+        if reused && matches!(answer, Err(ForwardError::Closed | ForwardError::Io(_))) {
+            *connection = None;
+            answer = self.call(&mut connection, method, &param).await;
+        }
+        match answer {
             Ok(reply) => Some(reply),
             Err(err) => {
-                if matches!(err, ForwardError::Connect(..)) {
+                // Only a refusal says it is gone; a timeout or a lack of descriptors
+                // during a reconnect storm does not.
+                if matches!(err, ForwardError::Refused(_)) {
                     self.gone.set(true);
                 }
                 tracing::warn!(method, error = %err, "call not forwarded to the other process of the restart; its ids are reported failed");
@@ -174,7 +190,7 @@ impl Forwarder {
         &self,
         connection: &mut Option<Connection>,
         method: &str,
-        param: Value,
+        param: &Value,
     ) -> Result<Value, ForwardError> {
         if connection.is_none() {
             *connection = Some(self.connect().await?);
@@ -213,7 +229,10 @@ impl Forwarder {
             .map_err(|_| {
                 ForwardError::Connect(addr, format!("timed out after {CONNECT_TIMEOUT:?}"))
             })?
-            .map_err(|err| ForwardError::Connect(addr, err.to_string()))?;
+            .map_err(|err| match err.kind() {
+                std::io::ErrorKind::ConnectionRefused => ForwardError::Refused(addr),
+                _ => ForwardError::Connect(addr, err.to_string()),
+            })?;
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
         Ok(Connection {
@@ -237,22 +256,36 @@ fn reply_to(line: &[u8], id: u64) -> Result<Value, ForwardError> {
     Ok(reply)
 }
 
-/// The ids a second-generation `SendToConnections` reply says failed: none for
-/// `"ok"`, the `ids` of the error object otherwise, all of `sent` for an error without
-/// them (a refused token, say).
-fn failed_ids(reply: &Value, sent: &[String]) -> Vec<String> {
-    if reply.get("result") == Some(&json!("ok")) {
-        return Vec::new();
+/// What a second-generation `SendToConnections` reply says: nothing failed for `"ok"`,
+/// the ids kept for clients away for `{"buffered": [...]}`; for an error object, its
+/// `ids` failed and its `buffered` kept; all of `sent` failed for an error without ids
+/// (a refused token, say).
+fn push_outcome(reply: &Value, sent: &[String]) -> PushOutcome {
+    let result = reply.get("result").unwrap_or(&Value::Null);
+    if result == &json!("ok") {
+        return PushOutcome::default();
+    }
+    if let Some(buffered) = result.get("buffered").and_then(strings) {
+        return PushOutcome {
+            failed: Vec::new(),
+            buffered,
+        };
     }
     let error = reply.get("error").and_then(Value::as_str).unwrap_or("");
-    let listed = serde_json::from_str::<Value>(error)
-        .ok()
-        .and_then(|e| strings(e.get("ids")?));
+    let object = serde_json::from_str::<Value>(error).ok();
+    let listed = object.as_ref().and_then(|e| strings(e.get("ids")?));
+    let buffered = object
+        .as_ref()
+        .and_then(|e| strings(e.get("buffered")?))
+        .unwrap_or_default();
     match listed {
-        Some(ids) if !ids.is_empty() => ids,
+        Some(failed) if !failed.is_empty() => PushOutcome { failed, buffered },
         _ => {
             tracing::warn!(error = %crate::callback::escaped_prefix(error.as_bytes()), "the other process refused a forwarded push");
-            sent.to_vec()
+            PushOutcome {
+                failed: sent.to_vec(),
+                buffered: Vec::new(),
+            }
         }
     }
 }
@@ -291,15 +324,28 @@ mod tests {
         reply_to(line, 3).unwrap()
     }
 
+    fn outcome(failed: &[&str], buffered: &[&str]) -> PushOutcome {
+        PushOutcome {
+            failed: failed.iter().map(|s| s.to_string()).collect(),
+            buffered: buffered.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     #[test]
-    fn replies_name_the_failed_ids() {
+    fn replies_name_the_failed_and_the_buffered_ids() {
         let ok = reply(br#"{"id":3,"result":"ok","error":null}"#);
-        assert_eq!(failed_ids(&ok, &sent()), Vec::<String>::new());
+        assert_eq!(push_outcome(&ok, &sent()), outcome(&[], &[]));
         let some = reply(br#"{"id":3,"result":null,"error":"{\"ids\":[\"b\"],\"msg\":\"x\"}"}"#);
-        assert_eq!(failed_ids(&some, &sent()), vec!["b".to_owned()]);
+        assert_eq!(push_outcome(&some, &sent()), outcome(&["b"], &[]));
+        let kept = reply(br#"{"id":3,"result":{"buffered":["a"]},"error":null}"#);
+        assert_eq!(push_outcome(&kept, &sent()), outcome(&[], &["a"]));
+        let both = reply(
+            br#"{"id":3,"result":null,"error":"{\"ids\":[\"b\"],\"msg\":\"x\",\"buffered\":[\"a\"]}"}"#,
+        );
+        assert_eq!(push_outcome(&both, &sent()), outcome(&["b"], &["a"]));
         let refused =
             reply(br#"{"id":3,"result":null,"error":"{\"ids\":[],\"msg\":\"token error.\"}"}"#);
-        assert_eq!(failed_ids(&refused, &sent()), sent());
+        assert_eq!(push_outcome(&refused, &sent()), outcome(&["a", "b"], &[]));
     }
 
     #[test]

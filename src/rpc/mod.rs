@@ -291,7 +291,10 @@ async fn serve_connection(
                     // maybe already buffered, is no longer held to the pre-auth bounds.
                     let token = (!authenticated).then(|| node.config.comet_rpc_token.clone());
                     let (request, authenticates) = parse(raw, token).await;
+                    // During a restart's drain a later call that needs no forwarding
+                    // could overtake an earlier one that does: one at a time then.
                     let barrier = large
+                        || node.is_forwarding()
                         || request
                             .as_ref()
                             .is_ok_and(|r| answers_with_a_listing(&r.method));

@@ -130,7 +130,11 @@ impl SessionTable {
         {
             self.sessions.remove(&session.conn_id);
             if let Some(recovery) = self.recovery.as_mut().filter(|_| session.recovers()) {
-                if *reason == CloseReason::Kicked {
+                // Kicked: no recovery. Shutdown: this process is stopping or handing
+                // over, and its buffers die with it (a successor numbers in a new
+                // epoch), so a push kept here would be answered `buffered` and never
+                // replayed; it fails instead, or reaches the client on the successor.
+                if matches!(reason, CloseReason::Kicked | CloseReason::Shutdown) {
                     recovery.store.forget(&session.conn_id);
                 } else {
                     recovery.store.park(&session.conn_id, now);
