@@ -417,22 +417,28 @@ fn python_websockets_and_node_ws_get_compressed_pushes_intact() {
     assert!(!comet.log_text().contains("closing client for a bad frame"));
 }
 
-/// Resident memory per idle client of a node with `extra`, all clients offering deflate.
+/// Resident memory per idle client of a node with `extra`, all clients offering deflate:
+/// the growth from `clients` to `2 * clients` clients, divided by `clients`, so that what
+/// a node allocates once (its first handshakes, the compressor) does not count.
 fn idle_kib_per_client(extra: &str, clients: usize) -> f64 {
     let comet = start(extra);
     // A push first, so that the compressor each shard keeps exists before the baseline.
     let (_warm, _) = upgrade(&comet, "warm");
     comet.rpc().push(&["warm"], &json_push(), "");
+    let connect = |from: usize| -> Vec<(TcpStream, String)> {
+        (from..from + clients)
+            .map(|i| upgrade(&comet, &format!("idle{i}")))
+            .collect()
+    };
+    let mut held = connect(0);
     std::thread::sleep(Duration::from_millis(300));
     let before = comet.rss_kib();
-    let held: Vec<(TcpStream, String)> = (0..clients)
-        .map(|i| upgrade(&comet, &format!("idle{i}")))
-        .collect();
+    held.extend(connect(clients));
     let negotiated = held
         .iter()
         .filter(|(_, head)| head.contains("permessage-deflate"))
         .count();
-    assert_eq!(negotiated, if extra.is_empty() { 0 } else { clients });
+    assert_eq!(negotiated, if extra.is_empty() { 0 } else { 2 * clients });
     std::thread::sleep(Duration::from_millis(500));
     let after = comet.rss_kib();
     (after.saturating_sub(before)) as f64 / clients as f64
@@ -441,9 +447,16 @@ fn idle_kib_per_client(extra: &str, clients: usize) -> f64 {
 #[test]
 fn idle_memory_with_compression_negotiated_matches_without() {
     common::raise_open_files_limit();
-    let clients = 2000;
-    let off = idle_kib_per_client("", clients);
-    let on = idle_kib_per_client("websocket_compression=on", clients);
+    let clients = 1500;
+    // Twice each, alternating, and the lower of each: one node's RSS moves by a KiB per
+    // client from run to run on a busy machine (seen: 3.60/4.63 and 4.43/3.33 KiB off/on
+    // for the same binary), the way the allocator happens to grow.
+    let mut off = f64::MAX;
+    let mut on = f64::MAX;
+    for _ in 0..2 {
+        off = off.min(idle_kib_per_client("", clients));
+        on = on.min(idle_kib_per_client("websocket_compression=on", clients));
+    }
     println!("idle memory per client: {off:.2} KiB off, {on:.2} KiB with deflate negotiated");
     // 5% of the figure, plus 0.5 KiB per client for allocator noise on a busy machine.
     assert!(on <= off * 1.05 + 0.5, "{on:.2} KiB vs {off:.2} KiB");
