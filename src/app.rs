@@ -115,9 +115,6 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         inherited_lease: inherited.lease,
         presence: presence.clone(),
     });
-    if let Some(predecessor) = inherited.predecessor.take() {
-        node.forward_back_to(predecessor);
-    }
     let handover = Handover {
         client: handover_client,
         rpc: listeners.rpc.as_raw_fd(),
@@ -128,6 +125,12 @@ pub fn run_node(config: Config) -> anyhow::Result<()> {
         rpc: StdTcpListener::from(listeners.rpc),
         admin: listeners.admin.map(StdTcpListener::from),
         peer,
+        // Our parent until it exits (then the orphan is reparented): while it is, it
+        // drains the clients it handed over.
+        predecessor: inherited
+            .is_handover()
+            .then(std::os::unix::process::parent_id),
+        forward_back: inherited.predecessor.take(),
         handover,
     };
     let outcome = run_control(
@@ -311,6 +314,10 @@ struct ControlListeners {
     admin: Option<StdTcpListener>,
     /// This process's peer listener, when it was handed over to (see `handover`).
     peer: Option<StdTcpListener>,
+    /// The pid of the process that handed over to this one.
+    predecessor: Option<u32>,
+    /// Where that process takes the pushes for its clients (`rpc::forward`).
+    forward_back: Option<handover::ForwardTarget>,
     handover: Handover,
 }
 
@@ -441,6 +448,9 @@ fn run_control(
             Some(listener) => Some(PeerListener::serve(&node, listener)?),
             None => None,
         };
+        if let Some(target) = listeners.forward_back {
+            node.forward_back_to(target);
+        }
         let admin_task = match listeners.admin {
             Some(admin) => {
                 admin.set_nonblocking(true)?;
@@ -458,6 +468,7 @@ fn run_control(
         tokio::task::spawn_local(Rc::clone(&node).log_summaries(summaries));
         let mut registration = tokio::task::spawn_local(Rc::clone(&node).keep_registered());
         let mut handover = listeners.handover;
+        let predecessor = listeners.predecessor;
 
         let ending = loop {
             tokio::select! {
@@ -470,6 +481,16 @@ fn run_control(
                 _ = hangup.recv() => reload_token_keys(token_keys.as_deref(), "SIGHUP"),
                 _ = restart.recv() => {
                     reload_token_keys(token_keys.as_deref(), "SIGUSR2");
+                    if let Some(pid) = predecessor
+                        .filter(|pid| std::os::unix::process::parent_id() == *pid)
+                    {
+                        // A third process would know only us: the clients still on our
+                        // predecessor would lose their forwarding, and their presence order.
+                        restart_aborted(&anyhow::anyhow!(
+                            "the previous restart is still draining (pid {pid}); signal again once it has exited"
+                        ));
+                        continue;
+                    }
                     handover.lease = node.current_lease();
                     let listening = match peer.take() {
                         Some(listening) => Ok(listening),

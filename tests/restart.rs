@@ -1041,3 +1041,63 @@ fn the_reload_script_reports_a_served_successor_and_a_failed_one() {
         json!(20000)
     );
 }
+
+/// A SIGUSR2 to a successor while its predecessor still drains is refused (a third
+/// process would know only the second, and the clients still on the first would lose
+/// their forwarding and their presence order: an attacker's review saw 200 of 200 pushes
+/// to them fail and 24 of 100 conn_ids get online, online, offline, offline). Once the
+/// predecessor has exited, the next SIGUSR2 hands over as usual.
+#[test]
+fn a_restart_while_the_previous_one_drains_is_refused_until_it_has_exited() {
+    let _load = beside_others();
+    let mut old = Comet::start(
+        None,
+        "drain_window=4s\nping_interval=5s\nheartbeat_timeout=30s",
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|i| comet_client(&old, &format!("k{i}")))
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || old
+        .log_text()
+        .contains("comet ready")));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &old.pid().to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(20), || old
+        .log_text()
+        .contains("successor serving")));
+    let first = successor_pid(&old.log_text()).expect("the log names the successor");
+    let _reap_first = Reap(first);
+    // The old process drains its four clients over 4 s: the successor refuses now.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &first.to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(10), || old
+            .log_text()
+            .contains("the previous restart is still draining")),
+        "{}",
+        old.log_text()
+    );
+    assert_eq!(successor_pids(&old.log_text()).len(), 1, "no third process");
+    drop(clients);
+    assert!(
+        old.wait_exit(Duration::from_secs(30)).is_some(),
+        "the old process exits"
+    );
+    // Reparented now: the next restart goes ahead.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &first.to_string()])
+        .status();
+    assert!(
+        wait_until(Duration::from_secs(20), || successor_pids(&old.log_text())
+            .len()
+            == 2),
+        "{}",
+        old.log_text()
+    );
+    let _reap_second = Reap(successor_pids(&old.log_text())[1]);
+}

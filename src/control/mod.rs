@@ -567,7 +567,9 @@ impl Node {
     /// are tried there.
     pub(crate) fn forward_back_to(&self, target: crate::handover::ForwardTarget) {
         tracing::info!(predecessor_rpc = %target.addr, "pushes for clients not held here go to the draining predecessor");
-        *self.predecessor.borrow_mut() = Some(Rc::new(Forwarder::new(target)));
+        let forwarder = Rc::new(Forwarder::new(target));
+        *self.predecessor.borrow_mut() = Some(Rc::clone(&forwarder));
+        tokio::task::spawn_local(async move { forwarder.open().await });
     }
 
     async fn fan_out(&self, conn_ids: &[String], msg: &str) -> PushOutcome {
@@ -983,7 +985,9 @@ impl Node {
         match forward {
             Some(target) => {
                 tracing::info!(successor_rpc = %target.addr, "pushes for clients not held here go to the successor");
-                *self.successor.borrow_mut() = Some(Rc::new(Forwarder::new(target)));
+                let forwarder = Rc::new(Forwarder::new(target));
+                *self.successor.borrow_mut() = Some(Rc::clone(&forwarder));
+                tokio::task::spawn_local(async move { forwarder.open().await });
             }
             None => tracing::warn!(
                 "the successor did not say where its push RPC answers: pushes for clients that moved are reported failed"

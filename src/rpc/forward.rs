@@ -79,6 +79,20 @@ impl Forwarder {
         }
     }
 
+    /// Opens the connection now, before any stranger on this host has found the other
+    /// process's peer listener and filled its connection slots; it then stays open.
+    pub(crate) async fn open(&self) {
+        let mut connection = self.connection.lock().await;
+        if connection.is_none() {
+            match self.connect().await {
+                Ok(opened) => *connection = Some(opened),
+                Err(err) => {
+                    tracing::warn!(error = %err, "no connection to the other process of the restart yet")
+                }
+            }
+        }
+    }
+
     /// Whether the other process refused a connection (see [`Forwarder::gone`]).
     pub(crate) fn is_gone(&self) -> bool {
         self.gone.get()

@@ -173,7 +173,13 @@ impl RefusalLog {
 /// the listener). `route`: `MayForward` on `rpc_addr`; `HereOnly` on a hand-over's peer
 /// listener, whose calls the other process forwarded (`rpc::forward`).
 pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
-    let limits = Limits::from_config(&node.config);
+    let mut limits = Limits::from_config(&node.config);
+    if route == Route::HereOnly {
+        // The other process's one connection, opened at the hand-over, stays open: were
+        // it closed when idle, reopening it could find every slot held by a local
+        // stranger (connections without the token still pass the first-call bounds).
+        limits.idle_timeout = None;
+    }
     let open = Rc::new(Cell::new(0usize));
     let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));
     let mut refusals = RefusalLog::default();

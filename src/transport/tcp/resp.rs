@@ -306,7 +306,7 @@ fn refusal_text(refusal: &Refusal) -> String {
     match refusal {
         Refusal::Token => format!("WRONGPASS {refusal}"),
         Refusal::Duplicate => format!("ERR {refusal}"),
-        Refusal::MessageServer | Refusal::Saturated => {
+        Refusal::MessageServer | Refusal::Saturated | Refusal::ClaimTimedOut => {
             let retry = refusal.retry_after().unwrap_or(1);
             format!("TRYAGAIN {refusal} (retry after {retry} s)")
         }
