@@ -81,7 +81,8 @@ fn push_latency(comet: &Comet, client: &mut common::Client, n: usize) -> Duratio
     let mut took: Vec<Duration> = (0..n)
         .map(|i| {
             let sent = Instant::now();
-            rpc.push(&["healthy"], &format!("m{i}"), "");
+            let reply = rpc.push(&["healthy"], &format!("m{i}"), "");
+            assert_eq!(reply["result"], json!("ok"), "{reply}");
             assert_eq!(next_text(client).as_deref(), Some(format!("m{i}").as_str()));
             sent.elapsed()
         })
@@ -127,37 +128,44 @@ fn attack(greeting: impl Fn(usize) -> Vec<u8>, flood: Vec<u8>, on_tcp: bool, fil
             .map(|s| s["queued_bytes"].as_u64().unwrap())
             .sum::<u64>()
     };
-    // The node may be too busy to answer GetNode quickly meanwhile: the healthy client
-    // keeps its heartbeat on a thread of its own.
-    let pumping = Arc::new(AtomicBool::new(true));
-    let pump = {
-        let pumping = Arc::clone(&pumping);
-        std::thread::spawn(move || {
-            while pumping.load(Ordering::Relaxed) {
-                answer_pings(&mut healthy);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            healthy
-        })
-    };
-    let reached = if fills {
-        wait_until(Duration::from_secs(40), || {
+    let under_attack = if fills {
+        // The node may be too busy to answer GetNode quickly meanwhile: the healthy
+        // client keeps its heartbeat on a thread of its own.
+        let pumping = Arc::new(AtomicBool::new(true));
+        let pump = {
+            let pumping = Arc::clone(&pumping);
+            std::thread::spawn(move || {
+                while pumping.load(Ordering::Relaxed) {
+                    answer_pings(&mut healthy);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                healthy
+            })
+        };
+        let reached = wait_until(Duration::from_secs(40), || {
             held() >= (ATTACKERS * BUDGET) as u64
-        })
+        });
+        pumping.store(false, Ordering::Relaxed);
+        healthy = pump.join().unwrap();
+        assert!(
+            reached,
+            "every attacker reached its budget: {} bytes queued",
+            held()
+        );
+        push_latency(&comet, &mut healthy, 20)
     } else {
-        // Replies that do not pile up: the whole attack, and less than one budget
-        // queued for all of them at its end.
-        std::thread::sleep(ATTACK);
-        held() < BUDGET as u64
+        // Replies that do not pile up: pushes to the healthy client while the attack
+        // goes on, then less than one budget queued for all the attackers together.
+        std::thread::sleep(Duration::from_secs(1));
+        let latency = push_latency(&comet, &mut healthy, 20);
+        let piled = held();
+        assert!(
+            piled < BUDGET as u64,
+            "{piled} bytes queued for the attackers"
+        );
+        stop.store(true, Ordering::Relaxed);
+        latency
     };
-    pumping.store(false, Ordering::Relaxed);
-    let mut healthy = pump.join().unwrap();
-    assert!(
-        reached,
-        "attackers' replies (every one at its budget: {fills}): {} bytes queued",
-        held()
-    );
-    let under_attack = push_latency(&comet, &mut healthy, 20);
     let peak = comet.rss_kib();
     let bound = baseline + (ATTACKERS * BUDGET) as u64 / 1024 * 2 + CONSTANT_KIB;
     println!(
