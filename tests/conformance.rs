@@ -525,31 +525,3 @@ fn nothing_after_the_clients_close_is_processed() {
         == 1));
     node.bystander_unaffected();
 }
-
-/// Pings that arrive together get one pong, for the last of them (RFC 6455 section 5.5.3
-/// allows it): a pong each held the shard for milliseconds per read of a ping flood.
-#[test]
-fn pings_that_arrive_together_get_one_pong_for_the_last() {
-    let node = Node::start("");
-    let mut raw = Raw::upgraded(node.port(), "pings");
-    let mut bytes = Vec::new();
-    for i in 0..200 {
-        bytes.extend(frame(FIN | OP_PING, format!("p{i}").as_bytes()));
-    }
-    bytes.extend(close_frame(1000, b""));
-    raw.send(&bytes);
-    let (others, code) = raw.until_close();
-    assert_eq!(code, 1000);
-    assert!(
-        !others.is_empty() && others.len() < 20,
-        "one pong per read, not per ping: {} pongs",
-        others.len()
-    );
-    assert!(others.iter().all(|(op, _)| *op == OP_PONG));
-    assert_eq!(
-        others.last().unwrap().1,
-        b"p199".to_vec(),
-        "the last ping is answered"
-    );
-    node.bystander_unaffected();
-}

@@ -223,14 +223,11 @@ impl Inbound for Frames {
             deflate: matches!(session.wire(), Wire::WebSocketDeflate(_)),
         };
         let compressed_frames = &mut self.compressed;
-        // One pong for the last ping of the read (RFC 6455 section 5.5.3 allows answering
-        // only the most recent): a read of 6-byte pings is 2,700 of them, and a pong each
-        // held the shard for milliseconds per read (four such clients delayed the rest of
-        // their shard's pushes by 60-85 ms at the median).
-        let mut last_ping = None;
         let decoded = self.decoder.feed(bytes, rules, |inbound| {
             match inbound {
-                Frame::Ping(payload) => last_ping = Some(payload),
+                Frame::Ping(payload) => {
+                    session.send_control(&EncodedFrame::pong(&payload).bytes().into());
+                }
                 Frame::Pong => {}
                 Frame::Data {
                     payload,
@@ -255,9 +252,6 @@ impl Inbound for Frames {
                 }
             }
         });
-        if let Some(payload) = last_ping {
-            session.send_control(&EncodedFrame::pong(&payload).bytes().into());
-        }
         if let Err(err) = decoded.and(failed.map_or(Ok(()), Err)) {
             tracing::info!(conn_id = ?session.conn_id, error = %err, "closing client for a bad frame");
             return Some(CloseReason::bad_frame(&err));
