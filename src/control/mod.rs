@@ -76,6 +76,13 @@ struct PushCounters {
     forwarded: Cell<u64>,
 }
 
+/// A change of a group's members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Membership {
+    Join,
+    Leave,
+}
+
 /// Whether a push may be sent on to the other process of a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -746,47 +753,40 @@ impl Node {
         outcome
     }
 
-    /// Adds these clients to `group` (during a restart, on whichever process holds
-    /// each); returns the ids not on this node.
-    pub(crate) async fn join_group(
+    /// Adds these clients to `group`, or removes them (during a restart, on whichever
+    /// process holds each); returns the ids not on this node.
+    pub(crate) async fn change_group(
         &self,
+        change: Membership,
         group: &str,
         conn_ids: &[String],
         route: Route,
     ) -> Vec<String> {
         let not_here = self
-            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupJoin {
-                group: group.to_owned(),
-                conn_ids,
-                reply,
+            .to_holders(conn_ids, |conn_ids, reply| {
+                let group = group.to_owned();
+                match change {
+                    Membership::Join => ShardCommand::GroupJoin {
+                        group,
+                        conn_ids,
+                        reply,
+                    },
+                    Membership::Leave => ShardCommand::GroupLeave {
+                        group,
+                        conn_ids,
+                        reply,
+                    },
+                }
             })
             .await
             .all();
-        self.change_group_there(true, group, not_here, route).await
-    }
-
-    /// Removes these clients from `group` (during a restart, on whichever process holds
-    /// each); returns the ids not on this node.
-    pub(crate) async fn leave_group(
-        &self,
-        group: &str,
-        conn_ids: &[String],
-        route: Route,
-    ) -> Vec<String> {
-        let not_here = self
-            .to_holders(conn_ids, |conn_ids, reply| ShardCommand::GroupLeave {
-                group: group.to_owned(),
-                conn_ids,
-                reply,
-            })
+        self.change_group_there(change, group, not_here, route)
             .await
-            .all();
-        self.change_group_there(false, group, not_here, route).await
     }
 
     async fn change_group_there(
         &self,
-        join: bool,
+        change: Membership,
         group: &str,
         not_here: Vec<String>,
         route: Route,
@@ -794,7 +794,7 @@ impl Node {
         match self.forward_target(route).filter(|_| !not_here.is_empty()) {
             Some(other) => {
                 bump(&self.counters.forwarded, not_here.len());
-                let not_there = other.change_group(join, group, not_here).await;
+                let not_there = other.change_group(change, group, not_here).await;
                 self.drop_gone(&other);
                 not_there
             }

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
+use crate::control::Membership;
 use crate::handover::ForwardTarget;
 use crate::link::{BroadcastOutcome, PushOutcome};
 
@@ -150,17 +151,16 @@ impl Forwarder {
     /// ids it does not hold either (all of them when it could not be asked).
     pub(crate) async fn change_group(
         &self,
-        join: bool,
+        change: Membership,
         group: &str,
         ids: Vec<String>,
     ) -> Vec<String> {
         if ids.is_empty() {
             return ids;
         }
-        let method = if join {
-            "Server.JoinGroup"
-        } else {
-            "Server.LeaveGroup"
+        let method = match change {
+            Membership::Join => "Server.JoinGroup",
+            Membership::Leave => "Server.LeaveGroup",
         };
         let param = json!({"group": group, "connections": ids});
         let not_found = self

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
 use super::codec::Request;
-use crate::control::{Node, Route};
+use crate::control::{Membership, Node, Route};
 use crate::link::PushOutcome;
 
 /// Newest-generation status codes.
@@ -435,11 +435,6 @@ fn group_name(fields: &Fields) -> Result<String, Failure> {
     Ok(group)
 }
 
-enum Membership {
-    Join,
-    Leave,
-}
-
 async fn change_group(node: &Node, fields: &Fields, change: Membership, route: Route) -> Enveloped {
     authorised(node, fields)?;
     let group = group_name(fields)?;
@@ -449,10 +444,7 @@ async fn change_group(node: &Node, fields: &Fields, change: Membership, route: R
     if connections.is_empty() {
         return Err(Failure::new(code::BAD_PARAMS, "connections is empty."));
     }
-    let not_found = match change {
-        Membership::Join => node.join_group(&group, &connections, route).await,
-        Membership::Leave => node.leave_group(&group, &connections, route).await,
-    };
+    let not_found = node.change_group(change, &group, &connections, route).await;
     let data = json!({"group": group, "not_found": not_found});
     partial(data, &not_found, "are not on this node")
 }
