@@ -167,6 +167,26 @@ fn comet_client(comet: &Comet, id: &str) -> common::Client {
     client
 }
 
+/// `id`'s presence callbacks, in the order the message server got them.
+fn presence_of(calls: &[common::message_server::Callback], id: &str) -> Vec<String> {
+    calls
+        .iter()
+        .filter(|c| (c.method == "online" || c.method == "offline") && c.arg(0) == id)
+        .map(|c| c.method.clone())
+        .collect()
+}
+
+/// Whether `seen` alternates online / offline, beginning and ending with online, with at
+/// least `hand_overs` offline / online pairs after the first online.
+fn alternates(seen: &[String], hand_overs: usize) -> bool {
+    seen.len() > 2 * hand_overs
+        && seen.len() % 2 == 1
+        && seen
+            .iter()
+            .enumerate()
+            .all(|(n, m)| m == if n % 2 == 0 { "online" } else { "offline" })
+}
+
 /// For a conn_id whose client is closed by the draining predecessor and reconnects at
 /// once to the successor, the message server gets the old `offline` before the new
 /// `online`, even when offlines are slow (10 ms each) and onlines fast.
@@ -229,31 +249,17 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
     let _held: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     // Every client is connected to the successor: each conn_id's events alternate,
     // starting and ending with online.
-    let sequence = |calls: &[common::message_server::Callback], id: &str| -> Vec<String> {
-        calls
-            .iter()
-            .filter(|c| (c.method == "online" || c.method == "offline") && c.arg(0) == id)
-            .map(|c| c.method.clone())
-            .collect()
-    };
-    let in_order = |seen: &[String]| {
-        seen.len() >= 3
-            && seen.len() % 2 == 1
-            && seen
-                .iter()
-                .enumerate()
-                .all(|(n, m)| m == if n % 2 == 0 { "online" } else { "offline" })
-    };
+    let in_order = |seen: &[String]| alternates(seen, 1);
     let settled = || {
         let calls = server.calls();
-        (0..CLIENTS).all(|i| in_order(&sequence(&calls, &format!("m{i}"))))
+        (0..CLIENTS).all(|i| in_order(&presence_of(&calls, &format!("m{i}"))))
     };
     let ordered = wait_until(Duration::from_secs(30), settled);
     let calls = server.calls();
     let out_of_order: Vec<String> = (0..CLIENTS)
         .map(|i| format!("m{i}"))
-        .filter(|id| !in_order(&sequence(&calls, id)))
-        .map(|id| format!("{id}: {:?}", sequence(&calls, &id)))
+        .filter(|id| !in_order(&presence_of(&calls, id)))
+        .map(|id| format!("{id}: {:?}", presence_of(&calls, &id)))
         .collect();
     assert!(
         ordered,
@@ -380,31 +386,17 @@ fn presence_stays_in_order_through_three_hand_overs_of_2000_clients() {
     }
     let _reap = Reap(current);
     let elapsed = started.elapsed();
-    let sequence = |calls: &[common::message_server::Callback], id: &str| -> Vec<String> {
-        calls
-            .iter()
-            .filter(|c| (c.method == "online" || c.method == "offline") && c.arg(0) == id)
-            .map(|c| c.method.clone())
-            .collect()
-    };
-    let in_order = |seen: &[String]| {
-        seen.len() > 2 * HAND_OVERS
-            && seen.len() % 2 == 1
-            && seen
-                .iter()
-                .enumerate()
-                .all(|(n, m)| m == if n % 2 == 0 { "online" } else { "offline" })
-    };
+    let in_order = |seen: &[String]| alternates(seen, HAND_OVERS);
     let settled = wait_until(Duration::from_secs(60), || {
         let calls = server.calls();
-        (0..CLIENTS).all(|i| in_order(&sequence(&calls, &format!("h{i}"))))
+        (0..CLIENTS).all(|i| in_order(&presence_of(&calls, &format!("h{i}"))))
     });
     let calls = server.calls();
     let out_of_order: Vec<String> = (0..CLIENTS)
         .map(|i| format!("h{i}"))
-        .filter(|id| !in_order(&sequence(&calls, id)))
+        .filter(|id| !in_order(&presence_of(&calls, id)))
         .take(10)
-        .map(|id| format!("{id}: {:?}", sequence(&calls, &id)))
+        .map(|id| format!("{id}: {:?}", presence_of(&calls, &id)))
         .collect();
     stop.store(true, Ordering::SeqCst);
     let reconnects: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
