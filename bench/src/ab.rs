@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::compare::load;
 use crate::gateway::{self, Gateway};
 use crate::report::{Connect, Delivery, per};
 use crate::run::{self, Fleet, Plan, Stats};
@@ -130,12 +131,6 @@ pub fn compare(
     println!("{table}");
     eprintln!("{kind}: wrote {}.json and .md", base.display());
     Ok(())
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 fn measure(side: &Side, gateway: &Gateway, plan: &Plan) -> anyhow::Result<Figures> {

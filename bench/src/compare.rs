@@ -157,7 +157,7 @@ fn write_latest(page: &Path, table: &str) -> anyhow::Result<()> {
 }
 
 /// The machine's load average (1, 5, 15 minutes) and runnable/total tasks.
-fn load() -> String {
+pub(crate) fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
