@@ -502,16 +502,6 @@ fn refusals_carry_no_url_credentials_or_message_server_text() {
     exits_cleanly(comet);
 }
 
-/// The node's peak RSS so far (`VmHWM`), KiB.
-fn peak_rss_kib(comet: &Comet) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", comet.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// 800 `GetAllConnections` pipelined in one write, on a node of 400 clients with 250-byte
 /// conn_ids (each reply ~100 KB, 82 MB in all): the listing calls are answered one at a
 /// time and written out every 256 KiB, so the node's peak RSS grows by a few MiB, not by
@@ -523,7 +513,7 @@ fn pipelined_listings_are_written_as_they_are_answered_not_held_together() {
     let clients: Vec<_> = (0..400)
         .map(|i| comet.connect(&format!("{i:0>250}"), "t", "").unwrap())
         .collect();
-    let before = peak_rss_kib(&comet);
+    let before = comet.peak_rss_kib();
     let mut stream = rpc_stream(&comet);
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -548,7 +538,7 @@ fn pipelined_listings_are_written_as_they_are_answered_not_held_together() {
         assert_eq!(reply["result"]["data"].as_array().map(Vec::len), Some(400));
         first.get_or_insert(started.elapsed());
     }
-    let grown = peak_rss_kib(&comet).saturating_sub(before);
+    let grown = comet.peak_rss_kib().saturating_sub(before);
     println!(
         "800 pipelined listings of 400 ids: peak RSS +{grown} KiB, first reply after {:?}, all after {:?}",
         first.unwrap(),
