@@ -235,6 +235,9 @@ pub struct Config {
     /// Presence lanes: `online`/`offline` callbacks delivered concurrently (each conn_id
     /// always on the same lane, so its own events stay in order).
     pub presence_workers: usize,
+    /// Bytes of `online`/`offline` events waiting for the message server; past it new
+    /// sessions are refused (503) until it catches up.
+    pub presence_queue_bytes: usize,
     /// `checkToken` calls queued or running per shard; a handshake beyond them gets 503.
     pub callback_queue_size: usize,
     /// Entries of each of a shard's io_uring rings. The kernel sizes a ring's table of
@@ -461,6 +464,7 @@ impl Config {
             callback_retries: raw.count("callback_retries", 5, 0, 100)? as u32,
             callback_threads: raw.count("callback_threads", 8, 1, 256)?,
             presence_workers: raw.count("presence_workers", 16, 1, 1024)?,
+            presence_queue_bytes: raw.count("presence_queue_bytes", 64 << 20, 64 << 10, 1 << 40)?,
             callback_queue_size: raw.count("callback_queue_size", 64, 1, 1 << 20)?,
             io_uring_depth: raw.count("io_uring_depth", 4096, 16, 32768)?,
             close_timeout: raw.duration("close_timeout", Duration::from_secs(1))?,

@@ -10,6 +10,7 @@
 //! queue events, which never blocks.
 
 use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +45,13 @@ struct PresenceEvent {
     info: String,
 }
 
+impl PresenceEvent {
+    /// What the event holds while queued: its strings and its slot in the lane's channel.
+    fn bytes(&self) -> usize {
+        self.conn_id.len() + self.info.len() + std::mem::size_of::<Self>() + 16
+    }
+}
+
 /// Where a predecessor writes its notices to its successor (shared by its lanes).
 type NoticePipe = Arc<Mutex<std::fs::File>>;
 
@@ -59,6 +67,9 @@ enum Control {
     PredecessorGone,
     /// Predecessor: a successor took over; report each `offline` delivered from now on.
     HandedOver(NoticePipe),
+    /// The node stops and no shard is left to queue events: deliver what is queued
+    /// (held ones included), then end.
+    Finish,
 }
 
 /// Queues presence callbacks. Cloneable handle; dropping every handle and calling
@@ -71,6 +82,10 @@ pub(crate) struct Presence {
     /// the lane to drop them cost 36% of a handshake's CPU (the presence thread woken
     /// per connect, and the shard's wake of it), measured with `comet-bench compare`.
     reporting: bool,
+    /// Bytes of the events queued and not yet delivered, over every lane.
+    queued_bytes: Arc<AtomicUsize>,
+    /// `presence_queue_bytes`: past it, no new session is admitted ([`Presence::is_backlogged`]).
+    limit: usize,
 }
 
 /// The threads behind a [`Presence`].
@@ -86,8 +101,10 @@ impl Presence {
         client: Option<CallbackClient>,
         workers: usize,
         retries: u32,
+        queue_bytes: usize,
         predecessor: Option<std::fs::File>,
     ) -> (Presence, PresenceWorkers) {
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let mut events = Vec::with_capacity(workers);
         let mut controls = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers);
@@ -107,6 +124,7 @@ impl Presence {
                 retries,
                 gate,
                 notices: None,
+                queued_bytes: Arc::clone(&queued_bytes),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("presence-{index}"))
@@ -116,6 +134,8 @@ impl Presence {
         }
         let presence = Presence {
             reporting: client.is_some(),
+            queued_bytes,
+            limit: queue_bytes,
             events: events.into(),
             routes: Routes {
                 controls: controls.into(),
@@ -139,6 +159,15 @@ impl Presence {
         self.events.iter().map(Sender::len).sum()
     }
 
+    /// Whether the events waiting for the message server hold more than
+    /// `presence_queue_bytes`: new sessions are then refused until it catches up. An
+    /// `offline` is always queued, so the queue holds at most about twice the bound (a
+    /// client cycling RESP `SUBSCRIBE`/`UNSUBSCRIBE` on one connection queued 21,000
+    /// events a second against a message server answering in 20 ms: +2.6 GB in 20 s).
+    pub(crate) fn is_backlogged(&self) -> bool {
+        self.queued_bytes.load(Ordering::Relaxed) > self.limit
+    }
+
     /// Queues a presence callback; never blocks.
     pub(crate) fn report(&self, kind: PresenceKind, conn_id: &str, info: &str) {
         if !self.reporting {
@@ -149,16 +178,25 @@ impl Presence {
             conn_id: conn_id.to_owned(),
             info: info.to_owned(),
         };
+        let bytes = event.bytes();
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if self.events[self.routes.lane_of(conn_id)]
             .send(event)
             .is_err()
         {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             tracing::error!(
                 conn_id = ?conn_id,
                 method = kind.method(),
                 "presence worker gone; callback lost"
             );
         }
+    }
+
+    /// The node stops: every lane delivers what is queued, then ends (see
+    /// [`PresenceWorkers::join`]). Call once no shard is left to queue events.
+    pub(crate) fn finish(&self) {
+        self.routes.to_every_lane(|| Control::Finish);
     }
 
     /// A successor took over: tells every lane to report its deliveries to `pipe`, and
@@ -242,8 +280,8 @@ fn write_notice_text(pipe: &NoticePipe, text: &str) {
 }
 
 impl PresenceWorkers {
-    /// Waits until every queued event is delivered or given up. Call after every
-    /// [`Presence`] handle is dropped.
+    /// Waits until every queued event is delivered or given up. Call after
+    /// [`Presence::finish`], or after every [`Presence`] handle is dropped.
     pub(crate) fn join(self) {
         for thread in self.threads {
             let _ = thread.join();
@@ -261,6 +299,7 @@ struct Lane {
     retries: u32,
     gate: Gate<PresenceEvent>,
     notices: Option<NoticePipe>,
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Lane {
@@ -285,10 +324,20 @@ impl Lane {
                         return;
                     }
                 },
-                recv(controls) -> control => {
-                    if let Ok(control) = control {
-                        self.control(control, &events);
+                recv(controls) -> control => match control {
+                    Ok(Control::Finish) => {
+                        let queued: Vec<PresenceEvent> = events.try_iter().collect();
+                        for event in queued {
+                            let conn_id = event.conn_id.clone();
+                            let ready = self.gate.event(&conn_id, event);
+                            self.deliver(ready);
+                        }
+                        let held = self.gate.release_all();
+                        self.deliver(held);
+                        return;
                     }
+                    Ok(control) => self.control(control, &events),
+                    Err(_) => {}
                 },
                 default(tick) => {
                     let due = self.gate.tick(Instant::now());
@@ -307,6 +356,8 @@ impl Lane {
             Control::Done(conn_id) => self.gate.done(&conn_id),
             Control::Open => self.gate.open_now(),
             Control::PredecessorGone => self.gate.release_all(),
+            // The loop ends the lane on it, before this.
+            Control::Finish => Vec::new(),
             Control::HandedOver(pipe) => {
                 // The held list was taken before this notice was sent, so every
                 // `offline` of a conn_id missing from it is already queued here: deliver
@@ -328,6 +379,8 @@ impl Lane {
     fn deliver(&self, events: Vec<PresenceEvent>) {
         for event in events {
             self.deliver_one(&event);
+            self.queued_bytes
+                .fetch_sub(event.bytes(), Ordering::Relaxed);
             if event.kind == PresenceKind::Offline
                 && let Some(pipe) = &self.notices
             {

@@ -100,18 +100,34 @@ enum Audience {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
     #[serde(default)]
     aud: Option<Audience>,
     #[serde(default)]
     iss: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     nbf: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     iat: Option<u64>,
     #[serde(default)]
     info: Option<String>,
+}
+
+/// A NumericDate (RFC 7519 section 2): seconds since the epoch, where a fraction is
+/// allowed (PyJWT passes `time.time() + 60` through as it is); kept as whole seconds,
+/// the fraction dropped. Negative or not a number: the claim is malformed.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(date: D) -> Result<Option<u64>, D::Error> {
+    let number = serde_json::Number::deserialize(date)?;
+    if let Some(whole) = number.as_u64() {
+        return Ok(Some(whole));
+    }
+    match number.as_f64() {
+        Some(seconds) if (0.0..1.8e19).contains(&seconds) => Ok(Some(seconds as u64)),
+        _ => Err(serde::de::Error::custom(format!(
+            "a NumericDate is a non-negative number of seconds, not {number}"
+        ))),
+    }
 }
 
 /// What a valid token says beyond the conn_id.
@@ -409,6 +425,24 @@ mod tests {
             );
             let verified = verifier().verify(&token, "u1", NOW).unwrap();
             assert_eq!(verified.info.as_deref(), Some("vip"));
+        }
+    }
+
+    #[test]
+    fn numeric_dates_may_have_fractions_but_not_signs() {
+        let exp = NOW as f64 + 60.25;
+        let token = sign(
+            b"current",
+            serde_json::json!({"sub": "u1", "exp": exp, "iat": NOW as f64 - 0.5}),
+        );
+        assert!(verifier().verify(&token, "u1", NOW).is_ok());
+        assert!(matches!(
+            verifier().verify(&token, "u1", NOW + 61 + 30),
+            Err(TokenError::Expired { .. })
+        ));
+        for bad in [serde_json::json!(-1), serde_json::json!("1800000060")] {
+            let token = sign(b"current", serde_json::json!({"sub": "u1", "exp": bad}));
+            assert!(verifier().verify(&token, "u1", NOW).is_err(), "{bad}");
         }
     }
 

@@ -321,3 +321,88 @@ fn clients_sending_as_fast_as_they_can_delay_the_rest_of_their_shard_by_millisec
     let status = comet.terminate(Duration::from_secs(20)).expect("exits");
     assert!(status.success(), "exit {status:?}");
 }
+
+/// Connects as `conn_id` with a 3 KB `info` (carried by every presence callback) and
+/// hangs up at once: one `online` and one `offline` queued per call.
+fn connect_and_leave(comet: &Comet, conn_id: &str) -> u16 {
+    let info = "i".repeat(3000);
+    match comet.connect(conn_id, "t", &info) {
+        Ok(mut client) => {
+            let _ = client.close(None);
+            101
+        }
+        Err(err) => common::refusal_status(Err(err)),
+    }
+}
+
+/// Presence callbacks waiting for a slow message server are bounded in bytes: past
+/// `presence_queue_bytes` new sessions get 503 (a RESP client cycling
+/// `SUBSCRIBE`/`UNSUBSCRIBE` on one connection grew a node by 2.6 GB in 20 s), and once
+/// the message server has caught up clients are admitted again, every `online` with its
+/// `offline`.
+#[test]
+fn presence_callbacks_waiting_for_the_message_server_are_bounded() {
+    let server = MessageServer::start();
+    server.stall("online", Duration::from_millis(200));
+    let mut comet = Comet::start(
+        Some(&server),
+        "presence_workers=1\npresence_queue_bytes=65536\nping_interval=10s\nheartbeat_timeout=30s",
+    );
+    // ~3.2 KB per event: the bound is reached within ~20 events, while the lane delivers
+    // one `online` per 200 ms.
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        let status = connect_and_leave(&comet, &format!("churn{i}"));
+        statuses.push(status);
+        if status == 503 {
+            break;
+        }
+    }
+    let admitted = statuses.iter().filter(|&&s| s == 101).count();
+    println!("{admitted} admitted before the first 503");
+    assert_eq!(statuses.last(), Some(&503), "never refused: {statuses:?}");
+    assert!(
+        (10..=30).contains(&admitted),
+        "{admitted} admitted: {statuses:?}"
+    );
+    assert!(comet.log_text().contains("node is busy; try again"));
+    // Caught up: admitted again.
+    assert!(wait_until(Duration::from_secs(30), || connect_and_leave(
+        &comet, "later"
+    ) == 101));
+    let status = comet.terminate(Duration::from_secs(60)).expect("exits");
+    assert!(status.success(), "exit {status:?}");
+    // Every `online` has its `offline`, in order (the ledger asserts it).
+    let (_, onlines) = common::check_presence_ledger(&server);
+    assert_eq!(onlines, admitted + 1);
+}
+
+/// A node stopping with presence callbacks queued for a stalled message server still
+/// obeys a second signal at once (one with 4,000 queued ignored two more, and only
+/// SIGKILL ended it).
+#[test]
+fn a_second_signal_ends_the_presence_drain_of_a_stop() {
+    let server = MessageServer::start();
+    server.stall("offline", Duration::from_secs(2));
+    let mut comet = Comet::start(
+        Some(&server),
+        "presence_workers=1\ndrain_window=0\nping_interval=10s\nheartbeat_timeout=30s",
+    );
+    let clients: Vec<_> = (0..5)
+        .map(|i| comet.connect(&format!("stay{i}"), "t", "").unwrap())
+        .collect();
+    common::signal(comet.pid(), "TERM");
+    // Five offlines at 2 s each: the drain takes 10 s unless told otherwise.
+    assert!(wait_until(Duration::from_secs(10), || comet
+        .log_text()
+        .contains("delivering the last presence callbacks")));
+    let told = Instant::now();
+    common::signal(comet.pid(), "TERM");
+    let status = comet
+        .wait_exit(Duration::from_secs(5))
+        .expect("the second signal ends the drain");
+    assert!(told.elapsed() < Duration::from_secs(5));
+    assert!(!status.success(), "{status:?}");
+    assert!(comet.log_text().contains("second signal"));
+    drop(clients);
+}

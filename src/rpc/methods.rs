@@ -611,7 +611,7 @@ mod tests {
             fake_shard(id, inbox, held, Arc::clone(&seen));
             handles.push(handle);
         }
-        let (presence, _workers) = Presence::start(None, 1, 0, None);
+        let (presence, _workers) = Presence::start(None, 1, 0, 1 << 20, None);
         let node = Node::new(NodeParts {
             config: Arc::new(config),
             shards: handles,

@@ -71,6 +71,7 @@ pub(crate) struct Shard {
     /// Shared by all shards: the exact connection bound, the descriptor reserve.
     pub(crate) counts: Arc<ClientCounts>,
     scratch: RefCell<Box<[u8]>>,
+    replies: RefCell<Vec<u8>>,
     draining: Cell<bool>,
     live_connections: Cell<usize>,
     pings: Pings,
@@ -373,6 +374,7 @@ impl Shard {
             )),
             counts,
             scratch: RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice()),
+            replies: RefCell::new(Vec::new()),
             draining: Cell::new(false),
             live_connections: Cell::new(0),
             pings: Pings {
@@ -398,6 +400,12 @@ impl Shard {
     /// The shard-wide read buffer. Borrow it only within one poll, never across an await.
     pub(crate) fn scratch(&self) -> std::cell::RefMut<'_, Box<[u8]>> {
         self.scratch.borrow_mut()
+    }
+
+    /// The shard-wide buffer one read's answers are gathered in (`transport::Inbound`).
+    /// Borrow it only within one poll, never across an await.
+    pub(crate) fn replies(&self) -> std::cell::RefMut<'_, Vec<u8>> {
+        self.replies.borrow_mut()
     }
 
     /// Whether the shard is shutting down (a client registered now is closed at once).

@@ -45,6 +45,9 @@ pub(crate) enum Refusal {
     ClaimTimedOut,
     /// The node is past a hard load threshold.
     Saturated,
+    /// More than `presence_queue_bytes` of `online`/`offline` callbacks wait for the
+    /// message server: a new session would only add to them.
+    PresenceBacklog,
 }
 
 impl Refusal {
@@ -56,13 +59,14 @@ impl Refusal {
             Refusal::Duplicate => "duplicate",
             Refusal::ClaimTimedOut => "claim_timeout",
             Refusal::Saturated => "overloaded",
+            Refusal::PresenceBacklog => "presence_backlog",
         }
     }
 
     /// Seconds a client should wait before trying again, for refusals that pass.
     pub(crate) fn retry_after(&self) -> Option<u32> {
         match self {
-            Refusal::MessageServer | Refusal::ClaimTimedOut => Some(1),
+            Refusal::MessageServer | Refusal::ClaimTimedOut | Refusal::PresenceBacklog => Some(1),
             Refusal::Saturated => Some(5),
             Refusal::Token | Refusal::Duplicate => None,
         }
@@ -79,7 +83,9 @@ impl std::fmt::Display for Refusal {
             Refusal::Token => f.write_str("token refused"),
             Refusal::MessageServer => f.write_str("cannot verify the token now; try again later"),
             Refusal::Duplicate => f.write_str("conn_id already connected"),
-            Refusal::ClaimTimedOut => f.write_str("node is busy; try again"),
+            Refusal::ClaimTimedOut | Refusal::PresenceBacklog => {
+                f.write_str("node is busy; try again")
+            }
             Refusal::Saturated => f.write_str("node is overloaded; try another node"),
         }
     }
@@ -443,6 +449,9 @@ pub(crate) async fn claim_verified(
 ) -> Result<Admitted<'_>, Refusal> {
     if shard.is_saturated() {
         return Err(Refusal::Saturated);
+    }
+    if shard.presence.is_backlogged() {
+        return Err(Refusal::PresenceBacklog);
     }
     // Per handshake, not per load sample: a burst of 150 against a bound of 200 with 150
     // connected was all admitted while the sample said 150.

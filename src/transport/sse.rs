@@ -76,7 +76,13 @@ fn response_head(origin: Option<&str>, retry_millis: u128) -> Vec<u8> {
 pub(crate) struct Quiet;
 
 impl Inbound for Quiet {
-    fn on_bytes(&mut self, _: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {
+    fn on_bytes(
+        &mut self,
+        _: &Shard,
+        session: &Session,
+        bytes: &[u8],
+        _: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         tracing::debug!(conn_id = ?session.conn_id, bytes = bytes.len(), "event-stream client sent bytes: ignored");
         None
     }

@@ -184,8 +184,14 @@ impl Comet {
             rpc_port,
             log,
         };
-        let up = wait_until(Duration::from_secs(10), || {
-            comet.exited() || (port_open(ws_port) && port_open(rpc_port))
+        // Ready, not just bound: the ports accept (into their backlogs) before the
+        // control thread runs, and a client's claim then waits for it. A loaded CI
+        // machine once took over 5 s (`handshake_timeout`) from bind to ready.
+        let up = wait_until(Duration::from_secs(30), || {
+            comet.exited()
+                || (comet.log_text().contains("comet ready")
+                    && port_open(ws_port)
+                    && port_open(rpc_port))
         });
         if !up || comet.exited() {
             return Err(comet.log_text());

@@ -6,7 +6,6 @@
 
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use crate::codec::Wire;
 use crate::codec::frame::close_code;
@@ -15,7 +14,7 @@ use crate::session::{CloseReason, Session};
 use crate::shard::Shard;
 use crate::token::token_from_json;
 use crate::transport::admission;
-use crate::transport::{ClientStream, Inbound, close, run_session};
+use crate::transport::{ClientStream, Inbound, answer, close, run_session};
 
 /// Largest token line (the same bound as a WebSocket upgrade request).
 const MAX_TOKEN_LINE: usize = 8 * 1024;
@@ -32,7 +31,10 @@ pub(crate) async fn serve<S: ClientStream>(
     else {
         return;
     };
-    let reason = match inbound.on_bytes(shard, &session, &early) {
+    let mut replies = Vec::new();
+    let ended = inbound.on_bytes(shard, &session, &early, &mut replies);
+    answer(&session, &mut replies);
+    let reason = match ended {
         Some(reason) => reason,
         None => run_session(shard, &mut stream, &session, &mut inbound).await,
     };
@@ -125,12 +127,18 @@ struct Lines {
 }
 
 impl Inbound for Lines {
-    fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {
+    fn on_bytes(
+        &mut self,
+        shard: &Shard,
+        session: &Session,
+        bytes: &[u8],
+        replies: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         let complained = &mut self.complained;
         let fed = self.decoder.feed(bytes, shard.config.max_frame_size, |line| {
             match lines::parse_client_line(line) {
                 Ok(ClientLine::Ping) => {
-                    session.send_control(&Arc::from(lines::PONG_LINE));
+                    replies.extend_from_slice(lines::PONG_LINE);
                 }
                 Ok(ClientLine::Pong) | Ok(ClientLine::Blank) => {}
                 Ok(ClientLine::Data) => {
@@ -141,7 +149,7 @@ impl Inbound for Lines {
                     if !std::mem::replace(complained, true) {
                         tracing::info!(conn_id = ?session.conn_id, error = %why, "client sent a bad line");
                     }
-                    session.send_control(&Arc::from(lines::error_line(&why)));
+                    replies.extend_from_slice(&lines::error_line(&why));
                 }
             }
         });

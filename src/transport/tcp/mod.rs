@@ -30,10 +30,7 @@ pub(crate) async fn serve<S: ClientStream>(
         TcpProtocol::Auto => match first_bytes(shard, &mut stream).await {
             Some(bytes) if bytes.first() == Some(&b'{') => (TcpProtocol::Json, bytes),
             Some(bytes) => (TcpProtocol::Resp, bytes),
-            None => {
-                shard.handshake_refused("timeout");
-                return;
-            }
+            None => return,
         },
     };
     match protocol {
@@ -42,16 +39,23 @@ pub(crate) async fn serve<S: ClientStream>(
     }
 }
 
-/// The first read, within the handshake timeout; `None` if the client said nothing.
+/// The first read, within the handshake timeout; `None` if the client said nothing
+/// (counted as a timeout, or as gone when it closed or reset first).
 async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 512];
-    let read = with_deadline(stream.read(&mut buf), shard.config.handshake_timeout).await;
-    match read {
-        Some(Ok(n)) if n > 0 => {
+    match read_within(stream, &mut buf, shard.config.handshake_timeout).await {
+        Some(n) if n > 0 => {
             buf.truncate(n);
             Some(buf)
         }
-        _ => None,
+        Some(_) => {
+            shard.handshake_refused("gone");
+            None
+        }
+        None => {
+            shard.handshake_refused("timeout");
+            None
+        }
     }
 }
 
@@ -62,7 +66,8 @@ pub(crate) fn enable_keepalive(fd: RawFd, idle: Duration) {
     crate::sys::set_keepalive(fd, idle, (idle / 3).max(Duration::from_secs(1)), 3);
 }
 
-/// One read before `limit`: `Some(n)` bytes (0 at EOF), `None` on timeout or error.
+/// One read before `limit`: `Some(n)` bytes (0 at EOF or on an error: a client that
+/// resets its connection has left, it did not time out), `None` on timeout.
 async fn read_within<S: ClientStream>(
     stream: &mut S,
     buf: &mut [u8],
@@ -70,6 +75,7 @@ async fn read_within<S: ClientStream>(
 ) -> Option<usize> {
     match with_deadline(stream.read(buf), limit).await {
         Some(Ok(n)) => Some(n),
-        _ => None,
+        Some(Err(_)) => Some(0),
+        None => None,
     }
 }

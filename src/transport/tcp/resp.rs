@@ -19,7 +19,6 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -30,7 +29,7 @@ use crate::session::{CloseReason, Session};
 use crate::shard::Shard;
 use crate::token::{ClientToken, token_from_json};
 use crate::transport::admission::{self, Refusal};
-use crate::transport::{ClientStream, Inbound, close, run_session, write_reply};
+use crate::transport::{ClientStream, Inbound, answer, close, run_session, write_reply};
 
 /// Client ids for `HELLO` and `CLIENT ID` answers, unique in the process.
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
@@ -49,7 +48,10 @@ pub(crate) async fn serve<S: ClientStream>(
         else {
             return;
         };
-        let reason = match subscriber.drain(&session) {
+        let mut replies = Vec::new();
+        let drained = subscriber.drain(&mut replies);
+        answer(&session, &mut replies);
+        let reason = match drained {
             Some(reason) => reason,
             None => run_session(shard, &mut stream, &session, &mut subscriber).await,
         };
@@ -200,7 +202,12 @@ async fn greet<S: ClientStream>(
                 };
                 match super::read_within(stream, &mut chunk, limit).await {
                     Some(n) if n > 0 => conn.decoder.feed(&chunk[..n]),
-                    Some(_) => return None,
+                    Some(_) => {
+                        if conn.credentials.is_none() {
+                            shard.handshake_refused("gone");
+                        }
+                        return None;
+                    }
                     None => {
                         // Closed without a reply, as Redis's own `timeout` does: an
                         // unsolicited reply would be taken for the answer to the
@@ -306,7 +313,10 @@ fn refusal_text(refusal: &Refusal) -> String {
     match refusal {
         Refusal::Token => format!("WRONGPASS {refusal}"),
         Refusal::Duplicate => format!("ERR {refusal}"),
-        Refusal::MessageServer | Refusal::Saturated | Refusal::ClaimTimedOut => {
+        Refusal::MessageServer
+        | Refusal::Saturated
+        | Refusal::ClaimTimedOut
+        | Refusal::PresenceBacklog => {
             let retry = refusal.retry_after().unwrap_or(1);
             format!("TRYAGAIN {refusal} (retry after {retry} s)")
         }
@@ -745,14 +755,14 @@ impl Subscriber {
     }
 
     /// Runs every complete command buffered so far, up to one that ends the session.
-    fn drain(&mut self, session: &Session) -> Option<CloseReason> {
+    fn drain(&mut self, replies: &mut Vec<u8>) -> Option<CloseReason> {
         loop {
             let command = match self.conn.decoder.next_command() {
                 Ok(Some(command)) => command,
                 Ok(None) => return None,
                 Err(err) => {
                     let why = format!("Protocol error: {err}");
-                    session.send_control(&Arc::from(resp::error(&format!("ERR {why}"))));
+                    replies.extend_from_slice(&resp::error(&format!("ERR {why}")));
                     return Some(CloseReason::Protocol {
                         code: close_code::PROTOCOL_ERROR,
                         why: why.into(),
@@ -760,7 +770,7 @@ impl Subscriber {
                 }
             };
             let (reply, ended) = self.run(&command);
-            session.send_control(&Arc::from(reply));
+            replies.extend_from_slice(&reply);
             if ended {
                 return Some(CloseReason::ClientClosed);
             }
@@ -820,9 +830,15 @@ impl Subscriber {
 }
 
 impl Inbound for Subscriber {
-    fn on_bytes(&mut self, _shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {
+    fn on_bytes(
+        &mut self,
+        _shard: &Shard,
+        _session: &Session,
+        bytes: &[u8],
+        replies: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         self.conn.decoder.feed(bytes);
-        self.drain(session)
+        self.drain(replies)
     }
 }
 
@@ -1145,7 +1161,9 @@ mod tests {
             s.conn.decoder.feed(&wire);
             s.conn.decoder.feed(&wire);
             reads += 1;
-            assert_eq!(s.drain(&session), None);
+            let mut replies = Vec::new();
+            assert_eq!(s.drain(&mut replies), None);
+            answer(&session, &mut replies);
             assert!(reads < 1000, "never over budget");
         }
         let queued = session.backlog_bytes();

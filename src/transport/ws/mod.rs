@@ -93,9 +93,10 @@ fn refusal_status(refusal: &Refusal) -> &'static str {
     match refusal {
         Refusal::Token => "401 Unauthorized",
         Refusal::Duplicate => "400 Bad Request",
-        Refusal::MessageServer | Refusal::Saturated | Refusal::ClaimTimedOut => {
-            "503 Service Unavailable"
-        }
+        Refusal::MessageServer
+        | Refusal::Saturated
+        | Refusal::ClaimTimedOut
+        | Refusal::PresenceBacklog => "503 Service Unavailable",
     }
 }
 
@@ -214,7 +215,13 @@ fn on_compressed(
 }
 
 impl Inbound for Frames {
-    fn on_bytes(&mut self, shard: &Shard, session: &Session, bytes: &[u8]) -> Option<CloseReason> {
+    fn on_bytes(
+        &mut self,
+        shard: &Shard,
+        session: &Session,
+        bytes: &[u8],
+        replies: &mut Vec<u8>,
+    ) -> Option<CloseReason> {
         let mut ended = None;
         let mut failed = None;
         let limit = shard.config.max_frame_size;
@@ -226,7 +233,7 @@ impl Inbound for Frames {
         let decoded = self.decoder.feed(bytes, rules, |inbound| {
             match inbound {
                 Frame::Ping(payload) => {
-                    session.send_control(&EncodedFrame::pong(&payload).bytes().into());
+                    replies.extend_from_slice(EncodedFrame::pong(&payload).bytes());
                 }
                 Frame::Pong => {}
                 Frame::Data {
