@@ -28,9 +28,7 @@ struct Reap(u32);
 
 impl Drop for Reap {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg(self.0.to_string())
-            .status();
+        common::signal(self.0, "TERM");
         wait_until(Duration::from_secs(10), || {
             !std::path::Path::new(&format!("/proc/{}", self.0)).exists()
         });
@@ -108,9 +106,7 @@ fn sigusr2_restart_refuses_no_connection_and_every_old_client_gets_close_and_off
     };
 
     std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     let status = old
         .wait_exit(Duration::from_secs(20))
         .expect("the old process drains and exits");
@@ -238,9 +234,7 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
         .len()
         == CLIENTS));
     let mut old = old;
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     let status = old
         .wait_exit(Duration::from_secs(30))
         .expect("the old process exits");
@@ -353,9 +347,7 @@ fn presence_stays_in_order_through_three_hand_overs_of_2000_clients() {
     let mut current = old.pid();
     let started = std::time::Instant::now();
     for round in 1..=HAND_OVERS {
-        let _ = std::process::Command::new("kill")
-            .args(["-USR2", &current.to_string()])
-            .status();
+        common::signal(current, "USR2");
         let next = wait_until(Duration::from_secs(30), || {
             successor_pids(&old.log_text()).len() == round
         });
@@ -594,9 +586,7 @@ fn pushes_through_a_restart(persistent: bool) {
     };
     std::thread::sleep(Duration::from_millis(500));
     let drain_started = std::time::Instant::now();
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     let status = old
         .wait_exit(Duration::from_secs(40))
         .expect("the old process exits");
@@ -722,9 +712,7 @@ fn a_broadcast_and_a_kick_during_a_drain_reach_clients_still_on_the_old_process(
             })
         })
         .collect();
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     assert!(wait_until(Duration::from_secs(20), || old
         .log_text()
         .contains("successor serving")));
@@ -790,9 +778,7 @@ fn a_restart_with_a_broken_config_keeps_serving_and_leaves_no_zombie() {
         .contains("comet ready")));
     std::thread::sleep(Duration::from_millis(500));
     std::fs::write(&config, "max_proc=banana\n").unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     assert!(
         wait_until(Duration::from_secs(20), || old
             .log_text()
@@ -883,9 +869,7 @@ fn a_readyz_probe_accepted_before_the_hand_over_is_answered_ready() {
         .unwrap();
     // Accepted by the old process (its task now waits for the request).
     std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     assert!(
         wait_until(Duration::from_secs(4), || old
             .log_text()
@@ -1053,9 +1037,7 @@ fn a_restart_while_the_previous_one_drains_is_refused_until_it_has_exited() {
         .log_text()
         .contains("comet ready")));
     std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &old.pid().to_string()])
-        .status();
+    common::signal(old.pid(), "USR2");
     assert!(wait_until(Duration::from_secs(20), || old
         .log_text()
         .contains("successor serving")));
@@ -1063,9 +1045,7 @@ fn a_restart_while_the_previous_one_drains_is_refused_until_it_has_exited() {
     let _reap_first = Reap(first);
     // The old process drains its four clients over 4 s: the successor refuses now.
     std::thread::sleep(Duration::from_millis(500));
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &first.to_string()])
-        .status();
+    common::signal(first, "USR2");
     assert!(
         wait_until(Duration::from_secs(10), || old
             .log_text()
@@ -1081,9 +1061,7 @@ fn a_restart_while_the_previous_one_drains_is_refused_until_it_has_exited() {
     );
     // Reparented now: the next restart goes ahead.
     std::thread::sleep(Duration::from_millis(300));
-    let _ = std::process::Command::new("kill")
-        .args(["-USR2", &first.to_string()])
-        .status();
+    common::signal(first, "USR2");
     assert!(
         wait_until(Duration::from_secs(20), || successor_pids(&old.log_text())
             .len()
