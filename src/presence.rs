@@ -326,12 +326,7 @@ impl Lane {
                 },
                 recv(controls) -> control => match control {
                     Ok(Control::Finish) => {
-                        let queued: Vec<PresenceEvent> = events.try_iter().collect();
-                        for event in queued {
-                            let conn_id = event.conn_id.clone();
-                            let ready = self.gate.event(&conn_id, event);
-                            self.deliver(ready);
-                        }
+                        self.deliver_queued(&events);
                         let held = self.gate.release_all();
                         self.deliver(held);
                         return;
@@ -363,17 +358,22 @@ impl Lane {
                 // `offline` of a conn_id missing from it is already queued here: deliver
                 // them (reporting each from now on), then say this lane is ready.
                 self.notices = Some(Arc::clone(&pipe));
-                for _ in 0..events.len() {
-                    let Ok(event) = events.try_recv() else { break };
-                    let conn_id = event.conn_id.clone();
-                    let ready = self.gate.event(&conn_id, event);
-                    self.deliver(ready);
-                }
+                self.deliver_queued(events);
                 write_notice_text(&pipe, &Notice::LaneReady(self.index).line());
                 Vec::new()
             }
         };
         self.deliver(ready);
+    }
+
+    /// Delivers (or, through the gate, holds) every event queued now.
+    fn deliver_queued(&mut self, events: &Receiver<PresenceEvent>) {
+        for _ in 0..events.len() {
+            let Ok(event) = events.try_recv() else { break };
+            let conn_id = event.conn_id.clone();
+            let ready = self.gate.event(&conn_id, event);
+            self.deliver(ready);
+        }
     }
 
     fn deliver(&self, events: Vec<PresenceEvent>) {
