@@ -526,7 +526,8 @@ fn run_control(
                 let notices = &ready.notices;
                 // Before any client is closed: the successor holds back the `online` of
                 // each conn_id listed here until this process has delivered its `offline`.
-                let held = node.all_connections();
+                presence.successor_serving();
+                let held = node.stop_announcing().await;
                 let presence = presence.clone();
                 match notices.try_clone() {
                     Ok(notices) => {

@@ -10,7 +10,7 @@
 //! queue events, which never blocks.
 
 use std::io::{BufRead, BufReader, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -43,6 +43,11 @@ struct PresenceEvent {
     kind: PresenceKind,
     conn_id: String,
     info: String,
+    /// Queued once a successor served: its delivery is a `done` notice. An `offline`
+    /// queued before is not: it belongs to a session the hand-over's list does not name
+    /// (gone by then), and telling it would release a held conn_id whose listed session
+    /// has yet to end.
+    tells_successor: bool,
 }
 
 impl PresenceEvent {
@@ -86,6 +91,8 @@ pub(crate) struct Presence {
     queued_bytes: Arc<AtomicUsize>,
     /// `presence_queue_bytes`: past it, no new session is admitted ([`Presence::is_backlogged`]).
     limit: usize,
+    /// Set when a successor serves ([`Presence::successor_serving`]).
+    successor: Arc<AtomicBool>,
 }
 
 /// The threads behind a [`Presence`].
@@ -136,6 +143,7 @@ impl Presence {
             reporting: client.is_some(),
             queued_bytes,
             limit: queue_bytes,
+            successor: Arc::new(AtomicBool::new(false)),
             events: events.into(),
             routes: Routes {
                 controls: controls.into(),
@@ -177,6 +185,7 @@ impl Presence {
             kind,
             conn_id: conn_id.to_owned(),
             info: info.to_owned(),
+            tells_successor: self.successor.load(Ordering::Acquire),
         };
         let bytes = event.bytes();
         self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -193,6 +202,12 @@ impl Presence {
         }
     }
 
+    /// A successor serves: each `offline` queued from now on is told to it once
+    /// delivered ([`Presence::hand_over`]). Call before the held list is taken.
+    pub(crate) fn successor_serving(&self) {
+        self.successor.store(true, Ordering::Release);
+    }
+
     /// The node stops: every lane delivers what is queued, then ends (see
     /// [`PresenceWorkers::join`]). Call once no shard is left to queue events.
     pub(crate) fn finish(&self) {
@@ -200,7 +215,8 @@ impl Presence {
     }
 
     /// A successor took over: tells every lane to report its deliveries to `pipe`, and
-    /// writes `held` there, the conn_ids this process held when the successor was ready.
+    /// writes `held` there, the conn_ids whose `offline` is still to come once the
+    /// shards stopped announcing (after [`Presence::successor_serving`]).
     /// `held` must be taken before this call (each lane, once told, delivers what is
     /// queued and then says it is ready: with the list taken first, every `offline` of a
     /// conn_id not on it was queued by then). Blocks on the pipe: call it off the control
@@ -382,6 +398,7 @@ impl Lane {
             self.queued_bytes
                 .fetch_sub(event.bytes(), Ordering::Relaxed);
             if event.kind == PresenceKind::Offline
+                && event.tells_successor
                 && let Some(pipe) = &self.notices
             {
                 write_notice_text(pipe, &Notice::Done(event.conn_id).line());
@@ -397,5 +414,68 @@ impl Lane {
         let args = [&event.conn_id, &event.info, client.rpc_addr()].map(|a| json!(a));
         // Failures are logged inside; a lost presence event is not fatal to anyone.
         let _ = client.call_with_retries(event.kind.method(), &args, self.retries, &event.conn_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a predecessor wrote to its successor, one notice per line.
+    fn notices_in(path: &std::path::Path) -> Vec<Notice> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter_map(Notice::parse)
+            .collect()
+    }
+
+    #[test]
+    fn only_offlines_queued_once_a_successor_serves_are_told_to_it() {
+        // A message server that never answers: each call ends at its 20 ms timeout, so
+        // the events below are still queued when the lane is told of the successor.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = CallbackClient::new(
+            &format!("http://{}/", silent.local_addr().unwrap()),
+            "test",
+            "127.0.0.1:1",
+            Duration::from_millis(20),
+            Arc::default(),
+        );
+        let (presence, workers) = Presence::start(Some(client), 1, 0, 1 << 20, None);
+        for other in 0..10 {
+            presence.report(PresenceKind::Online, &format!("other{other}"), "");
+        }
+        // A session gone before the hand-over: its offline is not the one that `a`'s
+        // listed session will report, and must not release the successor's hold on `a`.
+        presence.report(PresenceKind::Offline, "a", "");
+        presence.successor_serving();
+        presence.report(PresenceKind::Online, "b", "");
+        presence.report(PresenceKind::Offline, "b", "");
+        let path = std::env::temp_dir().join(format!("comet-notices-{}", std::process::id()));
+        let pipe = std::fs::File::create(&path).unwrap();
+        presence.hand_over(pipe, vec!["a".into(), "b".into()]);
+        presence.report(PresenceKind::Offline, "a", "");
+        presence.finish();
+        workers.join();
+        let notices = notices_in(&path);
+        let _ = std::fs::remove_file(&path);
+        let done: Vec<&Notice> = notices
+            .iter()
+            .filter(|n| matches!(n, Notice::Done(_)))
+            .collect();
+        assert_eq!(
+            done,
+            [&Notice::Done("b".into()), &Notice::Done("a".into())],
+            "{notices:?}"
+        );
+        for expected in [
+            Notice::Hold("a".into()),
+            Notice::Hold("b".into()),
+            Notice::Listed(1),
+            Notice::LaneReady(0),
+        ] {
+            assert!(notices.contains(&expected), "{notices:?}");
+        }
     }
 }

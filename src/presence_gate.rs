@@ -7,10 +7,10 @@
 //! server before its old `offline` (48 of 1,000 clients, 773 of 2,000 with a 2 s drain,
 //! ended up looking offline while connected).
 //!
-//! The predecessor tells, over a pipe (`handover.rs`): every conn_id it holds (`hold`),
-//! that its presence lanes have delivered everything queued before the hand-over
-//! (`lane_ready`, one per lane, after the list), and each `offline` delivered since
-//! (`done`). Until the list and every lane are in, the successor delivers nothing (an
+//! The predecessor tells, over a pipe (`handover.rs`): every conn_id whose `offline` is
+//! still to come (`hold`; its shards announce no session from then on), that its presence
+//! lanes have delivered everything queued before the hand-over (`lane_ready`, one per
+//! lane, after the list), and each `offline` queued since and delivered (`done`). Until the list and every lane are in, the successor delivers nothing (an
 //! `offline` queued before the hand-over may still be on its way); after, only a conn_id
 //! on the list waits, for its `done`. Nothing waits forever: the pipe closing (the
 //! predecessor exited) or a deadline releases everything, in order.

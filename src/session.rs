@@ -201,6 +201,10 @@ pub(crate) struct Session {
     queued_messages: Cell<u32>,
     // 248 bytes with it: still within the session's 256-byte allocation.
     recover: bool,
+    // Whether its `online` was reported, so that its `offline` is too: a session that
+    // registers on a shard a successor took over from is closed at once and reports
+    // neither (in the padding after `recover`: the size stays 248 bytes).
+    announced: Cell<bool>,
     // Unwritten bytes of everything queued, kept as a running count so that neither the
     // hot path nor a flush ever walks the queue.
     queued_bytes: Cell<usize>,
@@ -254,6 +258,7 @@ impl Session {
             byte_limit: u32::try_from(spec.queue_bytes).unwrap_or(u32::MAX),
             queued_messages: Cell::new(0),
             recover: spec.recover,
+            announced: Cell::new(false),
             queued_bytes: Cell::new(0),
             queue: RefCell::new(VecDeque::new()),
             waker: RefCell::new(None),
@@ -332,6 +337,16 @@ impl Session {
     /// Whether the client recovers missed messages: each gets its own numbered frame.
     pub(crate) fn recovers(&self) -> bool {
         self.recover
+    }
+
+    /// Records that its `online` was reported (see [`Session::was_announced`]).
+    pub(crate) fn mark_announced(&self) {
+        self.announced.set(true);
+    }
+
+    /// Whether its `online` was reported: only then is its `offline`.
+    pub(crate) fn was_announced(&self) -> bool {
+        self.announced.get()
     }
 
     /// The plain socket pushes are written into directly, if there is one.

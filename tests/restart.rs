@@ -262,6 +262,81 @@ fn presence_stays_in_order_for_clients_that_move_to_the_successor() {
     );
 }
 
+/// A client whose upgrade the predecessor accepted before the hand-over and finished only
+/// after it: the predecessor closes it with 1001 and never announces it. The successor
+/// did not hold that conn_id (it was not connected when the list was taken), so an
+/// `online` and `offline` from the predecessor could reach the message server after the
+/// successor's own `online`, leaving the client looking offline while connected.
+#[test]
+fn a_handshake_the_predecessor_finishes_after_the_hand_over_is_not_announced() {
+    use std::io::{Read, Write};
+    let _load = beside_others();
+    let server = MessageServer::start();
+    server.stall("offline", Duration::from_millis(200));
+    let mut old = Comet::start(
+        Some(&server),
+        "drain_window=1s\nhandshake_timeout=20s\nping_interval=5s\nheartbeat_timeout=30s",
+    );
+    let url = old.ws_url("late", "t", "");
+    let path = &url[url.find("/ws").unwrap()..];
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", old.ws_port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Everything but the blank line that ends the request: the predecessor's shard has
+    // it in its handshake when the successor takes over.
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    common::signal(old.pid(), "USR2");
+    assert!(
+        wait_until(Duration::from_secs(20), || old
+            .log_text()
+            .contains("predecessor's presence list received")),
+        "no hand-over: {}",
+        old.log_text()
+    );
+    stream.write_all(b"\r\n").unwrap();
+    let mut response = Vec::new();
+    let mut byte = [0u8];
+    while !response.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "{response:?}");
+        response.push(byte[0]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
+    let mut late =
+        tungstenite::WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None);
+    assert_eq!(close_code(&mut late), Some(1001));
+    // Reconnects until a process keeps it (one may still reach the draining predecessor).
+    let _moved = (0..50)
+        .find_map(|_| {
+            let mut again = common::connect_url(&url, old.ws_port).ok()?;
+            again
+                .get_mut()
+                .set_read_timeout(Some(Duration::from_millis(1500)))
+                .unwrap();
+            match again.read() {
+                Err(tungstenite::Error::Io(_)) => Some(again),
+                _ => None,
+            }
+        })
+        .expect("the successor keeps the client");
+    let status = old
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+    let _reap = Reap(successor_pid(&old.log_text()).expect("the log names the successor"));
+    assert!(wait_until(Duration::from_secs(10), || !server
+        .calls_of("online")
+        .is_empty()));
+    // Past the 200 ms an offline takes: one from the predecessor would be in by now.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(presence_of(&server.calls(), "late"), vec!["online"]);
+}
+
 /// Every pid the log names as a successor, in order.
 fn successor_pids(log: &str) -> Vec<u32> {
     log.lines()

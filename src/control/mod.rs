@@ -846,6 +846,17 @@ impl Node {
             .collect()
     }
 
+    /// A successor serves now: every shard stops announcing sessions (one that registers
+    /// from now on is closed at once, unannounced). Returns the conn_ids whose `offline`
+    /// is still to come, taken once every shard has stopped: a list from the directory
+    /// missed a client that reconnected to this process while it was being taken, and
+    /// that client's `online` from here reached the message server after the successor's.
+    pub(crate) async fn stop_announcing(&self) -> Vec<String> {
+        self.to_every_shard(|reply| ShardCommand::SuccessorServing { reply })
+            .await
+            .concat()
+    }
+
     /// Figures from every shard.
     pub(crate) async fn shard_stats(&self) -> Vec<ShardStats> {
         self.to_every_shard(|reply| ShardCommand::Stats { reply })

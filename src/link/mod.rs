@@ -77,6 +77,10 @@ pub(crate) enum ShardCommand {
     Stats { reply: oneshot::Sender<ShardStats> },
     /// Answer at once: the liveness probe behind `/readyz`.
     Ping { reply: oneshot::Sender<()> },
+    /// A successor serves now: a session that registers here from now on is closed at
+    /// once and reports no presence. Reply with the conn_ids whose `offline` is still to
+    /// come (the sessions that reported `online`), which the successor holds back.
+    SuccessorServing { reply: oneshot::Sender<Vec<String>> },
     /// Stop accepting, close every session with 1001 spread over `drain_window`, then
     /// end the executor. Pushes are still served to sessions not yet closed.
     Shutdown,

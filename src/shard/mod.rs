@@ -452,15 +452,20 @@ impl Shard {
     pub(crate) fn register(&self, session: &Rc<Session>, since: Option<&crate::recovery::Since>) {
         self.table.borrow_mut().insert(session, since);
         self.upgraded.set(self.upgraded.get() + 1);
+        if self.is_draining() {
+            // Accepted before the shard stopped accepting; its handshake ended after.
+            // Unannounced: after a hand-over the successor holds back only the conn_ids
+            // listed when it took over, so an `online` from here could follow its own
+            // (a client closed by the drain that reconnected to this process).
+            session.request_close(CloseReason::Shutdown);
+            return;
+        }
+        session.mark_announced();
         self.presence
             .report(PresenceKind::Online, &session.conn_id, &session.info);
         tracing::debug!(shard = self.id, conn_id = ?session.conn_id, "client online");
         crate::fault::panic_if_named("REGISTER", &session.conn_id);
         crate::fault::stall_if_named("REGISTER", &session.conn_id);
-        if self.is_draining() {
-            // Accepted before the shard stopped accepting; its handshake ended after.
-            session.request_close(CloseReason::Shutdown);
-        }
     }
 
     /// Whether this shard keeps a parked recovery buffer for `conn_id` (a client admitted
@@ -478,8 +483,10 @@ impl Shard {
             .borrow_mut()
             .remove(session, reason, Instant::now());
         self.counts.session_ended();
-        self.presence
-            .report(PresenceKind::Offline, &session.conn_id, &session.info);
+        if session.was_announced() {
+            self.presence
+                .report(PresenceKind::Offline, &session.conn_id, &session.info);
+        }
         self.control.send(DirectoryRequest::Release {
             conn_id: session.conn_id.to_string(),
             shard: self.id,
@@ -577,8 +584,22 @@ impl Shard {
             ShardCommand::Ping { reply } => {
                 let _ = reply.send(());
             }
+            ShardCommand::SuccessorServing { reply } => {
+                self.draining.set(true);
+                let _ = reply.send(self.announced_conn_ids());
+            }
             ShardCommand::Shutdown | ShardCommand::Drained => {}
         }
+    }
+
+    /// The conn_ids of the sessions whose `offline` is still to come.
+    fn announced_conn_ids(&self) -> Vec<String> {
+        let sessions = self.table.borrow().all();
+        sessions
+            .iter()
+            .filter(|session| session.was_announced())
+            .map(|session| session.conn_id.to_string())
+            .collect()
     }
 
     fn push(&self, message: &Arc<Message>, conn_ids: Vec<String>) -> PushOutcome {
