@@ -108,3 +108,31 @@ fn calls_written_back_to_back_are_answered_in_order() {
         assert_eq!(reply["result"]["data"], json!(["c"]));
     }
 }
+
+/// A message cut inside an emoji by a JavaScript message server (`JSON.stringify` writes
+/// the lone half as `\ud83d`) is pushed with U+FFFD in its place, as the Go original did,
+/// in both generations: not refused.
+#[test]
+fn an_unpaired_surrogate_escape_is_pushed_as_the_replacement_character() {
+    let comet = Comet::start(None, "");
+    let mut client = comet.connect("c", "t", "").unwrap();
+    let mut rpc = comet.rpc();
+    let reply = rpc.raw(
+        r#"{"method":"Server.SendToConnections","params":[{"connections":["c"],"msg":"cut \ud83d"}],"id":1}
+"#,
+    );
+    assert_eq!(reply["result"], json!("ok"), "{reply}");
+    assert_eq!(
+        common::next_text(&mut client).as_deref(),
+        Some("cut \u{FFFD}")
+    );
+    let reply = rpc.raw(
+        r#"{"method":"Server.SendToConnections","params":["{\"to\":[\"c\"],\"msg\":\"old \\udc00 gen\"}"],"id":2}
+"#,
+    );
+    assert!(reply["error"].is_null(), "{reply}");
+    assert_eq!(
+        common::next_text(&mut client).as_deref(),
+        Some("old \u{FFFD} gen")
+    );
+}

@@ -57,7 +57,7 @@ impl RawFrame {
     /// what it does not check (UTF-8 inside strings, numbers out of range).
     pub fn parse(self) -> Frame {
         match self {
-            RawFrame::Complete(bytes) => match serde_json::from_slice::<Value>(&bytes) {
+            RawFrame::Complete(bytes) => match parse_value(&bytes) {
                 Ok(value) => Frame::Value(value),
                 Err(err) => Frame::Malformed(format!("invalid JSON: {err}")),
             },
@@ -72,6 +72,55 @@ impl RawFrame {
             Frame::Malformed(why) => Err((Value::Null, why)),
         }
     }
+}
+
+/// Parses one JSON value as Go's `encoding/json` does, which the Go original used: an
+/// escaped UTF-16 surrogate that is not half of a pair (`"\ud83d"`, a JavaScript string
+/// cut inside an emoji) becomes U+FFFD. serde_json refuses the whole value, so a call
+/// the original served would be refused; the value is scanned again only then.
+pub(crate) fn parse_value(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice(bytes).or_else(|err| match replace_lone_surrogates(bytes) {
+        Some(fixed) => serde_json::from_slice(&fixed),
+        None => Err(err),
+    })
+}
+
+/// `bytes` with every `\uXXXX` escape of an unpaired surrogate replaced by `\uFFFD`, as
+/// Go decodes it (the escape after an unpaired leading half is read on its own); `None`
+/// when there is none.
+fn replace_lone_surrogates(bytes: &[u8]) -> Option<Vec<u8>> {
+    let unit_at = |at: usize| -> Option<u16> {
+        let escape = bytes.get(at..at + 6)?;
+        if escape[0] != b'\\' || escape[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&escape[2..]).ok()?, 16).ok()
+    };
+    let mut out = Vec::new();
+    let mut copied = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] != b'\\' {
+            at += 1;
+            continue;
+        }
+        match unit_at(at) {
+            Some(0xD800..=0xDBFF) if matches!(unit_at(at + 6), Some(0xDC00..=0xDFFF)) => at += 12,
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(&bytes[copied..at]);
+                out.extend_from_slice(b"\\uFFFD");
+                at += 6;
+                copied = at;
+            }
+            // Any other escape: two bytes (its hex digits, if any, are plain bytes).
+            _ => at += 2,
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&bytes[copied..]);
+    Some(out)
 }
 
 /// Incremental decoder over a byte buffer the caller fills.
@@ -650,6 +699,30 @@ pub fn encode_reply(id: &Value, result: Result<Value, String>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpaired_surrogates_decode_as_the_replacement_character_as_in_go() {
+        for (text, decoded) in [
+            (r#""\ud83d""#, "\u{FFFD}"),
+            (r#""a\udc00b""#, "a\u{FFFD}b"),
+            (r#""\ud83d\u0041""#, "\u{FFFD}A"),
+            (r#""\ud83d\ud83d\ude00""#, "\u{FFFD}\u{1F600}"),
+            (r#""\ud83d\ude00""#, "\u{1F600}"),
+            (r#""\\ud83d""#, "\\ud83d"),
+        ] {
+            assert_eq!(
+                parse_value(text.as_bytes()).unwrap(),
+                json!(decoded),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            parse_value(br#"{"m":"\uDBFF","n":1}"#).unwrap(),
+            json!({"m": "\u{FFFD}", "n": 1})
+        );
+        assert!(parse_value(br#""\ud83"#).is_err());
+        assert!(parse_value(b"[1,").is_err());
+    }
 
     fn frames(input: &[&[u8]]) -> Vec<Frame> {
         let mut decoder = Decoder::default();

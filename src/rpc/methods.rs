@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 
-use super::codec::Request;
+use super::codec::{Request, parse_value};
 use crate::control::{Membership, Node, Route};
 use crate::link::PushOutcome;
 
@@ -154,7 +154,7 @@ pub(crate) fn authenticates(expected: &str, request: &Request) -> bool {
     }
     let token = match &request.param {
         Value::Object(fields) => text_of(fields, "token"),
-        Value::String(inner) => match serde_json::from_str::<Value>(inner) {
+        Value::String(inner) => match parse_value(inner.as_bytes()) {
             Ok(Value::Object(fields)) => text_of(&fields, "token"),
             _ => return false,
         },
@@ -278,9 +278,9 @@ async fn send_first_generation(node: &Node, inner: String, route: Route) -> Resu
         |ids: &[String], info: &str| Err(json!({"error_ids": ids, "error_info": info}).to_string());
     // A large inner request is parsed off the control thread, like a large request.
     let parsed = if inner.len() < super::PARSE_OFF_THREAD_BYTES {
-        serde_json::from_str::<Value>(&inner).ok()
+        parse_value(inner.as_bytes()).ok()
     } else {
-        tokio::task::spawn_blocking(move || serde_json::from_str::<Value>(&inner).ok())
+        tokio::task::spawn_blocking(move || parse_value(inner.as_bytes()).ok())
             .await
             .ok()
             .flatten()
