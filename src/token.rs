@@ -35,6 +35,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum TokenError {
     #[error("malformed token: {0}")]
     Malformed(&'static str),
+    /// A part decodes but is not what a token holds: serde's words name the field (a
+    /// missing `sub`, an `exp` that is text; a quoted value comes escaped), cut short.
+    #[error("malformed token: the {part} is not the expected JSON: {why}")]
+    Shape { part: &'static str, why: String },
     #[error("unsupported algorithm {0:?} (HS256, RS256, ES256 or EdDSA)")]
     Algorithm(String),
     #[error("{alg} token, but no {wanted} is configured")]
@@ -196,7 +200,7 @@ impl TokenVerifier {
         if payload.contains('.') {
             return Err(malformed);
         }
-        let header: Header = decode_json(header)?;
+        let header: Header = decode_json(header, "header")?;
         if let Some(crit) = header.crit {
             return Err(TokenError::Critical(crit.to_string()));
         }
@@ -216,7 +220,7 @@ impl TokenVerifier {
         } else {
             self.check_public_signature(&header, signed, signature)?;
         }
-        let claims: Claims = decode_json(payload)?;
+        let claims: Claims = decode_json(payload, "payload")?;
         self.check_claims(&claims, conn_id, now)?;
         Ok(Verified { info: claims.info })
     }
@@ -362,12 +366,20 @@ pub fn sign(secret: &[u8], grant: &Grant<'_>) -> String {
     format!("{signed}.{signature}")
 }
 
-fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
+/// The longest serde explanation kept in a [`TokenError::Shape`] (it may quote a claim).
+const SHAPE_WHY_CHARS: usize = 160;
+
+fn decode_json<T: for<'de> Deserialize<'de>>(
+    encoded: &str,
+    part: &'static str,
+) -> Result<T, TokenError> {
     let bytes = URL_SAFE_NO_PAD
-        .decode(part)
+        .decode(encoded)
         .map_err(|_| TokenError::Malformed("a part is not base64url"))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|_| TokenError::Malformed("a part is not the expected JSON"))
+    serde_json::from_slice(&bytes).map_err(|err| TokenError::Shape {
+        part,
+        why: err.to_string().chars().take(SHAPE_WHY_CHARS).collect(),
+    })
 }
 
 #[cfg(test)]
@@ -504,6 +516,20 @@ mod tests {
             v.verify(&none_alg, "u1", NOW),
             Err(TokenError::Algorithm(_))
         ));
+    }
+
+    #[test]
+    fn a_claim_of_the_wrong_shape_is_named() {
+        let v = TokenVerifier::new(vec![b"0123456789abcdef".to_vec()], 0);
+        let no_sub = sign(b"0123456789abcdef", serde_json::json!({"exp": NOW + 60}));
+        let err = v.verify(&no_sub, "u1", NOW).unwrap_err().to_string();
+        assert!(err.contains("payload") && err.contains("`sub`"), "{err}");
+        let numeric_sub = sign(
+            b"0123456789abcdef",
+            serde_json::json!({"sub": 7, "exp": NOW + 60}),
+        );
+        let err = v.verify(&numeric_sub, "u1", NOW).unwrap_err().to_string();
+        assert!(err.contains("integer `7`"), "{err}");
     }
 }
 
@@ -767,10 +793,11 @@ mod public_key_tests {
             Err(TokenError::Expired { .. })
         ));
         // A time claim of the wrong type is malformed, never "absent".
-        assert!(matches!(
-            with(serde_json::json!({"exp": "never"})),
-            Err(TokenError::Malformed(_))
-        ));
+        let Err(TokenError::Shape { part, why }) = with(serde_json::json!({"exp": "never"})) else {
+            panic!("a text exp is malformed");
+        };
+        assert_eq!(part, "payload");
+        assert!(why.contains("\"never\""), "{why}");
     }
 
     #[test]
