@@ -204,10 +204,6 @@ fn exactly_once_in_order_across_clean_abrupt_and_killed_reconnects() {
     assert_eq!(checker.got, expected, "every message once, in order");
     client.close(None).unwrap();
     drop(client);
-    eprintln!(
-        "HANDED {}",
-        comet.log_text().matches("handed to another shard").count()
-    );
     drop(comet);
     // online/offline as without recovery: one pair per session.
     let (ids, sessions) = check_presence_ledger(&server);
