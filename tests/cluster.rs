@@ -145,10 +145,7 @@ fn sigterm_with_clients_draining_removes_the_node_once_and_never_re_registers() 
     .len()
         == 1));
     let signalled = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-TERM", &comet.pid().to_string()])
-        .status()
-        .unwrap();
+    common::signal(comet.pid(), "TERM");
     assert!(
         wait_until(Duration::from_secs(3), || removals(&server, &key) == 1),
         "the monitor reports the removal at once"

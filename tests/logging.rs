@@ -15,9 +15,7 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
+        common::signal(self.0, "KILL");
     }
 }
 
@@ -94,10 +92,7 @@ fn a_log_pipe_nobody_reads_never_stalls_handshakes_or_pushes() {
         text
     });
     drop(clients);
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::signal(child.id(), "TERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let text = reader.join().unwrap();

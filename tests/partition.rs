@@ -148,10 +148,7 @@ impl Node {
     }
 
     fn signal(&mut self, signal: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        let _ = std::process::Command::new("kill")
-            .args([format!("-{signal}"), pid.to_string()])
-            .status();
+        common::signal(self.child.as_ref().unwrap().id(), signal);
     }
 
     fn kill(&mut self) {

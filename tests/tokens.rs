@@ -240,7 +240,7 @@ fn a_jwks_with_two_kids_reloads_on_sighup_and_a_broken_file_keeps_the_old_keys()
 
     write(json!({"keys": [first.ed_jwk("a"), second.ed_jwk("b")]}));
     let hangup = |count: usize, line: &str| {
-        unsafe_free_kill(node.pid(), "-HUP");
+        common::signal(node.pid(), "HUP");
         assert!(
             wait_until(Duration::from_secs(10), || node
                 .log_text()
@@ -264,15 +264,6 @@ fn a_jwks_with_two_kids_reloads_on_sighup_and_a_broken_file_keeps_the_old_keys()
         .calls_of("online")
         .len()
         == 4));
-}
-
-/// Sends a signal with the `kill` command (no `unsafe` in tests).
-fn unsafe_free_kill(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]
