@@ -355,6 +355,22 @@ fn accept_backs_off_without_spinning_when_descriptors_run_out() {
         .is_ok()));
 }
 
+/// Whether `pid` blocks SIGTERM or has a handler for it (`/proc/<pid>/status`).
+fn sigterm_held_or_caught(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let sigterm = 1 << (15 - 1);
+    (mask("SigBlk:") | mask("SigCgt:")) & sigterm != 0
+}
+
 /// A SIGTERM that arrives while the node is still starting (its shards not yet up) stops
 /// it gracefully: exit 0, not death by the signal's default action.
 #[test]
@@ -377,6 +393,15 @@ fn a_sigterm_during_start_up_still_stops_the_node_gracefully() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Counted from `main`'s first line, where SIGTERM is held: before it (exec, the
+        // dynamic loader) the default action still applies, and on a loaded machine
+        // that took over 20 ms once.
+        assert!(
+            common::wait_until(Duration::from_secs(10), || sigterm_held_or_caught(
+                child.id()
+            )),
+            "SIGTERM never held"
+        );
         std::thread::sleep(Duration::from_millis(delay_ms));
         common::signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
