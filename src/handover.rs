@@ -340,6 +340,7 @@ impl Handover {
         let mut command = Command::new(program);
         command.args(args).env(ENV, value);
         crate::sys::keep_open_across_exec(&mut command, inherited);
+        crate::sys::hold_stop_signals_across_exec(&mut command);
         let child = command.spawn().map_err(HandoverError::Spawn)?;
         drop(ready_write);
         drop(notices_read);

@@ -264,6 +264,23 @@ pub(crate) fn keep_open_across_exec(command: &mut std::process::Command, fds: Ve
     }
 }
 
+/// Makes `command`'s child start with the stop signals held, as [`hold_stop_signals`]
+/// holds them from `main`'s first line: a SIGTERM between exec and `main` (the dynamic
+/// loader; over 20 ms on a loaded machine) would otherwise kill a successor by the
+/// default action. The child releases them once its handlers are installed.
+pub(crate) fn hold_stop_signals_across_exec(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let set = stop_signals();
+    // SAFETY: the closure runs in the child between fork and exec (after std reset the
+    // signal mask) and only calls pthread_sigmask, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
 /// Peeks one byte of a socket without waiting: the byte count (0 at EOF) or -1 with
 /// errno (EAGAIN when nothing is pending). Consumes nothing.
 pub(crate) fn peek_byte(fd: RawFd) -> isize {
@@ -311,5 +328,24 @@ pub(crate) fn release_stop_signals() {
     // SAFETY: as in `hold_stop_signals`.
     unsafe {
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_started_with_the_stop_signals_held_has_them_blocked() {
+        let mut command = std::process::Command::new("grep");
+        command.args(["SigBlk", "/proc/self/status"]);
+        hold_stop_signals_across_exec(&mut command);
+        let out = command.output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mask =
+            u64::from_str_radix(text.trim().trim_start_matches("SigBlk:").trim(), 16).unwrap();
+        for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2] {
+            assert_ne!(mask & (1 << (signal - 1)), 0, "{signal} in {text}");
+        }
     }
 }
