@@ -666,12 +666,12 @@ pub fn parse_request(value: Value) -> Result<Request, (Value, String)> {
     let Value::Object(mut object) = value else {
         return Err((Value::Null, "request must be a JSON object".into()));
     };
-    let id = object.remove("id").unwrap_or(Value::Null);
-    let method = match object.remove("method") {
+    let id = take_member(&mut object, "id").unwrap_or(Value::Null);
+    let method = match take_member(&mut object, "method") {
         Some(Value::String(method)) if !method.is_empty() => method,
         _ => return Err((id, "request has no \"method\" string".into())),
     };
-    let param = match object.remove("params") {
+    let param = match take_member(&mut object, "params") {
         Some(Value::Array(mut params)) if params.len() == 1 => params.remove(0),
         Some(Value::Array(params)) => {
             return Err((
@@ -683,6 +683,20 @@ pub fn parse_request(value: Value) -> Result<Request, (Value, String)> {
         None => Value::Null,
     };
     Ok(Request { method, param, id })
+}
+
+/// Takes the member `name` out of a request object: the exact key, else one that matches
+/// it ignoring ASCII case, as Go's `encoding/json` matched the original's request fields
+/// (`{"Method": .., "Params": .., "ID": ..}` was served).
+fn take_member(object: &mut serde_json::Map<String, Value>, name: &str) -> Option<Value> {
+    if let Some(value) = object.remove(name) {
+        return Some(value);
+    }
+    let key = object
+        .keys()
+        .find(|key| key.eq_ignore_ascii_case(name))?
+        .clone();
+    object.remove(&key)
 }
 
 /// A reply line: `{"id":..,"result":..,"error":..}\n`.
@@ -699,6 +713,18 @@ pub fn encode_reply(id: &Value, result: Result<Value, String>) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_members_match_ignoring_case_the_exact_key_first() {
+        let request =
+            parse_request(json!({"Method": "Server.GetNode", "PARAMS": [{}], "Id": 4})).unwrap();
+        assert_eq!(
+            (request.method.as_str(), request.param, request.id),
+            ("Server.GetNode", json!({}), json!(4))
+        );
+        let both = parse_request(json!({"ID": 1, "id": 2, "method": "m"})).unwrap();
+        assert_eq!(both.id, json!(2));
+    }
 
     #[test]
     fn unpaired_surrogates_decode_as_the_replacement_character_as_in_go() {
