@@ -129,9 +129,48 @@ pub(crate) fn flush(limit: Duration) {
     }
 }
 
+/// Counts repeated events (connections refused at a bound, say) so that they are logged
+/// at most once per interval, each line saying how many there were since the last one: a
+/// stranger opening connections as fast as it can must not flood the log.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Throttle {
+    /// Counts one event; `Some(count)` when a line is due now (the events since the last).
+    pub(crate) fn note(&mut self, interval: Duration, now: Instant) -> Option<u64> {
+        self.since_logged += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| now.duration_since(at) < interval)
+        {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_logs_the_first_event_then_once_per_interval_with_the_count() {
+        let mut throttle = Throttle::default();
+        let start = Instant::now();
+        let interval = Duration::from_secs(10);
+        assert_eq!(throttle.note(interval, start), Some(1));
+        for _ in 0..5 {
+            assert_eq!(
+                throttle.note(interval, start + Duration::from_secs(1)),
+                None
+            );
+        }
+        assert_eq!(throttle.note(interval, start + interval), Some(6));
+    }
 
     #[test]
     fn the_writer_reports_drops_before_the_next_line() {

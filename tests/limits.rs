@@ -299,3 +299,42 @@ fn a_burst_against_the_hard_bound_admits_exactly_up_to_it() {
         "one online and one offline per session"
     );
 }
+
+/// Idle admin connections are bounded, per source address and in all: past 16 from one
+/// address the next is closed at once, unanswered (with no bound a stranger's idle
+/// connections took a descriptor each until clients could not connect), while a probe
+/// from another address, and a client, are still served.
+#[test]
+fn idle_admin_connections_from_one_address_are_bounded_and_probes_from_others_answered() {
+    use std::io::Write;
+    let admin = common::free_port();
+    let comet = Comet::start(None, &format!("admin_addr=127.0.0.1:{admin}"));
+    let stranger = Ipv4Addr::new(127, 0, 0, 1);
+    let idle: Vec<TcpStream> = (0..16).map(|_| connect_from(stranger, admin)).collect();
+    // Accepted and held: nothing comes back within a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = connect_from(stranger, admin);
+    assert!(
+        closed_unanswered(&mut extra, Duration::from_secs(3)),
+        "the 17th idle connection from one address is closed at once"
+    );
+    let mut probe = connect_from(Ipv4Addr::new(127, 0, 0, 2), admin);
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = probe.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(comet.connect("client", "t", "").is_ok());
+    assert!(wait_until(Duration::from_secs(5), || comet
+        .log_text()
+        .contains("admin connections over their bound closed at once")));
+    // Once the idle ones are gone, the address is served again.
+    drop(idle);
+    assert!(wait_until(Duration::from_secs(5), || admin_get(
+        admin, "/healthz"
+    ) == 200));
+}

@@ -2,12 +2,16 @@
 //! `/status` and `/metrics` for load balancers, operators and Prometheus.
 //!
 //! Runs on the control thread's runtime; one short-lived task per request, bounded in
-//! size and time. `/status` and `/metrics` require `admin_token` (as `Authorization:
-//! Bearer <token>` or `?token=`) when one is set; the health endpoints never do, so that
-//! probes need no secret. Never touches shard state except through [`Node`].
+//! size and time, and in number (256 open at once, 16 from one address). `/status` and
+//! `/metrics` require `admin_token` (as `Authorization: Bearer <token>` or `?token=`)
+//! when one is set; the health endpoints never do, so that probes need no secret. Never touches shard state except through [`Node`].
 
+use std::cell::RefCell;
+use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use ahash::AHashMap;
 
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,17 +21,84 @@ use crate::control::Node;
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections open at once, over every source. Each waits up to
+/// `REQUEST_TIMEOUT` for its request: with no bound, a stranger holding idle connections
+/// took a descriptor each until the node had none left for its clients.
+const MAX_CONNECTIONS: usize = 256;
+/// Admin connections open at once from one address: a load balancer's probes and a
+/// Prometheus scrape need one or two each, so one source cannot take every slot.
+const MAX_PER_SOURCE: usize = 16;
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Open admin connections, in all and per source address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_source: AHashMap<IpAddr, usize>,
+}
+
+/// One connection's place in [`Open`], given back when its task ends.
+struct Slot {
+    open: Rc<RefCell<Open>>,
+    source: IpAddr,
+}
+
+impl Slot {
+    /// A place for a connection from `source`; `None` at either bound.
+    fn take(open: &Rc<RefCell<Open>>, source: IpAddr) -> Option<Slot> {
+        let mut counts = open.borrow_mut();
+        let from_source = counts.by_source.get(&source).copied().unwrap_or(0);
+        if counts.total >= MAX_CONNECTIONS || from_source >= MAX_PER_SOURCE {
+            return None;
+        }
+        counts.total += 1;
+        counts.by_source.insert(source, from_source + 1);
+        Some(Slot {
+            open: Rc::clone(open),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.open.borrow_mut();
+        counts.total -= 1;
+        if let Some(count) = counts.by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.by_source.remove(&self.source);
+            }
+        }
+    }
+}
 
 /// Serves admin requests until the runtime stops.
 pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener) {
+    let open = Rc::new(RefCell::new(Open::default()));
+    let mut refusals = crate::logging::Throttle::default();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Some(slot) = Slot::take(&open, peer.ip()) else {
+                    drop(stream);
+                    if let Some(refused) = refusals.note(REFUSAL_LOG_INTERVAL, Instant::now()) {
+                        tracing::warn!(
+                            refused,
+                            last_peer = %peer,
+                            limit = MAX_CONNECTIONS,
+                            per_source = MAX_PER_SOURCE,
+                            "admin connections over their bound closed at once (logged at most every 10 s)"
+                        );
+                    }
+                    continue;
+                };
                 // Held until answered: a process that handed over waits for it.
                 let in_flight = node.admin_request();
                 let node = Rc::clone(&node);
                 tokio::task::spawn_local(async move {
                     let _in_flight = in_flight;
+                    let _slot = slot;
                     answer(node, stream).await;
                 });
             }

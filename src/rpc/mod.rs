@@ -142,33 +142,6 @@ impl Drop for Drawn {
     }
 }
 
-/// Connections refused since the last warning, logged at most once per interval.
-#[derive(Default)]
-struct RefusalLog {
-    since_logged: u64,
-    logged_at: Option<Instant>,
-}
-
-impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, limit: usize) {
-        self.since_logged += 1;
-        if self
-            .logged_at
-            .is_some_and(|at| at.elapsed() < REFUSAL_LOG_INTERVAL)
-        {
-            return;
-        }
-        tracing::warn!(
-            refused = self.since_logged,
-            last_peer = %peer,
-            limit,
-            "rpc connections over rpc_max_connections closed at once (logged at most every 10 s)"
-        );
-        self.since_logged = 0;
-        self.logged_at = Some(Instant::now());
-    }
-}
-
 /// Accepts RPC connections until the runtime stops (or the task is aborted, which closes
 /// the listener). `route`: `MayForward` on `rpc_addr`; `HereOnly` on a hand-over's peer
 /// listener, whose calls the other process forwarded (`rpc::forward`).
@@ -182,13 +155,20 @@ pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
     }
     let open = Rc::new(Cell::new(0usize));
     let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));
-    let mut refusals = RefusalLog::default();
+    let mut refusals = crate::logging::Throttle::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 if open.get() >= limits.max_connections {
                     drop(stream);
-                    refusals.note(peer, limits.max_connections);
+                    if let Some(refused) = refusals.note(REFUSAL_LOG_INTERVAL, Instant::now()) {
+                        tracing::warn!(
+                            refused,
+                            last_peer = %peer,
+                            limit = limits.max_connections,
+                            "rpc connections over rpc_max_connections closed at once (logged at most every 10 s)"
+                        );
+                    }
                     continue;
                 }
                 open.set(open.get() + 1);
