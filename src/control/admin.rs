@@ -138,8 +138,13 @@ async fn answer(node: Rc<Node>, mut stream: TcpStream) {
         response.content_type,
         response.body.len()
     );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(response.body.as_bytes()).await;
+    // Bounded too: a client that never reads a large `/metrics` body would otherwise hold
+    // its connection, and its slot, for good.
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(response.body.as_bytes()).await
+    };
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
 }
 
 /// A request's method, path (with query) and `Authorization` header.
