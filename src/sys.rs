@@ -159,8 +159,12 @@ pub(crate) fn notify_systemd(state: &str) {
 }
 
 /// Turns on TCP keepalive on a socket: probes after `idle` of silence, then every
-/// `interval`, the connection dropped after `retries` unanswered. `fd` must be an open
-/// socket for the whole call (the caller's connection).
+/// `interval`, the connection dropped after `retries` unanswered. The same bound, as
+/// `TCP_USER_TIMEOUT`, holds for data sent and never acknowledged: Linux sends no
+/// keepalive probe while data is in flight, so an SSE client (written a `: ping` every
+/// interval) or a RESP client pushed to, that vanished without a FIN, stayed online
+/// through ~15 minutes of retransmissions, and its user's reconnect was refused as a
+/// duplicate. `fd` must be an open socket for the whole call (the caller's connection).
 pub(crate) fn set_keepalive(
     fd: RawFd,
     idle: std::time::Duration,
@@ -175,6 +179,7 @@ pub(crate) fn set_keepalive(
         .with_interval(interval)
         .with_retries(retries);
     let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(idle + interval * retries));
 }
 
 /// A glommio listener that takes ownership of the listening socket `fd`. Each such

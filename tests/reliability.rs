@@ -224,3 +224,101 @@ fn a_million_deliveries_arrive_exactly_once_and_in_order() {
     assert_eq!(delivered, (PUSHES * FAN_OUT) as u64);
     assert!(delivered >= 1_000_000);
 }
+
+/// Clients that vanish without a FIN or a reset (a phone off the network, a NAT that
+/// forgot them) go offline within their keepalive bound on the transports that rely on
+/// TCP keepalive: SSE (written a `: ping` every interval) and RESP (after a push). Linux
+/// sends no keepalive probe while sent data is unacknowledged, so before
+/// `TCP_USER_TIMEOUT` they stayed online through ~15 minutes of retransmissions and their
+/// user's reconnect was refused as a duplicate. The node runs on one namespace host,
+/// the clients on another, cut off from it by taking their switch port down.
+#[test]
+fn sse_and_resp_clients_that_vanish_without_a_fin_go_offline_within_the_keepalive_bound() {
+    let Some(net) = common::netns::Net::create(2) else {
+        return;
+    };
+    let server = MessageServer::start();
+    let port: u16 = server
+        .url()
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let exposed = net.expose(port);
+    let rpc_api_url = server
+        .url()
+        .replace(&format!("127.0.0.1:{port}"), &exposed.to_string());
+    let gateway = net.host(0).addr;
+    let dir = common::temp_dir("vanish");
+    let ini = dir.join("comet.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "max_proc=1\nrpc_api_url={rpc_api_url}\nwebsocket_port=:8000\ntcp_port=8001\n\
+             rpc_addr={gateway}:7000\nping_interval=1s\nheartbeat_timeout=2s\ndrain_window=0\n"
+        ),
+    )
+    .unwrap();
+    let mut node = net
+        .command(0, &common::comet_binary())
+        .arg("-c")
+        .arg(&ini)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("comet.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let rpc_port = std::net::SocketAddr::from((gateway, 7000));
+    assert!(wait_until(Duration::from_secs(30), || {
+        common::netns::connect(rpc_port, Duration::from_secs(1)).is_ok()
+    }));
+    let t = common::url_encode(&json!({"conn_id": "sse-gone", "token": "t"}).to_string());
+    let sse = format!("GET /sse?t={t} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let resp = "*3\r\n$4\r\nAUTH\r\n$9\r\nresp-gone\r\n$1\r\nt\r\n*2\r\n$9\r\nSUBSCRIBE\r\n$5\r\ninbox\r\n";
+    // Each client reads forever from host 1 (never closing: it is the network that goes).
+    let clients: Vec<_> = [(8000, sse.as_str()), (8001, resp)]
+        .iter()
+        .map(|(port, request)| {
+            let script = format!(
+                "import socket\ns = socket.create_connection(('{gateway}', {port}))\n\
+                 s.sendall({request:?}.encode())\nwhile s.recv(65536): pass\n"
+            );
+            net.command(1, "python3")
+                .args(["-c", &script])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(15), || server
+            .count("online", "sse-gone")
+            == 1
+            && server.count("online", "resp-gone") == 1),
+        "{:?}",
+        server.calls()
+    );
+    net.cut(1);
+    // Data in flight to each: the SSE pings, and a push to the RESP client.
+    let stream = common::netns::connect(rpc_port, Duration::from_secs(2)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rpc = common::Rpc::from_stream(stream);
+    rpc.push(&["resp-gone", "sse-gone"], "into the void", "");
+    // Keepalive after 1 s idle, three probes 1 s apart: both go within ~4 s of their last
+    // unacknowledged write; 20 s leaves room for a loaded machine.
+    let gone = wait_until(Duration::from_secs(20), || {
+        server.count("offline", "sse-gone") == 1 && server.count("offline", "resp-gone") == 1
+    });
+    net.heal(1);
+    for mut client in clients {
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    common::signal(node.id(), "TERM");
+    let _ = node.wait();
+    assert!(gone, "still online: {:?}", server.calls());
+}
