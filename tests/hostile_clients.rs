@@ -409,3 +409,51 @@ fn a_second_signal_ends_the_presence_drain_of_a_stop() {
     assert!(comet.log_text().contains("second signal"));
     drop(clients);
 }
+
+/// A client that half-closes right after its upgrade request (WebSocket or SSE) is not
+/// counted as the message server's failure: before, it got `503 cannot verify the token
+/// now` and raised `reason="message_server"`, the alarm for a message server that is down,
+/// without `checkToken` ever being called. Now it is `gone`, answered 400.
+#[test]
+fn a_half_closed_handshake_is_not_blamed_on_the_message_server() {
+    let server = MessageServer::start();
+    let admin = common::free_port();
+    let comet = Comet::start(Some(&server), &format!("admin_addr=127.0.0.1:{admin}"));
+    let t = json!({"conn_id": "half", "token": "t"});
+    let sse = format!(
+        "GET /sse?t={} HTTP/1.1\r\nHost: x\r\n\r\n",
+        common::url_encode(&t.to_string())
+    );
+    for request in [websocket_upgrade("half"), sse.into_bytes()] {
+        let mut stream = TcpStream::connect(("127.0.0.1", comet.ws_port)).unwrap();
+        stream.write_all(&request).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        // Its checkToken may have started before the close was seen: then it is served.
+        if server.calls_of("checkToken").is_empty() {
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+            assert!(
+                answer.contains("closed before the token was checked"),
+                "{answer}"
+            );
+        } else {
+            assert!(!answer.starts_with("HTTP/1.1 503"), "{answer}");
+        }
+    }
+    let metrics = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.contains("reason=\"message_server\"") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

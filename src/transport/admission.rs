@@ -48,6 +48,10 @@ pub(crate) enum Refusal {
     /// More than `presence_queue_bytes` of `online`/`offline` callbacks wait for the
     /// message server: a new session would only add to them.
     PresenceBacklog,
+    /// The client closed its side before its token could be checked (gone, or a
+    /// half-close after the request): `checkToken` was not called, and the message
+    /// server is not to blame (a stranger half-closing raised its alarm).
+    ClientClosed,
 }
 
 impl Refusal {
@@ -60,6 +64,7 @@ impl Refusal {
             Refusal::ClaimTimedOut => "claim_timeout",
             Refusal::Saturated => "overloaded",
             Refusal::PresenceBacklog => "presence_backlog",
+            Refusal::ClientClosed => "gone",
         }
     }
 
@@ -68,7 +73,7 @@ impl Refusal {
         match self {
             Refusal::MessageServer | Refusal::ClaimTimedOut | Refusal::PresenceBacklog => Some(1),
             Refusal::Saturated => Some(5),
-            Refusal::Token | Refusal::Duplicate => None,
+            Refusal::Token | Refusal::Duplicate | Refusal::ClientClosed => None,
         }
     }
 }
@@ -87,6 +92,7 @@ impl std::fmt::Display for Refusal {
                 f.write_str("node is busy; try again")
             }
             Refusal::Saturated => f.write_str("node is overloaded; try another node"),
+            Refusal::ClientClosed => f.write_str("connection closed before the token was checked"),
         }
     }
 }
@@ -628,7 +634,7 @@ async fn check_token(
         }
         Verdict::Skipped => {
             tracing::debug!(shard = shard.id, conn_id = ?conn_id, "client gone before its checkToken started: call skipped");
-            Err(Refusal::MessageServer)
+            Err(Refusal::ClientClosed)
         }
     }
 }

@@ -312,7 +312,7 @@ fn wrong_arity(name: &str) -> Vec<u8> {
 fn refusal_text(refusal: &Refusal) -> String {
     match refusal {
         Refusal::Token => format!("WRONGPASS {refusal}"),
-        Refusal::Duplicate => format!("ERR {refusal}"),
+        Refusal::Duplicate | Refusal::ClientClosed => format!("ERR {refusal}"),
         Refusal::MessageServer
         | Refusal::Saturated
         | Refusal::ClaimTimedOut

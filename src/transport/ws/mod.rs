@@ -92,7 +92,7 @@ async fn handshake<S: ClientStream>(
 fn refusal_status(refusal: &Refusal) -> &'static str {
     match refusal {
         Refusal::Token => "401 Unauthorized",
-        Refusal::Duplicate => "400 Bad Request",
+        Refusal::Duplicate | Refusal::ClientClosed => "400 Bad Request",
         Refusal::MessageServer
         | Refusal::Saturated
         | Refusal::ClaimTimedOut
