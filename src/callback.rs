@@ -239,6 +239,10 @@ impl CallbackClient {
             // Many handshakes and presence events go to one host at once: keep a pool.
             .max_idle_connections_per_host(64)
             .user_agent(user_agent)
+            // A redirect is not followed: ureq would turn the POST into a bodiless GET to
+            // the `Location`, and whatever answered `{"code":0}` there would admit every
+            // token. A 3xx is a failed call, like a 5xx.
+            .redirects(0)
             .build();
         CallbackClient {
             agent,
@@ -324,14 +328,7 @@ impl CallbackClient {
             .send_json(body);
         let response = match response {
             Ok(r) => r,
-            Err(ureq::Error::Status(code, response)) => {
-                let mut prefix = Vec::new();
-                let _ = response
-                    .into_reader()
-                    .take(LOGGED_BODY_BYTES as u64 + 1)
-                    .read_to_end(&mut prefix);
-                return Err(CallbackError::Status(code, escaped_prefix(&prefix)));
-            }
+            Err(ureq::Error::Status(code, response)) => return Err(status_error(code, response)),
             // Not `err.to_string()`: ureq's text starts with the URL, credentials and
             // query included.
             Err(ureq::Error::Transport(err)) => {
@@ -345,6 +342,9 @@ impl CallbackClient {
                 return Err(CallbackError::Unreachable(why));
             }
         };
+        if response.status() >= 300 {
+            return Err(status_error(response.status(), response));
+        }
         let body = read_bounded(response.into_reader(), MAX_ANSWER_BYTES)?;
         let reply: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| CallbackError::BadBody(format!("{e} in {}", escaped_prefix(&body))))?;
@@ -379,6 +379,16 @@ fn read_bounded(reader: impl Read, limit: usize) -> Result<Vec<u8>, CallbackErro
         )));
     }
     Ok(body)
+}
+
+/// A call answered with a status other than 2xx, with the start of its body for the log.
+fn status_error(code: u16, response: ureq::Response) -> CallbackError {
+    let mut prefix = Vec::new();
+    let _ = response
+        .into_reader()
+        .take(LOGGED_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut prefix);
+    CallbackError::Status(code, escaped_prefix(&prefix))
 }
 
 #[cfg(test)]
@@ -433,5 +443,52 @@ mod tests {
         let err = read_bounded(&mut endless, MAX_ANSWER_BYTES).unwrap_err();
         assert!(matches!(err, CallbackError::BadBody(_)), "{err}");
         assert!(err.is_transient());
+    }
+
+    /// Answers every connection on a loopback listener with `answer`; returns its port.
+    fn answering(answer: String) -> u16 {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_redirect_is_a_failed_call_not_followed() {
+        let body = "{\"code\":0}";
+        let accepting = answering(format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ));
+        let redirecting = answering(format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{accepting}/\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ));
+        let client = |port: u16| {
+            CallbackClient::new(
+                &format!("http://127.0.0.1:{port}/"),
+                "test",
+                "127.0.0.1:1",
+                Duration::from_secs(2),
+                Arc::default(),
+            )
+        };
+        let token = ClientToken {
+            conn_id: "c".into(),
+            token: "t".into(),
+            info: String::new(),
+            recovery: Default::default(),
+        };
+        assert!(client(accepting).check_token(&token).is_ok());
+        let err = client(redirecting).check_token(&token).unwrap_err();
+        assert!(matches!(err, CallbackError::Status(302, _)), "{err}");
     }
 }
