@@ -619,3 +619,67 @@ fn a_client_that_never_reads_its_replies_is_closed_not_buffered() {
         ["message", "inbox", "unaffected"]
     );
 }
+
+/// One credential may hold four connections past AUTH at once on a shard (a subscriber
+/// and a few pooled ones): the fifth AUTH is refused with an error and the connection
+/// stays usable, closing one frees a place, and the gauge counts them. Before, one
+/// credential opened ~20,000 such connections, invisible to `comet_connections`, until
+/// the node had no descriptors left for new clients.
+#[test]
+fn one_conn_id_holds_at_most_four_authenticated_connections_per_shard() {
+    let server = MessageServer::start();
+    let port = free_port();
+    let admin = free_port();
+    let _node = Comet::start(
+        Some(&server),
+        &format!("max_proc=1\ntcp_port={port}\nadmin_addr=127.0.0.1:{admin}\n"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        port
+    )));
+    let auth = |id: &str| {
+        let stream = plain(port);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut client = Reader::new(stream);
+        client.send(&command(&["AUTH", id, "t"]));
+        let answer = client.resp();
+        (client, answer)
+    };
+    let mut held: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, answer) = auth("pooled");
+            assert_eq!(answer, Some(Resp::Simple("OK".into())));
+            client
+        })
+        .collect();
+    let (mut fifth, answer) = auth("pooled");
+    let Some(Resp::Error(text)) = answer else {
+        panic!("the fifth AUTH: {answer:?}");
+    };
+    assert!(text.contains("4 authenticated connections"), "{text}");
+    // Still usable, and another conn_id is not affected.
+    fifth.send(&command(&["PING"]));
+    assert_eq!(fifth.resp(), Some(Resp::Simple("PONG".into())));
+    assert_eq!(auth("other").1, Some(Resp::Simple("OK".into())));
+    let gauge = || {
+        ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("comet_resp_authenticated_connections{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    // Four held: 'other' closed at once.
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 4));
+    held.pop();
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 3));
+    fifth.send(&command(&["AUTH", "pooled", "t"]));
+    assert_eq!(fifth.resp(), Some(Resp::Simple("OK".into())));
+    assert_eq!(gauge(), 4);
+}

@@ -147,7 +147,7 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             );
         }
     }
-    let per_shard: [ShardFigure; 10] = [
+    let per_shard: [ShardFigure; 11] = [
         (
             "comet_connection_panics_total",
             "counter",
@@ -207,6 +207,12 @@ fn shards(out: &mut Exposition, shards: &[ShardStats]) {
             "gauge",
             "Bytes counted against recovery_total_bytes (messages and buffers).",
             |s| s.recovery_bytes as u64,
+        ),
+        (
+            "comet_resp_authenticated_connections",
+            "gauge",
+            "RESP connections past AUTH, subscribed or not (at most 4 per conn_id per shard).",
+            |s| s.resp_authenticated as u64,
         ),
     ];
     for (name, kind, help, value) in per_shard {

@@ -124,6 +124,8 @@ pub(crate) struct ShardStats {
     pub(crate) recovery_messages: usize,
     /// Bytes counted against `recovery_total_bytes` (payloads plus overhead).
     pub(crate) recovery_bytes: usize,
+    /// RESP connections past `AUTH`, subscribed or not.
+    pub(crate) resp_authenticated: usize,
 }
 
 /// What a push by conn_id did on one shard.

@@ -68,6 +68,8 @@ pub(crate) struct Shard {
     table: RefCell<SessionTable>,
     /// Connections still in their handshake, by source address.
     pub(crate) handshakes_by_source: HandshakesBySource,
+    /// RESP connections past `AUTH`, by conn_id (each conn_id's are bounded).
+    pub(crate) resp_authenticated: Rc<crate::transport::tcp::resp::Authenticated>,
     /// Shared by all shards: the exact connection bound, the descriptor reserve.
     pub(crate) counts: Arc<ClientCounts>,
     scratch: RefCell<Box<[u8]>>,
@@ -361,6 +363,7 @@ impl Shard {
         let handshakes_by_source = HandshakesBySource::new(config.handshake_per_source_limit);
         Shard {
             handshakes_by_source,
+            resp_authenticated: Rc::default(),
             id,
             config: Arc::clone(&config),
             control: deps.control,
@@ -632,6 +635,7 @@ impl Shard {
             recovery_buffers: recovery.rings,
             recovery_messages: recovery.messages,
             recovery_bytes: recovery.bytes,
+            resp_authenticated: self.resp_authenticated.total(),
         }
     }
 

@@ -16,11 +16,14 @@
 //! keepalive (set on every raw TCP socket, see [`super::enable_keepalive`]) instead of
 //! the heartbeat timeout.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use ahash::AHashMap;
 
 use crate::codec::Wire;
 use crate::codec::frame::close_code;
@@ -33,6 +36,65 @@ use crate::transport::{ClientStream, Inbound, answer, close, run_session, write_
 
 /// Client ids for `HELLO` and `CLIENT ID` answers, unique in the process.
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Connections one conn_id may hold past `AUTH` at once, on one shard (subscribed or
+/// not). An authenticated connection that never subscribes is no session: nothing else
+/// bounds it, and one credential opened 19,937 of them (9.7 KB and a descriptor each,
+/// invisible to `comet_connections`) until new clients could not connect. A subscriber
+/// and a few pooled connections fit.
+pub(crate) const MAX_AUTHENTICATED_PER_CONN_ID: usize = 4;
+
+/// The connections past `AUTH` on one shard, by conn_id.
+#[derive(Debug, Default)]
+pub(crate) struct Authenticated {
+    by_conn_id: RefCell<AHashMap<String, usize>>,
+    total: Cell<usize>,
+}
+
+impl Authenticated {
+    /// Connections past `AUTH` here now (the `comet_resp_authenticated_connections` gauge).
+    pub(crate) fn total(&self) -> usize {
+        self.total.get()
+    }
+
+    fn has_room(&self, conn_id: &str) -> bool {
+        self.by_conn_id.borrow().get(conn_id).copied().unwrap_or(0) < MAX_AUTHENTICATED_PER_CONN_ID
+    }
+
+    fn take(self: &Rc<Self>, conn_id: &str) -> AuthPlace {
+        *self
+            .by_conn_id
+            .borrow_mut()
+            .entry(conn_id.to_owned())
+            .or_default() += 1;
+        self.total.set(self.total.get() + 1);
+        AuthPlace {
+            counts: Rc::clone(self),
+            conn_id: conn_id.to_owned(),
+        }
+    }
+}
+
+/// One authenticated connection's place in [`Authenticated`], given back when the
+/// connection ends, resets or authenticates as another conn_id.
+#[derive(Debug)]
+struct AuthPlace {
+    counts: Rc<Authenticated>,
+    conn_id: String,
+}
+
+impl Drop for AuthPlace {
+    fn drop(&mut self) {
+        let mut by_conn_id = self.counts.by_conn_id.borrow_mut();
+        if let Some(count) = by_conn_id.get_mut(&self.conn_id) {
+            *count -= 1;
+            if *count == 0 {
+                by_conn_id.remove(&self.conn_id);
+            }
+        }
+        self.counts.total.set(self.counts.total.get() - 1);
+    }
+}
 
 /// Serves a RESP client; `first` holds bytes already read from it.
 pub(crate) async fn serve<S: ClientStream>(
@@ -97,6 +159,8 @@ struct Conn {
     credentials: Option<ClientToken>,
     /// Since when the connection has been unauthenticated (it has `handshake_timeout`).
     unauthenticated_since: Instant,
+    /// Its place among its conn_id's authenticated connections (with `credentials`).
+    place: Option<AuthPlace>,
 }
 
 /// What a command before push mode leads to: what the driver must do next. Deciding it
@@ -160,12 +224,31 @@ async fn greet<S: ClientStream>(
                         reply
                     }
                     Step::Verify { token, then } => {
-                        let outcome = admission::verify(shard, token).await;
-                        if let Err(refusal) = &outcome {
-                            shard.handshake_refused(refusal.label());
-                            tracing::info!(shard = shard.id, reason = %refusal, "RESP client refused");
+                        let held = conn
+                            .place
+                            .as_ref()
+                            .is_some_and(|place| place.conn_id == token.conn_id);
+                        if !held && !shard.resp_authenticated.has_room(&token.conn_id) {
+                            shard.handshake_refused("conn_id_limit");
+                            tracing::info!(shard = shard.id, conn_id = ?token.conn_id, limit = MAX_AUTHENTICATED_PER_CONN_ID, "RESP client refused: its conn_id holds as many authenticated connections as it may");
+                            resp::error(&format!(
+                                "ERR this conn_id already holds {MAX_AUTHENTICATED_PER_CONN_ID} authenticated connections here"
+                            ))
+                        } else {
+                            let outcome = admission::verify(shard, token).await;
+                            match &outcome {
+                                Err(refusal) => {
+                                    shard.handshake_refused(refusal.label());
+                                    tracing::info!(shard = shard.id, reason = %refusal, "RESP client refused");
+                                }
+                                Ok(token) if !held => {
+                                    conn.place =
+                                        Some(shard.resp_authenticated.take(&token.conn_id));
+                                }
+                                Ok(_) => {}
+                            }
+                            conn.verified(outcome, then)
                         }
-                        conn.verified(outcome, then)
                     }
                     Step::Quit => {
                         let _ =
@@ -375,6 +458,7 @@ impl Conn {
             client_id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
             credentials: None,
             unauthenticated_since: Instant::now(),
+            place: None,
         }
     }
 
@@ -383,6 +467,7 @@ impl Conn {
         self.resp3 = false;
         self.name = None;
         self.credentials = None;
+        self.place = None;
         self.unauthenticated_since = Instant::now();
     }
 
@@ -845,6 +930,26 @@ impl Inbound for Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conn_id_holds_a_bounded_number_of_places_given_back_on_drop() {
+        let counts = Rc::new(Authenticated::default());
+        let places: Vec<AuthPlace> = (0..MAX_AUTHENTICATED_PER_CONN_ID)
+            .map(|_| counts.take("a"))
+            .collect();
+        assert!(!counts.has_room("a"));
+        assert!(counts.has_room("b"));
+        let other = counts.take("b");
+        assert_eq!(counts.total(), MAX_AUTHENTICATED_PER_CONN_ID + 1);
+        drop(places);
+        drop(other);
+        assert!(counts.has_room("a"));
+        assert_eq!(counts.total(), 0);
+        assert!(
+            counts.by_conn_id.borrow().is_empty(),
+            "no entry left behind"
+        );
+    }
 
     fn subscriber(resp3: bool) -> Subscriber {
         let mut conn = Conn::new(b"");
