@@ -36,12 +36,15 @@ pub(crate) const ENTRY_OVERHEAD: usize = 224;
 /// the work per eviction, whatever the number of rings.
 const EMPTY_SCAN: usize = 64;
 
-/// Bytes counted for each ring besides its conn_id, kept or parked, with or without
-/// messages: its slot in the shard's map (key and [`Ring`], with the map's spare
-/// capacity), the conn_id's own allocation and its expiry slot. Without it a stranger
-/// could park rings without limit: one connect and close with `"recover": true` per
-/// conn_id, no push needed, and none of it was counted against `recovery_total_bytes`.
-pub(crate) const RING_OVERHEAD: usize = 256;
+/// Bytes counted for each ring besides its conn_id (counted twice, see [`ring_cost`]),
+/// kept or parked, with or without messages: its slot in the shard's map (key and
+/// [`Ring`], with the map's spare capacity), the conn_id's own allocation, its expiry
+/// slot, and the control thread's directory entry of a parked conn_id. Without it a
+/// stranger could park rings without limit: one connect and close with `"recover": true`
+/// per conn_id, no push needed, and none of it was counted against
+/// `recovery_total_bytes`. Measured: 33,156 parked rings of 250-byte conn_ids grew RSS by
+/// 956 bytes each, when 256 + the conn_id (506) was counted; 448 + twice it is 948.
+pub(crate) const RING_OVERHEAD: usize = 448;
 
 /// The bounds of one shard's buffers, and the node's seq floor.
 #[derive(Debug, Clone, Copy)]
@@ -224,8 +227,10 @@ fn cost(message: &Message) -> usize {
     message.payload().len() + ENTRY_OVERHEAD
 }
 
+/// A ring's count: [`RING_OVERHEAD`] and its conn_id twice (the shard's key and the
+/// directory's copy on the control thread).
 fn ring_cost(conn_id: &str) -> usize {
-    RING_OVERHEAD + conn_id.len()
+    RING_OVERHEAD + 2 * conn_id.len()
 }
 
 /// One conn_id's buffer. Holds no `Rc`, so it can move to another shard as a [`Parcel`].
