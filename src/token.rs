@@ -376,6 +376,10 @@ fn decode_json<T: for<'de> Deserialize<'de>>(
     let bytes = URL_SAFE_NO_PAD
         .decode(encoded)
         .map_err(|_| TokenError::Malformed("a part is not base64url"))?;
+    // serde would take the array form of a struct too (`["RS256"]` as a header).
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(TokenError::Malformed("a part is not a JSON object"));
+    }
     serde_json::from_slice(&bytes).map_err(|err| TokenError::Shape {
         part,
         why: err.to_string().chars().take(SHAPE_WHY_CHARS).collect(),
@@ -516,6 +520,20 @@ mod tests {
             v.verify(&none_alg, "u1", NOW),
             Err(TokenError::Algorithm(_))
         ));
+    }
+
+    #[test]
+    fn a_header_or_payload_that_is_not_an_object_is_malformed() {
+        let v = TokenVerifier::new(vec![b"0123456789abcdef".to_vec()], 0);
+        let array_header = format!(
+            "{}.{}.AAAA",
+            URL_SAFE_NO_PAD.encode(br#"["HS256"]"#),
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"u1"}"#)
+        );
+        assert_eq!(
+            v.verify(&array_header, "u1", NOW),
+            Err(TokenError::Malformed("a part is not a JSON object"))
+        );
     }
 
     #[test]
