@@ -159,8 +159,8 @@ pub(crate) fn notify_systemd(state: &str) {
 }
 
 /// Turns on TCP keepalive on a socket: probes after `idle` of silence, then every
-/// `interval`, the connection dropped after `retries` unanswered. The same bound, as
-/// `TCP_USER_TIMEOUT`, holds for data sent and never acknowledged: Linux sends no
+/// `interval`, the connection dropped after `retries` unanswered. Data sent and not
+/// acknowledged within `unacknowledged` (`TCP_USER_TIMEOUT`) drops it too: Linux sends no
 /// keepalive probe while data is in flight, so an SSE client (written a `: ping` every
 /// interval) or a RESP client pushed to, that vanished without a FIN, stayed online
 /// through ~15 minutes of retransmissions, and its user's reconnect was refused as a
@@ -170,6 +170,7 @@ pub(crate) fn set_keepalive(
     idle: std::time::Duration,
     interval: std::time::Duration,
     retries: u32,
+    unacknowledged: std::time::Duration,
 ) {
     // SAFETY: the caller guarantees `fd` is open for the whole call; it is only borrowed.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -179,7 +180,7 @@ pub(crate) fn set_keepalive(
         .with_interval(interval)
         .with_retries(retries);
     let _ = socket.set_tcp_keepalive(&keepalive);
-    let _ = socket.set_tcp_user_timeout(Some(idle + interval * retries));
+    let _ = socket.set_tcp_user_timeout(Some(unacknowledged));
 }
 
 /// A glommio listener that takes ownership of the listening socket `fd`. Each such

@@ -308,8 +308,9 @@ fn sse_and_resp_clients_that_vanish_without_a_fin_go_offline_within_the_keepaliv
         .unwrap();
     let mut rpc = common::Rpc::from_stream(stream);
     rpc.push(&["resp-gone", "sse-gone"], "into the void", "");
-    // Keepalive after 1 s idle, three probes 1 s apart: both go within ~4 s of their last
-    // unacknowledged write; 20 s leaves room for a loaded machine.
+    // Unacknowledged data is given up on after heartbeat_timeout + 2 ping intervals, 4 s
+    // here, keepalive after 1 s idle and three probes 1 s apart: 20 s leaves room for a
+    // loaded machine.
     let gone = wait_until(Duration::from_secs(20), || {
         server.count("offline", "sse-gone") == 1 && server.count("offline", "resp-gone") == 1
     });

@@ -109,7 +109,8 @@ pub(crate) fn spawn(
     // TCP_NODELAY comes from the listener (`app::bind_client_port`).
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     if entry.kind == EntryKind::Tcp {
-        tcp::enable_keepalive(fd, live.shard().config.ping_interval);
+        let config = &live.shard().config;
+        tcp::enable_keepalive(fd, config.ping_interval, config.heartbeat_timeout);
     }
     let shard = Rc::clone(live.shard());
     // The panic policy (`panics`): a panic ends this connection only, and the shard then

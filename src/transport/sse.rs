@@ -50,7 +50,11 @@ pub(crate) async fn accept<S: ClientStream>(
     if let Some(fd) = direct_fd {
         // Nothing comes back from an event-stream client to show it is alive: a peer
         // that vanished without a FIN is found by TCP keepalive (and by the writes).
-        tcp::enable_keepalive(fd, shard.config.ping_interval);
+        tcp::enable_keepalive(
+            fd,
+            shard.config.ping_interval,
+            shard.config.heartbeat_timeout,
+        );
     }
     Ok(admitted.register(Wire::Sse, Box::default(), direct_fd))
 }

@@ -59,11 +59,18 @@ async fn first_bytes<S: ClientStream>(shard: &Shard, stream: &mut S) -> Option<V
     }
 }
 
-/// Turns on TCP keepalive: probes after `idle` of silence, then every `idle / 3`, the
-/// connection dropped after three unanswered. RESP clients cannot be pinged by the
-/// server, so this is how a dead one is found (JSON-lines clients have both).
-pub(crate) fn enable_keepalive(fd: RawFd, idle: Duration) {
-    crate::sys::set_keepalive(fd, idle, (idle / 3).max(Duration::from_secs(1)), 3);
+/// Turns on TCP keepalive: probes after `ping_interval` of silence, then every third of
+/// it, the connection dropped after three unanswered. RESP clients cannot be pinged by
+/// the server, so this is how a dead one is found (JSON-lines clients have both). Data
+/// sent and never acknowledged is given up on after `heartbeat_timeout` plus two ping
+/// intervals: past the slow-consumer sweep (`heartbeat_timeout`, checked every
+/// interval), so that a live client that stops reading is still closed and counted as
+/// the slow consumer it is, not as a dead peer (the kernel's timeout counts a zero
+/// receive window too).
+pub(crate) fn enable_keepalive(fd: RawFd, ping_interval: Duration, heartbeat_timeout: Duration) {
+    let interval = (ping_interval / 3).max(Duration::from_secs(1));
+    let unacknowledged = heartbeat_timeout + ping_interval * 2;
+    crate::sys::set_keepalive(fd, ping_interval, interval, 3, unacknowledged);
 }
 
 /// One read before `limit`: `Some(n)` bytes (0 at EOF or on an error: a client that
