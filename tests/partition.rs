@@ -252,18 +252,7 @@ impl Cluster {
         let net = Net::create(GATEWAYS + 1)?;
         let members = Etcd::cluster_on(&net, &[0, 1, 2]);
         let server = MessageServer::start();
-        let port: u16 = server
-            .url()
-            .trim_start_matches("http://127.0.0.1:")
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let exposed = net.expose(port);
-        let rpc_api_url = server
-            .url()
-            .replace(&format!("127.0.0.1:{port}"), &exposed.to_string());
+        let rpc_api_url = net.expose_url(&server.url());
         let all: Vec<String> = members.iter().map(Etcd::endpoint).collect();
         let monitors = (0..monitors)
             .map(|_| Monitor::start(&server, &all.join(",")))

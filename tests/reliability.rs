@@ -238,18 +238,7 @@ fn sse_and_resp_clients_that_vanish_without_a_fin_go_offline_within_the_keepaliv
         return;
     };
     let server = MessageServer::start();
-    let port: u16 = server
-        .url()
-        .trim_start_matches("http://127.0.0.1:")
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let exposed = net.expose(port);
-    let rpc_api_url = server
-        .url()
-        .replace(&format!("127.0.0.1:{port}"), &exposed.to_string());
+    let rpc_api_url = net.expose_url(&server.url());
     let gateway = net.host(0).addr;
     let dir = common::temp_dir("vanish");
     let ini = dir.join("comet.ini");

@@ -172,6 +172,19 @@ impl Net {
         });
         exposed
     }
+
+    /// `url` (`http://127.0.0.1:PORT/...`, a listener of the test process) as the hosts
+    /// reach it, through [`Net::expose`].
+    pub fn expose_url(&self, url: &str) -> String {
+        let port: u16 = url
+            .trim_start_matches("http://127.0.0.1:")
+            .split('/')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("a loopback http URL with a port");
+        let exposed = self.expose(port);
+        url.replace(&format!("127.0.0.1:{port}"), &exposed.to_string())
+    }
 }
 
 /// Copies `from` to `to` on a thread until either side closes.
