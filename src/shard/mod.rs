@@ -149,6 +149,11 @@ pub(crate) struct ListenerGroup {
 /// each port goes to shard `j % max_proc`, so every listener has a shard accepting on it
 /// and every shard accepts on every port when there are enough. Waits until all shards
 /// run.
+/// Longest a shard may take to start (its ring, its threads): a node whose shard hangs
+/// there exits with an error instead of never logging "comet ready" (shards start in
+/// ~1.5 s with twenty nodes starting at once on this 2-core machine).
+const SHARD_START_LIMIT: Duration = Duration::from_secs(20);
+
 pub(crate) fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards, StartError> {
     let count = deps.config.max_proc;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -196,11 +201,20 @@ pub(crate) fn start(deps: ShardDeps, ports: Vec<ListenerGroup>) -> Result<Shards
     }
     drop(ready_tx);
     for _ in 0..count {
-        if ready_rx.recv().is_err() {
-            return Err(StartError::Executor {
-                shard: 0,
-                reason: "a shard thread ended during start-up".into(),
-            });
+        match ready_rx.recv_timeout(SHARD_START_LIMIT) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: "a shard thread ended during start-up".into(),
+                });
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(StartError::Executor {
+                    shard: 0,
+                    reason: format!("a shard did not start within {SHARD_START_LIMIT:?}"),
+                });
+            }
         }
     }
     // Every shard's rings and threads exist now: what is open besides client sockets

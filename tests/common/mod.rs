@@ -194,7 +194,11 @@ impl Comet {
                     && port_open(rpc_port))
         });
         if !up || comet.exited() {
-            return Err(comet.log_text());
+            let state = match comet.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => format!("exited: {status:?}"),
+                _ => "still running, not ready after 30 s".to_owned(),
+            };
+            return Err(format!("{state}\n{}", comet.log_text()));
         }
         Ok(comet)
     }
