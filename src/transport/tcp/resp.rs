@@ -27,7 +27,7 @@ use ahash::AHashMap;
 
 use crate::codec::Wire;
 use crate::codec::frame::close_code;
-use crate::codec::resp::{self, Command, CommandDecoder, MAX_CHANNELS};
+use crate::codec::resp::{self, Command, CommandDecoder, MAX_CHANNEL_BYTES, MAX_CHANNELS};
 use crate::session::{CloseReason, Session};
 use crate::shard::Shard;
 use crate::token::{ClientToken, token_from_json};
@@ -730,6 +730,8 @@ struct Subscriber {
     // table's).
     channels: HashMap<Vec<u8>, u64>,
     patterns: HashMap<Vec<u8>, u64>,
+    /// The bytes of every name in `channels` and `patterns`.
+    name_bytes: usize,
     joined: u64,
     /// Set when the client's command ended the session but not the connection.
     left: Option<Leave>,
@@ -741,6 +743,7 @@ impl Subscriber {
             conn,
             channels: HashMap::new(),
             patterns: HashMap::new(),
+            name_bytes: 0,
             joined: 0,
             left: None,
         }
@@ -751,7 +754,8 @@ impl Subscriber {
     }
 
     /// Adds subscriptions and returns their confirmations, or refuses them all (the
-    /// error reply) when they would take the connection past [`MAX_CHANNELS`].
+    /// error reply) when they would take the connection past [`MAX_CHANNELS`] or
+    /// [`MAX_CHANNEL_BYTES`].
     fn add(&mut self, channels: &[Vec<u8>], pattern: bool) -> Result<Vec<u8>, Vec<u8>> {
         let set = if pattern {
             &self.patterns
@@ -770,6 +774,13 @@ impl Subscriber {
                 new.len()
             )));
         }
+        let new_bytes: usize = new.iter().map(|name| name.len()).sum();
+        if self.name_bytes + new_bytes > MAX_CHANNEL_BYTES {
+            return Err(resp::error(&format!(
+                "ERR too many channels: a connection's channel and pattern names may take at most {MAX_CHANNEL_BYTES} bytes (it has {}, this command adds {new_bytes})",
+                self.name_bytes
+            )));
+        }
         let kind = if pattern { "psubscribe" } else { "subscribe" };
         let mut out = Vec::new();
         for channel in channels {
@@ -781,6 +792,7 @@ impl Subscriber {
             if !set.contains_key(channel) {
                 set.insert(channel.clone(), self.joined);
                 self.joined += 1;
+                self.name_bytes += channel.len();
             }
             out.extend(resp::subscription(
                 kind,
@@ -828,7 +840,9 @@ impl Subscriber {
             } else {
                 &mut self.channels
             };
-            set.remove(&channel);
+            if set.remove(&channel).is_some() {
+                self.name_bytes -= channel.len();
+            }
             out.extend(resp::subscription(
                 kind,
                 &channel,
@@ -1216,6 +1230,30 @@ mod tests {
         assert!(!ended);
         let (reply, _) = s.run(&command(&["SUBSCRIBE", "one-more"]));
         assert!(reply.starts_with(b"-ERR too many channels"));
+    }
+
+    #[test]
+    fn channel_names_are_capped_in_bytes_per_connection() {
+        let mut s = subscriber(false);
+        let long = |tag: usize| format!("{tag:04}{}", "n".repeat(16 * 1024 - 4)).into_bytes();
+        let four: Vec<Vec<u8>> = (0..4).map(long).collect();
+        s.add(&four, false).unwrap();
+        let refused = s.add(&[b"x".to_vec()], true).unwrap_err();
+        assert!(
+            refused.starts_with(
+                b"-ERR too many channels: a connection's channel and pattern names may take at most 65536 bytes (it has 65536, this command adds 1)"
+            ),
+            "{:?}",
+            String::from_utf8_lossy(&refused)
+        );
+        assert_eq!(s.count(), 4, "refused as a whole");
+        // Leaving gives the bytes back, and a name left twice is counted once.
+        s.remove(&four[..1], false);
+        s.remove(&four[..1], false);
+        s.add(&[b"x".to_vec()], true).unwrap();
+        s.remove(&[], false);
+        s.remove(&[], true);
+        assert_eq!((s.count(), s.name_bytes), (0, 0));
     }
 
     #[test]
