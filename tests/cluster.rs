@@ -103,6 +103,44 @@ fn sigkilled_node_disappears_and_the_monitor_removes_it_within_ttl_plus_one_seco
 }
 
 #[test]
+fn a_removal_the_message_server_refused_is_retried_while_the_watch_stays_open() {
+    let etcd = Etcd::start();
+    let server = MessageServer::start();
+    // No retries of its own: the first refused call is given up.
+    let monitor = Monitor::start_with(
+        &server,
+        &etcd.endpoint(),
+        "callback_retries=0\ncallback_timeout=2s\n",
+    );
+    let mut comet = Comet::start(None, &node_config(&etcd.endpoint()));
+    let key = comet.etcd_key();
+    assert!(wait_until(Duration::from_secs(10), || !additions(
+        &server, &key
+    )
+    .is_empty()));
+    server.die();
+    comet.kill();
+    // The key expires within its 3 s lease, and its removal finds nobody listening.
+    assert!(
+        wait_until(Duration::from_secs(15), || monitor
+            .log_text()
+            .contains("did not take removeCometServer")),
+        "{}",
+        monitor.log_text()
+    );
+    server.revive();
+    // etcd stayed up and the watch healthy: only the monitor's own retry (a re-list, at
+    // most 10 s after the last) can bring the removal now.
+    assert!(
+        wait_until(Duration::from_secs(25), || removals(&server, &key) == 1),
+        "{}",
+        monitor.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(removals(&server, &key), 1, "announced once");
+}
+
+#[test]
 fn sigterm_deregisters_at_once() {
     let etcd = Etcd::start();
     let endpoints = vec![etcd.endpoint()];

@@ -8,7 +8,10 @@
 //! still gets its `removeCometServer`. A watch broken while the monitor runs (a member
 //! failed, a partition) resumes from the revision after the last event seen, so nothing
 //! is missed or announced twice; only a compaction or a given-up announcement makes it
-//! re-list ([`after_interruption`]). It opens no listener and holds no clients.
+//! re-list ([`after_interruption`]). A given-up announcement ends the session at once,
+//! so it is retried by that re-list (at most every [`MAX_GIVEN_UP_RETRY`]) even while the
+//! watch is healthy: a removal is never retried otherwise, for no later event comes for
+//! a deleted key. It opens no listener and holds no clients.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +27,9 @@ use crate::control::etcd::Endpoints;
 
 /// Longest pause between attempts to reach etcd.
 const MAX_RETRY: Duration = Duration::from_secs(1);
+/// Longest pause before a re-list retries an announcement the message server did not
+/// take (it may refuse for good: each retry logs).
+const MAX_GIVEN_UP_RETRY: Duration = Duration::from_secs(10);
 /// Bound on one etcd request.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the member being watched is asked whether it still serves
@@ -50,16 +56,22 @@ enum Start {
 /// another monitor already announced. (Two monitors with one cut off once delivered a
 /// removal once instead of twice, in one run of four under load; this is the one path
 /// found that can do that, not a confirmed cause.)
-fn after_interruption(
-    last_seen: Option<i64>,
-    end: &SessionEnd,
-    missed_announcement: bool,
-) -> Start {
+fn after_interruption(last_seen: Option<i64>, end: &SessionEnd) -> Start {
     match (last_seen, end) {
         (_, SessionEnd::WatchCancelled(compacted)) if *compacted > 0 => Start::Relist,
+        (_, SessionEnd::GivenUp(_)) => Start::Relist,
         (None, _) => Start::Relist,
-        _ if missed_announcement => Start::Relist,
         (Some(revision), _) => Start::Resume(revision + 1),
+    }
+}
+
+/// The pause before the next session: etcd's back-off (`retry`), or after a given-up
+/// announcement `given_up`, which doubles while re-lists keep failing, up to
+/// [`MAX_GIVEN_UP_RETRY`].
+fn next_pause(end: &SessionEnd, retry: Duration, given_up: Duration) -> Duration {
+    match end {
+        SessionEnd::GivenUp(_) => given_up,
+        _ => retry,
     }
 }
 
@@ -74,6 +86,8 @@ enum SessionEnd {
     WatchCancelled(i64),
     #[error("watch stream ended")]
     WatchEnded,
+    #[error("the message server did not take {0}; re-listing to try it again")]
+    GivenUp(&'static str),
 }
 
 /// Runs the monitor until SIGTERM/SIGINT.
@@ -130,8 +144,6 @@ struct Monitor {
     /// The revision of the last event handled (or of the listing): a broken watch
     /// resumes after it.
     last_seen: Cell<Option<i64>>,
-    /// An announcement was given up since the last listing.
-    missed: Cell<bool>,
     /// The session got as far as watching (the back-off starts over).
     watching: Cell<bool>,
 }
@@ -155,13 +167,13 @@ impl Monitor {
             ),
             retries: config.callback_retries,
             last_seen: Cell::new(None),
-            missed: Cell::new(false),
             watching: Cell::new(false),
         }
     }
 
     async fn run(&self) {
         let mut retry = Duration::from_millis(100);
+        let mut given_up = Duration::from_secs(1);
         let mut start = Start::Relist;
         loop {
             self.watching.set(false);
@@ -169,7 +181,7 @@ impl Monitor {
                 Ok(never) => match never {},
                 Err(end) => end,
             };
-            start = after_interruption(self.last_seen.get(), &end, self.missed.get());
+            start = after_interruption(self.last_seen.get(), &end);
             match start {
                 Start::Relist => {
                     self.last_seen.set(None);
@@ -179,12 +191,17 @@ impl Monitor {
                     tracing::warn!(error = %end, from_revision = from, "monitor watch interrupted; resuming")
                 }
             }
+            // A session that got as far as watching starts both back-offs over.
             if self.watching.get() {
                 retry = Duration::from_millis(100);
+                given_up = Duration::from_secs(1);
             }
             self.endpoints.rotate();
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(MAX_RETRY);
+            tokio::time::sleep(next_pause(&end, retry, given_up)).await;
+            match end {
+                SessionEnd::GivenUp(_) => given_up = (given_up * 2).min(MAX_GIVEN_UP_RETRY),
+                _ => retry = (retry * 2).min(MAX_RETRY),
+            }
         }
     }
 
@@ -259,7 +276,6 @@ impl Monitor {
     /// Announces every node present and removes every announced node that is gone.
     /// Returns the revision the listing was taken at.
     async fn reconcile(&self, client: &mut Client) -> Result<i64, SessionEnd> {
-        self.missed.set(false);
         let nodes =
             timed(client.get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
         let revision = nodes.header().map_or(0, |h| h.revision());
@@ -301,14 +317,20 @@ impl Monitor {
             "reconciling nodes"
         );
         let announce_all = !self.announced_all.get();
+        // One announcement the message server does not take is no reason to skip the
+        // others: the session ends once all were tried.
+        let mut given_up = None;
         for (key, value) in &present {
-            self.add(client, key, value, announce_all).await?;
+            given_up = given_up.or(taken(self.add(client, key, value, announce_all).await)?);
         }
         self.announced_all.set(true);
         for key in &gone {
-            self.remove(client, key, revision).await?;
+            given_up = given_up.or(taken(self.remove(client, key, revision).await)?);
         }
-        Ok(revision)
+        match given_up {
+            Some(method) => Err(SessionEnd::GivenUp(method)),
+            None => Ok(revision),
+        }
     }
 
     /// Announces a node unless the same value was announced already (`force`: anyway).
@@ -324,7 +346,8 @@ impl Monitor {
             return Ok(());
         }
         let args = vec![json!(key), json!(value)];
-        if self.notify("addCometServer", args, key).await.is_ok() {
+        let taken = self.notify("addCometServer", args, key).await;
+        if taken.is_ok() {
             self.announced
                 .borrow_mut()
                 .insert(key.to_owned(), value.to_owned());
@@ -332,7 +355,8 @@ impl Monitor {
                 .borrow_mut()
                 .push(Record::Put(key.to_owned(), value.to_owned()));
         }
-        self.write_records(client).await
+        self.write_records(client).await?;
+        taken.map_err(|_| SessionEnd::GivenUp("addCometServer"))
     }
 
     async fn remove(
@@ -342,13 +366,15 @@ impl Monitor {
         revision: i64,
     ) -> Result<(), SessionEnd> {
         let args = vec![json!(key), json!(revision)];
-        if self.notify("removeCometServer", args, key).await.is_ok() {
+        let taken = self.notify("removeCometServer", args, key).await;
+        if taken.is_ok() {
             self.announced.borrow_mut().remove(key);
             self.unrecorded
                 .borrow_mut()
                 .push(Record::Delete(key.to_owned()));
         }
-        self.write_records(client).await
+        self.write_records(client).await?;
+        taken.map_err(|_| SessionEnd::GivenUp("removeCometServer"))
     }
 
     /// Writes what was announced to etcd, oldest first. A write that fails stays queued
@@ -376,7 +402,7 @@ impl Monitor {
     }
 
     /// Calls the message server off the runtime thread (ureq blocks), with retries. A
-    /// call given up is not recorded, so the next reconcile tries it again.
+    /// call given up is not recorded, so the re-list it causes tries it again.
     async fn notify(
         &self,
         method: &'static str,
@@ -391,11 +417,20 @@ impl Monitor {
         })
         .await
         .unwrap_or_else(|panic| Err(CallbackError::Unreachable(panic.to_string())));
-        match outcome {
-            Ok(()) => tracing::info!(key, method, "message server notified"),
-            Err(_) => self.missed.set(true),
+        if outcome.is_ok() {
+            tracing::info!(key, method, "message server notified");
         }
         outcome
+    }
+}
+
+/// Splits an announcement's outcome: `Ok(Some(method))` when the message server did not
+/// take it, `Err` when etcd failed.
+fn taken(outcome: Result<(), SessionEnd>) -> Result<Option<&'static str>, SessionEnd> {
+    match outcome {
+        Ok(()) => Ok(None),
+        Err(SessionEnd::GivenUp(method)) => Ok(Some(method)),
+        Err(end) => Err(end),
     }
 }
 
@@ -415,26 +450,17 @@ mod tests {
     #[test]
     fn a_broken_watch_resumes_after_the_last_revision_seen() {
         let broke = SessionEnd::WatchEnded;
-        assert_eq!(
-            after_interruption(Some(41), &broke, false),
-            Start::Resume(42)
-        );
+        assert_eq!(after_interruption(Some(41), &broke), Start::Resume(42));
         let timeout = SessionEnd::Timeout(ETCD_TIMEOUT);
-        assert_eq!(
-            after_interruption(Some(7), &timeout, false),
-            Start::Resume(8)
-        );
+        assert_eq!(after_interruption(Some(7), &timeout), Start::Resume(8));
     }
 
     #[test]
     fn a_compaction_or_an_unfinished_listing_re_lists() {
         let compacted = SessionEnd::WatchCancelled(100);
+        assert_eq!(after_interruption(Some(41), &compacted), Start::Relist);
         assert_eq!(
-            after_interruption(Some(41), &compacted, false),
-            Start::Relist
-        );
-        assert_eq!(
-            after_interruption(None, &SessionEnd::WatchEnded, false),
+            after_interruption(None, &SessionEnd::WatchEnded),
             Start::Relist
         );
     }
@@ -442,17 +468,20 @@ mod tests {
     #[test]
     fn a_watch_cancelled_without_compaction_resumes() {
         let no_leader = SessionEnd::WatchCancelled(0);
-        assert_eq!(
-            after_interruption(Some(41), &no_leader, false),
-            Start::Resume(42)
-        );
+        assert_eq!(after_interruption(Some(41), &no_leader), Start::Resume(42));
     }
 
     #[test]
     fn a_given_up_announcement_re_lists_to_retry_it() {
-        assert_eq!(
-            after_interruption(Some(41), &SessionEnd::WatchEnded, true),
-            Start::Relist
-        );
+        let given_up = SessionEnd::GivenUp("removeCometServer");
+        assert_eq!(after_interruption(Some(41), &given_up), Start::Relist);
+    }
+
+    #[test]
+    fn a_given_up_announcement_waits_its_own_back_off() {
+        let (retry, given_up) = (Duration::from_millis(100), Duration::from_secs(4));
+        let end = SessionEnd::GivenUp("addCometServer");
+        assert_eq!(next_pause(&end, retry, given_up), given_up);
+        assert_eq!(next_pause(&SessionEnd::WatchEnded, retry, given_up), retry);
     }
 }

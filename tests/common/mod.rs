@@ -357,10 +357,15 @@ pub struct Monitor {
 impl Monitor {
     /// Starts a monitor reporting to `server` about the nodes in `etcd_addr`.
     pub fn start(server: &MessageServer, etcd_addr: &str) -> Monitor {
+        Monitor::start_with(server, etcd_addr, "callback_retries=20\n")
+    }
+
+    /// The same, with `extra` added to its comet.ini.
+    pub fn start_with(server: &MessageServer, etcd_addr: &str, extra: &str) -> Monitor {
         let dir = temp_dir("monitor");
         let config = dir.join("comet.ini");
         let ini = format!(
-            "comet_service_name=comet\netcd_addr={etcd_addr}\nrpc_api_url={}\ncallback_retries=20\n",
+            "comet_service_name=comet\netcd_addr={etcd_addr}\nrpc_api_url={}\n{extra}",
             server.url()
         );
         std::fs::write(&config, ini).unwrap();
