@@ -53,6 +53,10 @@ const TAKEOVER_GRACE: Duration = Duration::from_secs(2);
 /// How long a member that failed is tried only after the others: longer than an etcd
 /// election (1 s by default), short enough that a healed member is back in use soon.
 const SKIP_FAILED_FOR: Duration = Duration::from_secs(5);
+/// The longest lease etcd grants (`MaxLeaseTTL`, 9,000,000,000 s). A reply claiming more
+/// comes from a broken or impersonated member, and `Instant + Duration` panics on
+/// overflow: the TTL is clamped to it before any arithmetic.
+const MAX_LEASE_TTL_SECS: i64 = 9_000_000_000;
 
 /// The configured etcd endpoints, used one at a time. etcd-client balances requests
 /// over every endpoint it is given, so with one member down every other request fails;
@@ -705,7 +709,7 @@ impl Registrar {
         }
         state.renewal = Some(Renewal {
             at: now,
-            valid_until: sent + Duration::from_secs(ttl.max(0) as u64),
+            valid_until: lease_valid_until(sent, ttl),
         });
         state.last_error = None;
     }
@@ -721,9 +725,24 @@ impl Registrar {
     }
 }
 
+/// Until when a lease renewed for `ttl` seconds (as etcd answered a request sent at
+/// `sent`) holds; never panics, whatever the answer.
+fn lease_valid_until(sent: Instant, ttl: i64) -> Instant {
+    let ttl = Duration::from_secs(ttl.clamp(0, MAX_LEASE_TTL_SECS) as u64);
+    sent.checked_add(ttl).unwrap_or(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_lease_ttl_etcd_answers_is_taken_without_panicking() {
+        let sent = Instant::now();
+        assert_eq!(lease_valid_until(sent, 3), sent + Duration::from_secs(3));
+        assert_eq!(lease_valid_until(sent, -5), sent);
+        assert!(lease_valid_until(sent, i64::MAX) >= sent);
+    }
 
     #[test]
     fn one_call_takes_a_third_of_the_lease_at_most() {
