@@ -415,7 +415,24 @@ impl RecoveryStore {
         if let Some(ring) = self.rings.get_mut(&conn_id) {
             ring.parked_until = Some(until);
             self.expiries.push_back((conn_id, until));
+            self.compact_expiries();
         }
+    }
+
+    /// Keeps the expiry order within twice the rings (plus slack): each park of a ring
+    /// leaves its previous entry stale, and one client reconnecting in a loop within the
+    /// TTL would otherwise pile up an entry (and its conn_id) per reconnect, counted
+    /// against no bound.
+    fn compact_expiries(&mut self) {
+        if self.expiries.len() <= 2 * self.rings.len() + 64 {
+            return;
+        }
+        let rings = &self.rings;
+        self.expiries.retain(|(id, until)| {
+            rings
+                .get(id)
+                .is_some_and(|r| r.parked_until == Some(*until))
+        });
     }
 
     /// Whether a parked ring for `conn_id` is kept at `now`.
@@ -1086,6 +1103,21 @@ mod tests {
             store.expiries.len() < 100,
             "stale entries were dropped on the way"
         );
+    }
+
+    #[test]
+    fn a_client_reconnecting_in_a_loop_leaves_a_bounded_expiry_order() {
+        let mut store = store(4);
+        let now = Instant::now();
+        let id: Rc<str> = "loop".into();
+        for i in 0..10_000 {
+            store.attach(&id, None, EPOCH);
+            store.park("loop", now + Duration::from_millis(i));
+        }
+        assert!(store.expiries.len() <= 2 * store.rings.len() + 65);
+        assert!(store.is_parked("loop", now), "the current entry stays");
+        assert_eq!(store.sweep(now + Duration::from_secs(3600)).len(), 1);
+        assert!(store.expiries.is_empty());
     }
 
     #[test]
