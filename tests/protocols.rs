@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::clients::{Reader, Resp, TestCert, command, plain};
 use common::{Comet, MessageServer, free_port, next_text, temp_dir, wait_until};
@@ -263,6 +263,29 @@ fn json_lines_refusals_say_why() {
             .contains("already connected")
     );
     assert_eq!(server.count("online", "r1"), 0);
+}
+
+#[test]
+fn resp_connection_is_closed_after_three_refused_tokens() {
+    let server = MessageServer::start();
+    server.refuse_token("bad");
+    let tcp_port = free_port();
+    let _node = Comet::start(Some(&server), &format!("tcp_port={tcp_port}\n"));
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        tcp_port
+    )));
+    let mut client = Reader::new(plain(tcp_port));
+    for _ in 0..3 {
+        client.send(&command(&["AUTH", "r1", "bad"]));
+        assert!(matches!(client.resp(), Some(Resp::Error(e)) if e.starts_with("WRONGPASS")));
+    }
+    let asked = Instant::now();
+    client.send(&command(&["PING"]));
+    assert_eq!(client.resp(), None);
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "closed, not left silent until the read timeout"
+    );
 }
 
 #[test]

@@ -161,7 +161,14 @@ struct Conn {
     unauthenticated_since: Instant,
     /// Its place among its conn_id's authenticated connections (with `credentials`).
     place: Option<AuthPlace>,
+    /// Tokens refused on this connection so far (not reset by `RESET`).
+    refused_tokens: u32,
 }
+
+/// Refused tokens after which a connection is closed: a library authenticates once per
+/// connection, and without a bound one connection could try tokens for as long as it
+/// kept sending (each a signature check on the shard, or a `checkToken` call).
+const MAX_REFUSED_TOKENS: u32 = 3;
 
 /// What a command before push mode leads to: what the driver must do next. Deciding it
 /// is synchronous, so every rule of the greeting is unit-tested without a socket or a
@@ -270,6 +277,14 @@ async fn greet<S: ClientStream>(
                     }
                 };
                 if !write_reply(stream, &reply, shard.config.handshake_timeout).await {
+                    return None;
+                }
+                if conn.out_of_attempts() {
+                    tracing::info!(
+                        shard = shard.id,
+                        refused = conn.refused_tokens,
+                        "RESP client closed: too many refused tokens on one connection"
+                    );
                     return None;
                 }
             }
@@ -459,16 +474,26 @@ impl Conn {
             credentials: None,
             unauthenticated_since: Instant::now(),
             place: None,
+            refused_tokens: 0,
         }
+    }
+
+    /// Whether the connection has had all the tries at a token it gets.
+    fn out_of_attempts(&self) -> bool {
+        self.refused_tokens >= MAX_REFUSED_TOKENS
     }
 
     /// `RESET`: back to a fresh connection (RESP2, no name, not authenticated).
     fn reset(&mut self) {
         self.resp3 = false;
         self.name = None;
-        self.credentials = None;
+        // The handshake timeout starts again only for a connection that had
+        // authenticated: otherwise a RESET every few seconds kept one open for good
+        // without a token.
+        if self.credentials.take().is_some() {
+            self.unauthenticated_since = Instant::now();
+        }
         self.place = None;
-        self.unauthenticated_since = Instant::now();
     }
 
     /// One command before push mode.
@@ -644,7 +669,14 @@ impl Conn {
     /// any earlier ones; refused ones keep them (as in Redis), and the protocol with them.
     fn verified(&mut self, outcome: Result<ClientToken, Refusal>, then: AfterVerify) -> Vec<u8> {
         match outcome {
-            Err(refusal) => resp::error(&refusal_text(&refusal)),
+            Err(refusal) => {
+                // Only a wrong token is the client's doing: after an overload or a
+                // message server that could not be asked it may rightly try again.
+                if matches!(refusal, Refusal::Token) {
+                    self.refused_tokens += 1;
+                }
+                resp::error(&refusal_text(&refusal))
+            }
             Ok(token) => {
                 self.credentials = Some(token);
                 match then {
@@ -994,6 +1026,45 @@ mod tests {
         assert!(conn.credentials.is_none(), "not before it is verified");
         assert_eq!(conn.verified(Ok(token), then), b"+OK\r\n");
         assert_eq!(conn.credentials.as_ref().unwrap().conn_id, "alice");
+    }
+
+    #[test]
+    fn reset_before_auth_does_not_restart_the_handshake_timeout() {
+        let mut conn = Conn::new(b"");
+        let opened = conn.unauthenticated_since;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        conn.reset();
+        assert_eq!(conn.unauthenticated_since, opened);
+        let (token, then) = verify_step(conn.step(command(&["AUTH", "alice", "pw"])));
+        conn.verified(Ok(token), then);
+        conn.reset();
+        assert!(
+            conn.unauthenticated_since > opened,
+            "authenticated, then reset"
+        );
+    }
+
+    #[test]
+    fn a_connection_gets_three_tries_at_a_token() {
+        let mut conn = Conn::new(b"");
+        for _ in 0..2 {
+            let (_, then) = verify_step(conn.step(command(&["AUTH", "alice", "guess"])));
+            conn.verified(Err(Refusal::Token), then);
+            assert!(!conn.out_of_attempts());
+        }
+        // Refusals that are not the token's do not count, nor does RESET start over.
+        let (_, then) = verify_step(conn.step(command(&["AUTH", "alice", "pw"])));
+        conn.verified(Err(Refusal::Saturated), then);
+        conn.reset();
+        assert!(!conn.out_of_attempts());
+        let (_, then) = verify_step(conn.step(command(&["AUTH", "alice", "guess"])));
+        let reply = conn.verified(Err(Refusal::Token), then);
+        assert!(
+            reply.starts_with(b"-WRONGPASS"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert!(conn.out_of_attempts());
     }
 
     #[test]
