@@ -119,7 +119,14 @@ impl Request {
         let recover = match recover {
             Value::Null => false,
             Value::Bool(b) => *b,
-            other => return Err(format!("`recover` must be true or false, not {other}")),
+            // The kind, not the value: the value is the client's, up to a token's size,
+            // and this text goes into the answer and the log.
+            other => {
+                return Err(format!(
+                    "`recover` must be true or false, not {}",
+                    json_kind(other)
+                ));
+            }
         };
         let since = match since {
             Value::Null => None,
@@ -141,6 +148,19 @@ impl Request {
             _ => return Err("`since` must be an object".into()),
         };
         Ok(Request { recover, since })
+    }
+}
+
+/// What a JSON value is, in words.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -1202,7 +1222,12 @@ mod tests {
         let asked = Request::from_token(&json!(true), &json!({"epoch": "e1", "seq": 4})).unwrap();
         assert_eq!(asked.since, Some(since(4)));
         assert!(asked.recover);
-        assert!(Request::from_token(&json!("yes"), &Value::Null).is_err());
+        let long = "y".repeat(8000);
+        assert_eq!(
+            Request::from_token(&json!(long), &Value::Null).unwrap_err(),
+            "`recover` must be true or false, not a string",
+            "the client's value is not repeated back"
+        );
         assert!(Request::from_token(&json!(true), &json!({"epoch": "e1", "seq": -1})).is_err());
         assert!(
             Request::from_token(&json!(true), &json!({"epoch": "e".repeat(65), "seq": 1})).is_err()

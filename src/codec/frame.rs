@@ -115,7 +115,8 @@ impl EncodedFrame {
     }
 }
 
-fn truncate_utf8(text: &str, max: usize) -> &str {
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub(crate) fn truncate_utf8(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;

@@ -412,7 +412,7 @@ async fn answer(
         Ok(request) => {
             let result = methods::dispatch(&node, &request.method, request.param, route).await;
             if let Err(error) = &result {
-                tracing::debug!(method = ?request.method, error = %error.get(..200).unwrap_or(error), "rpc call failed");
+                tracing::debug!(method = ?request.method, error = %crate::codec::frame::truncate_utf8(error, 200), "rpc call failed");
             }
             let large = match &result {
                 Err(text) => text.len() >= ENCODE_OFF_THREAD_BYTES,
