@@ -344,6 +344,14 @@ impl SessionTable {
     /// stays over for a heartbeat timeout, whatever it speaks, is a slow consumer.
     pub(crate) fn sweep(&self, now: Instant, heartbeat: Heartbeat, pings: &Pings) {
         for session in self.sessions.values() {
+            if matches!(session.wire(), Wire::Sse | Wire::Resp) && !session.is_over_budget() {
+                // These clients need never send: their silence is counted from the last
+                // sweep that found them within their budget, so that one is a slow
+                // consumer after a heartbeat timeout over it, not at the first sweep that
+                // finds a large push still being written (an SSE stream's last bytes were
+                // those of its request).
+                session.touch(now);
+            }
             let silent = now.saturating_duration_since(session.last_seen());
             if silent > heartbeat.timeout && session.is_over_budget() {
                 session.request_close(CloseReason::SlowConsumer);
@@ -707,6 +715,39 @@ mod tests {
             resp.close_reason(),
             Some(CloseReason::SlowConsumer)
         ));
+    }
+
+    #[test]
+    fn a_client_that_never_sends_is_slow_only_after_a_timeout_over_its_budget() {
+        for wire in [Wire::Sse, Wire::Resp] {
+            let quiet = Rc::new(Session::new(SessionSpec {
+                conn_id: "q".into(),
+                info: String::new(),
+                wire,
+                message_head: Box::default(),
+                direct_fd: None,
+                queue_limit: 8,
+                queue_bytes: 32,
+                recover: false,
+            }));
+            let mut table = table_of(&[&quiet]);
+            let start = Instant::now();
+            // Nothing from it since it connected, within its budget.
+            table.sweep(start + Duration::from_secs(5), HEARTBEAT, &pings());
+            // One push larger than the budget (let into an empty queue), still being
+            // written.
+            let large = [b'x'; 40];
+            table.push(&Message::new(&large), ids(&["q"]), start);
+            assert!(quiet.is_over_budget(), "{wire:?}");
+            // Silent for 12 s, past the timeout, but over its budget for 7 s only.
+            table.sweep(start + Duration::from_secs(12), HEARTBEAT, &pings());
+            assert!(quiet.close_reason().is_none(), "{wire:?}: over for 7 s");
+            table.sweep(start + Duration::from_secs(16), HEARTBEAT, &pings());
+            assert!(
+                matches!(quiet.close_reason(), Some(CloseReason::SlowConsumer)),
+                "{wire:?}: over for 11 s"
+            );
+        }
     }
 
     #[test]
