@@ -163,6 +163,10 @@ async fn read_head(stream: &mut TcpStream) -> Option<Head> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+        // As for a client's upgrade: parsed again only once a line has ended.
+        if !chunk[..n].contains(&b'\n') && buf.len() < MAX_REQUEST {
+            continue;
+        }
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {
