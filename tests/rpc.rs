@@ -109,6 +109,41 @@ fn calls_written_back_to_back_are_answered_in_order() {
     }
 }
 
+/// A message server that dials ahead (Go's `net/rpc` at start or at `addCometServer`)
+/// and makes its first call later keeps its connection, as with the original: the
+/// first-call timeout counts from the first byte. One that starts a call and stops is
+/// closed by it.
+#[test]
+fn a_connection_dialed_ahead_keeps_its_place_until_its_first_call() {
+    let comet = Comet::start(None, "rpc_first_call_timeout=1s\n");
+    let _client = comet.connect("c", "t", "").unwrap();
+    let ahead = std::net::TcpStream::connect(("127.0.0.1", comet.rpc_port)).unwrap();
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", comet.rpc_port)).unwrap();
+    stalled.write_all(b"{\"method\": \"Server.Get").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut rpc = common::Rpc::from_stream(ahead);
+    let reply = rpc.call(
+        "Server.CheckConnectionsOnline",
+        json!({"connections": ["c"]}),
+    );
+    assert_eq!(reply["result"]["data"], json!(["c"]), "{reply}");
+    stalled
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut stalled, &mut rest);
+    assert!(
+        matches!(read, Ok(0))
+            || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the half-sent call was closed: {rest:?}"
+    );
+    assert!(
+        comet.log_text().contains("of its first byte"),
+        "{}",
+        comet.log_text()
+    );
+}
+
 /// A message cut inside an emoji by a JavaScript message server (`JSON.stringify` writes
 /// the lone half as `\ud83d`) is pushed with U+FFFD in its place, as the Go original did,
 /// in both generations: not refused.

@@ -9,7 +9,7 @@
 //! Every connection is bounded, because the listener may be reachable by anyone: at most
 //! `rpc_max_connections` at once (more are closed at once after accept). Until a call
 //! proves the connection knows `comet_rpc_token` (any well-formed call, when none is set)
-//! it must make that call within `rpc_first_call_timeout`, and it may hold
+//! it must make that call within `rpc_first_call_timeout` of its first byte, and it may hold
 //! `rpc_preauth_request_size` bytes of unfinished request; beyond that its bytes are
 //! drawn from a node-wide `rpc_preauth_pool_size`, so that a legitimate first call larger
 //! than the allowance (a 64 KiB push on a fresh connection) still passes while hostile
@@ -196,7 +196,7 @@ pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
 /// Why a connection was closed by us.
 #[derive(Debug, thiserror::Error)]
 enum Closed {
-    #[error("no authenticated call within {0:?} of connecting")]
+    #[error("no authenticated call within {0:?} of its first byte")]
     NoFirstCall(Duration),
     #[error("idle for {0:?}")]
     Idle(Duration),
@@ -224,7 +224,12 @@ async fn serve_connection(
     route: Route,
 ) {
     let mut decoder = Decoder::with_limit(limits.max_request_bytes);
-    let first_call_deadline = tokio::time::Instant::now() + limits.first_call_timeout;
+    // Counted from the connection's first byte: a message server that dials at start
+    // (or at `addCometServer`) and pushes minutes later sends nothing meanwhile, and the
+    // original never closed it (Go's `net/rpc` does not redial: a close is ErrShutdown
+    // on every later call). A connection that has sent nothing holds a slot of
+    // `rpc_max_connections` and its read buffer, no request bytes.
+    let mut first_call_deadline = None;
     let mut authenticated = false;
     let mut chunk = vec![0u8; PREAUTH_READ_CHUNK];
     let mut replies = Vec::new();
@@ -244,11 +249,13 @@ async fn serve_connection(
                 () = until_moving(&mut moving) => None,
             }
         };
-        let n = if !authenticated {
-            match tokio::time::timeout_at(first_call_deadline, read).await {
+        let n = if let (false, Some(deadline)) = (authenticated, first_call_deadline) {
+            match tokio::time::timeout_at(deadline, read).await {
                 Ok(read) => read,
                 Err(_) => break Err(Closed::NoFirstCall(limits.first_call_timeout)),
             }
+        } else if !authenticated {
+            read.await
         } else if let Some(idle) = limits.idle_timeout {
             match tokio::time::timeout(idle, read).await {
                 Ok(read) => read,
@@ -262,6 +269,8 @@ async fn serve_connection(
             Some(Ok(0) | Err(_)) => break Ok(()),
             Some(Ok(n)) => n,
         };
+        first_call_deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + limits.first_call_timeout);
         decoder.extend(&chunk[..n]);
         // Every call that arrived together is started at once (a pipelining client gets
         // its pushes batched per shard) and answered in order. Tasks run in spawn order,
