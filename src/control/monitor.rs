@@ -3,13 +3,14 @@
 //! Lists `/<comet_service_name>/` in etcd, calls `addCometServer` for every node, then
 //! watches from the next revision: PUT -> `addCometServer(key, value)`, DELETE ->
 //! `removeCometServer(key, revision)`. What it has announced is recorded in etcd under
-//! `/<comet_service_name>.monitor/announced/`, so that after a restart, an etcd outage or
+//! `/_comet_monitor/<comet_service_name>/announced/`, so that after a restart, an etcd outage or
 //! a compaction it re-lists and reconciles: a node that left while nobody was watching
 //! still gets its `removeCometServer`. A watch broken while the monitor runs (a member
 //! failed, a partition) resumes from the revision after the last event seen, so nothing
 //! is missed or announced twice; only a compaction or a given-up announcement makes it
-//! re-list ([`after_interruption`]). A given-up announcement ends the session at once,
-//! so it is retried by that re-list (at most every [`MAX_GIVEN_UP_RETRY`]) even while the
+//! re-list ([`after_interruption`]). An announcement given up on an unreachable or
+//! failing message server (not a refusal) ends the session at once, so it is retried by
+//! that re-list (at most every [`MAX_GIVEN_UP_RETRY`]) even while the
 //! watch is healthy: a removal is never retried otherwise, for no later event comes for
 //! a deleted key. It opens no listener and holds no clients.
 
@@ -86,7 +87,7 @@ enum SessionEnd {
     WatchCancelled(i64),
     #[error("watch stream ended")]
     WatchEnded,
-    #[error("the message server did not take {0}; re-listing to try it again")]
+    #[error("the message server could not be reached for {0}; re-listing to try it again")]
     GivenUp(&'static str),
 }
 
@@ -157,7 +158,10 @@ impl Monitor {
             announced: RefCell::new(HashMap::new()),
             unrecorded: RefCell::new(Vec::new()),
             prefix: format!("/{name}/"),
-            records: format!("/{name}.monitor/announced"),
+            // Outside `/<name>`: the original's second-generation monitor watched the
+            // prefix `/comet` without its slash, and one still running beside this one
+            // during a migration would take `/comet.monitor/...` for nodes.
+            records: format!("/_comet_monitor/{name}/announced"),
             callbacks: CallbackClient::new(
                 &config.rpc_api_url,
                 &config.rpc_user_agent,
@@ -356,7 +360,7 @@ impl Monitor {
                 .push(Record::Put(key.to_owned(), value.to_owned()));
         }
         self.write_records(client).await?;
-        taken.map_err(|_| SessionEnd::GivenUp("addCometServer"))
+        given_up(taken, "addCometServer")
     }
 
     async fn remove(
@@ -374,7 +378,7 @@ impl Monitor {
                 .push(Record::Delete(key.to_owned()));
         }
         self.write_records(client).await?;
-        taken.map_err(|_| SessionEnd::GivenUp("removeCometServer"))
+        given_up(taken, "removeCometServer")
     }
 
     /// Writes what was announced to etcd, oldest first. A write that fails stays queued
@@ -421,6 +425,16 @@ impl Monitor {
             tracing::info!(key, method, "message server notified");
         }
         outcome
+    }
+}
+
+/// A call the message server could not be reached for (after its retries) ends the
+/// session, to be retried by the re-list; a refusal (a non-zero `code`) is its verdict
+/// and is not retried, as the original did not.
+fn given_up(taken: Result<(), CallbackError>, method: &'static str) -> Result<(), SessionEnd> {
+    match taken {
+        Err(err) if err.is_transient() => Err(SessionEnd::GivenUp(method)),
+        _ => Ok(()),
     }
 }
 
