@@ -179,7 +179,8 @@ pub struct Config {
     /// Bytes all not-yet-authenticated connections together may hold beyond their own
     /// `rpc_preauth_request_size` (zero: none).
     pub rpc_preauth_pool_size: usize,
-    /// A push RPC connection must make that first call within this of connecting.
+    /// A push RPC connection must make that first call within this of its first byte (one
+    /// that has sent nothing is kept: the original's message servers dial ahead).
     pub rpc_first_call_timeout: Duration,
     /// An authenticated push RPC connection silent for this long is closed (zero: never).
     // Off by default: the original never closed an idle message-server connection, and
@@ -894,31 +895,97 @@ fn parse_tls_files(
     Ok((cert.map(PathBuf::from), key.map(PathBuf::from)))
 }
 
+/// The node's identity (`rpc_addr` as written, which forms its etcd key and is what the
+/// message server dials) and the address the push RPC listens on.
 fn parse_rpc_addr(raw: &mut RawIni) -> Result<(String, SocketAddr), ConfigError> {
     let host = raw.take("comet_rpc_addr");
     let port = raw.take("comet_rpc_port");
-    let (key, addr) = match (raw.take("rpc_addr"), host, port) {
-        (Some(addr), _, _) => ("rpc_addr", addr),
+    match (raw.take("rpc_addr"), host, port) {
+        (Some(addr), _, _) => {
+            let listen = resolve_rpc_addr(&addr)?;
+            Ok((addr, listen))
+        }
         (None, Some(host), Some(port)) => {
             let port = parse_port("comet_rpc_port", &port)?;
-            ("comet_rpc_addr", format!("{host}:{port}"))
+            split_rpc_addr(host.trim(), port)
         }
-        (None, Some(_), None) => {
-            return Err(ConfigError::Missing {
-                key: "comet_rpc_port",
-                reason: "comet_rpc_addr needs comet_rpc_port beside it",
-            });
-        }
-        (None, None, _) => ("rpc_addr", "127.0.0.1:8901".to_owned()),
-    };
-    match addr.parse::<SocketAddr>() {
-        Ok(listen) if listen.port() != 0 => Ok((addr, listen)),
-        _ => Err(ConfigError::BadValue {
-            key,
-            value: addr,
-            reason: "expected ip:port with a port from 1 to 65535 (it is also the node's identity)"
-                .into(),
+        (None, Some(_), None) => Err(ConfigError::Missing {
+            key: "comet_rpc_port",
+            reason: "comet_rpc_addr needs comet_rpc_port beside it",
         }),
+        // As the original: the port alone is on the loopback address.
+        (None, None, Some(port)) => {
+            let port = parse_port("comet_rpc_port", &port)?;
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            Ok((listen.to_string(), listen))
+        }
+        (None, None, None) => Ok(("127.0.0.1:8901".to_owned(), ([127, 0, 0, 1], 8901).into())),
+    }
+}
+
+/// `rpc_addr`: `ip:port`, or `host:port` with a name resolved here (the original's
+/// `net.Listen` took names), listened on as written.
+fn resolve_rpc_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |reason: String| ConfigError::BadValue {
+        key: "rpc_addr",
+        value: addr.to_owned(),
+        reason,
+    };
+    if let Ok(listen) = addr.parse::<SocketAddr>() {
+        return match listen.port() {
+            0 => Err(bad("expected a port from 1 to 65535".into())),
+            _ => Ok(listen),
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(bad(
+            "expected host:port (it is also the node's identity)".into()
+        ));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(port) if port > 0 && !host.is_empty() => port,
+        _ => {
+            return Err(bad(
+                "expected host:port with a port from 1 to 65535 (it is also the node's identity)"
+                    .into(),
+            ));
+        }
+    };
+    use std::net::ToSocketAddrs;
+    match (host, port).to_socket_addrs().map(|mut found| found.next()) {
+        Ok(Some(listen)) => Ok(listen),
+        Ok(None) => Err(bad(format!("{host} has no address"))),
+        Err(err) => Err(bad(format!("cannot resolve {host}: {err}"))),
+    }
+}
+
+/// The second generation's `comet_rpc_addr` + `comet_rpc_port`: the address is what the
+/// node advertises (a NAT's, a floating IP, a name), and, as the original did, the RPC
+/// listens on `port` on every interface (binding the advertised address itself failed
+/// where it is not on this host).
+fn split_rpc_addr(host: &str, port: u16) -> Result<(String, SocketAddr), ConfigError> {
+    let bad = |reason: &str| ConfigError::BadValue {
+        key: "comet_rpc_addr",
+        value: host.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(bad("expected an IP address or a host name"));
+    }
+    match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => Ok((
+            SocketAddr::from((v6, port)).to_string(),
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        )),
+        Ok(std::net::IpAddr::V4(v4)) => Ok((
+            SocketAddr::from((v4, port)).to_string(),
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+        )),
+        Err(_) if host.contains(':') => Err(bad("expected an IP address or a host name")),
+        Err(_) => Ok((
+            format!("{host}:{port}"),
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+        )),
     }
 }
 
@@ -1111,6 +1178,34 @@ mod tests {
         assert_eq!(config.rpc_addr, "192.168.3.165:8901");
         assert_eq!(config.comet_rpc_token, "token");
         assert_eq!(config.etcd_endpoints.len(), 2);
+        // Advertised as written, listened on every interface, as the original did.
+        assert_eq!(config.rpc_listen, "0.0.0.0:8901".parse().unwrap());
+        let (named, _) =
+            Config::parse("comet_rpc_addr=message.demo.com\ncomet_rpc_port=:8901\n").unwrap();
+        assert_eq!(named.rpc_addr, "message.demo.com:8901");
+        assert_eq!(named.rpc_listen, "0.0.0.0:8901".parse().unwrap());
+        let (v6, _) = Config::parse("comet_rpc_addr=fd00::5\ncomet_rpc_port=8901\n").unwrap();
+        assert_eq!(v6.rpc_addr, "[fd00::5]:8901");
+        assert_eq!(v6.rpc_listen, "[::]:8901".parse().unwrap());
+        let (alone, _) = Config::parse("comet_rpc_port=9001\n").unwrap();
+        assert_eq!(alone.rpc_addr, "127.0.0.1:9001");
+        assert_eq!(alone.rpc_listen, "127.0.0.1:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn rpc_addr_may_name_a_host() {
+        let (config, _) = Config::parse("rpc_addr=localhost:8901\n").unwrap();
+        assert_eq!(config.rpc_addr, "localhost:8901", "the identity as written");
+        assert!(config.rpc_listen.ip().is_loopback());
+        assert_eq!(config.rpc_listen.port(), 8901);
+        for bad in [
+            "rpc_addr=localhost",
+            "rpc_addr=localhost:0",
+            "rpc_addr=:8901",
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("rpc_addr"), "{bad}: {err}");
+        }
     }
 
     #[test]
