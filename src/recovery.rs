@@ -124,7 +124,7 @@ impl Request {
             other => {
                 return Err(format!(
                     "`recover` must be true or false, not {}",
-                    json_kind(other)
+                    crate::codec::json::kind_of(other)
                 ));
             }
         };
@@ -148,19 +148,6 @@ impl Request {
             _ => return Err("`since` must be an object".into()),
         };
         Ok(Request { recover, since })
-    }
-}
-
-/// What a JSON value is, in words.
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    use serde_json::Value;
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

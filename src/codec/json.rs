@@ -13,6 +13,20 @@ pub const PING_LINE: &[u8] = b"{\"type\":\"ping\"}\n";
 /// The answer to a client's ping.
 pub const PONG_LINE: &[u8] = b"{\"type\":\"pong\"}\n";
 
+/// What a JSON value is, in words: for errors that name what a client sent without
+/// repeating it (it may be as large as a request).
+pub(crate) fn kind_of(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// A pushed message: `{"type":"message","data":"<msg>"}`.
 pub fn message_line(payload: &[u8]) -> Box<[u8]> {
     line(

@@ -111,35 +111,69 @@ async fn dispatch_named(
             Value::Object(fields) => send_second_generation(node, Fields(fields), route).await,
             other => Err(format!(
                 "SendToConnections takes a JSON string or object, found {}",
-                type_name(&other)
+                crate::codec::json::kind_of(&other)
             )),
         },
         "KickConnections" => kick(node, &Fields::from(param)?, route).await,
-        "Broadcast" => Ok(enveloped(
-            broadcast(node, &Fields::from(param)?, route).await,
-        )),
-        "CheckConnectionsOnline" => Ok(enveloped(check_online(node, &Fields::from(param)?))),
-        "GetAllConnections" => Ok(enveloped(
-            authorised(node, &Fields::from(param)?).map(|()| json!(node.all_connections())),
-        )),
-        "GetNode" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
-            Ok(()) => Ok(node.describe().await),
-            Err(refused) => Err(refused),
-        })),
-        "JoinGroup" => Ok(enveloped(
-            change_group(node, &Fields::from(param)?, Membership::Join, route).await,
-        )),
-        "LeaveGroup" => Ok(enveloped(
-            change_group(node, &Fields::from(param)?, Membership::Leave, route).await,
-        )),
-        "SendToGroup" => Ok(enveloped(
-            send_to_group(node, &Fields::from(param)?, route).await,
-        )),
-        "Status" => Ok(enveloped(match authorised(node, &Fields::from(param)?) {
-            Ok(()) => Ok(node.status().await),
-            Err(refused) => Err(refused),
-        })),
-        _ => Err(format!("rpc: can't find method {method}")),
+        _ => match Newest::named(name) {
+            Some(newest) => Ok(enveloped(match Fields::from(param) {
+                Ok(fields) => newest.answer(node, &fields, route).await,
+                // These answer in the envelope whatever went wrong: 40000, not a bare error.
+                Err(why) => Err(Failure::new(code::BAD_PARAMS, why)),
+            })),
+            None => Err(format!("rpc: can't find method {method}")),
+        },
+    }
+}
+
+/// The newest generation's methods (and Comet's own), answered in the
+/// `{code, data, error}` envelope.
+#[derive(Debug, Clone, Copy)]
+enum Newest {
+    Broadcast,
+    CheckConnectionsOnline,
+    GetAllConnections,
+    GetNode,
+    JoinGroup,
+    LeaveGroup,
+    SendToGroup,
+    Status,
+}
+
+impl Newest {
+    fn named(name: &str) -> Option<Newest> {
+        Some(match name {
+            "Broadcast" => Newest::Broadcast,
+            "CheckConnectionsOnline" => Newest::CheckConnectionsOnline,
+            "GetAllConnections" => Newest::GetAllConnections,
+            "GetNode" => Newest::GetNode,
+            "JoinGroup" => Newest::JoinGroup,
+            "LeaveGroup" => Newest::LeaveGroup,
+            "SendToGroup" => Newest::SendToGroup,
+            "Status" => Newest::Status,
+            _ => return None,
+        })
+    }
+
+    async fn answer(self, node: &Node, fields: &Fields, route: Route) -> Enveloped {
+        match self {
+            Newest::Broadcast => broadcast(node, fields, route).await,
+            Newest::CheckConnectionsOnline => check_online(node, fields),
+            Newest::GetAllConnections => {
+                authorised(node, fields).map(|()| json!(node.all_connections()))
+            }
+            Newest::GetNode => match authorised(node, fields) {
+                Ok(()) => Ok(node.describe().await),
+                Err(refused) => Err(refused),
+            },
+            Newest::JoinGroup => change_group(node, fields, Membership::Join, route).await,
+            Newest::LeaveGroup => change_group(node, fields, Membership::Leave, route).await,
+            Newest::SendToGroup => send_to_group(node, fields, route).await,
+            Newest::Status => match authorised(node, fields) {
+                Ok(()) => Ok(node.status().await),
+                Err(refused) => Err(refused),
+            },
+        }
     }
 }
 
@@ -186,7 +220,7 @@ impl Fields {
             Value::Null => Ok(Fields(Map::new())),
             other => Err(format!(
                 "params must be an object, found {}",
-                type_name(&other)
+                crate::codec::json::kind_of(&other)
             )),
         }
     }
@@ -222,13 +256,13 @@ impl Fields {
                     Value::Number(n) => Ok(n.to_string()),
                     other => Err(format!(
                         "{name} must hold strings, found {}",
-                        type_name(&other)
+                        crate::codec::json::kind_of(&other)
                     )),
                 })
                 .collect(),
             Some(other) => Err(format!(
                 "{name} must be an array, found {}",
-                type_name(&other)
+                crate::codec::json::kind_of(&other)
             )),
         }
     }
@@ -243,26 +277,15 @@ impl Fields {
                     Value::Number(n) => Ok(n.to_string()),
                     other => Err(format!(
                         "{name} must hold strings, found {}",
-                        type_name(other)
+                        crate::codec::json::kind_of(other)
                     )),
                 })
                 .collect(),
             Some(other) => Err(format!(
                 "{name} must be an array, found {}",
-                type_name(other)
+                crate::codec::json::kind_of(other)
             )),
         }
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -812,6 +835,34 @@ mod tests {
             assert_eq!(failure["msg"], "connections is empty.");
             let unknown = dispatch(&node, "Server.Nope", json!({})).await.unwrap_err();
             assert_eq!(unknown, "rpc: can't find method Server.Nope");
+            let unknown = dispatch(&node, "Nope", json!("x")).await.unwrap_err();
+            assert_eq!(unknown, "rpc: can't find method Nope");
+        });
+    }
+
+    #[test]
+    fn newest_generation_methods_answer_bad_params_in_the_envelope() {
+        with_node("", &[&["a"]], |node, seen| async move {
+            for method in [
+                "Broadcast",
+                "CheckConnectionsOnline",
+                "GetAllConnections",
+                "GetNode",
+                "JoinGroup",
+                "LeaveGroup",
+                "SendToGroup",
+                "Status",
+            ] {
+                let answer = dispatch(&node, method, json!(["not", "an", "object"]))
+                    .await
+                    .unwrap();
+                assert_eq!(answer["code"], code::BAD_PARAMS, "{method}: {answer}");
+                assert_eq!(
+                    answer["error"], "params must be an object, found an array",
+                    "{method}"
+                );
+            }
+            assert!(seen.lock().unwrap().is_empty(), "nothing was done");
         });
     }
 }
