@@ -16,7 +16,7 @@
 pub mod client;
 pub mod keys;
 
-pub use client::{ClientToken, token_from_json};
+pub use client::{ClientToken, token_from_json, token_from_parts};
 
 use std::sync::Arc;
 

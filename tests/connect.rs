@@ -38,6 +38,26 @@ fn good_token_calls_check_token_then_online_with_the_right_args() {
     assert!(online.at >= calls[0].at, "online must follow checkToken");
 }
 
+/// The original's second-generation clients: `?c=<conn_id>&t=<token>&i=<info>`.
+#[test]
+fn a_second_generation_client_gives_its_token_in_parts() {
+    let server = MessageServer::start();
+    let comet = Comet::start(Some(&server), "");
+    let url = format!(
+        "ws://127.0.0.1:{}/ws?c=u9&t=s3cret&i=%7B%22room%22%3A7%7D",
+        comet.ws_port
+    );
+    let _client = common::connect_url(&url, comet.ws_port).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .count("online", "u9")
+        == 1));
+    let check = &server.calls_of("checkToken")[0];
+    assert_eq!(
+        check.args[..3],
+        [json!("u9"), json!("s3cret"), json!("{\"room\":7}")]
+    );
+}
+
 #[test]
 fn refused_or_malformed_token_gets_401_and_no_online() {
     let server = MessageServer::start();

@@ -53,12 +53,7 @@ pub fn token_from_json(json: &[u8]) -> Result<ClientToken, TokenObjectError> {
     let parsed: TokenJson = serde_json::from_slice(json)
         .map_err(|e| TokenObjectError(format!("`t` is not a token object: {e}")))?;
     let conn_id = scalar_text(parsed.conn_id);
-    if conn_id.is_empty() {
-        return Err(TokenObjectError("conn_id is empty".into()));
-    }
-    if conn_id.len() > 256 {
-        return Err(TokenObjectError("conn_id longer than 256 bytes".into()));
-    }
+    check_conn_id(&conn_id)?;
     let recovery = crate::recovery::Request::from_token(&parsed.recover, &parsed.since)
         .map_err(TokenObjectError)?;
     Ok(ClientToken {
@@ -67,6 +62,32 @@ pub fn token_from_json(json: &[u8]) -> Result<ClientToken, TokenObjectError> {
         info: scalar_text(parsed.info),
         recovery,
     })
+}
+
+/// A token given as its parts (the original's second-generation clients connected with
+/// `?c=<conn_id>&t=<token>&i=<info>`), held to the same rules as the object; no recovery.
+pub fn token_from_parts(
+    conn_id: String,
+    token: String,
+    info: String,
+) -> Result<ClientToken, TokenObjectError> {
+    check_conn_id(&conn_id)?;
+    Ok(ClientToken {
+        conn_id,
+        token,
+        info,
+        recovery: crate::recovery::Request::default(),
+    })
+}
+
+fn check_conn_id(conn_id: &str) -> Result<(), TokenObjectError> {
+    if conn_id.is_empty() {
+        return Err(TokenObjectError("conn_id is empty".into()));
+    }
+    if conn_id.len() > 256 {
+        return Err(TokenObjectError("conn_id longer than 256 bytes".into()));
+    }
+    Ok(())
 }
 
 /// Strings are taken as they are; numbers and objects (some clients send `info` as an

@@ -9,7 +9,7 @@ use percent_encoding::percent_decode;
 
 use super::deflate::{self, Negotiation};
 use crate::config::UpgradePolicy;
-use crate::token::{ClientToken, token_from_json};
+use crate::token::{ClientToken, token_from_json, token_from_parts};
 
 /// Largest upgrade request accepted (request line + headers).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -331,17 +331,35 @@ fn quote(value: &[u8]) -> String {
     text
 }
 
-/// Decodes `t` from a query string: form-encoded (`+` is a space, as PHP and Go write it).
+/// Decodes the client's token from a query string (form-encoded: `+` is a space, as PHP
+/// and Go write it): `t=<token object>`, or the original's second generation's
+/// `c=<conn_id>&t=<token>&i=<info>`, told apart by `t` not being a JSON object.
 pub fn parse_token(query: &str) -> Result<ClientToken, HandshakeError> {
-    let raw = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("t="))
+    let t = query_param(query, "t")?
         .ok_or_else(|| HandshakeError::BadToken("missing `t` query parameter".into()))?;
+    let bad = |err: crate::token::client::TokenObjectError| HandshakeError::BadToken(err.0);
+    match query_param(query, "c")? {
+        Some(conn_id) if !t.trim_start().starts_with('{') => {
+            let info = query_param(query, "i")?.unwrap_or_default();
+            token_from_parts(conn_id, t, info).map_err(bad)
+        }
+        _ => token_from_json(t.as_bytes()).map_err(bad),
+    }
+}
+
+/// The first `name=` parameter of `query`, decoded.
+fn query_param(query: &str, name: &str) -> Result<Option<String>, HandshakeError> {
+    let Some(raw) = query.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+    }) else {
+        return Ok(None);
+    };
     let plus_decoded = raw.replace('+', " ");
-    let json = percent_decode(plus_decoded.as_bytes())
+    percent_decode(plus_decoded.as_bytes())
         .decode_utf8()
-        .map_err(|_| HandshakeError::BadToken("`t` is not UTF-8 after URL-decoding".into()))?;
-    token_from_json(json.as_bytes()).map_err(|err| HandshakeError::BadToken(err.0))
+        .map(|text| Some(text.into_owned()))
+        .map_err(|_| HandshakeError::BadToken(format!("`{name}` is not UTF-8 after URL-decoding")))
 }
 
 /// The `101 Switching Protocols` answer; `deflate`: permessage-deflate is accepted.
@@ -452,6 +470,30 @@ mod tests {
                 .status(),
             "404 Not Found"
         );
+    }
+
+    #[test]
+    fn second_generation_clients_give_the_token_in_parts() {
+        let token = parse_token("c=u1&t=s3cr%2Bt&i=%7B%22room%22%3A7%7D").unwrap();
+        assert_eq!(
+            (
+                token.conn_id.as_str(),
+                token.token.as_str(),
+                token.info.as_str()
+            ),
+            ("u1", "s3cr+t", "{\"room\":7}")
+        );
+        assert_eq!(parse_token("t=tok&c=u2").unwrap().info, "");
+        // An object in `t` is the token whatever else is there.
+        assert_eq!(
+            parse_token("c=other&t={\"conn_id\":\"a\"}")
+                .unwrap()
+                .conn_id,
+            "a"
+        );
+        assert!(parse_token("c=&t=tok").is_err(), "empty conn_id");
+        assert!(parse_token("c=u3").is_err(), "no token");
+        assert!(parse_token("t=tok").is_err(), "neither object nor parts");
     }
 
     #[test]
