@@ -378,7 +378,7 @@ impl Config {
 
     fn from_raw(raw: &mut RawIni) -> Result<Config, ConfigError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let max_proc = match raw.take("max_proc") {
+        let max_proc = match raw.take_set("max_proc") {
             None => cores,
             Some(v) => parse_count("max_proc", &v, 1, 1024)?,
         };
@@ -387,7 +387,7 @@ impl Config {
         let wants_tls = socket_protocol == SocketProtocol::Wss || tcp_tls || raw.has("wss_port");
         let (wss_cert_pem, wss_key_pem) = parse_tls_files(raw, wants_tls)?;
         let (rpc_addr, rpc_listen) = parse_rpc_addr(raw)?;
-        let websocket_port = match raw.take("websocket_port") {
+        let websocket_port = match raw.take_set("websocket_port") {
             None => 8900,
             Some(v) => parse_port("websocket_port", &v)?,
         };
@@ -541,7 +541,10 @@ impl RawIni {
                     text: trimmed.to_owned(),
                 });
             }
-            values.insert(key.to_ascii_lowercase(), (unquote(value.trim()), index + 1));
+            values.insert(
+                key.to_ascii_lowercase(),
+                (unquote(without_comment(value.trim())), index + 1),
+            );
         }
         let lines = values.iter().map(|(k, (_, l))| (k.clone(), *l)).collect();
         Ok(RawIni {
@@ -554,6 +557,13 @@ impl RawIni {
     fn take(&mut self, key: &str) -> Option<String> {
         self.asked.push(key.to_owned());
         self.values.remove(key).map(|(value, _)| value)
+    }
+
+    /// Like [`RawIni::take`], with an empty value taken as absent: `max_proc=` or
+    /// `websocket_port=` is the default, as the original's go-ini (`MustInt`) read it.
+    /// Strings keep their empty value (`comet_rpc_token=` is no token).
+    fn take_set(&mut self, key: &str) -> Option<String> {
+        self.take(key).filter(|value| !value.is_empty())
     }
 
     fn has(&self, key: &str) -> bool {
@@ -587,7 +597,7 @@ impl RawIni {
     }
 
     fn optional_port(&mut self, key: &'static str) -> Result<Option<u16>, ConfigError> {
-        match self.take(key).filter(|v| !v.is_empty()) {
+        match self.take_set(key) {
             None => Ok(None),
             Some(v) => parse_port(key, &v).map(Some),
         }
@@ -604,14 +614,14 @@ impl RawIni {
         min: usize,
         max: usize,
     ) -> Result<usize, ConfigError> {
-        match self.take(key) {
+        match self.take_set(key) {
             None => Ok(default),
             Some(value) => parse_count(key, &value, min, max),
         }
     }
 
     fn duration(&mut self, key: &'static str, default: Duration) -> Result<Duration, ConfigError> {
-        match self.take(key) {
+        match self.take_set(key) {
             None => Ok(default),
             Some(value) => parse_duration(&value).map_err(|reason| ConfigError::BadValue {
                 key,
@@ -637,7 +647,7 @@ impl RawIni {
     }
 
     fn boolean(&mut self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
-        match self.take(key) {
+        match self.take_set(key) {
             None => Ok(default),
             Some(value) => match value.to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => Ok(true),
@@ -678,6 +688,27 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Strips one pair of matching quotes: the original's files quote values with spaces.
+/// A value without its inline comment: `#` or `;` after whitespace, and what follows
+/// (`max_proc = 2 ; cores`), which go-ini cut from the original's files. go-ini cut at
+/// a `#` or `;` inside a word too; that one stays (`http://host/rpc#x`, a token with a
+/// `;`), as do both inside quotes.
+fn without_comment(value: &str) -> &str {
+    let searched = match value.as_bytes().first() {
+        Some(&quote @ (b'"' | b'\'')) => match value[1..].find(quote as char) {
+            Some(close) => close + 2,
+            None => 0,
+        },
+        _ => 0,
+    };
+    let bytes = value.as_bytes();
+    let cut = (searched.max(1)..bytes.len())
+        .find(|&at| matches!(bytes[at], b'#' | b';') && bytes[at - 1].is_ascii_whitespace());
+    match cut {
+        Some(at) => value[..at].trim_end(),
+        None => value,
+    }
+}
+
 fn unquote(value: &str) -> String {
     let bytes = value.as_bytes();
     let quoted = bytes.len() >= 2
@@ -898,9 +929,9 @@ fn parse_tls_files(
 /// The node's identity (`rpc_addr` as written, which forms its etcd key and is what the
 /// message server dials) and the address the push RPC listens on.
 fn parse_rpc_addr(raw: &mut RawIni) -> Result<(String, SocketAddr), ConfigError> {
-    let host = raw.take("comet_rpc_addr");
-    let port = raw.take("comet_rpc_port");
-    match (raw.take("rpc_addr"), host, port) {
+    let host = raw.take_set("comet_rpc_addr");
+    let port = raw.take_set("comet_rpc_port");
+    match (raw.take_set("rpc_addr"), host, port) {
         (Some(addr), _, _) => {
             let listen = resolve_rpc_addr(&addr)?;
             Ok((addr, listen))
@@ -1190,6 +1221,20 @@ mod tests {
         let (alone, _) = Config::parse("comet_rpc_port=9001\n").unwrap();
         assert_eq!(alone.rpc_addr, "127.0.0.1:9001");
         assert_eq!(alone.rpc_listen, "127.0.0.1:9001".parse().unwrap());
+    }
+
+    #[test]
+    fn inline_comments_and_empty_numbers_read_as_the_original_read_them() {
+        let text = "max_proc = 2 ; cores\nrpc_user_agent = \"Ctx ;Im\" # quoted\n\
+            rpc_api_url=http://msg.demo.com/rpc#frag\nwebsocket_port=\nping_interval=\n\
+            comet_rpc_token=\n";
+        let (config, _) = Config::parse(text).unwrap();
+        assert_eq!(config.max_proc, 2);
+        assert_eq!(config.rpc_user_agent, "Ctx ;Im");
+        assert_eq!(config.rpc_api_url, "http://msg.demo.com/rpc#frag");
+        assert_eq!(config.websocket_port, 8900, "empty: the default");
+        assert_eq!(config.ping_interval, Duration::from_secs(9));
+        assert_eq!(config.comet_rpc_token, "", "an empty string stays empty");
     }
 
     #[test]
