@@ -127,11 +127,11 @@ fn normalised_args() -> Vec<String> {
     let mut out = Vec::new();
     for arg in std::env::args() {
         match arg.split_once('=') {
-            Some(("-m" | "--monitor", value)) => {
-                if value.eq_ignore_ascii_case("true") || value == "1" {
-                    out.push("-m".to_owned());
-                }
+            // Go's flag package reads a boolean with strconv.ParseBool.
+            Some(("-m" | "--monitor", "1" | "t" | "T" | "true" | "TRUE" | "True")) => {
+                out.push("-m".to_owned());
             }
+            Some(("-m" | "--monitor", _)) => {}
             Some((flag @ ("-c" | "--config"), value)) => {
                 out.push(flag.to_owned());
                 out.push(value.to_owned());

@@ -28,6 +28,26 @@ fn version_prints_the_package_version() {
     );
 }
 
+/// Go's flag package took `-m=true`, `-m=1`, `-m=t`, `-m=T` and `-c=path`: each still picks
+/// the monitor (which, with no etcd in the file, stops at once and says why).
+#[test]
+fn go_style_monitor_flags_pick_the_monitor() {
+    let dir = common::temp_dir("cli-monitor");
+    let ini = dir.join("comet.ini");
+    std::fs::write(&ini, "rpc_api_url=http://127.0.0.1:9/rpc\n").unwrap();
+    let config = format!("-c={}", ini.display());
+    for flag in ["-m", "-m=true", "-m=1", "-m=t", "-m=T"] {
+        let out = comet(&[flag, &config]);
+        assert!(!out.status.success(), "{flag}");
+        assert!(
+            text(&out.stderr).contains("the monitor needs etcd"),
+            "{flag}: {}",
+            text(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn check_passes_a_good_file_fails_a_typo_and_refuses_a_bad_value() {
     let dir = common::temp_dir("cli-check");
