@@ -144,6 +144,53 @@ fn a_connection_dialed_ahead_keeps_its_place_until_its_first_call() {
     );
 }
 
+/// Silent connections hold slots only while they are free: with every slot taken, a new
+/// connection closes the oldest one that never sent a byte, so strangers cannot shut the
+/// message server out by connecting and saying nothing. One that has spoken keeps its
+/// slot.
+#[test]
+fn a_silent_connection_gives_its_slot_to_a_new_one_when_all_are_taken() {
+    let comet = Comet::start(None, "rpc_max_connections=3\n");
+    let _client = comet.connect("c", "t", "").unwrap();
+    let rpc_port = comet.rpc_port;
+    let mut spoken = common::Rpc::connect(rpc_port);
+    let online = json!({"connections": ["c"]});
+    assert_eq!(
+        spoken.call("Server.CheckConnectionsOnline", online.clone())["result"]["data"],
+        json!(["c"])
+    );
+    let open = || {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", rpc_port)).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let mut oldest = open();
+    let _younger = open();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut newcomer = common::Rpc::from_stream(open());
+    let reply = newcomer.call("Server.CheckConnectionsOnline", online.clone());
+    assert_eq!(reply["result"]["data"], json!(["c"]), "{reply}");
+    let mut rest = Vec::new();
+    let read = std::io::Read::read_to_end(&mut oldest, &mut rest);
+    assert!(
+        matches!(read, Ok(0))
+            || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the oldest silent connection was closed for it"
+    );
+    assert_eq!(
+        spoken.call("Server.CheckConnectionsOnline", online)["result"]["data"],
+        json!(["c"]),
+        "the one that spoke kept its slot"
+    );
+    assert!(
+        comet.log_text().contains("its slot was needed"),
+        "{}",
+        comet.log_text()
+    );
+}
+
 /// A message cut inside an emoji by a JavaScript message server (`JSON.stringify` writes
 /// the lone half as `\ud83d`) is pushed with U+FFFD in its place, as the Go original did,
 /// in both generations: not refused.

@@ -22,10 +22,10 @@ pub mod codec;
 pub(crate) mod forward;
 pub(crate) mod methods;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -142,6 +142,48 @@ impl Drop for Drawn {
     }
 }
 
+/// The connections that have not sent a byte, oldest first. When every slot is taken,
+/// the oldest of them is closed to make room: such a connection is kept for good (a
+/// message server dials ahead of its first call), so without this a stranger's silent
+/// connections held every slot and shut the message server out (attack session 7).
+#[derive(Default)]
+struct Silent(RefCell<VecDeque<Weak<Unspoken>>>);
+
+/// A connection's place in [`Silent`] until its first byte.
+#[derive(Default)]
+struct Unspoken {
+    evict: tokio::sync::Notify,
+    spoken: Cell<bool>,
+}
+
+impl Silent {
+    fn join(&self, max_connections: usize) -> Rc<Unspoken> {
+        let unspoken = Rc::new(Unspoken::default());
+        let mut queue = self.0.borrow_mut();
+        // Those that spoke or ended leave lazily; compacted past twice the slots.
+        if queue.len() > 2 * max_connections {
+            queue.retain(|weak| weak.upgrade().is_some_and(|u| !u.spoken.get()));
+        }
+        queue.push_back(Rc::downgrade(&unspoken));
+        unspoken
+    }
+
+    /// Tells the oldest silent connection to close; false if there is none.
+    fn evict_oldest(&self) -> bool {
+        let mut queue = self.0.borrow_mut();
+        while let Some(weak) = queue.pop_front() {
+            if let Some(unspoken) = weak.upgrade()
+                && !unspoken.spoken.get()
+            {
+                unspoken.spoken.set(true);
+                unspoken.evict.notify_one();
+                return true;
+            }
+        }
+        false
+    }
+}
+
 /// Accepts RPC connections until the runtime stops (or the task is aborted, which closes
 /// the listener). `route`: `MayForward` on `rpc_addr`; `HereOnly` on a hand-over's peer
 /// listener, whose calls the other process forwarded (`rpc::forward`).
@@ -155,11 +197,13 @@ pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
     }
     let open = Rc::new(Cell::new(0usize));
     let pool = Rc::new(Cell::new(limits.preauth_pool_bytes));
+    let silent = Silent::default();
     let mut refusals = crate::logging::Throttle::default();
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if open.get() >= limits.max_connections {
+                // Past the bound only while the evicted connection's task ends.
+                if open.get() >= limits.max_connections && !silent.evict_oldest() {
                     drop(stream);
                     if let Some(refused) = refusals.note(REFUSAL_LOG_INTERVAL, Instant::now()) {
                         tracing::warn!(
@@ -180,9 +224,10 @@ pub(crate) async fn serve(node: Rc<Node>, listener: TcpListener, route: Route) {
                     pool: Rc::clone(&pool),
                     bytes: 0,
                 };
+                let unspoken = silent.join(limits.max_connections);
                 tokio::task::spawn_local(async move {
                     let _slot = slot;
-                    serve_connection(node, stream, peer, limits, drawn, route).await;
+                    serve_connection(node, stream, peer, limits, drawn, route, unspoken).await;
                 });
             }
             Err(err) => {
@@ -206,6 +251,8 @@ enum Closed {
     PreauthPoolSpent,
     #[error("this node has handed over and has no clients left: reconnect to the successor")]
     Moved,
+    #[error("silent since it connected, and its slot was needed (rpc_max_connections)")]
+    Evicted,
 }
 
 /// Returns once the node tells its RPC connections to move; never, if it cannot.
@@ -222,6 +269,7 @@ async fn serve_connection(
     limits: Limits,
     mut drawn: Drawn,
     route: Route,
+    unspoken: Rc<Unspoken>,
 ) {
     let mut decoder = Decoder::with_limit(limits.max_request_bytes);
     // Counted from the connection's first byte: a message server that dials at start
@@ -255,7 +303,11 @@ async fn serve_connection(
                 Err(_) => break Err(Closed::NoFirstCall(limits.first_call_timeout)),
             }
         } else if !authenticated {
-            read.await
+            // Not a byte yet: kept until a new connection needs its slot.
+            tokio::select! {
+                read = read => read,
+                () = unspoken.evict.notified() => break Err(Closed::Evicted),
+            }
         } else if let Some(idle) = limits.idle_timeout {
             match tokio::time::timeout(idle, read).await {
                 Ok(read) => read,
@@ -269,8 +321,10 @@ async fn serve_connection(
             Some(Ok(0) | Err(_)) => break Ok(()),
             Some(Ok(n)) => n,
         };
-        first_call_deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + limits.first_call_timeout);
+        first_call_deadline.get_or_insert_with(|| {
+            unspoken.spoken.set(true);
+            tokio::time::Instant::now() + limits.first_call_timeout
+        });
         decoder.extend(&chunk[..n]);
         // Every call that arrived together is started at once (a pipelining client gets
         // its pushes batched per shard) and answered in order. Tasks run in spawn order,
