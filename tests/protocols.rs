@@ -12,6 +12,16 @@ use common::clients::{Reader, Resp, TestCert, command, plain};
 use common::{Comet, MessageServer, free_port, next_text, temp_dir, wait_until};
 use serde_json::json;
 
+/// A node with raw TCP on a port of its own, once that port takes connections.
+fn node_with_tcp(server: &MessageServer, extra: &str) -> (Comet, u16) {
+    let tcp_port = free_port();
+    let node = Comet::start(Some(server), &format!("tcp_port={tcp_port}\n{extra}"));
+    assert!(wait_until(Duration::from_secs(5), || common::port_open(
+        tcp_port
+    )));
+    (node, tcp_port)
+}
+
 /// A node serving plain WebSocket on its client port, raw TCP on `tcp_port` and wss on
 /// `wss_port`, all with the same certificate.
 fn multi_protocol_node(server: &MessageServer, cert: &TestCert, extra: &str) -> (Comet, u16, u16) {
@@ -235,11 +245,7 @@ fn json_lines_session_heartbeat_ping_and_bad_lines() {
 fn json_lines_refusals_say_why() {
     let server = MessageServer::start();
     server.refuse_token("bad");
-    let tcp_port = free_port();
-    let _node = Comet::start(Some(&server), &format!("tcp_port={tcp_port}\n"));
-    assert!(wait_until(Duration::from_secs(5), || common::port_open(
-        tcp_port
-    )));
+    let (_node, tcp_port) = node_with_tcp(&server, "");
     let cases: [(&[u8], &str); 3] = [
         (b"{\"conn_id\":\"r1\",\"token\":\"bad\"}\n", "token refused"),
         (b"{\"token\":\"x\"}\n", "not a token object"),
@@ -269,11 +275,7 @@ fn json_lines_refusals_say_why() {
 fn resp_connection_is_closed_after_three_refused_tokens() {
     let server = MessageServer::start();
     server.refuse_token("bad");
-    let tcp_port = free_port();
-    let _node = Comet::start(Some(&server), &format!("tcp_port={tcp_port}\n"));
-    assert!(wait_until(Duration::from_secs(5), || common::port_open(
-        tcp_port
-    )));
+    let (_node, tcp_port) = node_with_tcp(&server, "");
     let mut client = Reader::new(plain(tcp_port));
     for _ in 0..3 {
         client.send(&command(&["AUTH", "r1", "bad"]));
@@ -292,11 +294,7 @@ fn resp_connection_is_closed_after_three_refused_tokens() {
 fn resp_handshake_commands_errors_and_push_mode() {
     let server = MessageServer::start();
     server.refuse_token("bad");
-    let tcp_port = free_port();
-    let node = Comet::start(Some(&server), &format!("tcp_port={tcp_port}\n"));
-    assert!(wait_until(Duration::from_secs(5), || common::port_open(
-        tcp_port
-    )));
+    let (node, tcp_port) = node_with_tcp(&server, "");
     let mut client = Reader::new(plain(tcp_port));
     client.send(&command(&["PING"]));
     assert_eq!(client.resp(), Some(Resp::Simple("PONG".into())));
@@ -388,14 +386,7 @@ fn resp_handshake_commands_errors_and_push_mode() {
 #[test]
 fn hostile_bytes_on_every_protocol_are_answered_and_contained() {
     let server = MessageServer::start();
-    let tcp_port = free_port();
-    let node = Comet::start(
-        Some(&server),
-        &format!("tcp_port={tcp_port}\nhandshake_timeout=1s\n"),
-    );
-    assert!(wait_until(Duration::from_secs(5), || common::port_open(
-        tcp_port
-    )));
+    let (node, tcp_port) = node_with_tcp(&server, "handshake_timeout=1s\n");
     let mut bystander = node.connect("bystander", "t", "").unwrap();
     let mut resp_bystander = resp_client(plain(tcp_port), "resp-bystander");
 
@@ -524,11 +515,7 @@ impl Drop for Killed {
 #[test]
 fn redis_cli_receives_pushes_in_resp2_and_resp3() {
     let server = MessageServer::start();
-    let tcp_port = free_port();
-    let node = Comet::start(Some(&server), &format!("tcp_port={tcp_port}\n"));
-    assert!(wait_until(Duration::from_secs(5), || common::port_open(
-        tcp_port
-    )));
+    let (node, tcp_port) = node_with_tcp(&server, "");
     for (conn_id, extra) in [("cli-2", None), ("cli-3", Some("-3"))] {
         let mut cli = Command::new("redis-cli");
         cli.args([
