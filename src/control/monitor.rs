@@ -28,8 +28,8 @@ use crate::control::etcd::Endpoints;
 
 /// Longest pause between attempts to reach etcd.
 const MAX_RETRY: Duration = Duration::from_secs(1);
-/// Longest pause before a re-list retries an announcement the message server did not
-/// take (it may refuse for good: each retry logs).
+/// Longest pause before a re-list retries an announcement that could not reach the
+/// message server (it may stay down for long: each retry logs).
 const MAX_GIVEN_UP_RETRY: Duration = Duration::from_secs(10);
 /// Bound on one etcd request.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
