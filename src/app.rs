@@ -753,19 +753,27 @@ mod tests {
     #[test]
     fn accepted_client_sockets_inherit_tcp_nodelay_from_the_listener() {
         let (config, _) = Config::parse(crate::config::EMBEDDED_DEFAULT).unwrap();
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
-        let client_port = ClientPort {
-            name: "ws",
-            key: "websocket_port",
-            port,
-            entry: Entry {
-                kind: EntryKind::WebSocket,
-                tls: None,
-            },
-        };
-        let fds = bind_client_port(&config, Vec::new(), &client_port).unwrap();
+        // A port found free may be taken before it is bound again (an outgoing
+        // connection of a test beside this one got it once): a few tries.
+        let (port, fds) = (0..10)
+            .find_map(|_| {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = probe.local_addr().unwrap().port();
+                drop(probe);
+                let client_port = ClientPort {
+                    name: "ws",
+                    key: "websocket_port",
+                    port,
+                    entry: Entry {
+                        kind: EntryKind::WebSocket,
+                        tls: None,
+                    },
+                };
+                bind_client_port(&config, Vec::new(), &client_port)
+                    .ok()
+                    .map(|fds| (port, fds))
+            })
+            .expect("a free port in ten tries");
         let listener = StdTcpListener::from(fds.into_iter().next().unwrap());
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (accepted, _) = listener.accept().unwrap();
